@@ -1,0 +1,60 @@
+"""zodbkmi: encryption at rest for ZODB with a real key management infrastructure."""
+import os
+
+from setuptools import find_packages
+from setuptools import setup
+
+
+def read(*names):
+    with open(os.path.join(os.path.dirname(__file__), *names)) as f:
+        return f.read()
+
+
+TESTS_REQUIRE = [
+    'manuel',
+    'zope.testrunner >= 6',
+]
+
+setup(
+    name='zodbkmi',
+    version='0.1.dev0',
+    description=('Transparent, authenticated encryption of ZODB data at rest '
+                 'with envelope key management'),
+    long_description=read('README.rst') + '\n\n' + read('CHANGES.rst'),
+    long_description_content_type='text/x-rst',
+    license='ZPL-2.1',
+    keywords='ZODB encryption key management AES-GCM KMS',
+    classifiers=[
+        'Development Status :: 3 - Alpha',
+        'Framework :: ZODB',
+        'Intended Audience :: Developers',
+        'License :: OSI Approved :: Zope Public License',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
+        'Topic :: Security :: Cryptography',
+        'Topic :: Database',
+    ],
+    python_requires='>=3.10',
+    package_dir={'': 'src'},
+    packages=find_packages('src'),
+    include_package_data=True,
+    package_data={'zodbkmi': ['*.zcml', '*.xml', '*.json', '*.yaml']},
+    zip_safe=False,
+    install_requires=[
+        'cryptography >= 42',
+        'persistent >= 5',
+        'zodbpickle >= 3',
+        'ZODB >= 5.8',
+        'zope.component >= 5',
+        'zope.interface >= 6',
+    ],
+    extras_require={
+        'test': TESTS_REQUIRE,
+        'docs': ['Sphinx'],
+    },
+    entry_points={
+        'console_scripts': [
+            'zodbkmi = zodbkmi.cli:main',
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""zodbkmi: transparent, authenticated encryption of ZODB data at rest."""

@@ -1,0 +1,134 @@
+"""The cache of unwrapped data keys.
+
+Thread-safe, bounded in size, with a time to live and a use limit per key.
+Entries hold a :class:`zodbkmi.format.envelope.Sealer` (the AES-GCM
+context), never the DEK as an attribute.
+
+Use limit: AES-GCM with random 96-bit nonces must stay well below 2**32
+encryptions per key (NIST SP 800-38D, 8.3).  A cached DEK counts its
+encryptions in this process and refuses more than ``use_limit`` (default
+2**28, one sixteenth of the bound); rotate the key (``facility.rotate``)
+long before.  Decryptions are not limited.
+
+Every cache registers itself, so that :func:`evict_everywhere` (called when
+a key is retired or destroyed) reaches all caches of the process.
+"""
+import itertools
+import threading
+import time
+import weakref
+
+from zodbkmi.exceptions import KeyStateError
+
+DEFAULT_TTL = 3600
+DEFAULT_MAXSIZE = 4096
+DEFAULT_USE_LIMIT = 2 ** 28
+
+_caches = weakref.WeakSet()
+_caches_lock = threading.Lock()
+
+
+class CachedKey:
+    """One cached DEK: ``dek_id`` (hex), ``kek_id``, ``sealer``,
+    ``expires`` (monotonic seconds)."""
+
+    __slots__ = ('dek_id', 'kek_id', 'sealer', 'expires', 'evicted',
+                 '_uses', '_limit', '__weakref__')
+
+    def __init__(self, dek_id, kek_id, sealer, expires, limit):
+        self.dek_id = dek_id
+        self.kek_id = kek_id
+        self.sealer = sealer
+        self.expires = expires
+        self.evicted = False
+        self._uses = itertools.count(1)
+        self._limit = limit
+
+    def __repr__(self):
+        return '<CachedKey %s by KEK %s>' % (self.dek_id, self.kek_id)
+
+    def alive(self):
+        return not self.evicted and time.monotonic() < self.expires
+
+    def count_use(self):
+        """Count one encryption; raise KeyStateError past the limit."""
+        if next(self._uses) > self._limit:
+            raise KeyStateError(
+                'DEK %s reached its limit of %d encryptions in this process;'
+                ' rotate it' % (self.dek_id, self._limit))
+
+
+class DEKCache:
+    """A mapping of DEK id (hex) to :class:`CachedKey`."""
+
+    def __init__(self, ttl=DEFAULT_TTL, maxsize=DEFAULT_MAXSIZE,
+                 use_limit=DEFAULT_USE_LIMIT):
+        if ttl < 0 or maxsize < 1 or use_limit < 1:
+            raise ValueError('ttl >= 0, maxsize >= 1 and use_limit >= 1 '
+                             'are required')
+        self.ttl = ttl
+        self.maxsize = maxsize
+        self.use_limit = use_limit
+        self._data = {}
+        self._lock = threading.Lock()
+        with _caches_lock:
+            _caches.add(self)
+
+    def __repr__(self):
+        return '<DEKCache %d keys, ttl %ss>' % (len(self._data), self.ttl)
+
+    def __len__(self):
+        return len(self._data)
+
+    def get(self, dek_id):
+        """Return the live entry for ``dek_id`` or None (expired entries are
+        dropped)."""
+        entry = self._data.get(dek_id)
+        if entry is None:
+            return None
+        if entry.alive():
+            return entry
+        with self._lock:
+            if self._data.get(dek_id) is entry:
+                del self._data[dek_id]
+        return None
+
+    def put(self, dek_id, kek_id, sealer):
+        entry = CachedKey(dek_id, kek_id, sealer,
+                          time.monotonic() + self.ttl, self.use_limit)
+        with self._lock:
+            if dek_id not in self._data and len(self._data) >= self.maxsize:
+                self._shrink()
+            old = self._data.get(dek_id)
+            if old is not None and old.alive():
+                entry._uses = old._uses     # keep counting the same key
+            self._data[dek_id] = entry
+        return entry
+
+    def _shrink(self):
+        now = time.monotonic()
+        for k in [k for k, e in self._data.items() if e.expires <= now]:
+            self._data.pop(k).evicted = True
+        while len(self._data) >= self.maxsize:
+            oldest = min(self._data, key=lambda k: self._data[k].expires)
+            self._data.pop(oldest).evicted = True
+
+    def evict(self, dek_id):
+        with self._lock:
+            entry = self._data.pop(dek_id, None)
+            if entry is not None:
+                entry.evicted = True
+
+    def clear(self):
+        with self._lock:
+            for entry in self._data.values():
+                entry.evicted = True
+            self._data.clear()
+
+
+def evict_everywhere(dek_id):
+    """Evict ``dek_id`` from every DEK cache of this process."""
+    with _caches_lock:
+        caches = list(_caches)
+    for cache in caches:
+        cache.evict(dek_id)

@@ -1,0 +1,51 @@
+"""The ``zodbkmi`` command line: one entry point, one module a concern.
+
+Each subcommand module in :mod:`zodbkmi.cli` exposes ``register(subparsers)``
+which adds its parsers and sets ``func(args) -> exit code`` as default.
+User errors (:class:`zodbkmi.exceptions.ZodbKmiError`, ``OSError``) print a
+one-line message on stderr and exit 2; no traceback.
+"""
+import argparse
+import importlib
+import sys
+
+from zodbkmi.exceptions import ZodbKmiError
+
+#: The modules that add subcommands, in the order of ``--help``.
+COMMAND_MODULES = ()
+
+
+class UsageError(ZodbKmiError):
+    """A command line that cannot be carried out."""
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog='zodbkmi',
+        description='Encryption at rest for ZODB: key server, keys, files, '
+                    'migrations.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name in COMMAND_MODULES:
+        importlib.import_module('zodbkmi.cli.' + name).register(sub)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; return the exit code."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ZodbKmiError, OSError) as e:
+        print('zodbkmi %s: error: %s' % (args.command, e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('zodbkmi %s: interrupted' % args.command, file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':   # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""``python -m zodbkmi.cli``."""
+import sys
+
+from zodbkmi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""Exceptions raised by zodbkmi.
+
+Every error zodbkmi raises on purpose derives from :class:`ZodbKmiError`.
+Messages name key ids, object ids and file names, never key bytes, tokens
+or plaintext.  Each leaf below lists the reasons it is raised.
+"""
+
+
+class ZodbKmiError(Exception):
+    """Base class of every error raised by zodbkmi on purpose."""
+
+
+class InvalidKeyError(ZodbKmiError, ValueError):
+    """Something given as a key is not a usable key.
+
+    Raised when a key encrypting key (KEK) is not a PEM RSA private key of
+    at least 3072 bits nor a 32 byte AES-256 key, when a data encrypting key
+    (DEK) does not have 32 bytes, and when a key file cannot be parsed.
+    """
+
+
+class UnknownKeyError(ZodbKmiError, LookupError):
+    """The key needed for an operation is not available.
+
+    Raised when a key id names no key in the vault, when a data key was
+    destroyed, when the key encrypting key that wrapped a data key is not
+    held by the caller, and when a key encrypting key has no active data key
+    yet.  ``key_id`` holds the id that was looked up.
+    """
+
+    def __init__(self, message, key_id=None):
+        super().__init__(message)
+        self.key_id = key_id
+
+
+class DecryptionError(ZodbKmiError):
+    """Base class of the errors raised while opening ciphertext.
+
+    No partial plaintext is ever returned when one of its leaves is raised.
+    """
+
+
+class AuthenticationError(DecryptionError):
+    """The ciphertext did not authenticate.
+
+    The data was altered (a flipped bit, a spliced header, a record moved to
+    another object id) or it is opened with the wrong key.  AES-GCM cannot
+    tell those causes apart, so neither does this exception.
+    """
+
+
+class WrongKeyError(AuthenticationError):
+    """A wrapped data key belongs to another key encrypting key.
+
+    Raised before any cryptographic work, when the key encrypting key id
+    recorded in a wrapped data key differs from the id of the key given.
+    """
+
+
+class TruncatedDataError(DecryptionError):
+    """The ciphertext is shorter than its format requires.
+
+    Raised for input that ends inside a header, a nonce or an
+    authentication tag, and for a stream that ends before its final chunk.
+    """
+
+
+class UnsupportedFormatError(DecryptionError):
+    """The data does not start with a format and version we can read.
+
+    Raised for an unknown magic, an unknown version (for example data
+    written by a newer zodbkmi), an unknown cipher suite or a malformed
+    header field.
+    """
+
+
+class NotEncryptedError(DecryptionError):
+    """Plaintext was found where ciphertext is required.
+
+    zodbkmi fails closed: unmarked data is never returned as if it had been
+    decrypted, unless a migration mode was switched on explicitly.
+    """
+
+
+class KeyStoreError(ZodbKmiError, OSError):
+    """The key vault cannot be read or written.
+
+    Raised when the storage directory is missing and cannot be created, is
+    not writable, or holds an entry that cannot be parsed.
+    """
+
+
+class KeyStateError(ZodbKmiError):
+    """A key is used in a way its lifecycle state forbids.
+
+    Raised when a retired data key is asked to encrypt, when a data key
+    reached its usage limit, and for transitions the lifecycle does not have
+    (for example reactivating a destroyed key).
+    """

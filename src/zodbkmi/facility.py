@@ -1,0 +1,332 @@
+"""Key management facilities: the keas.kmi API over envelope encryption.
+
+:class:`KeyManagementFacility` is the master facility: a key vault (a
+directory) of data keys wrapped by key encrypting keys that the callers
+hold.  ``generate()`` creates an RSA KEK and a DEK wrapped by it and returns
+the KEK; ``encrypt(key, data)`` / ``decrypt(key, data)`` unwrap the DEK with
+the caller's KEK (once, then from the cache) and seal or open a record
+envelope.
+"""
+import os
+import threading
+
+from zope.interface import implementer
+
+from zodbkmi import vault as vaultmod
+from zodbkmi.cache import DEFAULT_MAXSIZE
+from zodbkmi.cache import DEFAULT_TTL
+from zodbkmi.cache import DEFAULT_USE_LIMIT
+from zodbkmi.cache import DEKCache
+from zodbkmi.cache import evict_everywhere
+from zodbkmi.exceptions import KeyStateError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.exceptions import WrongKeyError
+from zodbkmi.format import envelope
+from zodbkmi.format import wrapped
+from zodbkmi.interfaces import IExtendedKeyManagementFacility
+from zodbkmi.kek import RSA_DEFAULT_BITS
+from zodbkmi.kek import RSAKeyEncryptingKey
+from zodbkmi.kek import as_kek
+
+_CONTEXT_DATA = envelope.CONTEXT_DATA
+_CONTEXT_RECORD = envelope.CONTEXT_RECORD
+
+
+class EncryptionService:
+    """Encryption and decryption with DEKs found through the caller's KEK.
+
+    Subclasses say where wrapped DEKs come from: :meth:`_wrapped_key`
+    (by DEK id) and :meth:`_active_key_id` (the active DEK of a KEK).
+
+    ``key`` arguments are a KEK (see :func:`zodbkmi.kek.as_kek`) or, for
+    decryption, a list or tuple of KEKs (the current one and previous ones
+    after a KEK rotation): the one that wrapped the DEK is used, found by id
+    (no trial decryption).
+    """
+
+    def __init__(self, timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
+                 use_limit=DEFAULT_USE_LIMIT):
+        self._cache = DEKCache(timeout, cache_size, use_limit)
+        self._active = {}   # KEK id -> CachedKey of its active DEK
+        self._load_lock = threading.Lock()
+
+    @property
+    def timeout(self):
+        """Seconds an unwrapped DEK stays in the cache (default 3600)."""
+        return self._cache.ttl
+
+    @timeout.setter
+    def timeout(self, value):
+        self._cache.ttl = value
+        self.clear_cache()
+
+    def clear_cache(self):
+        """Forget every unwrapped DEK (they are fetched again when needed)."""
+        self._cache.clear()
+        self._active.clear()
+
+    # -- to be provided by subclasses ------------------------------------
+
+    def _wrapped_key(self, dek_id):
+        """Return the wrapped DEK (bytes) of ``dek_id`` (hex) or raise
+        UnknownKeyError."""
+        raise NotImplementedError
+
+    def _active_key_id(self, kek_id):
+        """Return the id of the active DEK of ``kek_id`` or None."""
+        raise NotImplementedError
+
+    # -- key lookup ------------------------------------------------------
+
+    def _unwrap_into_cache(self, dek_id, keks):
+        data = self._wrapped_key(dek_id)
+        parsed = wrapped.parse(data)
+        if parsed.dek_id.hex() != dek_id:
+            raise UnknownKeyError(
+                'wrapped DEK stored as %s names DEK %s'
+                % (dek_id, parsed.dek_id.hex()), dek_id)
+        kek = keks.get(parsed.kek_id)
+        if kek is None:
+            raise UnknownKeyError(
+                'DEK %s is wrapped by KEK %s, which was not given (given: '
+                '%s)' % (dek_id, parsed.kek_id, ', '.join(sorted(keks))),
+                dek_id)
+        _, dek = wrapped.unwrap(kek, data)
+        return self._cache.put(
+            dek_id, parsed.kek_id, envelope.Sealer(parsed.dek_id, dek))
+
+    def _keks(self, key):
+        if isinstance(key, (list, tuple)):
+            keks = {}
+            for k in key:
+                kek = as_kek(k)
+                keks[kek.key_id] = kek
+            return keks
+        kek = as_kek(key)
+        return {kek.key_id: kek}
+
+    def _encryption_entry(self, key):
+        """The cache entry of the active DEK of ``key``."""
+        kek = as_kek(key)
+        entry = self._active.get(kek.key_id)
+        if entry is not None and entry.alive():
+            return entry
+        with self._load_lock:
+            dek_id = self._active_key_id(kek.key_id)
+            if dek_id is None:
+                raise UnknownKeyError(
+                    'KEK %s has no active data key: create one first '
+                    '(generate() or create_key(kek))' % kek.key_id)
+            entry = self._cache.get(dek_id)
+            if entry is None or entry.kek_id != kek.key_id:
+                entry = self._unwrap_into_cache(dek_id, {kek.key_id: kek})
+            self._active[kek.key_id] = entry
+            return entry
+
+    def _decryption_entry(self, key, dek_id):
+        """The cache entry of ``dek_id`` (hex), checked against ``key``."""
+        entry = self._cache.get(dek_id)
+        if entry is not None:
+            if type(key) is bytes and as_kek(key).key_id == entry.kek_id:
+                return entry
+            keks = self._keks(key)
+            if entry.kek_id in keks:
+                return entry
+            raise WrongKeyError(
+                'DEK %s is wrapped by KEK %s, which was not given (given: '
+                '%s)' % (dek_id, entry.kek_id, ', '.join(sorted(keks))))
+        return self._unwrap_into_cache(dek_id, self._keks(key))
+
+    # -- IEncryptionService ----------------------------------------------
+
+    def encrypt(self, key, data, oid=None):
+        """Seal ``data`` under the active DEK of ``key``.
+
+        With ``oid`` (8 bytes) the result is a storage record envelope bound
+        to that oid; :meth:`decrypt` then needs the same oid.
+        """
+        entry = self._encryption_entry(key)
+        entry.count_use()
+        if oid is None:
+            return entry.sealer.seal(data)
+        return entry.sealer.seal(data, _CONTEXT_RECORD, oid)
+
+    def decrypt(self, key, data, oid=None):
+        """Open the envelope ``data``; see :meth:`encrypt` for ``oid``."""
+        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
+        dek_id = envelope.read_dek_id(data, context).hex()
+        entry = self._decryption_entry(key, dek_id)
+        return entry.sealer.open(data, context, oid)
+
+    def key_id_of(self, data, oid=None):
+        """Return the DEK id (hex) named by the envelope ``data``."""
+        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
+        return envelope.read_dek_id(data, context).hex()
+
+
+@implementer(IExtendedKeyManagementFacility)
+class KeyManagementFacility(EncryptionService):
+    """The master facility: wrapped DEKs in ``storage_dir``.
+
+    A read-only mapping of DEK ids to wrapped DEKs; keys are created with
+    :meth:`generate` or :meth:`create_key`, rotated with :meth:`rotate` and
+    :meth:`rewrap`, and ended with :meth:`retire` and :meth:`delete`.
+    """
+
+    rsa_bits = RSA_DEFAULT_BITS
+
+    def __init__(self, storage_dir, timeout=DEFAULT_TTL,
+                 cache_size=DEFAULT_MAXSIZE, use_limit=DEFAULT_USE_LIMIT):
+        super().__init__(timeout, cache_size, use_limit)
+        self.storage_dir = storage_dir
+        self.vault = vaultmod.DirectoryVault(storage_dir)
+        self._write_lock = threading.RLock()
+
+    def __repr__(self):
+        return '<%s (%i)>' % (type(self).__name__, len(self))
+
+    # -- read-only mapping -----------------------------------------------
+
+    def keys(self):
+        return self.vault.ids()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.vault.ids())
+
+    def __contains__(self, dek_id):
+        return self.vault.get(dek_id) is not None
+
+    def __getitem__(self, dek_id):
+        entry = self.vault.get(dek_id)
+        if entry is None:
+            raise KeyError(dek_id)
+        return entry.wrapped
+
+    def get(self, dek_id, default=None):
+        entry = self.vault.get(dek_id)
+        return default if entry is None else entry.wrapped
+
+    def values(self):
+        return [e.wrapped for e in self.vault.entries()]
+
+    def items(self):
+        return [(e.dek_id, e.wrapped) for e in self.vault.entries()]
+
+    def entry(self, dek_id):
+        """Return the :class:`zodbkmi.vault.VaultEntry` (state, KEK id,
+        creation time) of ``dek_id``; raise UnknownKeyError."""
+        entry = self.vault.get(dek_id)
+        if entry is None:
+            raise UnknownKeyError('no key %s in %s'
+                                  % (dek_id, self.vault.path), dek_id)
+        return entry
+
+    # -- EncryptionService -----------------------------------------------
+
+    def _wrapped_key(self, dek_id):
+        return self.entry(dek_id).wrapped
+
+    def _active_key_id(self, kek_id):
+        entry = self.vault.active_for(kek_id)
+        return None if entry is None else entry.dek_id
+
+    # -- key lifecycle ---------------------------------------------------
+
+    def generate(self):
+        """Create an RSA KEK and an active DEK wrapped by it; return the
+        KEK as PEM (PKCS#8).  Keep it: it is stored nowhere."""
+        kek = RSAKeyEncryptingKey.generate(self.rsa_bits)
+        self.create_key(kek)
+        return kek.private_pem()
+
+    def create_key(self, key, _dek=None, _dek_id=None):
+        """Create a new DEK wrapped by ``key`` and make it the active DEK
+        of ``key``; the previous active DEK becomes retired.  Return the new
+        DEK id.  ``key`` may be a public-only KEK."""
+        kek = as_kek(key)
+        dek = _dek or os.urandom(32)
+        raw_id = _dek_id or os.urandom(16)
+        entry = vaultmod.VaultEntry(raw_id.hex(), kek.key_id,
+                                    wrapped.wrap(kek, raw_id, dek))
+        with self._write_lock:
+            previous = self.vault.active_for(kek.key_id)
+            self.vault.add(entry)
+            if previous is not None:
+                self._retire_entry(previous)
+            self._active.pop(kek.key_id, None)
+        return entry.dek_id
+
+    def rotate(self, key):
+        """DEK rotation: new writes go to a new DEK; the old one stays
+        decrypt-only (retired).  Return the new DEK id."""
+        return self.create_key(key)
+
+    def ensure_key(self, key):
+        """Return the active DEK id of ``key``, creating one if needed."""
+        kek = as_kek(key)
+        with self._write_lock:
+            current = self.vault.active_for(kek.key_id)
+            if current is not None:
+                return current.dek_id
+            return self.create_key(kek)
+
+    def _retire_entry(self, entry):
+        entry = vaultmod.VaultEntry(entry.dek_id, entry.kek_id,
+                                    entry.wrapped, vaultmod.RETIRED,
+                                    entry.created)
+        self.vault.update(entry)
+        self._active.pop(entry.kek_id, None)
+        for kek_id, cached in list(self._active.items()):
+            if cached.dek_id == entry.dek_id:
+                self._active.pop(kek_id, None)
+
+    def retire(self, dek_id):
+        """Make ``dek_id`` decrypt-only.  Retiring a retired key is a
+        no-op."""
+        with self._write_lock:
+            entry = self.entry(dek_id)
+            if entry.state != vaultmod.RETIRED:
+                self._retire_entry(entry)
+        evict_everywhere(dek_id)
+
+    def delete(self, dek_id):
+        """Destroy ``dek_id``: data encrypted under it becomes unreadable.
+
+        This cannot be undone.  The key is evicted from every cache of this
+        process; other processes forget it within their cache timeout.
+        """
+        with self._write_lock:
+            entry = self.entry(dek_id)
+            self.vault.remove(dek_id)
+            self._active.pop(entry.kek_id, None)
+        evict_everywhere(dek_id)
+
+    def rewrap(self, old_key, new_key):
+        """KEK rotation: rewrap every DEK of ``old_key`` under ``new_key``.
+
+        Data is not touched; the cost is one unwrap and one wrap per DEK.
+        Each entry is replaced atomically, so an interruption leaves every
+        DEK readable with either KEK; running it again finishes the job.
+        Return the number of DEKs rewrapped.
+        """
+        old, new = as_kek(old_key), as_kek(new_key)
+        if old.key_id == new.key_id:
+            raise KeyStateError('old and new KEK are the same key (%s)'
+                                % old.key_id)
+        count = 0
+        with self._write_lock:
+            for entry in self.vault.entries():
+                if entry.kek_id != old.key_id:
+                    continue
+                raw_id, dek = wrapped.unwrap(old, entry.wrapped)
+                self.vault.update(vaultmod.VaultEntry(
+                    entry.dek_id, new.key_id, wrapped.wrap(new, raw_id, dek),
+                    entry.state, entry.created))
+                evict_everywhere(entry.dek_id)
+                count += 1
+            self._active.pop(old.key_id, None)
+            self._active.pop(new.key_id, None)
+        return count

@@ -1,0 +1,183 @@
+"""The contracts of zodbkmi's components.
+
+Vocabulary (NIST SP 800-57 envelope encryption):
+
+KEK
+    A key encrypting key.  It wraps and unwraps data keys and never leaves
+    its holder: the application (an RSA private key or an AES-256 master
+    key), a key management service or an HSM.
+
+DEK
+    A data encrypting key: 32 random bytes for AES-256-GCM.  It is stored
+    only wrapped by a KEK, in a key vault, under a random *DEK id*.
+
+Key id
+    In the keas.kmi compatible API "key id" means DEK id: the facility is a
+    mapping of DEK ids to wrapped DEKs.
+
+Key lifecycle (the states of a DEK in a vault):
+
+============  ===========================  ==============================
+state         encrypts new data            decrypts existing data
+============  ===========================  ==============================
+``active``    yes (one per KEK)            yes
+``retired``   no                           yes
+destroyed     no                           no (the entry is gone)
+============  ===========================  ==============================
+
+Transitions: ``active -> retired`` (rotation or retire), ``active ->
+destroyed`` and ``retired -> destroyed`` (delete).  There is no way back.
+"""
+import zope.interface
+from zope.interface.common import mapping
+
+
+class IEncryptionService(zope.interface.Interface):
+    """Encrypts and decrypts data for the holder of a key encrypting key.
+
+    ``key`` is always a key encrypting key: the PEM bytes of an RSA private
+    key, 32 bytes of an AES-256 master key, or an object providing
+    :class:`IKeyEncryptingKey`.  The service finds the data key that ``key``
+    guards and never stores or sends ``key`` anywhere.
+    """
+
+    def encrypt(key, data):
+        """Return ``data`` (bytes) encrypted under the active DEK of ``key``.
+
+        The result is a record envelope (see ``docs/format.rst``) naming the
+        DEK id.  Two calls with the same arguments give different results.
+
+        Raises :class:`~zodbkmi.exceptions.InvalidKeyError` when ``key`` is
+        not a key, :class:`~zodbkmi.exceptions.UnknownKeyError` when ``key``
+        guards no active DEK, ``TypeError`` when ``data`` is not bytes.
+        """
+
+    def decrypt(key, data):
+        """Return the plaintext of the record envelope ``data``.
+
+        The DEK is the one named in ``data``; it must be wrapped by ``key``
+        (or by a previous KEK known to the service).
+
+        Raises :class:`~zodbkmi.exceptions.UnsupportedFormatError`,
+        :class:`~zodbkmi.exceptions.TruncatedDataError`,
+        :class:`~zodbkmi.exceptions.AuthenticationError` (tampered data or
+        wrong key), :class:`~zodbkmi.exceptions.UnknownKeyError` (the DEK or
+        its KEK is not available); never returns unauthenticated bytes.
+        """
+
+    def encrypt_file(key, fsrc, fdst):
+        """Encrypt the binary file object ``fsrc`` into ``fdst``.
+
+        Streams in constant memory (pipes work); see the stream format in
+        ``docs/format.rst``.
+        """
+
+    def decrypt_file(key, fsrc, fdst):
+        """Decrypt the binary file object ``fsrc`` into ``fdst``.
+
+        Raises the errors of :meth:`decrypt`; no plaintext of a chunk that
+        did not authenticate is written.
+        """
+
+
+class IKeyGenerationService(zope.interface.Interface):
+    """Creates key encrypting keys together with their data key."""
+
+    def generate():
+        """Create a new KEK and a new DEK wrapped by it; return the KEK.
+
+        The KEK is returned as PEM bytes (an RSA private key of at least
+        3072 bits); only the wrapped DEK is kept by the service.  The caller
+        must keep the KEK: without it the data encrypted under the new DEK
+        cannot be read.
+        """
+
+
+class IKeyManagementFacility(IEncryptionService, IKeyGenerationService):
+    """A key management facility: generation plus encryption services."""
+
+
+class IExtendedKeyManagementFacility(IKeyManagementFacility,
+                                     mapping.IEnumerableMapping):
+    """A facility that is also a read-only mapping of DEK ids to wrapped DEKs.
+
+    Values are wrapped-DEK blobs (``docs/format.rst``); they are useless
+    without the KEK that wrapped them.
+    """
+
+
+class IKeyHolder(zope.interface.Interface):
+    """Holds the application's key encrypting key.
+
+    Registered as a utility; :class:`zodbkmi.persistent.EncryptedPersistent`
+    encrypts with ``key`` and decrypts with ``key`` or any of
+    ``previous_keys``.
+    """
+
+    key = zope.interface.Attribute(
+        'The current key encrypting key (PEM bytes, 32 AES bytes, or an '
+        'IKeyEncryptingKey); it encrypts all new data.')
+
+
+class IKeyEncryptingKey(zope.interface.Interface):
+    """A key encrypting key: wraps and unwraps data keys.
+
+    Implementations keep the key material private: their ``repr`` shows the
+    id only, and keys held by a KMS or an HSM never enter the process.
+    """
+
+    key_id = zope.interface.Attribute(
+        'A public, stable identifier (ASCII text, at most 255 bytes) that '
+        'names this KEK in every DEK it wraps.  Never derived from key '
+        'bytes with a fast unkeyed hash.')
+
+    suite = zope.interface.Attribute(
+        'The wrapping suite number of the wrapped-DEK format.')
+
+    def wrap(dek, aad):
+        """Return ``dek`` (32 bytes) wrapped and bound to ``aad`` (bytes).
+
+        ``aad`` is the wrapped-DEK header; it is authenticated, not stored
+        by the KEK.
+        """
+
+    def unwrap(blob, aad):
+        """Return the DEK from ``blob`` produced by :meth:`wrap`.
+
+        Raises :class:`~zodbkmi.exceptions.AuthenticationError` when
+        ``blob`` or ``aad`` was altered or another key wrapped it.
+        """
+
+
+class IKeyVault(zope.interface.Interface):
+    """Stores wrapped data keys with their lifecycle state.
+
+    A vault never sees an unwrapped DEK nor a KEK.  Writes are atomic: after
+    a crash an entry is either complete or absent.
+    """
+
+    def add(entry):
+        """Store a new :class:`zodbkmi.vault.VaultEntry`.
+
+        Raises :class:`~zodbkmi.exceptions.KeyStoreError` when it cannot be
+        written and ``ValueError`` when the DEK id exists already.
+        """
+
+    def get(dek_id):
+        """Return the entry for ``dek_id`` or ``None``."""
+
+    def update(entry):
+        """Replace the stored entry of ``entry.dek_id`` (state or wrapping)."""
+
+    def remove(dek_id):
+        """Destroy the entry; raises :class:`UnknownKeyError` if absent."""
+
+    def ids():
+        """Return the DEK ids of all entries, sorted."""
+
+    def active_for(kek_id):
+        """Return the entry of the active DEK wrapped by ``kek_id`` or None.
+
+        When several are active (two processes rotated at once), the newest
+        wins.
+        """

@@ -1,0 +1,52 @@
+"""Test support: a facility and a key holder with a fixed, public test key.
+
+The testing KEK and DEK are derived from public strings, so every
+:class:`TestingKeyManagementFacility` (in any directory, in any process) can
+read what another one wrote: a test database can be reused.  They protect
+nothing; never use them outside tests.
+"""
+import hashlib
+
+import zope.component.testing
+from zope.interface import implementer
+
+from zodbkmi import facility
+from zodbkmi.interfaces import IKeyHolder
+from zodbkmi.kek import AESKeyEncryptingKey
+
+KeyEncryptingKey = hashlib.sha256(b'zodbkmi public testing KEK').digest()
+TESTING_DEK_ID = hashlib.sha256(b'zodbkmi public testing DEK id').digest()[:16]
+_TESTING_DEK = hashlib.sha256(b'zodbkmi public testing DEK').digest()
+
+
+class TestingKeyManagementFacility(facility.KeyManagementFacility):
+    """A master facility that always hands out the same (public) KEK."""
+
+    def __init__(self, storage_dir, **kw):
+        super().__init__(storage_dir, **kw)
+        kek = AESKeyEncryptingKey(KeyEncryptingKey)
+        if TESTING_DEK_ID.hex() not in self:
+            self.create_key(kek, _dek=_TESTING_DEK, _dek_id=TESTING_DEK_ID)
+
+    def generate(self):
+        return KeyEncryptingKey
+
+
+@implementer(IKeyHolder)
+class TestingKeyHolder:
+    """A key holder with the public testing KEK."""
+
+    key = KeyEncryptingKey
+    previous_keys = ()
+
+    def __repr__(self):
+        return '<TestingKeyHolder>'
+
+
+def setUp(test=None):
+    """Reset the component registry (for doctests and unit tests)."""
+    zope.component.testing.setUp(test)
+
+
+def tearDown(test=None):
+    zope.component.testing.tearDown(test)

@@ -1,0 +1,268 @@
+"""The directory key vault: one file per wrapped data key.
+
+Each entry is a small JSON document ``<dek id>.dek`` (specified in
+``docs/format.rst``)::
+
+    {"format": "zodbkmi-vault-entry", "version": 1,
+     "dek_id": "<32 hex>", "kek_id": "<KEK id>", "state": "active",
+     "created": <ns since the epoch>, "wrapped": "<base64 wrapped DEK>"}
+
+Files are written atomically (temporary file, fsync, rename, fsync of the
+directory) with mode 0600 in a directory of mode 0700, so a crash leaves an
+entry complete or absent, and several processes can share the directory.
+The vault holds no unwrapped key; the lifecycle state is not secret and not
+authenticated (the wrapped DEK is).
+"""
+import base64
+import binascii
+import json
+import os
+import tempfile
+import threading
+import time
+
+from zope.interface import implementer
+
+from zodbkmi.exceptions import KeyStoreError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.format import wrapped
+from zodbkmi.interfaces import IKeyVault
+
+ACTIVE = 'active'
+RETIRED = 'retired'
+STATES = (ACTIVE, RETIRED)
+SUFFIX = '.dek'
+ENTRY_FORMAT = 'zodbkmi-vault-entry'
+ENTRY_VERSION = 1
+
+
+def check_dek_id(dek_id):
+    """Return ``dek_id`` if it is 32 lowercase hex digits, else raise
+    :class:`UnknownKeyError` (an id that cannot exist)."""
+    if (not isinstance(dek_id, str) or len(dek_id) != 32
+            or dek_id.strip('0123456789abcdef')):
+        raise UnknownKeyError('invalid key id %r: 32 lowercase hex digits '
+                              'expected' % (str(dek_id)[:40],), dek_id)
+    return dek_id
+
+
+class VaultEntry:
+    """One wrapped DEK with its metadata; ``wrapped`` is the binary
+    wrapped-DEK format, ``dek_id`` 32 hex digits."""
+
+    __slots__ = ('dek_id', 'kek_id', 'state', 'created', 'wrapped')
+
+    def __init__(self, dek_id, kek_id, wrapped, state=ACTIVE, created=None):
+        if state not in STATES:
+            raise ValueError('unknown key state %r' % (state,))
+        self.dek_id = dek_id
+        self.kek_id = kek_id
+        self.state = state
+        self.created = time.time_ns() if created is None else created
+        self.wrapped = wrapped
+
+    def __repr__(self):
+        return '<VaultEntry %s by KEK %s, %s>' % (
+            self.dek_id, self.kek_id, self.state)
+
+    def to_json(self):
+        return json.dumps({
+            'format': ENTRY_FORMAT, 'version': ENTRY_VERSION,
+            'dek_id': self.dek_id, 'kek_id': self.kek_id,
+            'state': self.state, 'created': self.created,
+            'wrapped': base64.b64encode(self.wrapped).decode('ascii'),
+        }, sort_keys=True).encode('ascii')
+
+    @classmethod
+    def from_json(cls, data, name='entry'):
+        try:
+            doc = json.loads(data)
+            if doc.get('format') != ENTRY_FORMAT:
+                raise ValueError('not a vault entry')
+            if doc.get('version') != ENTRY_VERSION:
+                raise ValueError('unsupported version %r' % doc.get('version'))
+            raw = base64.b64decode(doc['wrapped'], validate=True)
+            parsed = wrapped.parse(raw)
+            entry = cls(check_dek_id(doc['dek_id']), doc['kek_id'], raw,
+                        doc['state'], int(doc['created']))
+        except (ValueError, KeyError, TypeError, AttributeError,
+                binascii.Error, UnknownKeyError) as e:
+            raise KeyStoreError('corrupt vault entry %s: %s'
+                                % (name, str(e)[:100])) from None
+        if parsed.dek_id.hex() != entry.dek_id or \
+                parsed.kek_id != entry.kek_id:
+            raise KeyStoreError('corrupt vault entry %s: ids do not match '
+                                'its wrapped DEK' % name)
+        return entry
+
+
+def write_atomic(path, data, mode=0o600):
+    """Write ``data`` to ``path`` atomically with ``mode``.
+
+    Temporary file in the same directory, fsync, rename, fsync of the
+    directory.  Key files everywhere in zodbkmi are written this way.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-',
+                               suffix='.part')
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@implementer(IKeyVault)
+class DirectoryVault:
+    """Wrapped DEKs in a directory, created with mode 0700.
+
+    Thread-safe.  Entries are cached in memory after the first read; the
+    directory listing is read again when its modification time changes, so
+    processes that share the directory see each other's new keys.
+    """
+
+    def __init__(self, path, create=True):
+        self.path = os.path.abspath(path)
+        if not os.path.isdir(self.path):
+            if not create:
+                raise KeyStoreError('key directory %s does not exist'
+                                    % self.path)
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                os.chmod(self.path, 0o700)
+            except OSError as e:
+                raise KeyStoreError('cannot create key directory %s: %s'
+                                    % (self.path, e.strerror)) from None
+        self._lock = threading.RLock()
+        self._entries = {}
+        self._inodes = {}
+        self._mtime = None
+
+    def __repr__(self):
+        return '<DirectoryVault %s>' % self.path
+
+    def _file(self, dek_id):
+        return os.path.join(self.path, check_dek_id(dek_id) + SUFFIX)
+
+    def _refresh(self):
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError as e:
+            raise KeyStoreError('cannot read key directory %s: %s'
+                                % (self.path, e.strerror)) from None
+        if mtime == self._mtime:
+            return
+        with self._lock:
+            try:
+                found = {e.name[:-len(SUFFIX)]: e.inode()
+                         for e in os.scandir(self.path)
+                         if e.name.endswith(SUFFIX)
+                         and len(e.name) == 32 + len(SUFFIX)}
+            except OSError as e:
+                raise KeyStoreError('cannot read key directory %s: %s'
+                                    % (self.path, e.strerror)) from None
+            entries, inodes = {}, {}
+            for dek_id, inode in found.items():
+                entry = self._entries.get(dek_id)
+                if entry is None or self._inodes.get(dek_id) != inode:
+                    entry = self._read(dek_id)
+                if entry is not None:
+                    entries[dek_id] = entry
+                    inodes[dek_id] = inode
+            self._entries, self._inodes = entries, inodes
+            self._mtime = mtime
+
+    def _read(self, dek_id):
+        try:
+            with open(self._file(dek_id), 'rb') as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise KeyStoreError('cannot read key %s: %s'
+                                % (dek_id, e.strerror)) from None
+        except UnknownKeyError:
+            return None
+        return VaultEntry.from_json(data, dek_id)
+
+    def _write(self, entry):
+        try:
+            write_atomic(self._file(entry.dek_id), entry.to_json())
+        except OSError as e:
+            raise KeyStoreError('cannot write key %s to %s: %s'
+                                % (entry.dek_id, self.path,
+                                   e.strerror or e)) from None
+
+    def add(self, entry):
+        with self._lock:
+            if self.get(entry.dek_id) is not None:
+                raise ValueError('key %s exists already' % entry.dek_id)
+            self._write(entry)
+            self._entries[entry.dek_id] = entry
+
+    def update(self, entry):
+        with self._lock:
+            if self.get(entry.dek_id) is None:
+                raise UnknownKeyError('no key %s' % entry.dek_id,
+                                      entry.dek_id)
+            self._write(entry)
+            self._entries[entry.dek_id] = entry
+            self._mtime = None
+
+    def get(self, dek_id):
+        try:
+            check_dek_id(dek_id)
+        except UnknownKeyError:
+            return None
+        self._refresh()
+        entry = self._entries.get(dek_id)
+        if entry is None:
+            # another process may have written it within the same mtime tick
+            entry = self._read(dek_id)
+            if entry is not None:
+                with self._lock:
+                    self._entries[dek_id] = entry
+        return entry
+
+    def remove(self, dek_id):
+        with self._lock:
+            try:
+                os.unlink(self._file(dek_id))
+            except FileNotFoundError:
+                raise UnknownKeyError('no key %s' % dek_id, dek_id) from None
+            except OSError as e:
+                raise KeyStoreError('cannot delete key %s: %s'
+                                    % (dek_id, e.strerror)) from None
+            self._entries.pop(dek_id, None)
+            self._mtime = None
+
+    def ids(self):
+        self._refresh()
+        return sorted(self._entries)
+
+    def entries(self):
+        self._refresh()
+        return [self._entries[i] for i in sorted(self._entries)]
+
+    def active_for(self, kek_id):
+        self._refresh()
+        best = None
+        for entry in self._entries.values():
+            if entry.kek_id == kek_id and entry.state == ACTIVE:
+                if best is None or (entry.created, entry.dek_id) > (
+                        best.created, best.dek_id):
+                    best = entry
+        return best

@@ -1,0 +1,1 @@
+"""zodbkmi's test suite (run with zope.testrunner, see README.rst)."""
