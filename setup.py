@@ -11,7 +11,7 @@ def read(*names):
 
 
 TESTS_REQUIRE = [
-    'manuel',
+    'Sphinx',
     'zope.testrunner >= 6',
 ]
 

@@ -1,0 +1,79 @@
+"""Run README.rst and docs/*.rst as doctests, and build the docs with Sphinx.
+
+A document that needs a real server (and so a layer of its own) is listed in
+OWN_SUITE and run by the test module named there instead.
+"""
+import doctest
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import zope.component.testing
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+
+#: docs/*.rst file name -> the test module that runs it with its own setup.
+OWN_SUITE = {
+}
+
+FLAGS = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+         | doctest.IGNORE_EXCEPTION_DETAIL)
+
+
+def setUp(test):
+    zope.component.testing.setUp(test)
+    test.globs['_old_cwd'] = os.getcwd()
+    test.globs['_tmp'] = tempfile.mkdtemp(prefix='zodbkmi-doc-')
+    os.chdir(test.globs['_tmp'])
+
+
+def tearDown(test):
+    os.chdir(test.globs['_old_cwd'])
+    shutil.rmtree(test.globs['_tmp'], ignore_errors=True)
+    zope.component.testing.tearDown(test)
+
+
+def doc_files():
+    files = [os.path.join(TOP, 'README.rst')]
+    files += sorted(glob.glob(os.path.join(TOP, 'docs', '*.rst')))
+    return [f for f in files if os.path.basename(f) not in OWN_SUITE]
+
+
+def doc_suite(path, **kw):
+    """A DocFileSuite for ``path`` with the project's flags and setup."""
+    kw.setdefault('setUp', setUp)
+    kw.setdefault('tearDown', tearDown)
+    return doctest.DocFileSuite(path, module_relative=False,
+                                optionflags=FLAGS, encoding='utf-8', **kw)
+
+
+class SphinxBuildTests(unittest.TestCase):
+
+    def test_docs_build_without_warnings(self):
+        try:
+            import sphinx  # noqa: F401
+        except ImportError:   # pragma: no cover
+            self.skipTest('Sphinx is not installed')
+        out = tempfile.mkdtemp(prefix='zodbkmi-sphinx-')
+        try:
+            proc = subprocess.run(
+                [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-q',
+                 '-b', 'html', os.path.join(TOP, 'docs'), out],
+                capture_output=True, text=True, timeout=300)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+
+
+def test_suite():
+    suite = unittest.TestSuite()
+    for path in doc_files():
+        suite.addTest(doc_suite(path))
+    suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(
+        SphinxBuildTests))
+    return suite
