@@ -30,12 +30,17 @@ _caches_lock = threading.Lock()
 
 class CachedKey:
     """One cached DEK: ``dek_id`` (hex), ``kek_id``, ``sealer``,
-    ``expires`` (monotonic seconds)."""
+    ``expires`` (monotonic seconds).
+
+    ``_dek`` holds the DEK bytes for the formats that derive keys from it
+    (the stream format); it is never shown.
+    """
 
     __slots__ = ('dek_id', 'kek_id', 'sealer', 'expires', 'evicted',
-                 '_uses', '_limit', '__weakref__')
+                 '_uses', '_limit', '_dek', '__weakref__')
 
-    def __init__(self, dek_id, kek_id, sealer, expires, limit):
+    def __init__(self, dek_id, kek_id, sealer, expires, limit, dek=None):
+        self._dek = dek
         self.dek_id = dek_id
         self.kek_id = kek_id
         self.sealer = sealer
@@ -93,9 +98,9 @@ class DEKCache:
                 del self._data[dek_id]
         return None
 
-    def put(self, dek_id, kek_id, sealer):
+    def put(self, dek_id, kek_id, sealer, dek=None):
         entry = CachedKey(dek_id, kek_id, sealer,
-                          time.monotonic() + self.ttl, self.use_limit)
+                          time.monotonic() + self.ttl, self.use_limit, dek)
         with self._lock:
             if dek_id not in self._data and len(self._data) >= self.maxsize:
                 self._shrink()

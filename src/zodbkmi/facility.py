@@ -93,7 +93,7 @@ class EncryptionService:
                 dek_id)
         _, dek = wrapped.unwrap(kek, data)
         return self._cache.put(
-            dek_id, parsed.kek_id, envelope.Sealer(parsed.dek_id, dek))
+            dek_id, parsed.kek_id, envelope.Sealer(parsed.dek_id, dek), dek)
 
     def _keks(self, key):
         if isinstance(key, (list, tuple)):
