@@ -24,24 +24,27 @@ DEFAULT_TTL = 3600
 DEFAULT_MAXSIZE = 4096
 DEFAULT_USE_LIMIT = 2 ** 28
 
+_monotonic = time.monotonic
 _caches = weakref.WeakSet()
 _caches_lock = threading.Lock()
 
 
 class CachedKey:
-    """One cached DEK: ``dek_id`` (hex), ``kek_id``, ``sealer``,
+    """One cached DEK: ``dek_id`` (hex), ``raw_id`` (16 bytes), ``kek_id``,
+    ``sealer``,
     ``expires`` (monotonic seconds).
 
     ``_dek`` holds the DEK bytes for the formats that derive keys from it
     (the stream format); it is never shown.
     """
 
-    __slots__ = ('dek_id', 'kek_id', 'sealer', 'expires', 'evicted',
-                 '_uses', '_limit', '_dek', '__weakref__')
+    __slots__ = ('dek_id', 'raw_id', 'kek_id', 'sealer', 'expires',
+                 'evicted', '_uses', '_limit', '_dek', '__weakref__')
 
-    def __init__(self, dek_id, kek_id, sealer, expires, limit, dek=None):
+    def __init__(self, raw_id, kek_id, sealer, expires, limit, dek=None):
         self._dek = dek
-        self.dek_id = dek_id
+        self.raw_id = raw_id
+        self.dek_id = raw_id.hex()
         self.kek_id = kek_id
         self.sealer = sealer
         self.expires = expires
@@ -53,18 +56,24 @@ class CachedKey:
         return '<CachedKey %s by KEK %s>' % (self.dek_id, self.kek_id)
 
     def alive(self):
-        return not self.evicted and time.monotonic() < self.expires
+        return not self.evicted and _monotonic() < self.expires
 
     def count_use(self):
         """Count one encryption; raise KeyStateError past the limit."""
         if next(self._uses) > self._limit:
-            raise KeyStateError(
+            self.over_limit()
+
+    def over_limit(self):
+        raise KeyStateError(
                 'DEK %s reached its limit of %d encryptions in this process;'
                 ' rotate it' % (self.dek_id, self._limit))
 
 
 class DEKCache:
-    """A mapping of DEK id (hex) to :class:`CachedKey`."""
+    """A mapping of raw DEK id (16 bytes) to :class:`CachedKey`.
+
+    ``evict`` takes the hex id, as the rest of the API does.
+    """
 
     def __init__(self, ttl=DEFAULT_TTL, maxsize=DEFAULT_MAXSIZE,
                  use_limit=DEFAULT_USE_LIMIT):
@@ -85,29 +94,29 @@ class DEKCache:
     def __len__(self):
         return len(self._data)
 
-    def get(self, dek_id):
-        """Return the live entry for ``dek_id`` or None (expired entries are
+    def get(self, raw_id):
+        """Return the live entry for ``raw_id`` or None (expired entries are
         dropped)."""
-        entry = self._data.get(dek_id)
+        entry = self._data.get(raw_id)
         if entry is None:
             return None
-        if entry.alive():
+        if not entry.evicted and _monotonic() < entry.expires:
             return entry
         with self._lock:
-            if self._data.get(dek_id) is entry:
-                del self._data[dek_id]
+            if self._data.get(raw_id) is entry:
+                del self._data[raw_id]
         return None
 
-    def put(self, dek_id, kek_id, sealer, dek=None):
-        entry = CachedKey(dek_id, kek_id, sealer,
-                          time.monotonic() + self.ttl, self.use_limit, dek)
+    def put(self, raw_id, kek_id, sealer, dek=None):
+        entry = CachedKey(raw_id, kek_id, sealer,
+                          _monotonic() + self.ttl, self.use_limit, dek)
         with self._lock:
-            if dek_id not in self._data and len(self._data) >= self.maxsize:
+            if raw_id not in self._data and len(self._data) >= self.maxsize:
                 self._shrink()
-            old = self._data.get(dek_id)
+            old = self._data.get(raw_id)
             if old is not None and old.alive():
                 entry._uses = old._uses     # keep counting the same key
-            self._data[dek_id] = entry
+            self._data[raw_id] = entry
         return entry
 
     def _shrink(self):
@@ -119,8 +128,9 @@ class DEKCache:
             self._data.pop(oldest).evicted = True
 
     def evict(self, dek_id):
+        """Evict the key of hex id ``dek_id``."""
         with self._lock:
-            entry = self._data.pop(dek_id, None)
+            entry = self._data.pop(bytes.fromhex(dek_id), None)
             if entry is not None:
                 entry.evicted = True
 

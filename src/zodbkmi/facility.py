@@ -9,6 +9,7 @@ envelope.
 """
 import os
 import threading
+import time
 
 from zope.interface import implementer
 
@@ -30,6 +31,7 @@ from zodbkmi.kek import as_kek
 
 _CONTEXT_DATA = envelope.CONTEXT_DATA
 _CONTEXT_RECORD = envelope.CONTEXT_RECORD
+_monotonic = time.monotonic
 
 
 class EncryptionService:
@@ -47,7 +49,12 @@ class EncryptionService:
     def __init__(self, timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
                  use_limit=DEFAULT_USE_LIMIT):
         self._cache = DEKCache(timeout, cache_size, use_limit)
-        self._active = {}   # KEK id -> CachedKey of its active DEK
+        # Per key object given by callers (usually the same bytes object of
+        # a key holder): the entry of its active DEK, and the KEK ids it
+        # stands for.  Keeps as_kek() and id lookups off the hot path.
+        self._active = {}
+        self._owners = {}
+        self._opened = {}   # (key, raw DEK id) -> entry checked against key
         self._load_lock = threading.Lock()
 
     @property
@@ -63,6 +70,12 @@ class EncryptionService:
     def clear_cache(self):
         """Forget every unwrapped DEK (they are fetched again when needed)."""
         self._cache.clear()
+        self._opened.clear()
+        self._forget_active()
+
+    def _forget_active(self):
+        """Called when an active DEK changes: the next encryption looks the
+        active DEK up again."""
         self._active.clear()
 
     # -- to be provided by subclasses ------------------------------------
@@ -78,10 +91,11 @@ class EncryptionService:
 
     # -- key lookup ------------------------------------------------------
 
-    def _unwrap_into_cache(self, dek_id, keks):
+    def _unwrap_into_cache(self, raw_id, keks):
+        dek_id = raw_id.hex()
         data = self._wrapped_key(dek_id)
         parsed = wrapped.parse(data)
-        if parsed.dek_id.hex() != dek_id:
+        if parsed.dek_id != raw_id:
             raise UnknownKeyError(
                 'wrapped DEK stored as %s names DEK %s'
                 % (dek_id, parsed.dek_id.hex()), dek_id)
@@ -93,7 +107,7 @@ class EncryptionService:
                 dek_id)
         _, dek = wrapped.unwrap(kek, data)
         return self._cache.put(
-            dek_id, parsed.kek_id, envelope.Sealer(parsed.dek_id, dek), dek)
+            raw_id, parsed.kek_id, envelope.Sealer(raw_id, dek), dek)
 
     def _keks(self, key):
         if isinstance(key, (list, tuple)):
@@ -105,37 +119,51 @@ class EncryptionService:
         kek = as_kek(key)
         return {kek.key_id: kek}
 
+    def _remember(self, table, key, value):
+        try:
+            if len(table) >= 1024:
+                table.clear()
+            table[key] = value
+        except TypeError:   # an unhashable key (a list): not remembered
+            pass
+
     def _encryption_entry(self, key):
         """The cache entry of the active DEK of ``key``."""
         kek = as_kek(key)
-        entry = self._active.get(kek.key_id)
-        if entry is not None and entry.alive():
-            return entry
         with self._load_lock:
             dek_id = self._active_key_id(kek.key_id)
             if dek_id is None:
                 raise UnknownKeyError(
                     'KEK %s has no active data key: create one first '
                     '(generate() or create_key(kek))' % kek.key_id)
-            entry = self._cache.get(dek_id)
+            raw_id = bytes.fromhex(dek_id)
+            entry = self._cache.get(raw_id)
             if entry is None or entry.kek_id != kek.key_id:
-                entry = self._unwrap_into_cache(dek_id, {kek.key_id: kek})
-            self._active[kek.key_id] = entry
+                entry = self._unwrap_into_cache(raw_id, {kek.key_id: kek})
+            self._remember(self._active, key, entry)
             return entry
 
-    def _decryption_entry(self, key, dek_id):
-        """The cache entry of ``dek_id`` (hex), checked against ``key``."""
-        entry = self._cache.get(dek_id)
-        if entry is not None:
-            if type(key) is bytes and as_kek(key).key_id == entry.kek_id:
-                return entry
-            keks = self._keks(key)
-            if entry.kek_id in keks:
-                return entry
+    def _owned_kek_ids(self, key):
+        try:
+            ids = self._owners.get(key)
+        except TypeError:
+            ids = None
+        if ids is None:
+            ids = frozenset(self._keks(key))
+            self._remember(self._owners, key, ids)
+        return ids
+
+    def _decryption_entry(self, key, raw_id):
+        """The cache entry of ``raw_id``, checked against ``key``."""
+        entry = self._cache.get(raw_id)
+        if entry is None:
+            return self._unwrap_into_cache(raw_id, self._keks(key))
+        ids = self._owned_kek_ids(key)
+        if entry.kek_id not in ids:
             raise WrongKeyError(
                 'DEK %s is wrapped by KEK %s, which was not given (given: '
-                '%s)' % (dek_id, entry.kek_id, ', '.join(sorted(keks))))
-        return self._unwrap_into_cache(dek_id, self._keks(key))
+                '%s)' % (entry.dek_id, entry.kek_id, ', '.join(sorted(ids))))
+        return entry
 
     # -- IEncryptionService ----------------------------------------------
 
@@ -145,18 +173,37 @@ class EncryptionService:
         With ``oid`` (8 bytes) the result is a storage record envelope bound
         to that oid; :meth:`decrypt` then needs the same oid.
         """
-        entry = self._encryption_entry(key)
-        entry.count_use()
+        try:
+            entry = self._active[key]
+        except (KeyError, TypeError):
+            entry = self._encryption_entry(key)
+        else:
+            if entry.evicted or _monotonic() >= entry.expires:
+                entry = self._encryption_entry(key)
+        if next(entry._uses) > entry._limit:
+            entry.over_limit()
         if oid is None:
             return entry.sealer.seal(data)
         return entry.sealer.seal(data, _CONTEXT_RECORD, oid)
 
     def decrypt(self, key, data, oid=None):
         """Open the envelope ``data``; see :meth:`encrypt` for ``oid``."""
-        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
-        dek_id = envelope.read_dek_id(data, context).hex()
-        entry = self._decryption_entry(key, dek_id)
-        return entry.sealer.open(data, context, oid)
+        if oid is None:
+            raw_id = envelope.read_dek_id(data)
+        else:
+            raw_id = envelope.read_dek_id(data, _CONTEXT_RECORD)
+        try:
+            entry = self._opened[key, raw_id]
+        except (KeyError, TypeError):
+            entry = self._decryption_entry(key, raw_id)
+            self._remember(self._opened, (key, raw_id), entry)
+        else:
+            if entry.evicted or _monotonic() >= entry.expires:
+                entry = self._decryption_entry(key, raw_id)
+                self._remember(self._opened, (key, raw_id), entry)
+        if oid is None:
+            return entry.sealer.open(data)
+        return entry.sealer.open(data, _CONTEXT_RECORD, oid)
 
     def key_id_of(self, data, oid=None):
         """Return the DEK id (hex) named by the envelope ``data``."""
@@ -256,7 +303,7 @@ class KeyManagementFacility(EncryptionService):
             self.vault.add(entry)
             if previous is not None:
                 self._retire_entry(previous)
-            self._active.pop(kek.key_id, None)
+            self._forget_active()
         return entry.dek_id
 
     def rotate(self, key):
@@ -278,10 +325,7 @@ class KeyManagementFacility(EncryptionService):
                                     entry.wrapped, vaultmod.RETIRED,
                                     entry.created)
         self.vault.update(entry)
-        self._active.pop(entry.kek_id, None)
-        for kek_id, cached in list(self._active.items()):
-            if cached.dek_id == entry.dek_id:
-                self._active.pop(kek_id, None)
+        self._forget_active()
 
     def retire(self, dek_id):
         """Make ``dek_id`` decrypt-only.  Retiring a retired key is a
@@ -301,7 +345,7 @@ class KeyManagementFacility(EncryptionService):
         with self._write_lock:
             entry = self.entry(dek_id)
             self.vault.remove(dek_id)
-            self._active.pop(entry.kek_id, None)
+            self._forget_active()
         evict_everywhere(dek_id)
 
     def rewrap(self, old_key, new_key):
@@ -327,6 +371,5 @@ class KeyManagementFacility(EncryptionService):
                     entry.state, entry.created))
                 evict_everywhere(entry.dek_id)
                 count += 1
-            self._active.pop(old.key_id, None)
-            self._active.pop(new.key_id, None)
+            self._forget_active()
         return count

@@ -16,7 +16,9 @@ Layout, version 1 (all of it specified in ``docs/format.rst``)::
 
 Overhead: 50 bytes.  This module is pure: bytes in, bytes out.
 """
+import itertools
 import os
+import threading
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -46,6 +48,45 @@ _HEAD6 = {c: _PREFIX + bytes([c]) for c in _CONTEXTS}
 _CONTEXT_NAMES = {CONTEXT_DATA: 'data', CONTEXT_RECORD: 'storage record'}
 
 
+class _NoncePool:
+    """Random 96-bit nonces from the OS, fetched 1024 at a time.
+
+    One ``os.urandom`` call costs about as much as the AES-GCM call itself
+    on a small record, so nonces are drawn in batches.  Each batch is paired
+    with its own counter in one tuple that is replaced as a whole, so every
+    slot of a batch is handed out at most once, whatever the threads do
+    (``next()`` on ``itertools.count`` is atomic).  A child process forgets
+    the parent's batch at fork, so parent and child never share a nonce.
+    """
+
+    BATCH = 1024
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state = (b'', itertools.count(self.BATCH))
+        if hasattr(os, 'register_at_fork'):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self):
+        self._lock = threading.Lock()
+        self._state = (b'', itertools.count(self.BATCH))
+
+    def __call__(self):
+        buf, counter = self._state
+        i = next(counter)
+        if i < self.BATCH:
+            i *= NONCE_SIZE
+            return buf[i:i + NONCE_SIZE]
+        with self._lock:
+            if self._state[0] is buf:
+                self._state = (os.urandom(NONCE_SIZE * self.BATCH),
+                               itertools.count())
+        return self()
+
+
+new_nonce = _NoncePool()
+
+
 def is_envelope(data):
     """Tell whether ``data`` starts with the envelope magic (any version)."""
     return data[:len(MAGIC)] == MAGIC
@@ -71,7 +112,7 @@ def read_dek_id(data, context=CONTEXT_DATA):
     nor the reverse) and the length.  Nothing is decrypted.
     """
     if data[:6] == _HEAD6.get(context) and len(data) >= OVERHEAD:
-        return bytes(data[6:22])
+        return data[6:22] if type(data) is bytes else bytes(data[6:22])
     return _diagnose(data, context)
 
 
@@ -120,7 +161,7 @@ class Sealer:
     DEK bytes are not kept as an attribute and never shown.
     """
 
-    __slots__ = ('dek_id', '_aead', '_heads')
+    __slots__ = ('dek_id', '_aead', '_heads', '_head0')
 
     def __init__(self, dek_id, dek):
         if not isinstance(dek_id, bytes) or len(dek_id) != DEK_ID_SIZE:
@@ -130,6 +171,7 @@ class Sealer:
         self.dek_id = dek_id
         self._aead = AESGCM(dek)
         self._heads = tuple(_PREFIX + bytes([c]) + dek_id for c in _CONTEXTS)
+        self._head0 = self._heads[CONTEXT_DATA]
 
     def __repr__(self):
         return '<Sealer for DEK %s>' % self.dek_id.hex()
@@ -140,27 +182,27 @@ class Sealer:
         ``_nonce`` is a private seam for the fixed test vectors; never pass
         it in real code.
         """
-        nonce = _nonce or os.urandom(NONCE_SIZE)
+        nonce = _nonce or new_nonce()
+        if context == CONTEXT_DATA and oid is None:
+            header = self._head0 + nonce
+            return header + self._aead.encrypt(nonce, plaintext, header)
         header = self._heads[context] + nonce
-        if context or oid is not None:
-            header_aad = header + _check_oid(context, oid)
-        else:
-            header_aad = header
-        return header + self._aead.encrypt(nonce, plaintext, header_aad)
+        return header + self._aead.encrypt(
+            nonce, plaintext, header + _check_oid(context, oid))
 
     def open(self, data, context=CONTEXT_DATA, oid=None):
         """Return the plaintext of ``data``, sealed under this DEK.
 
         The caller validated the header with :func:`read_dek_id`.
         """
-        header = data[:HEADER_SIZE]
-        if context or oid is not None:
-            header_aad = header + _check_oid(context, oid)
-        else:
-            header_aad = header
         try:
+            if context == CONTEXT_DATA and oid is None:
+                return self._aead.decrypt(
+                    data[22:HEADER_SIZE], data[HEADER_SIZE:],
+                    data[:HEADER_SIZE])
             return self._aead.decrypt(
-                header[22:], data[HEADER_SIZE:], header_aad)
+                data[22:HEADER_SIZE], data[HEADER_SIZE:],
+                data[:HEADER_SIZE] + _check_oid(context, oid))
         except InvalidTag:
             if context == CONTEXT_RECORD:
                 raise AuthenticationError(
