@@ -101,10 +101,9 @@ class EncryptionService:
                 % (dek_id, parsed.dek_id.hex()), dek_id)
         kek = keks.get(parsed.kek_id)
         if kek is None:
-            raise UnknownKeyError(
+            raise WrongKeyError(
                 'DEK %s is wrapped by KEK %s, which was not given (given: '
-                '%s)' % (dek_id, parsed.kek_id, ', '.join(sorted(keks))),
-                dek_id)
+                '%s)' % (dek_id, parsed.kek_id, ', '.join(sorted(keks))))
         _, dek = wrapped.unwrap(kek, data)
         return self._cache.put(
             raw_id, parsed.kek_id, envelope.Sealer(raw_id, dek), dek)
