@@ -1,0 +1,613 @@
+"""Migrations of whole databases: encrypt, rekey, decrypt, scan, rotate-kek.
+
+One engine, two record transformers.  The engine (:class:`Migration`)
+walks the current record of every object of a storage in oid order, in
+chunks of ``chunk_size`` records; each chunk that needs work is written as
+one transaction.  A process killed at any moment loses at most the chunk
+it was writing: every record is, at all times, either in its old form or
+in its new form, both readable.  Nothing is remembered between runs:
+every record is classified each time (plaintext, under DEK *x*, legacy,
+invalid) and only what needs work is rewritten, so running a migration
+again is harmless and resuming is running again.
+
+Transformers say how a chunk is read and written:
+
+- :class:`RecordTransformer` (storage level, the records an
+  ``EncryptingStorage`` writes): works on the raw records of the storage
+  under the wrapper and writes them back with ``tpc_begin`` / ``store`` /
+  ``tpc_vote`` / ``tpc_finish``, with the serial it read, so a concurrent
+  write by the application makes the chunk conflict; the chunk is then
+  read again and retried.
+
+Keys come from :class:`MigrationKeys`: an encryption service (usually a
+:class:`zodbkmi.facility.KeyManagementFacility`), the KEK that encrypts
+(``new``) and the KEKs that may decrypt (``old``).
+:func:`keys_from_environ` builds them from ``OLD_ENCRYPTION_KEY`` /
+``NEW_ENCRYPTION_KEY`` / ``ENCRYPTION_ALGORITHM``.
+"""
+import base64
+import binascii
+import os
+import sys
+import time
+
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import ConflictError
+from ZODB.POSException import POSKeyError
+from ZODB.utils import oid_repr
+
+from zodbkmi.exceptions import DecryptionError
+from zodbkmi.exceptions import InvalidKeyError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.exceptions import ZodbKmiError
+from zodbkmi.format import envelope
+from zodbkmi.kek import AES_KEY_SIZE
+from zodbkmi.kek import AESKeyEncryptingKey
+from zodbkmi.kek import as_kek
+
+ENCRYPT = 'encrypt'
+REKEY = 'rekey'
+DECRYPT = 'decrypt'
+SCAN = 'scan'
+MODES = (ENCRYPT, REKEY, DECRYPT, SCAN)
+
+#: Record kinds found by classification.
+PLAINTEXT = 'plaintext'
+ENCRYPTED = 'encrypted'
+LEGACY = 'legacy'
+INVALID = 'invalid'
+
+ALGORITHMS = ('aes256-gcm',)
+DEFAULT_CHUNK_SIZE = 1000
+MAX_RETRIES = 10
+#: At most this many failed oids are kept in a report (the count is exact).
+MAX_FAILED_LISTED = 100
+
+BACKUP_WARNING = """\
+WARNING: make sure a backup of this database exists before you go on.
+FileStorage appends: the old (plaintext or old-key) revisions of every
+record stay in the file until it is packed (use --pack, or pack later), and
+packing leaves them in the '.old' file next to it. Destroy that file, and
+every copy or backup made before the migration, once you have checked the
+result (e.g. shred -u Data.fs.old)."""
+
+
+class MigrationError(ZodbKmiError):
+    """A migration cannot start or could not finish (bad keys, refused
+    environment, records that failed to authenticate)."""
+
+
+# -- keys -----------------------------------------------------------------
+
+class MigrationKeys:
+    """The keys of a migration.
+
+    ``service`` is an encryption service (``encrypt(key, data, oid)``,
+    ``decrypt(key, data, oid)``, ``key_id_of``), ``new`` the KEK that
+    encrypts (None for decrypt and scan), ``old`` a sequence of KEKs that
+    may decrypt besides ``new``.  :attr:`target_dek_id` is the active DEK
+    of ``new``: records under it need no rekey.
+    """
+
+    def __init__(self, service, new=None, old=()):
+        self.service = service
+        self.new = new
+        self.old = tuple(old)
+        self._target = None
+        self.create = True
+
+    @property
+    def decrypt_keys(self):
+        keys = ((self.new,) if self.new is not None else ()) + self.old
+        return keys[0] if len(keys) == 1 else keys
+
+    @property
+    def can_decrypt(self):
+        return self.new is not None or bool(self.old)
+
+    @property
+    def target_dek_id(self):
+        """The DEK id (hex) new records are encrypted under."""
+        if self._target is None:
+            if self.new is None:
+                raise MigrationError('no new key given: cannot encrypt')
+            ensure = getattr(self.service, 'ensure_key', None)
+            if not self.create:
+                # dry run: look, do not create
+                lookup = getattr(self.service, '_active_key_id', None)
+                if lookup is None:
+                    return None
+                return lookup(as_kek(self.new).key_id)
+            if ensure is not None:
+                self._target = ensure(self.new)
+            else:
+                self._target = self.service.key_id_of(
+                    self.service.encrypt(self.new, b''))
+        return self._target
+
+    def kek_of(self, dek_id):
+        """The KEK id that wraps ``dek_id``, or None when unknown."""
+        entry = getattr(self.service, 'entry', None)
+        if entry is None:
+            return None
+        try:
+            return entry(dek_id).kek_id
+        except UnknownKeyError:
+            return None
+
+
+def _env_key(environ, name):
+    value = environ.get(name, '').strip()
+    if not value:
+        return None
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidKeyError('%s is not valid base64' % name) from None
+    if len(key) != AES_KEY_SIZE:
+        raise InvalidKeyError('%s must encode %d bytes (it encodes %d)'
+                              % (name, AES_KEY_SIZE, len(key)))
+    return AESKeyEncryptingKey(key)
+
+
+#: Which of OLD_ENCRYPTION_KEY / NEW_ENCRYPTION_KEY each mode needs
+#: (True: required, False: refused, None: optional).
+ENV_RULES = {
+    ENCRYPT: {'old': False, 'new': True},
+    REKEY: {'old': True, 'new': True},
+    DECRYPT: {'old': True, 'new': False},
+    SCAN: {'old': None, 'new': None},
+    'rotate-kek': {'old': True, 'new': True},
+}
+
+
+def keys_from_environ(mode, environ=None):
+    """Return ``(old, new)`` AES KEKs (or None) from the environment.
+
+    ``ENCRYPTION_ALGORITHM`` is mandatory and must be ``aes256-gcm``;
+    ``OLD_ENCRYPTION_KEY`` and ``NEW_ENCRYPTION_KEY`` are base64 of 32 bytes
+    or empty.  ``encrypt`` needs only the new key, ``rekey`` and
+    ``rotate-kek`` both (and different), ``decrypt`` only the old one,
+    ``scan`` either.  Anything else raises :class:`InvalidKeyError` with a
+    one-line message.
+    """
+    environ = os.environ if environ is None else environ
+    algorithm = environ.get('ENCRYPTION_ALGORITHM', '').strip()
+    if not algorithm:
+        raise InvalidKeyError('ENCRYPTION_ALGORITHM is not set (it must be '
+                              'one of: %s)' % ', '.join(ALGORITHMS))
+    if algorithm.lower() not in ALGORITHMS:
+        raise InvalidKeyError('ENCRYPTION_ALGORITHM %r is not supported '
+                              '(supported: %s)'
+                              % (algorithm, ', '.join(ALGORITHMS)))
+    old = _env_key(environ, 'OLD_ENCRYPTION_KEY')
+    new = _env_key(environ, 'NEW_ENCRYPTION_KEY')
+    rules = ENV_RULES[mode]
+    for name, key in (('old', old), ('new', new)):
+        var = name.upper() + '_ENCRYPTION_KEY'
+        if rules[name] and key is None:
+            raise InvalidKeyError('%s needs %s' % (mode, _needs(mode)) +
+                                  ' (%s is empty)' % var)
+        if rules[name] is False and key is not None:
+            raise InvalidKeyError('%s needs %s' % (mode, _needs(mode)) +
+                                  ' (%s must be empty)' % var)
+    if old is not None and new is not None and old.key_id == new.key_id:
+        raise InvalidKeyError('OLD_ENCRYPTION_KEY and NEW_ENCRYPTION_KEY '
+                              'are the same key')
+    return old, new
+
+
+def _needs(mode):
+    rules = ENV_RULES[mode]
+    if rules['old'] and rules['new']:
+        return 'both OLD_ENCRYPTION_KEY and NEW_ENCRYPTION_KEY'
+    if rules['new']:
+        return 'NEW_ENCRYPTION_KEY only'
+    return 'OLD_ENCRYPTION_KEY only'
+
+
+def rotate_kek(facility, old, new):
+    """Rewrap every DEK of KEK ``old`` under KEK ``new``; return the count.
+
+    Data is not touched.  Each vault entry is replaced atomically, so an
+    interruption leaves every DEK readable with one of the two KEKs and
+    running it again finishes the job (DEKs already under ``new`` are not
+    touched).
+    """
+    old, new = as_kek(old), as_kek(new)
+    return facility.rewrap(old, new)
+
+
+# -- reports and progress -------------------------------------------------
+
+class Report:
+    """What a migration found and did.
+
+    ``records`` is the number of current records seen, ``kinds`` counts
+    them by kind before the migration, ``by_dek`` counts encrypted records
+    by DEK id and ``by_kek`` by the KEK id wrapping that DEK,
+    ``rewritten`` the records written (or that would be, in a dry run),
+    ``failed`` the number of records that could not be read (their oids,
+    up to :data:`MAX_FAILED_LISTED`, in ``failed_oids`` with the reason).
+    """
+
+    def __init__(self, mode, level, dry_run=False):
+        self.mode = mode
+        self.level = level
+        self.dry_run = dry_run
+        self.records = 0
+        self.kinds = {PLAINTEXT: 0, ENCRYPTED: 0, LEGACY: 0, INVALID: 0}
+        self.by_dek = {}
+        self.by_kek = {}
+        self.rewritten = 0
+        self.failed = 0
+        self.failed_oids = []
+        self.chunks = 0
+        self.transactions = 0
+        self.conflicts = 0
+        self.elapsed = 0.0
+
+    def fail(self, oid, reason):
+        self.failed += 1
+        if len(self.failed_oids) < MAX_FAILED_LISTED:
+            self.failed_oids.append((oid_repr(oid), reason))
+
+    def format(self):
+        """The report as lines of text (no key material, only ids)."""
+        lines = ['%s (%s level)%s: %d records in %.1f s'
+                 % (self.mode, self.level,
+                    ' [dry run]' if self.dry_run else '',
+                    self.records, self.elapsed)]
+        for kind in (PLAINTEXT, ENCRYPTED, LEGACY, INVALID):
+            lines.append('  %-10s %d' % (kind, self.kinds[kind]))
+        for dek_id, n in sorted(self.by_dek.items()):
+            lines.append('    DEK %s: %d' % (dek_id, n))
+        for kek_id, n in sorted(self.by_kek.items()):
+            lines.append('    KEK %s: %d' % (kek_id or '(unknown)', n))
+        if self.mode != SCAN:
+            lines.append('  %s %d in %d transactions (%d conflicts retried)'
+                         % ('would rewrite' if self.dry_run else 'rewritten',
+                            self.rewritten, self.transactions,
+                            self.conflicts))
+        if self.failed:
+            lines.append('  FAILED     %d' % self.failed)
+            for oid, reason in self.failed_oids:
+                lines.append('    oid %s: %s' % (oid, reason))
+        return lines
+
+
+class Progress:
+    """A progress line with rate and ETA, redrawn in place on a terminal.
+
+    Off a terminal nothing is drawn unless ``verbose``, then one line per
+    chunk is printed (what tests and logs read).
+    """
+
+    def __init__(self, total, stream=None, verbose=False, tty=None,
+                 width=30):
+        self.total = max(total or 0, 0)
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = (getattr(self.stream, 'isatty', lambda: False)()
+                    if tty is None else tty)
+        self.verbose = verbose
+        self.width = width
+        self.start = time.monotonic()
+        self.done = 0
+        self._drawn = 0.0
+
+    def line(self, done):
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = done / elapsed
+        if self.total and done <= self.total:
+            frac = done / self.total
+            filled = int(frac * self.width)
+            bar = '#' * filled + '-' * (self.width - filled)
+            eta = (self.total - done) / rate if rate else 0
+            return '[%s] %d/%d %5.1f%% %.0f rec/s ETA %s' % (
+                bar, done, self.total, frac * 100, rate, _hms(eta))
+        return '%d records %.0f rec/s' % (done, rate)
+
+    def update(self, done, chunk=None, rewritten=None):
+        self.done = done
+        if self.tty:
+            now = time.monotonic()
+            if now - self._drawn >= 0.2 or done >= self.total:
+                self._drawn = now
+                self.stream.write('\r' + self.line(done))
+                self.stream.flush()
+        if self.verbose:
+            if self.tty:
+                self.stream.write('\n')
+            self.stream.write('chunk %d: %d records seen, %d rewritten\n'
+                              % (chunk, done, rewritten))
+            self.stream.flush()
+
+    def finish(self):
+        if self.tty:
+            self.stream.write('\r' + self.line(self.done) + '\n')
+            self.stream.flush()
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return '%d:%02d:%02d' % (seconds // 3600, seconds // 60 % 60,
+                             seconds % 60)
+
+
+# -- the storage level ----------------------------------------------------
+
+class RecordTransformer:
+    """Storage level: raw records of the storage under ``EncryptingStorage``.
+
+    A record is an envelope bound to its oid
+    (``service.encrypt(key, data, oid=oid)``), or plaintext (any record not
+    starting with the envelope magic, nor with a legacy prefix when
+    ``legacy`` is given).  ``legacy`` is a reader of older formats (see
+    :mod:`zodbkmi.legacy`): its records are decrypted and rewritten like
+    records under an old key.
+    """
+
+    level = 'storage'
+
+    def __init__(self, keys, legacy=None):
+        self.keys = keys
+        self.legacy = legacy
+
+    def classify(self, oid, data):
+        """Return ``(kind, dek_id)`` of a record (dek_id hex or None)."""
+        if envelope.is_envelope(data):
+            try:
+                return ENCRYPTED, envelope.read_dek_id(
+                    data, envelope.CONTEXT_RECORD).hex()
+            except DecryptionError:
+                return INVALID, None
+        if self.legacy is not None and self.legacy.recognizes(data):
+            return LEGACY, None
+        return PLAINTEXT, None
+
+    def needs_work(self, mode, kind, dek_id):
+        if kind == INVALID:
+            return False
+        if mode == ENCRYPT:
+            return kind in (PLAINTEXT, LEGACY)
+        if mode == REKEY:
+            return (kind == LEGACY or
+                    (kind == ENCRYPTED and
+                     dek_id != self.keys.target_dek_id))
+        if mode == DECRYPT:
+            return kind in (ENCRYPTED, LEGACY)
+        return False
+
+    def plaintext(self, oid, data, kind):
+        """The plaintext of a record (raises DecryptionError)."""
+        if kind == ENCRYPTED:
+            if not self.keys.can_decrypt:
+                raise MigrationError('no key given that may decrypt')
+            return self.keys.service.decrypt(self.keys.decrypt_keys, data,
+                                             oid=oid)
+        if kind == LEGACY:
+            return self.legacy.decrypt_record(data)
+        return data
+
+    def verify(self, oid, data, kind):
+        """Check that a record opens (scan); raise DecryptionError."""
+        if kind in (ENCRYPTED, LEGACY) and (
+                kind == LEGACY or self.keys.can_decrypt):
+            self.plaintext(oid, data, kind)
+
+    def rewrite(self, mode, oid, data, kind):
+        """The new form of a record that needs work."""
+        plain = self.plaintext(oid, data, kind)
+        if mode == DECRYPT:
+            return plain
+        return self.keys.service.encrypt(self.keys.new, plain, oid=oid)
+
+    def records(self, storage, start=None):
+        """Yield ``(oid, tid, data)`` of current records from oid
+        ``start`` on."""
+        return iter_records(storage, start)
+
+    def reload(self, storage, oid):
+        """The current ``(tid, data)`` of ``oid`` (after a conflict)."""
+        data, tid = storage.load(oid)
+        return tid, data
+
+    def write(self, storage, items, description):
+        """Write ``[(oid, tid_read, new_data)]`` as one transaction."""
+        txn = TransactionMetaData(
+            user='zodbkmi migrate', description=description)
+        storage.tpc_begin(txn)
+        try:
+            for oid, serial, data in items:
+                storage.store(oid, serial, data, '', txn)
+            storage.tpc_vote(txn)
+        except BaseException:
+            storage.tpc_abort(txn)
+            raise
+        storage.tpc_finish(txn)
+
+
+def iter_records(storage, start=None):
+    """Yield ``(oid, tid, data)`` for the current record of every object,
+    in oid order, from ``start`` on.
+
+    Uses ``record_iternext`` (FileStorage, ZEO, RelStorage, MappingStorage
+    keep an index; memory stays constant).  Objects whose creation was
+    undone are skipped.
+    """
+    iternext = getattr(storage, 'record_iternext', None)
+    if iternext is None:
+        raise MigrationError('%s cannot list its records (no '
+                             'record_iternext)' % type(storage).__name__)
+    nxt = start
+    if nxt is None and not len(storage):
+        return
+    while True:
+        try:
+            oid, tid, data, nxt = iternext(nxt)
+        except POSKeyError as e:
+            # undone creation: step over it
+            oid = e.args[0] if e.args else None
+            if not isinstance(oid, bytes) or len(oid) != 8:
+                raise
+            nxt = _next_oid(oid)
+            continue
+        except ValueError:   # empty index
+            return
+        if data:
+            yield oid, tid, data
+        if nxt is None:
+            return
+
+
+def _next_oid(oid):
+    return (int.from_bytes(oid, 'big') + 1).to_bytes(8, 'big')
+
+
+# -- the engine -----------------------------------------------------------
+
+class Migration:
+    """Run ``mode`` over every current record of ``storage``.
+
+    ``storage`` is the raw storage (for the storage level, the storage under
+    the ``EncryptingStorage`` wrapper).  ``chunk_size`` records are read at a
+    time; those that need work are written as one transaction.  With
+    ``dry_run`` nothing is written.  ``progress`` is a :class:`Progress` or
+    None.  ``start`` is the oid to start from (default: the first).
+    """
+
+    def __init__(self, storage, transformer, mode,
+                 chunk_size=DEFAULT_CHUNK_SIZE, dry_run=False,
+                 progress=None, start=None, max_retries=MAX_RETRIES):
+        if mode not in MODES:
+            raise MigrationError('unknown mode %r (one of %s)'
+                                 % (mode, ', '.join(MODES)))
+        if chunk_size < 1:
+            raise MigrationError('chunk size must be at least 1')
+        self.storage = storage
+        self.transformer = transformer
+        self.mode = mode
+        self.chunk_size = chunk_size
+        self.dry_run = dry_run or mode == SCAN
+        self.progress = progress
+        self.start = start
+        self.max_retries = max_retries
+        self.report = Report(mode, transformer.level, dry_run)
+        if self.dry_run:
+            transformer.keys.create = False
+        elif mode in (ENCRYPT, REKEY):
+            transformer.keys.target_dek_id   # creates the DEK if needed
+
+    def _count(self, kind, dek_id):
+        report = self.report
+        report.records += 1
+        report.kinds[kind] += 1
+        if dek_id is not None:
+            report.by_dek[dek_id] = report.by_dek.get(dek_id, 0) + 1
+
+    def _prepare(self, oid, tid, data):
+        """Classify one record; return ``(oid, tid, new)`` or None."""
+        t = self.transformer
+        kind, dek_id = t.classify(oid, data)
+        if kind == INVALID:
+            self.report.fail(oid, 'malformed envelope')
+            return None
+        if self.mode == SCAN:
+            try:
+                t.verify(oid, data, kind)
+            except DecryptionError as e:
+                self.report.fail(oid, str(e))
+            return None
+        if not t.needs_work(self.mode, kind, dek_id):
+            return None
+        try:
+            if self.dry_run:
+                t.verify(oid, data, kind)
+                return oid, tid, None
+            return oid, tid, t.rewrite(self.mode, oid, data, kind)
+        except DecryptionError as e:
+            self.report.fail(oid, str(e))
+            return None
+
+    def run(self):
+        """Run the migration; return the :class:`Report`."""
+        report = self.report
+        started = time.monotonic()
+        chunk = []
+        for oid, tid, data in self.transformer.records(self.storage,
+                                                       self.start):
+            kind, dek_id = self.transformer.classify(oid, data)
+            self._count(kind, dek_id)
+            chunk.append((oid, tid, data))
+            if len(chunk) >= self.chunk_size:
+                self._chunk(chunk)
+                chunk = []
+        if chunk:
+            self._chunk(chunk)
+        report.elapsed = time.monotonic() - started
+        if self.progress is not None:
+            self.progress.finish()
+        by_kek = {}
+        for dek_id, n in report.by_dek.items():
+            kek_id = self.transformer.keys.kek_of(dek_id)
+            by_kek[kek_id] = by_kek.get(kek_id, 0) + n
+        report.by_kek = by_kek
+        return report
+
+    def _chunk(self, chunk):
+        report = self.report
+        report.chunks += 1
+        work = [w for w in (self._prepare(*r) for r in chunk)
+                if w is not None]
+        if work and not self.dry_run:
+            self._write(work)
+        report.rewritten += len(work)
+        if self.progress is not None:
+            self.progress.update(report.records, report.chunks,
+                                 report.rewritten)
+
+    def _write(self, work):
+        description = 'zodbkmi migrate %s: %d records from oid %s' % (
+            self.mode, len(work), oid_repr(work[0][0]))
+        for attempt in range(self.max_retries + 1):
+            try:
+                self.transformer.write(self.storage, work, description)
+            except ConflictError:
+                if attempt == self.max_retries:
+                    raise MigrationError(
+                        'chunk from oid %s still conflicts after %d '
+                        'retries' % (oid_repr(work[0][0]), attempt))
+                self.report.conflicts += 1
+                work = self._reread(work)
+                if not work:
+                    return
+            else:
+                self.report.transactions += 1
+                return
+
+    def _reread(self, work):
+        """Read the records of a conflicting chunk again and prepare
+        them again (the application wrote some meanwhile)."""
+        fresh = []
+        for oid, _, _ in work:
+            tid, data = self.transformer.reload(self.storage, oid)
+            item = self._prepare(oid, tid, data)
+            if item is not None:
+                fresh.append(item)
+        self.report.rewritten -= len(work) - len(fresh)
+        return fresh
+
+
+def pack(storage):
+    """Pack ``storage`` now, removing the revisions a migration replaced.
+
+    Raw records may be ciphertext that only the wrapper can read, so the
+    pack is done without garbage collection (``gc=False``) where the
+    storage supports it; unreachable objects stay until a pack through the
+    wrapper.
+    """
+    from ZODB.serialize import referencesf
+    try:
+        storage.pack(time.time(), referencesf, gc=False)
+    except TypeError:
+        storage.pack(time.time(), referencesf)
