@@ -57,6 +57,9 @@ ENCRYPTED = 'encrypted'
 LEGACY = 'legacy'
 INVALID = 'invalid'
 
+#: Records of cipher.encryptingstorage start with this prefix.
+LEGACY_PREFIX = b'.e'
+
 ALGORITHMS = ('aes256-gcm',)
 DEFAULT_CHUNK_SIZE = 1000
 MAX_RETRIES = 10
@@ -183,14 +186,16 @@ def keys_from_environ(mode, environ=None):
     old = _env_key(environ, 'OLD_ENCRYPTION_KEY')
     new = _env_key(environ, 'NEW_ENCRYPTION_KEY')
     rules = ENV_RULES[mode]
-    for name, key in (('old', old), ('new', new)):
-        var = name.upper() + '_ENCRYPTION_KEY'
+    given = (('old', old), ('new', new))
+    for name, key in given:
         if rules[name] and key is None:
-            raise InvalidKeyError('%s needs %s' % (mode, _needs(mode)) +
-                                  ' (%s is empty)' % var)
+            raise InvalidKeyError('%s needs %s (%s_ENCRYPTION_KEY is empty)'
+                                  % (mode, _needs(mode), name.upper()))
+    for name, key in given:
         if rules[name] is False and key is not None:
-            raise InvalidKeyError('%s needs %s' % (mode, _needs(mode)) +
-                                  ' (%s must be empty)' % var)
+            raise InvalidKeyError('%s needs %s (%s_ENCRYPTION_KEY must be '
+                                  'empty)' % (mode, _needs(mode),
+                                              name.upper()))
     if old is not None and new is not None and old.key_id == new.key_id:
         raise InvalidKeyError('OLD_ENCRYPTION_KEY and NEW_ENCRYPTION_KEY '
                               'are the same key')
@@ -361,7 +366,7 @@ class RecordTransformer:
                     data, envelope.CONTEXT_RECORD).hex()
             except DecryptionError:
                 return INVALID, None
-        if self.legacy is not None and self.legacy.recognizes(data):
+        if data[:2] == LEGACY_PREFIX:
             return LEGACY, None
         return PLAINTEXT, None
 
@@ -386,13 +391,18 @@ class RecordTransformer:
             return self.keys.service.decrypt(self.keys.decrypt_keys, data,
                                              oid=oid)
         if kind == LEGACY:
+            if self.legacy is None:
+                raise MigrationError(
+                    'oid %s is a cipher.encryptingstorage record: give the '
+                    'keas.kmi keys to import it' % oid_repr(oid))
             return self.legacy.decrypt_record(data)
         return data
 
     def verify(self, oid, data, kind):
-        """Check that a record opens (scan); raise DecryptionError."""
-        if kind in (ENCRYPTED, LEGACY) and (
-                kind == LEGACY or self.keys.can_decrypt):
+        """Check that a record opens (scan, dry run), when the keys to open
+        it were given; raise DecryptionError."""
+        if ((kind == ENCRYPTED and self.keys.can_decrypt) or
+                (kind == LEGACY and self.legacy is not None)):
             self.plaintext(oid, data, kind)
 
     def rewrite(self, mode, oid, data, kind):

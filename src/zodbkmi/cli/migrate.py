@@ -1,0 +1,178 @@
+"""``zodbkmi migrate``: encrypt, rekey, decrypt or scan a database; rotate a KEK."""
+import argparse
+import os
+import sys
+
+from zodbkmi import migrate
+from zodbkmi.exceptions import InvalidKeyError
+from zodbkmi.exceptions import ZodbKmiError
+
+DESCRIPTION = """\
+Migrate a whole database, chunk by chunk, each chunk one transaction.
+Killed at any moment, nothing is lost; run the same command again to finish.
+
+Keys: --key-file (the KEK that encrypts) and --old-key-file (KEKs that may
+decrypt), with their data keys in --key-dir; or, when no key file is given,
+the environment: ENCRYPTION_ALGORITHM (mandatory, aes256-gcm),
+NEW_ENCRYPTION_KEY and OLD_ENCRYPTION_KEY (base64 of 32 bytes, may be
+empty). encrypt needs only the new key, rekey and rotate-kek both, decrypt
+only the old one.
+"""
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        'migrate', help='encrypt, rekey, decrypt or scan a database',
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('mode', choices=migrate.MODES + ('rotate-kek',),
+                        help='what to do')
+    parser.add_argument('database', nargs='?',
+                        help='a ZConfig file, a zodburi URI or a '
+                             'FileStorage file (not for rotate-kek)')
+    parser.add_argument('--level', choices=('storage', 'object'),
+                        default='storage',
+                        help='storage records (EncryptingStorage, default) '
+                             'or object states (EncryptedPersistent)')
+    parser.add_argument('--key-dir', help='the directory of wrapped data '
+                                          'keys (created if missing)')
+    parser.add_argument('--key-file', help='file of the KEK that encrypts')
+    parser.add_argument('--old-key-file', action='append', default=[],
+                        help='file of a KEK that may decrypt (repeatable)')
+    parser.add_argument('--new-dek', action='store_true',
+                        help='rekey: create a new data key for the KEK '
+                             'first (only on the first run)')
+    parser.add_argument('--keas-kek',
+                        help='import: the keas.kmi KEK file (key holder)')
+    parser.add_argument('--keas-dek-dir',
+                        help='import: the keas.kmi facility directory')
+    parser.add_argument('--chunk-size', type=int,
+                        default=migrate.DEFAULT_CHUNK_SIZE,
+                        help='records per transaction (default %(default)s)')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='classify and count, write nothing')
+    parser.add_argument('--pack', action='store_true',
+                        help='pack the storage at the end')
+    parser.add_argument('-v', '--verbose', action='store_true',
+                        help='one line per chunk')
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress bar, even on a terminal')
+    parser.set_defaults(func=run)
+
+
+def _read_kek(path):
+    from zodbkmi.keyholder import read_key_file
+    from zodbkmi.kek import as_kek
+    return as_kek(read_key_file(path))
+
+
+def _keys_from_args(args):
+    """Return ``(old_keks, new_kek)`` from key files or the environment."""
+    mode = args.mode
+    if args.key_file or args.old_key_file:
+        new = _read_kek(args.key_file) if args.key_file else None
+        old = tuple(_read_kek(p) for p in args.old_key_file)
+        if mode in (migrate.ENCRYPT, migrate.REKEY) and new is None:
+            raise InvalidKeyError('%s needs --key-file (the KEK that '
+                                  'encrypts)' % mode)
+        if mode == 'rotate-kek' and (new is None or len(old) != 1):
+            raise InvalidKeyError('rotate-kek needs --key-file (the new '
+                                  'KEK) and one --old-key-file')
+        return old, new
+    if mode == migrate.SCAN and not os.environ.get('ENCRYPTION_ALGORITHM'):
+        return (), None
+    old, new = migrate.keys_from_environ(mode)
+    return ((old,) if old is not None else ()), new
+
+
+def _facility(args, required=True):
+    from zodbkmi.facility import KeyManagementFacility
+    if not args.key_dir:
+        if required:
+            raise InvalidKeyError('--key-dir (the directory of data keys) '
+                                  'is required')
+        return None
+    os.makedirs(args.key_dir, mode=0o700, exist_ok=True)
+    return KeyManagementFacility(args.key_dir)
+
+
+def open_storage(spec):
+    """Open the storage named by ``spec``: a zodburi URI, a ZConfig file
+    (``<filestorage>`` ...) or the path of a FileStorage file."""
+    if '://' in spec:
+        try:
+            import zodburi
+        except ImportError:
+            raise ZodbKmiError('zodburi is not installed: give a ZConfig '
+                               'file or a FileStorage path') from None
+        factory, _ = zodburi.resolve_uri(spec)
+        return factory()
+    if not os.path.exists(spec):
+        raise ZodbKmiError('no such database: %s' % spec)
+    with open(spec, 'rb') as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b'<') or head.startswith(b'%'):
+        import ZODB.config
+        return ZODB.config.storageFromFile(open(spec))
+    import ZODB.FileStorage
+    return ZODB.FileStorage.FileStorage(spec)
+
+
+def run(args, stdout=None, stderr=None):
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    old, new = _keys_from_args(args)
+    if args.mode == 'rotate-kek':
+        facility = _facility(args)
+        if new is None or len(old) != 1:
+            raise InvalidKeyError('rotate-kek needs the old and the new KEK')
+        count = migrate.rotate_kek(facility, old[0], new)
+        print('rotate-kek: %d data keys rewrapped from KEK %s to KEK %s'
+              % (count, old[0].key_id, new.key_id), file=stdout)
+        return 0
+    if not args.database:
+        raise ZodbKmiError('%s needs a database' % args.mode)
+    if args.level != 'storage':
+        raise ZodbKmiError('the object level is not available in this '
+                           'build')
+    facility = _facility(args, required=bool(old or new))
+    keys = migrate.MigrationKeys(facility, new, old)
+    legacy = None
+    if args.keas_kek or args.keas_dek_dir:
+        if not (args.keas_kek and args.keas_dek_dir):
+            raise InvalidKeyError('import needs both --keas-kek and '
+                                  '--keas-dek-dir')
+        from zodbkmi import legacy as legacymod
+        legacy = legacymod.EncryptingStorageReader(
+            legacymod.KeasKMIKeys.from_files(args.keas_kek,
+                                             args.keas_dek_dir))
+    writes = args.mode != migrate.SCAN and not args.dry_run
+    if writes:
+        print(migrate.BACKUP_WARNING, file=stderr)
+    if args.new_dek and writes and args.mode == migrate.REKEY:
+        dek_id = facility.rotate(new)
+        print('rekey: new data key %s for KEK %s' % (dek_id, new.key_id),
+              file=stderr)
+    storage = open_storage(args.database)
+    try:
+        progress = None
+        if not args.no_progress:
+            progress = migrate.Progress(len(storage), stderr, args.verbose)
+        transformer = migrate.RecordTransformer(keys, legacy)
+        report = migrate.Migration(
+            storage, transformer, args.mode, chunk_size=args.chunk_size,
+            dry_run=args.dry_run, progress=progress).run()
+        for line in report.format():
+            print(line, file=stdout)
+        if args.pack and writes:
+            migrate.pack(storage)
+            print('packed; destroy %s.old and every earlier copy'
+                  % getattr(storage, '_file_name', 'the old file'),
+                  file=stdout)
+    finally:
+        storage.close()
+    if report.failed:
+        print('zodbkmi migrate: %d records could not be read; they were '
+              'left as they are' % report.failed, file=stderr)
+        return 1
+    return 0

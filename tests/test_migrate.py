@@ -1,0 +1,727 @@
+"""Tests of zodbkmi.migrate and the ``zodbkmi migrate`` command."""
+import base64
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+
+
+def b64(key):
+    return base64.b64encode(key).decode('ascii')
+
+
+class _TempDir:
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-test-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def path(self, *names):
+        return os.path.join(self.tmp, *names)
+
+
+def make_database(path, count, start=0):
+    """A FileStorage of ``count`` PersistentMapping objects under the root
+    (in one BTree); return {oid: record} of every current record."""
+    import transaction
+    import ZODB
+    import ZODB.FileStorage
+    from BTrees.IOBTree import IOBTree
+    from persistent.mapping import PersistentMapping
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        root = conn.root()
+        tree = root.setdefault('tree', IOBTree())
+        for i in range(start, start + count):
+            tree[i] = PersistentMapping(n=i, text='secret %d' % i)
+            if i % 5000 == 4999:
+                tm.commit()
+        tm.commit()
+        conn.close()
+    finally:
+        db.close()
+    return current_records(path)
+
+
+def current_records(path):
+    import ZODB.FileStorage
+    from zodbkmi.migrate import iter_records
+    fs = ZODB.FileStorage.FileStorage(path, read_only=True)
+    try:
+        return {oid: data for oid, tid, data in iter_records(fs)}
+    finally:
+        fs.close()
+
+
+class KeysFromEnvironTests(unittest.TestCase):
+
+    def _callFUT(self, mode, **environ):
+        from zodbkmi.migrate import keys_from_environ
+        return keys_from_environ(mode, environ)
+
+    def setUp(self):
+        self.old = b64(os.urandom(32))
+        self.new = b64(os.urandom(32))
+
+    def _env(self, old='', new='', algorithm='aes256-gcm'):
+        return {'OLD_ENCRYPTION_KEY': old, 'NEW_ENCRYPTION_KEY': new,
+                'ENCRYPTION_ALGORITHM': algorithm}
+
+    def assertRefused(self, mode, env, text):
+        from zodbkmi.exceptions import InvalidKeyError
+        with self.assertRaises(InvalidKeyError) as cm:
+            self._callFUT(mode, **env)
+        msg = str(cm.exception)
+        self.assertIn(text, msg)
+        self.assertNotIn('\n', msg)
+        self.assertNotIn(self.old, msg)
+        self.assertNotIn(self.new, msg)
+
+    def test_encrypt_w_new_only(self):
+        old, new = self._callFUT('encrypt', **self._env(new=self.new))
+        self.assertIsNone(old)
+        self.assertTrue(new.key_id.startswith('aes-'))
+
+    def test_encrypt_w_old_key_refused(self):
+        self.assertRefused('encrypt', self._env(self.old, self.new),
+                           'OLD_ENCRYPTION_KEY must be empty')
+
+    def test_encrypt_wo_new_key_refused(self):
+        self.assertRefused('encrypt', self._env(),
+                           'NEW_ENCRYPTION_KEY is empty')
+        self.assertRefused('encrypt', self._env(self.old),
+                           'encrypt needs NEW_ENCRYPTION_KEY only')
+
+    def test_rekey_w_both(self):
+        old, new = self._callFUT('rekey', **self._env(self.old, self.new))
+        self.assertNotEqual(old.key_id, new.key_id)
+
+    def test_rekey_w_one_key_refused(self):
+        self.assertRefused('rekey', self._env(new=self.new),
+                           'OLD_ENCRYPTION_KEY is empty')
+        self.assertRefused('rekey', self._env(old=self.old),
+                           'NEW_ENCRYPTION_KEY is empty')
+
+    def test_rekey_w_same_key_refused(self):
+        self.assertRefused('rekey', self._env(self.old, self.old),
+                           'are the same key')
+
+    def test_decrypt_w_old_only(self):
+        old, new = self._callFUT('decrypt', **self._env(old=self.old))
+        self.assertIsNone(new)
+        self.assertIsNotNone(old)
+
+    def test_decrypt_w_new_key_refused(self):
+        self.assertRefused('decrypt', self._env(self.old, self.new),
+                           'NEW_ENCRYPTION_KEY must be empty')
+
+    def test_rotate_kek_needs_both(self):
+        self.assertRefused('rotate-kek', self._env(old=self.old),
+                           'NEW_ENCRYPTION_KEY is empty')
+
+    def test_scan_w_any(self):
+        self.assertEqual(self._callFUT('scan', **self._env()), (None, None))
+
+    def test_algorithm_missing(self):
+        env = self._env(new=self.new)
+        del env['ENCRYPTION_ALGORITHM']
+        self.assertRefused('encrypt', env, 'ENCRYPTION_ALGORITHM is not set')
+        self.assertRefused('encrypt', self._env(new=self.new, algorithm=''),
+                           'ENCRYPTION_ALGORITHM is not set')
+
+    def test_algorithm_unknown(self):
+        self.assertRefused('encrypt',
+                           self._env(new=self.new, algorithm='aes-256-cbc'),
+                           'not supported')
+
+    def test_bad_base64(self):
+        self.assertRefused('encrypt', self._env(new='not base64!'),
+                           'NEW_ENCRYPTION_KEY is not valid base64')
+
+    def test_wrong_size(self):
+        self.assertRefused('encrypt', self._env(new=b64(b'x' * 16)),
+                           'must encode 32 bytes (it encodes 16)')
+
+    def test_whitespace_is_empty(self):
+        old, new = self._callFUT('encrypt',
+                                 **self._env(old='  ', new=self.new))
+        self.assertIsNone(old)
+
+
+class StorageMigrationTests(_TempDir, unittest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        self.original = make_database(self.path('Data.fs'), 300)
+        self.facility = KeyManagementFacility(self.path('keys'))
+        self.kek1 = AESKeyEncryptingKey.generate()
+        self.kek2 = AESKeyEncryptingKey.generate()
+
+    def _getTargetClass(self):
+        from zodbkmi.migrate import Migration
+        return Migration
+
+    def _makeOne(self, mode, new=None, old=(), legacy=None, **kw):
+        import ZODB.FileStorage
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        storage = ZODB.FileStorage.FileStorage(self.path('Data.fs'))
+        self.addCleanup(storage.close)
+        keys = MigrationKeys(self.facility, new, old)
+        kw.setdefault('chunk_size', 64)
+        return self._getTargetClass()(
+            storage, RecordTransformer(keys, legacy), mode, **kw)
+
+    def _run(self, mode, new=None, old=(), **kw):
+        migration = self._makeOne(mode, new, old, **kw)
+        try:
+            return migration.run()
+        finally:
+            migration.storage.close()
+
+    def _plaintexts(self, *keks):
+        from zodbkmi.format import envelope
+        out = {}
+        for oid, data in current_records(self.path('Data.fs')).items():
+            if envelope.is_envelope(data):
+                data = self.facility.decrypt(keks, data, oid=oid)
+            out[oid] = data
+        return out
+
+    def _dek_ids(self):
+        return {self.facility.key_id_of(d, oid=o)
+                for o, d in current_records(self.path('Data.fs')).items()}
+
+    def test_encrypt(self):
+        report = self._run('encrypt', self.kek1)
+        self.assertEqual(report.records, len(self.original))
+        self.assertEqual(report.kinds['plaintext'], len(self.original))
+        self.assertEqual(report.rewritten, len(self.original))
+        self.assertEqual(report.transactions,
+                         -(-len(self.original) // 64))
+        self.assertEqual(report.failed, 0)
+        self.assertEqual(self._dek_ids(),
+                         {self.facility.ensure_key(self.kek1)})
+        self.assertEqual(self._plaintexts(self.kek1), self.original)
+
+    def test_encrypt_twice_rewrites_nothing(self):
+        self._run('encrypt', self.kek1)
+        before = current_records(self.path('Data.fs'))
+        report = self._run('encrypt', self.kek1)
+        self.assertEqual(report.rewritten, 0)
+        self.assertEqual(report.transactions, 0)
+        self.assertEqual(report.kinds['encrypted'], len(self.original))
+        self.assertEqual(current_records(self.path('Data.fs')), before)
+
+    def test_encrypt_leaves_records_under_other_keys(self):
+        self._run('encrypt', self.kek1)
+        report = self._run('encrypt', self.kek2)
+        self.assertEqual(report.rewritten, 0)
+
+    def test_rekey(self):
+        self._run('encrypt', self.kek1)
+        old_dek = self.facility.ensure_key(self.kek1)
+        report = self._run('rekey', self.kek2, [self.kek1])
+        self.assertEqual(report.rewritten, len(self.original))
+        self.assertEqual(report.by_dek, {old_dek: len(self.original)})
+        self.assertEqual(report.by_kek,
+                         {self.kek1.key_id: len(self.original)})
+        self.assertEqual(self._dek_ids(),
+                         {self.facility.ensure_key(self.kek2)})
+        self.assertEqual(self._plaintexts(self.kek2), self.original)
+        again = self._run('rekey', self.kek2, [self.kek1])
+        self.assertEqual(again.rewritten, 0)
+
+    def test_rekey_to_new_dek_of_same_kek(self):
+        self._run('encrypt', self.kek1)
+        new_dek = self.facility.rotate(self.kek1)
+        report = self._run('rekey', self.kek1)
+        self.assertEqual(report.rewritten, len(self.original))
+        self.assertEqual(self._dek_ids(), {new_dek})
+
+    def test_rekey_leaves_plaintext_alone(self):
+        report = self._run('rekey', self.kek2, [self.kek1])
+        self.assertEqual(report.rewritten, 0)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+
+    def test_rekey_w_wrong_old_key_fails_records(self):
+        from zodbkmi.kek import AESKeyEncryptingKey
+        self._run('encrypt', self.kek1)
+        other = AESKeyEncryptingKey.generate()
+        report = self._run('rekey', self.kek2, [other])
+        self.assertEqual(report.rewritten, 0)
+        self.assertEqual(report.failed, len(self.original))
+        self.assertLessEqual(len(report.failed_oids), 100)
+        self.assertIn('was not given', report.failed_oids[0][1])
+        self.assertEqual(self._plaintexts(self.kek1), self.original)
+
+    def test_decrypt(self):
+        self._run('encrypt', self.kek1)
+        report = self._run('decrypt', None, [self.kek1])
+        self.assertEqual(report.rewritten, len(self.original))
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+        again = self._run('decrypt', None, [self.kek1])
+        self.assertEqual(again.rewritten, 0)
+
+    def test_dry_run_writes_nothing(self):
+        size = os.path.getsize(self.path('Data.fs'))
+        report = self._run('encrypt', self.kek1, dry_run=True)
+        self.assertEqual(report.rewritten, len(self.original))
+        self.assertEqual(report.transactions, 0)
+        self.assertEqual(os.path.getsize(self.path('Data.fs')), size)
+        self.assertEqual(len(self.facility), 0)   # not even a key created
+
+    def test_scan_counts_and_detects_tampering(self):
+        import ZODB.FileStorage
+        from ZODB.Connection import TransactionMetaData
+        self._run('encrypt', self.kek1)
+        oids = sorted(self.original)
+        fs = ZODB.FileStorage.FileStorage(self.path('Data.fs'))
+        try:
+            data, tid = fs.load(oids[5])
+            bad = data[:-1] + bytes([data[-1] ^ 1])
+            txn = TransactionMetaData()
+            fs.tpc_begin(txn)
+            fs.store(oids[5], tid, bad, '', txn)
+            # a record of another oid, swapped in
+            data7, tid7 = fs.load(oids[7])
+            fs.store(oids[7], tid7, fs.load(oids[8])[0], '', txn)
+            fs.tpc_vote(txn)
+            fs.tpc_finish(txn)
+        finally:
+            fs.close()
+        report = self._run('scan', None, [self.kek1])
+        self.assertEqual(report.kinds['encrypted'], len(self.original))
+        self.assertEqual(report.failed, 2)
+        self.assertEqual(sorted(o for o, _ in report.failed_oids),
+                         sorted(('0x%02x' % oids[5][-1],
+                                 '0x%02x' % oids[7][-1])))
+        self.assertEqual(report.rewritten, 0)
+        text = '\n'.join(report.format())
+        self.assertIn('FAILED     2', text)
+        self.assertIn('KEK %s: %d' % (self.kek1.key_id, len(self.original)),
+                      text)
+
+    def test_scan_wo_keys_reads_headers_only(self):
+        self._run('encrypt', self.kek1)
+        report = self._run('scan')
+        self.assertEqual(report.kinds['encrypted'], len(self.original))
+        self.assertEqual(report.failed, 0)
+
+    def test_malformed_envelope_is_never_rewritten(self):
+        import ZODB.FileStorage
+        from ZODB.Connection import TransactionMetaData
+        oid = sorted(self.original)[3]
+        fs = ZODB.FileStorage.FileStorage(self.path('Data.fs'))
+        try:
+            tid = fs.load(oid)[1]
+            txn = TransactionMetaData()
+            fs.tpc_begin(txn)
+            fs.store(oid, tid, b'.zk\x09garbage', '', txn)
+            fs.tpc_vote(txn)
+            fs.tpc_finish(txn)
+        finally:
+            fs.close()
+        for mode, new, old in (('encrypt', self.kek1, ()),
+                               ('decrypt', None, [self.kek1])):
+            report = self._run(mode, new, old)
+            self.assertEqual(report.kinds['invalid'], 1)
+            self.assertEqual(report.failed, 1)
+        self.assertEqual(current_records(self.path('Data.fs'))[oid],
+                         b'.zk\x09garbage')
+
+    def test_legacy_record_wo_reader_refused(self):
+        import ZODB.FileStorage
+        from ZODB.Connection import TransactionMetaData
+        from zodbkmi.migrate import MigrationError
+        oid = sorted(self.original)[0]
+        fs = ZODB.FileStorage.FileStorage(self.path('Data.fs'))
+        try:
+            tid = fs.load(oid)[1]
+            txn = TransactionMetaData()
+            fs.tpc_begin(txn)
+            fs.store(oid, tid, b'.e' + b'\0' * 32, '', txn)
+            fs.tpc_vote(txn)
+            fs.tpc_finish(txn)
+        finally:
+            fs.close()
+        with self.assertRaises(MigrationError) as cm:
+            self._run('encrypt', self.kek1)
+        self.assertIn('cipher.encryptingstorage', str(cm.exception))
+
+    def test_concurrent_write_is_not_lost(self):
+        # The application writes an object of the chunk being rekeyed
+        # between the migration's read and its write: the chunk conflicts,
+        # is read again and the application's data survives, rekeyed.
+        from ZODB.Connection import TransactionMetaData
+        from zodbkmi.migrate import RecordTransformer
+        self._run('encrypt', self.kek1)
+        target = sorted(self.original)[10]
+        facility = self.facility
+        kek1 = self.kek1
+
+        class Racing(RecordTransformer):
+            raced = False
+
+            def write(self, storage, items, description):
+                if not self.raced:
+                    self.raced = True
+                    data, tid = storage.load(target)
+                    txn = TransactionMetaData()
+                    storage.tpc_begin(txn)
+                    storage.store(target, tid, facility.encrypt(
+                        kek1, b'written by the application', oid=target),
+                        '', txn)
+                    storage.tpc_vote(txn)
+                    storage.tpc_finish(txn)
+                return super().write(storage, items, description)
+
+        migration = self._makeOne('rekey', self.kek2, [self.kek1])
+        migration.transformer.__class__ = Racing
+        report = migration.run()
+        migration.storage.close()
+        self.assertEqual(report.conflicts, 1)
+        self.assertEqual(report.rewritten, len(self.original))
+        plain = self._plaintexts(self.kek2)
+        self.assertEqual(plain[target], b'written by the application')
+        self.assertEqual(self._dek_ids(),
+                         {self.facility.ensure_key(self.kek2)})
+
+    def test_unknown_mode(self):
+        from ZODB.MappingStorage import MappingStorage
+        from zodbkmi.migrate import MigrationError
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        transformer = RecordTransformer(MigrationKeys(self.facility))
+        with self.assertRaises(MigrationError):
+            self._getTargetClass()(MappingStorage(), transformer, 'shred')
+        with self.assertRaises(MigrationError):
+            self._getTargetClass()(MappingStorage(), transformer, 'scan',
+                                   chunk_size=0)
+
+    def test_progress_lines(self):
+        from zodbkmi.migrate import Progress
+        out = io.StringIO()
+        progress = Progress(len(self.original), out, verbose=True)
+        report = self._run('encrypt', self.kek1, progress=progress)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), report.chunks)
+        self.assertEqual(lines[-1], 'chunk %d: %d records seen, %d rewritten'
+                         % (report.chunks, len(self.original),
+                            len(self.original)))
+
+    def test_progress_bar_on_a_terminal(self):
+        from zodbkmi.migrate import Progress
+        out = io.StringIO()
+        progress = Progress(1000, out, tty=True)
+        progress.update(1000, 1, 0)
+        progress.finish()
+        text = out.getvalue()
+        self.assertTrue(text.startswith('\r[' + '#' * 30 + '] 1000/1000'))
+        self.assertIn('rec/s ETA 0:00:00', text)
+        self.assertTrue(text.endswith('\n'))
+        half = Progress(1000, io.StringIO(), tty=True).line(500)
+        self.assertIn('#' * 15 + '-' * 15, half)
+        self.assertIn(' 50.0%', half)
+
+
+class RotateKekTests(_TempDir, unittest.TestCase):
+
+    def _callFUT(self, *args):
+        from zodbkmi.migrate import rotate_kek
+        return rotate_kek(*args)
+
+    def test_rewraps_every_dek_and_leaves_data(self):
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        facility = KeyManagementFacility(self.path('keys'))
+        old, new, other = (AESKeyEncryptingKey.generate() for _ in '123')
+        ciphertexts = []
+        for i in range(3):
+            facility.rotate(old)
+            ciphertexts.append(facility.encrypt(old, b'data %d' % i))
+        facility.create_key(other)
+        self.assertEqual(self._callFUT(facility, old, new), 3)
+        self.assertEqual(sorted(e.kek_id for e in facility.vault.entries()),
+                         sorted([new.key_id] * 3 + [other.key_id]))
+        fresh = KeyManagementFacility(self.path('keys'))
+        self.assertEqual([fresh.decrypt(new, c) for c in ciphertexts],
+                         [b'data 0', b'data 1', b'data 2'])
+        self.assertEqual(self._callFUT(facility, old, new), 0)
+
+
+class CommandTests(_TempDir, unittest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.original = make_database(self.path('Data.fs'), 50)
+        self.n = len(self.original)   # 50 objects, the root, a BTree
+        self.old = b64(os.urandom(32))
+        self.new = b64(os.urandom(32))
+        self.environ = dict(os.environ)
+        self.addCleanup(self._restore)
+
+    def _restore(self):
+        os.environ.clear()
+        os.environ.update(self.environ)
+
+    def _callFUT(self, *argv, old='', new='', algorithm='aes256-gcm'):
+        from zodbkmi.cli import main
+        os.environ.update(OLD_ENCRYPTION_KEY=old, NEW_ENCRYPTION_KEY=new,
+                          ENCRYPTION_ALGORITHM=algorithm)
+        out, err = io.StringIO(), io.StringIO()
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            code = main(['migrate'] + list(argv))
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+        return code, out.getvalue(), err.getvalue()
+
+    def _args(self, mode):
+        return [mode, self.path('Data.fs'), '--key-dir', self.path('keys'),
+                '--chunk-size', '7']
+
+    def test_encrypt_rekey_decrypt_round_trip(self):
+        code, out, err = self._callFUT(*self._args('encrypt'), new=self.old)
+        self.assertEqual(code, 0, err)
+        self.assertIn('a backup of this database exists', err)
+        self.assertIn('rewritten %d in 8 transactions' % self.n, out)
+        self.assertNotIn(self.old, out + err)
+        code, out, err = self._callFUT(*self._args('rekey'), old=self.old,
+                                       new=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+        code, out, err = self._callFUT(*self._args('scan'))
+        self.assertEqual(code, 0, err)
+        self.assertIn('encrypted  %d' % self.n, out)
+        self.assertNotIn('a backup', err)
+        code, out, err = self._callFUT(*self._args('decrypt'), old=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+
+    def test_refused_environment_is_one_line(self):
+        code, out, err = self._callFUT(*self._args('decrypt'), old=self.old,
+                                       new=self.new)
+        self.assertEqual(code, 2)
+        self.assertEqual(err.strip().count('\n'), 0)
+        self.assertIn('decrypt needs OLD_ENCRYPTION_KEY only', err)
+        code, out, err = self._callFUT(*self._args('encrypt'), new=self.new,
+                                       algorithm='')
+        self.assertEqual(code, 2)
+        self.assertIn('ENCRYPTION_ALGORITHM is not set', err)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+
+    def test_dry_run_and_pack(self):
+        code, out, err = self._callFUT(*self._args('encrypt'), '--dry-run',
+                                       new=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertIn('would rewrite %d' % self.n, out)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+        code, out, err = self._callFUT(*self._args('encrypt'), '--pack',
+                                       new=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertIn('packed; destroy', out)
+        # after the pack no plaintext revision is left in Data.fs
+        with open(self.path('Data.fs'), 'rb') as f:
+            self.assertNotIn(b'secret 1', f.read())
+
+    def test_key_files(self):
+        from zodbkmi.keyholder import write_key_file
+        write_key_file(self.path('old.key'), base64.b64decode(self.old))
+        write_key_file(self.path('new.key'), base64.b64decode(self.new))
+        code, out, err = self._callFUT(*self._args('encrypt'), '--key-file',
+                                       self.path('old.key'))
+        self.assertEqual(code, 0, err)
+        code, out, err = self._callFUT(*self._args('rekey'), '--key-file',
+                                       self.path('new.key'), '--old-key-file',
+                                       self.path('old.key'), '-v')
+        self.assertEqual(code, 0, err)
+        self.assertIn('chunk 8: %d records seen, %d rewritten'
+                      % (self.n, self.n), err)
+        code, out, err = self._callFUT(*self._args('decrypt'),
+                                       '--old-key-file', self.path('new.key'))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+
+    def test_rotate_kek(self):
+        code, out, err = self._callFUT(*self._args('encrypt'), new=self.old)
+        self.assertEqual(code, 0, err)
+        before = current_records(self.path('Data.fs'))
+        code, out, err = self._callFUT('rotate-kek', '--key-dir',
+                                       self.path('keys'), old=self.old,
+                                       new=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertIn('rotate-kek: 1 data keys rewrapped', out)
+        self.assertEqual(current_records(self.path('Data.fs')), before)
+        code, out, err = self._callFUT(*self._args('decrypt'), old=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+
+    def test_failed_records_exit_1(self):
+        self._callFUT(*self._args('encrypt'), new=self.old)
+        code, out, err = self._callFUT(*self._args('decrypt'), old=self.new)
+        self.assertEqual(code, 1)
+        self.assertIn('%d records could not be read' % self.n, err)
+
+    def test_zconfig_file(self):
+        with open(self.path('db.conf'), 'w') as f:
+            f.write('<filestorage>\n  path %s\n</filestorage>\n'
+                    % self.path('Data.fs'))
+        args = self._args('encrypt')
+        args[1] = self.path('db.conf')
+        code, out, err = self._callFUT(*args, new=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+
+    def test_missing_database(self):
+        code, out, err = self._callFUT('scan', self.path('nothere.fs'))
+        self.assertEqual(code, 2)
+        self.assertIn('no such database', err)
+
+
+KILL_SCRIPT = textwrap.dedent('''\
+    """Run a migration and SIGKILL this process at a chosen point."""
+    import os, signal, sys
+    from zodbkmi.cli import main
+    import ZODB.FileStorage
+    point, n = os.environ['KILL_AT'].split(':')
+    n = int(n)
+    calls = [0]
+    orig = getattr(ZODB.FileStorage.FileStorage, point)
+
+    def hook(self, *args, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            if point == 'tpc_finish':
+                os.kill(os.getpid(), signal.SIGKILL)   # voted, not finished
+            result = orig(self, *args, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)       # just committed
+        return orig(self, *args, **kw)
+    setattr(ZODB.FileStorage.FileStorage, point, hook)
+    sys.exit(main(sys.argv[1:]))
+    ''')
+
+
+class _KillTests(_TempDir):
+    """Migrations of a 20,000 object database killed with SIGKILL."""
+
+    objects = 20000
+
+    def setUp(self):
+        super().setUp()
+        self.original = make_database(self.path('Data.fs'), self.objects)
+        with open(self.path('kill.py'), 'w') as f:
+            f.write(KILL_SCRIPT)
+        self.env = dict(os.environ, ENCRYPTION_ALGORITHM='aes256-gcm',
+                        OLD_ENCRYPTION_KEY='',
+                        NEW_ENCRYPTION_KEY=b64(os.urandom(32)))
+
+    def _migrate(self, mode, kill_at=None, env=None, expect_killed=False):
+        env = dict(self.env if env is None else env)
+        argv = [sys.executable]
+        if kill_at:
+            argv.append(self.path('kill.py'))
+            env['KILL_AT'] = kill_at
+        else:
+            argv += ['-m', 'zodbkmi.cli']
+        argv += ['migrate', mode, self.path('Data.fs'), '--key-dir',
+                 self.path('keys'), '--chunk-size', '500', '--no-progress']
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                              timeout=600)
+        if expect_killed:
+            self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        else:
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc
+
+    def _plaintexts(self, *keys):
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.format import envelope
+        from zodbkmi.kek import AESKeyEncryptingKey
+        facility = KeyManagementFacility(self.path('keys'))
+        kek = tuple(AESKeyEncryptingKey(base64.b64decode(k))
+                    for k in keys if k)
+        out = {}
+        kinds = set()
+        for oid, data in current_records(self.path('Data.fs')).items():
+            kinds.add(envelope.is_envelope(data))
+            if envelope.is_envelope(data):
+                data = facility.decrypt(kek, data, oid=oid)
+            out[oid] = data
+        return out, kinds
+
+    def _kill_and_resume(self, mode, points):
+        for point in points:
+            self._migrate(mode, point, expect_killed=True)
+            # every object reads back equal, under one key or the other
+            plain, kinds = self._plaintexts(self.env['OLD_ENCRYPTION_KEY'],
+                                            self.env['NEW_ENCRYPTION_KEY'])
+            self.assertEqual(plain, self.original)
+            if mode != 'rekey':   # the kill left the job half done
+                self.assertEqual(kinds, {True, False})
+        proc = self._migrate(mode)
+        return proc
+
+
+class KillTests(_KillTests, unittest.TestCase):
+
+    def test_encrypt_killed_between_vote_and_finish(self):
+        self._kill_and_resume('encrypt', ['tpc_finish:7'])
+        plain, kinds = self._plaintexts(self.env['NEW_ENCRYPTION_KEY'])
+        self.assertEqual(kinds, {True})
+        self.assertEqual(plain, self.original)
+        # a third run has nothing left to do
+        proc = self._migrate('encrypt')
+        self.assertIn('rewritten 0 in 0 transactions', proc.stdout)
+
+
+class KillAtSeveralPointsTests(_KillTests, unittest.TestCase):
+
+    def test_encrypt_killed_at_several_points(self):
+        # after the first commit, between vote and finish, in the middle
+        # of reading (store of the 3rd chunk), late in the run
+        proc = self._kill_and_resume(
+            'encrypt', ['tpc_finish:1', 'tpc_vote:2', 'store:1200',
+                        'tpc_finish:20'])
+        plain, kinds = self._plaintexts(self.env['NEW_ENCRYPTION_KEY'])
+        self.assertEqual(kinds, {True})
+        self.assertEqual(plain, self.original)
+        self.assertIn('plaintext  ', proc.stdout)
+
+    def test_rekey_killed_and_resumed(self):
+        self._migrate('encrypt')
+        env = dict(self.env, OLD_ENCRYPTION_KEY=self.env[
+            'NEW_ENCRYPTION_KEY'], NEW_ENCRYPTION_KEY=b64(os.urandom(32)))
+        self.env = env
+        self._kill_and_resume('rekey', ['tpc_finish:3', 'tpc_finish:11'])
+        plain, kinds = self._plaintexts(env['NEW_ENCRYPTION_KEY'])
+        self.assertEqual(plain, self.original)
+
+    def test_decrypt_killed_and_resumed(self):
+        self._migrate('encrypt')
+        env = dict(self.env, OLD_ENCRYPTION_KEY=self.env[
+            'NEW_ENCRYPTION_KEY'], NEW_ENCRYPTION_KEY='')
+        self.env = env
+        self._kill_and_resume('decrypt', ['tpc_finish:5', 'tpc_vote:9'])
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
