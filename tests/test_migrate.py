@@ -701,7 +701,7 @@ class KillAtSeveralPointsTests(_KillTests, unittest.TestCase):
         # after the first commit, between vote and finish, in the middle
         # of reading (store of the 3rd chunk), late in the run
         proc = self._kill_and_resume(
-            'encrypt', ['tpc_finish:1', 'tpc_vote:2', 'store:1200',
+            'encrypt', ['tpc_finish:2', 'tpc_vote:2', 'store:1200',
                         'tpc_finish:20'])
         plain, kinds = self._plaintexts(self.env['NEW_ENCRYPTION_KEY'])
         self.assertEqual(kinds, {True})
