@@ -27,6 +27,7 @@ Keys come from :class:`MigrationKeys`: an encryption service (usually a
 """
 import base64
 import binascii
+import io
 import os
 import sys
 import time
@@ -358,6 +359,14 @@ class RecordTransformer:
         self.keys = keys
         self.legacy = legacy
 
+    def check(self, mode):
+        """Refuse a mode the keys cannot carry out."""
+        if mode in (ENCRYPT, REKEY) and self.keys.new is None:
+            raise MigrationError('%s needs the new key' % mode)
+        if mode in (REKEY, DECRYPT) and not self.keys.can_decrypt and (
+                self.legacy is None):
+            raise MigrationError('%s needs the old key' % mode)
+
     def classify(self, oid, data):
         """Return ``(kind, dek_id)`` of a record (dek_id hex or None)."""
         if envelope.is_envelope(data):
@@ -370,7 +379,7 @@ class RecordTransformer:
             return LEGACY, None
         return PLAINTEXT, None
 
-    def needs_work(self, mode, kind, dek_id):
+    def needs_work(self, mode, kind, dek_id, oid=None, data=None):
         if kind == INVALID:
             return False
         if mode == ENCRYPT:
@@ -435,6 +444,269 @@ class RecordTransformer:
             storage.tpc_abort(txn)
             raise
         storage.tpc_finish(txn)
+
+
+# -- the object level -----------------------------------------------------
+
+class _Opaque:
+    """Stands for any global while a state is peeked at (nothing of the
+    application is imported or run)."""
+
+    def __init__(self, *args, **kw):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _Ref:
+    """A persistent reference met while a state is peeked at."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+
+def peek_state(record):
+    """The state pickled in a ZODB record, with every global replaced by an
+    opaque stand-in and every persistent reference by a :class:`_Ref`.
+
+    Enough to see the shape of an encrypted state without importing the
+    application's classes.
+    """
+    from zodbpickle import pickle as zpickle
+
+    class Unpickler(zpickle.Unpickler):
+
+        def find_class(self, module, name):
+            return type(name, (_Opaque,), {'__module__': module})
+
+        def persistent_load(self, ref):
+            return _Ref(ref)
+
+    unpickler = Unpickler(io.BytesIO(record))
+    unpickler.load()            # the class metadata
+    return unpickler.load()
+
+
+def _default_state_codec():
+    """The (classify, decrypt) functions of zodbkmi's own encrypted object
+    states, from :mod:`zodbkmi.persistent` when it provides them."""
+    try:
+        from zodbkmi import persistent as zpersistent
+    except ImportError:
+        return None
+    return getattr(zpersistent, 'state_codec', None)
+
+
+def _envelope_dek_id(state):
+    """The DEK id (hex) of a state holding a zodbkmi data envelope, or
+    None.  The envelope is the state, or the first item of a tuple."""
+    if isinstance(state, tuple) and state:
+        state = state[0]
+    if isinstance(state, bytes) and envelope.is_envelope(state):
+        try:
+            return envelope.read_dek_id(state).hex()
+        except DecryptionError:
+            return INVALID
+    return None
+
+
+class ObjectTransformer:
+    """Object level: the states of ``EncryptedPersistent`` objects.
+
+    Objects are loaded and stored through ZODB (``db``): their class
+    encrypts the state on store (``__getstate__``).  So ``encrypt``
+    rewrites the plaintext states of objects whose class now encrypts
+    (``encrypting``: base classes, default
+    ``zodbkmi.persistent.EncryptedPersistent``) and the states of keas.kmi
+    objects (``legacy``: :class:`zodbkmi.legacy.KeasKMIKeys`); ``decrypt``
+    rewrites encrypted states of objects whose class no longer encrypts
+    (switch the class back to ``persistent.Persistent`` first); ``rekey``
+    rewrites encrypted states whose DEK is not the target of ``keys``.
+
+    While an object is loaded for its rewrite, its old state is decoded
+    here (keas.kmi, zodbkmi or plaintext) and given to
+    ``Persistent.__setstate__``, whatever its class does.
+    """
+
+    level = 'object'
+
+    def __init__(self, db, keys=None, legacy=None, encrypting=None,
+                 codec=None):
+        self.db = db
+        self.keys = keys if keys is not None else MigrationKeys(None)
+        self.legacy = legacy
+        if encrypting is None:
+            try:
+                from zodbkmi.persistent import EncryptedPersistent
+                encrypting = (EncryptedPersistent,)
+            except ImportError:
+                encrypting = ()
+        self.encrypting = tuple(encrypting)
+        self.codec = codec if codec is not None else _default_state_codec()
+        self._class_encrypts = {}
+
+    # -- classification ---------------------------------------------------
+
+    def _state_kind(self, state):
+        from zodbkmi.legacy import is_keas_state
+        if self.codec is not None:
+            kind, dek_id = self.codec.classify(state)
+            if kind is not None:
+                return kind, dek_id
+        dek_id = _envelope_dek_id(state)
+        if dek_id == INVALID:
+            return INVALID, None
+        if dek_id is not None:
+            return ENCRYPTED, dek_id
+        if is_keas_state(state):
+            return LEGACY, None
+        return PLAINTEXT, None
+
+    def check(self, mode):
+        """Every mode can start: the keys are those of the application."""
+
+    def classify(self, oid, data):
+        try:
+            state = peek_state(data)
+        except Exception:
+            return INVALID, None
+        return self._state_kind(state)
+
+    def class_encrypts(self, data):
+        """Tell whether the class of a record encrypts its state."""
+        from ZODB.utils import get_pickle_metadata
+        module, cname = name = get_pickle_metadata(data)
+        encrypts = self._class_encrypts.get(name)
+        if encrypts is None:
+            try:
+                klass = self.db.classFactory(None, module, cname)
+            except Exception:
+                klass = None
+            encrypts = (isinstance(klass, type) and
+                        issubclass(klass, self.encrypting)
+                        if self.encrypting else False)
+            self._class_encrypts[name] = encrypts
+        return encrypts
+
+    def needs_work(self, mode, kind, dek_id, oid=None, data=None):
+        if kind == INVALID:
+            return False
+        if mode == ENCRYPT:
+            return kind == LEGACY or (
+                kind == PLAINTEXT and self.class_encrypts(data))
+        if mode == REKEY:
+            return kind == LEGACY or (
+                kind == ENCRYPTED and dek_id != self.keys.target_dek_id)
+        if mode == DECRYPT:
+            return kind in (ENCRYPTED, LEGACY)
+        return False
+
+    def verify(self, oid, data, kind):
+        if kind == LEGACY and self.legacy is not None:
+            self.legacy.decrypt(peek_state(data)[0])
+        elif kind == ENCRYPTED and self.codec is not None:
+            self.codec.verify(peek_state(data))
+
+    def rewrite(self, mode, oid, data, kind):
+        if kind == LEGACY and self.legacy is None:
+            raise MigrationError(
+                'oid %s is a keas.kmi object: give the keas.kmi keys to '
+                'import it' % oid_repr(oid))
+        return kind         # the work is done by write(), through ZODB
+
+    # -- reading and writing through ZODB ---------------------------------
+
+    def records(self, storage, start=None):
+        return iter_records(storage, start)
+
+    def reload(self, storage, oid):
+        data, tid = storage.load(oid)
+        return tid, data
+
+    def _decode(self, obj, state):
+        """The plaintext of ``state`` (as ZODB unpickled it)."""
+        from zodbkmi.legacy import decrypt_keas_state
+        from zodbkmi.legacy import is_keas_state
+        if self.codec is not None:
+            kind, _ = self.codec.classify(state)
+            if kind == ENCRYPTED:
+                return self.codec.decrypt(state)
+        if _envelope_dek_id(state) is not None:
+            raise MigrationError('cannot decrypt the state of oid %s here'
+                                 % oid_repr(obj._p_oid))
+        if self.legacy is not None and is_keas_state(state):
+            return decrypt_keas_state(self.legacy, state)
+        return state
+
+    def write(self, storage, items, description):
+        """Load each object with its decoded state, mark it changed and
+        commit: its class writes the new state."""
+        import persistent
+        import transaction
+        tm = transaction.TransactionManager()
+        conn = self.db.open(tm)
+        reader = conn._reader
+        transformer = self
+
+        def setGhostState(obj, pickle):
+            state = reader.getState(pickle)
+            plain = transformer._decode(obj, state)
+            if plain is state and not isinstance(obj, transformer.encrypting):
+                obj.__setstate__(state)
+            else:
+                persistent.Persistent.__setstate__(obj, plain)
+        reader.setGhostState = setGhostState
+        failed = []
+        try:
+            tm.begin()
+            tm.get().note(description)
+            for oid, _, _ in items:
+                obj = conn.get(oid)
+                try:
+                    obj._p_activate()
+                except DecryptionError as e:
+                    failed.append((oid, str(e)))
+                    continue
+                problem = self._check_class(obj)
+                if problem:
+                    failed.append((oid, problem))
+                    continue
+                obj._p_changed = True
+            tm.commit()
+        except BaseException:
+            tm.abort()
+            raise
+        finally:
+            del reader.setGhostState
+            conn.cacheMinimize()
+            conn.close()
+        return failed
+
+    _mode = None
+
+    def _check_class(self, obj):
+        """Why the class of ``obj`` cannot write what the mode needs, or
+        None.  Looks at what its ``__getstate__`` gives."""
+        kind = self._state_kind(obj.__getstate__())[0]
+        name = '%s.%s' % (type(obj).__module__, type(obj).__qualname__)
+        if self._mode == DECRYPT and kind != PLAINTEXT:
+            return ('class %s still encrypts its state: make it a plain '
+                    'persistent class to decrypt' % name)
+        if self._mode in (ENCRYPT, REKEY) and kind != ENCRYPTED:
+            return ('class %s does not encrypt its state: make it a '
+                    'subclass of zodbkmi.persistent.EncryptedPersistent'
+                    % name)
+        return None
 
 
 def iter_records(storage, start=None):
@@ -503,9 +775,11 @@ class Migration:
         self.start = start
         self.max_retries = max_retries
         self.report = Report(mode, transformer.level, dry_run)
+        transformer._mode = mode
+        transformer.check(mode)
         if self.dry_run:
             transformer.keys.create = False
-        elif mode in (ENCRYPT, REKEY):
+        elif mode in (ENCRYPT, REKEY) and transformer.keys.new is not None:
             transformer.keys.target_dek_id   # creates the DEK if needed
 
     def _count(self, kind, dek_id):
@@ -528,7 +802,7 @@ class Migration:
             except DecryptionError as e:
                 self.report.fail(oid, str(e))
             return None
-        if not t.needs_work(self.mode, kind, dek_id):
+        if not t.needs_work(self.mode, kind, dek_id, oid, data):
             return None
         try:
             if self.dry_run:
@@ -581,7 +855,8 @@ class Migration:
             self.mode, len(work), oid_repr(work[0][0]))
         for attempt in range(self.max_retries + 1):
             try:
-                self.transformer.write(self.storage, work, description)
+                failed = self.transformer.write(self.storage, work,
+                                                description)
             except ConflictError:
                 if attempt == self.max_retries:
                     raise MigrationError(
@@ -593,6 +868,9 @@ class Migration:
                     return
             else:
                 self.report.transactions += 1
+                for oid, reason in failed or ():
+                    self.report.fail(oid, reason)
+                    self.report.rewritten -= 1
                 return
 
     def _reread(self, work):
