@@ -328,3 +328,21 @@ class KeasObjectImportTests(_KeasTest, unittest.TestCase):
         self.assertEqual(report.failed, n)
         self.assertIn('does not encrypt its state', report.failed_oids[0][1])
         self.assertEqual(self.records_of(db), before)
+
+    def test_command_object_level(self):
+        from zodbkmi.cli import main
+        out, err = io.StringIO(), io.StringIO()
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            code = main(['migrate', 'decrypt', self.path('keas.fs'),
+                         '--level', 'object', '--python-path', self.tmp,
+                         '--keas-kek', self.path('kek.pem'),
+                         '--keas-dek-dir', self.path('keas-keys')])
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+        self.assertEqual(code, 0, err.getvalue())
+        n = len(KeasLayer.expected['secrets'])
+        self.assertIn('legacy     %d' % n, out.getvalue())
+        self.assertIn('rewritten %d' % n, out.getvalue())
+        self._check(self._open())

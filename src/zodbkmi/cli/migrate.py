@@ -46,6 +46,10 @@ def register(subparsers):
                         help='import: the keas.kmi KEK file (key holder)')
     parser.add_argument('--keas-dek-dir',
                         help='import: the keas.kmi facility directory')
+    parser.add_argument('--python-path', action='append', default=[],
+                        metavar='DIR',
+                        help='object level: where the classes of the '
+                             'application are found (repeatable)')
     parser.add_argument('--chunk-size', type=int,
                         default=migrate.DEFAULT_CHUNK_SIZE,
                         help='records per transaction (default %(default)s)')
@@ -79,8 +83,10 @@ def _keys_from_args(args):
             raise InvalidKeyError('rotate-kek needs --key-file (the new '
                                   'KEK) and one --old-key-file')
         return old, new
-    if mode == migrate.SCAN and not os.environ.get('ENCRYPTION_ALGORITHM'):
-        return (), None
+    importing = bool(args.keas_kek)
+    if (mode == migrate.SCAN or (importing and mode == migrate.DECRYPT)) \
+            and not os.environ.get('ENCRYPTION_ALGORITHM'):
+        return (), None   # nothing of zodbkmi to read
     old, new = migrate.keys_from_environ(mode)
     return ((old,) if old is not None else ()), new
 
@@ -94,6 +100,25 @@ def _facility(args, required=True):
         return None
     os.makedirs(args.key_dir, mode=0o700, exist_ok=True)
     return KeyManagementFacility(args.key_dir)
+
+
+def _provide_keys(facility, new, old):
+    """Register the keys for EncryptedPersistent: a key holder with the new
+    KEK (old ones as previous keys) and the facility."""
+    import zope.component
+    from zope.interface import implementer
+    from zodbkmi.interfaces import IEncryptionService
+    from zodbkmi.interfaces import IKeyHolder
+
+    @implementer(IKeyHolder)
+    class MigrationKeyHolder:
+        key = new if new is not None else old[0]
+        previous_keys = tuple(old)
+
+        def __repr__(self):
+            return '<MigrationKeyHolder>'
+    zope.component.provideUtility(MigrationKeyHolder(), IKeyHolder)
+    zope.component.provideUtility(facility, IEncryptionService)
 
 
 def open_storage(spec):
@@ -132,20 +157,18 @@ def run(args, stdout=None, stderr=None):
         return 0
     if not args.database:
         raise ZodbKmiError('%s needs a database' % args.mode)
-    if args.level != 'storage':
-        raise ZodbKmiError('the object level is not available in this '
-                           'build')
     facility = _facility(args, required=bool(old or new))
     keys = migrate.MigrationKeys(facility, new, old)
-    legacy = None
+    keas = None
     if args.keas_kek or args.keas_dek_dir:
         if not (args.keas_kek and args.keas_dek_dir):
             raise InvalidKeyError('import needs both --keas-kek and '
                                   '--keas-dek-dir')
         from zodbkmi import legacy as legacymod
-        legacy = legacymod.EncryptingStorageReader(
-            legacymod.KeasKMIKeys.from_files(args.keas_kek,
-                                             args.keas_dek_dir))
+        keas = legacymod.KeasKMIKeys.from_files(args.keas_kek,
+                                                args.keas_dek_dir)
+    for path in reversed(args.python_path):
+        sys.path.insert(0, os.path.abspath(path))
     writes = args.mode != migrate.SCAN and not args.dry_run
     if writes:
         print(migrate.BACKUP_WARNING, file=stderr)
@@ -154,11 +177,23 @@ def run(args, stdout=None, stderr=None):
         print('rekey: new data key %s for KEK %s' % (dek_id, new.key_id),
               file=stderr)
     storage = open_storage(args.database)
+    db = None
     try:
         progress = None
         if not args.no_progress:
             progress = migrate.Progress(len(storage), stderr, args.verbose)
-        transformer = migrate.RecordTransformer(keys, legacy)
+        if args.level == 'object':
+            import ZODB
+            if new is not None or old:
+                _provide_keys(facility, new, old)
+            db = ZODB.DB(storage)
+            transformer = migrate.ObjectTransformer(db, keys, keas)
+        else:
+            legacy = None
+            if keas is not None:
+                from zodbkmi.legacy import EncryptingStorageReader
+                legacy = EncryptingStorageReader(keas)
+            transformer = migrate.RecordTransformer(keys, legacy)
         report = migrate.Migration(
             storage, transformer, args.mode, chunk_size=args.chunk_size,
             dry_run=args.dry_run, progress=progress).run()
@@ -170,7 +205,10 @@ def run(args, stdout=None, stderr=None):
                   % getattr(storage, '_file_name', 'the old file'),
                   file=stdout)
     finally:
-        storage.close()
+        if db is not None:
+            db.close()
+        else:
+            storage.close()
     if report.failed:
         print('zodbkmi migrate: %d records could not be read; they were '
               'left as they are' % report.failed, file=stderr)
