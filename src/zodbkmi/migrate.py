@@ -789,10 +789,11 @@ class Migration:
         if dek_id is not None:
             report.by_dek[dek_id] = report.by_dek.get(dek_id, 0) + 1
 
-    def _prepare(self, oid, tid, data):
+    def _prepare(self, oid, tid, data, kind=None, dek_id=None):
         """Classify one record; return ``(oid, tid, new)`` or None."""
         t = self.transformer
-        kind, dek_id = t.classify(oid, data)
+        if kind is None:
+            kind, dek_id = t.classify(oid, data)
         if kind == INVALID:
             self.report.fail(oid, 'malformed envelope')
             return None
@@ -822,7 +823,7 @@ class Migration:
                                                        self.start):
             kind, dek_id = self.transformer.classify(oid, data)
             self._count(kind, dek_id)
-            chunk.append((oid, tid, data))
+            chunk.append((oid, tid, data, kind, dek_id))
             if len(chunk) >= self.chunk_size:
                 self._chunk(chunk)
                 chunk = []
