@@ -63,6 +63,80 @@ def current_records(path):
         fs.close()
 
 
+class IterRecordsTests(unittest.TestCase):
+
+    def _callFUT(self, storage, start=None):
+        from zodbkmi.migrate import iter_records
+        return list(iter_records(storage, start))
+
+    def _undo(self, db):
+        import transaction
+        info = db.undoInfo()[0]
+        db.undo(info['id'])
+        transaction.commit()
+
+    def test_filestorage_w_undo_matches_load(self):
+        # undo writes records that point back to older data, and an undone
+        # creation leaves an oid without data: both are read correctly.
+        import transaction
+        import ZODB
+        import ZODB.FileStorage
+        from persistent.mapping import PersistentMapping
+        from ZODB.utils import load_current
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-test-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        fs = ZODB.FileStorage.FileStorage(os.path.join(tmp, 'Data.fs'))
+        db = ZODB.DB(fs)
+        closed = []
+        self.addCleanup(lambda: closed or db.close())
+        conn = db.open()
+        for i in range(600):
+            conn.root()[i] = PersistentMapping(v=i)
+        transaction.commit()
+        conn.root()[5]['v'] = 'changed'
+        transaction.commit()
+        self._undo(db)                      # back pointer for oid of 5
+        conn.root()['new'] = PersistentMapping(v='new')
+        transaction.commit()
+        new_oid = conn.root()['new']._p_oid
+        self._undo(db)                      # undone creation
+        conn.close()
+        records = self._callFUT(fs)
+        oids = [r[0] for r in records]
+        self.assertEqual(oids, sorted(oids))
+        self.assertNotIn(new_oid, oids)
+        self.assertEqual(len(records), 601)   # root, 600, no 'new'
+        for oid, tid, data in records:
+            self.assertEqual((data, tid), load_current(fs, oid))
+        self.assertEqual(self._callFUT(fs, oids[300]), records[300:])
+
+        class SubclassedFileStorage(ZODB.FileStorage.FileStorage):
+            """Read through record_iternext, not the FileStorage path."""
+        db.close()
+        closed.append(True)
+        other = SubclassedFileStorage(os.path.join(tmp, 'Data.fs'))
+        self.addCleanup(other.close)
+        self.assertEqual(self._callFUT(other), records)
+
+    def test_storage_wo_record_iternext(self):
+        import transaction
+        import ZODB
+        from persistent.mapping import PersistentMapping
+        from ZODB.MappingStorage import MappingStorage
+        storage = MappingStorage()
+        db = ZODB.DB(storage)
+        self.addCleanup(db.close)
+        with db.transaction() as conn:
+            for i in range(10):
+                conn.root()[i] = PersistentMapping()
+        records = self._callFUT(storage)
+        self.assertEqual(len(records), 11)
+
+    def test_empty_storage(self):
+        from ZODB.MappingStorage import MappingStorage
+        self.assertEqual(self._callFUT(MappingStorage()), [])
+
+
 class KeysFromEnvironTests(unittest.TestCase):
 
     def _callFUT(self, mode, **environ):

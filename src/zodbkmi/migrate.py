@@ -717,10 +717,13 @@ def iter_records(storage, start=None):
     keep an index; memory stays constant).  Objects whose creation was
     undone are skipped.
     """
+    if _is_filestorage(storage):
+        yield from _iter_filestorage(storage, start)
+        return
     iternext = getattr(storage, 'record_iternext', None)
     if iternext is None:
-        raise MigrationError('%s cannot list its records (no '
-                             'record_iternext)' % type(storage).__name__)
+        yield from _iter_by_history(storage, start)
+        return
     nxt = start
     if nxt is None and not len(storage):
         return
@@ -740,6 +743,76 @@ def iter_records(storage, start=None):
             yield oid, tid, data
         if nxt is None:
             return
+
+
+def _iter_by_history(storage, start):
+    """For storages without record_iternext (MappingStorage, DemoStorage):
+    the oids are collected from the transaction history (memory grows with
+    the number of objects), then loaded."""
+    from ZODB.utils import load_current
+    iterator = getattr(storage, 'iterator', None)
+    if iterator is None:
+        raise MigrationError('%s cannot list its records (neither '
+                             'record_iternext nor iterator)'
+                             % type(storage).__name__)
+    oids = set()
+    for txn in iterator():
+        for record in txn:
+            oids.add(record.oid)
+    for oid in sorted(oids):
+        if start is not None and oid < start:
+            continue
+        try:
+            data, tid = load_current(storage, oid)
+        except POSKeyError:
+            continue
+        if data:
+            yield oid, tid, data
+
+
+def _is_filestorage(storage):
+    try:
+        from ZODB.FileStorage import FileStorage
+    except ImportError:   # pragma: no cover
+        return False
+    return (type(storage) is FileStorage and
+            all(hasattr(storage, a) for a in ('_index', '_file', '_lock')))
+
+
+def _iter_filestorage(storage, start, batch_size=256):
+    """record_iternext for FileStorage without its per-record overhead:
+    the index gives the position of the current record of each oid, read
+    under the storage lock, ``batch_size`` oids at a time.  Records that
+    point back to older data (undo) are loaded with ``load``."""
+    from ZODB.FileStorage.format import DATA_HDR_LEN
+    from ZODB.FileStorage.format import DataHeaderFromString
+    index = storage._index
+    nxt = start if start is not None else b'\0' * 8
+    while nxt is not None:
+        batch = []
+        with storage._lock:
+            f = storage._file
+            for _ in range(batch_size):
+                try:
+                    oid = index.minKey(nxt)
+                except ValueError:   # no oid left
+                    nxt = None
+                    break
+                nxt = _next_oid(oid)
+                f.seek(index[oid])
+                h = DataHeaderFromString(f.read(DATA_HDR_LEN))
+                if h.oid != oid or not h.plen:
+                    batch.append((oid, None, None))
+                else:
+                    batch.append((oid, h.tid, f.read(h.plen)))
+        for oid, tid, data in batch:
+            if data is None:
+                try:
+                    data, tid = storage.load(oid)
+                except POSKeyError:   # undone creation
+                    continue
+            if data:
+                yield oid, tid, data
 
 
 def _next_oid(oid):
