@@ -12,6 +12,8 @@ def read(*names):
 
 TESTS_REQUIRE = [
     'Sphinx',
+    'atheris',
+    'hypothesis',
     'zope.testrunner >= 6',
 ]
 

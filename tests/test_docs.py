@@ -64,7 +64,9 @@ class SphinxBuildTests(unittest.TestCase):
             proc = subprocess.run(
                 [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-q',
                  '-b', 'html', os.path.join(TOP, 'docs'), out],
-                capture_output=True, text=True, timeout=300)
+                capture_output=True, text=True, timeout=300,
+                # buildout's bin/test puts the eggs on sys.path only
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
         finally:
             shutil.rmtree(out, ignore_errors=True)
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])

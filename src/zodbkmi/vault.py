@@ -23,6 +23,7 @@ import time
 
 from zope.interface import implementer
 
+from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.format import wrapped
@@ -86,7 +87,7 @@ class VaultEntry:
             entry = cls(check_dek_id(doc['dek_id']), doc['kek_id'], raw,
                         doc['state'], int(doc['created']))
         except (ValueError, KeyError, TypeError, AttributeError,
-                binascii.Error, UnknownKeyError) as e:
+                binascii.Error, UnknownKeyError, DecryptionError) as e:
             raise KeyStoreError('corrupt vault entry %s: %s'
                                 % (name, str(e)[:100])) from None
         if parsed.dek_id.hex() != entry.dek_id or \

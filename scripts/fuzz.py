@@ -1,0 +1,104 @@
+"""Coverage-guided fuzzing (atheris) of zodbkmi's parsers.
+
+Usage::
+
+    python scripts/fuzz.py TARGET [libFuzzer options]
+    python scripts/fuzz.py envelope -max_total_time=3600     # a long run
+    python scripts/fuzz.py all -atheris_runs=20000          # every target
+
+Targets: envelope (header parsing and opening), wrapped (wrapped DEK parsing
+and unwrapping), vault (vault entry documents), all.  A target fails (and
+libFuzzer writes a crash-* file) when a parser returns bytes it should not
+have accepted or raises anything but its documented exceptions.  The test
+suite runs every target briefly (tests/test_fuzz.py); longer runs are for
+this script.
+"""
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from zodbkmi import exceptions
+    from zodbkmi.format import envelope
+    from zodbkmi.format import wrapped
+    from zodbkmi.kek import AESKeyEncryptingKey
+    from zodbkmi.vault import VaultEntry
+
+DEK_ID = bytes(range(16))
+SEALER = envelope.Sealer(DEK_ID, bytes(range(32, 64)))
+KEK = AESKeyEncryptingKey(bytes(32))
+PARSE = (exceptions.UnsupportedFormatError, exceptions.TruncatedDataError)
+
+
+def fuzz_envelope(data):
+    fdp = atheris.FuzzedDataProvider(data)
+    record = fdp.ConsumeBool()
+    oid = fdp.ConsumeBytes(8) if record else None
+    if record and len(oid) != 8:
+        return
+    body = fdp.ConsumeBytes(fdp.remaining_bytes())
+    if body[:1] == b'\x00':
+        # start from a genuine envelope and let the fuzzer's bytes
+        # overwrite a window of it (first byte: where)
+        sealed = bytearray(SEALER.seal(body[1:9], int(record), oid))
+        patch = body[9:]
+        if patch:
+            start = patch[0] % len(sealed)
+            sealed[start:start + len(patch) - 1] = patch[1:]
+        body = bytes(sealed)
+    context = envelope.CONTEXT_RECORD if record else envelope.CONTEXT_DATA
+    try:
+        raw_id = envelope.read_dek_id(body, context)
+        if raw_id != DEK_ID:
+            return
+        plaintext = SEALER.open(body, context, oid)
+    except PARSE + (exceptions.AuthenticationError,):
+        return
+    # only a genuine envelope opens: sealing again must reproduce it
+    nonce = body[22:34]
+    assert SEALER.seal(plaintext, context, oid, _nonce=nonce) == body
+
+
+def fuzz_wrapped(data):
+    try:
+        parsed = wrapped.parse(data)
+    except PARSE:
+        return
+    assert parsed.header + parsed.blob == data
+    try:
+        dek_id, dek = wrapped.unwrap(KEK, data)
+    except PARSE + (exceptions.AuthenticationError,):
+        return
+    assert len(dek) == 32 and dek_id == parsed.dek_id
+
+
+def fuzz_vault(data):
+    try:
+        VaultEntry.from_json(data)
+    except exceptions.KeyStoreError:
+        return
+
+
+TARGETS = {'envelope': fuzz_envelope, 'wrapped': fuzz_wrapped,
+           'vault': fuzz_vault}
+
+
+def main(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in list(TARGETS) + ['all']:
+        print(__doc__, file=sys.stderr)
+        return 2
+    name = argv.pop(1)
+    if name == 'all':
+        import subprocess
+        rc = 0
+        for target in TARGETS:
+            rc |= subprocess.call([sys.executable, argv[0], target]
+                                  + argv[1:])
+        return rc
+    atheris.Setup(argv, TARGETS[name])
+    atheris.Fuzz()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
