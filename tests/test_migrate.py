@@ -799,3 +799,59 @@ class KillAtSeveralPointsTests(_KillTests, unittest.TestCase):
         self._kill_and_resume('decrypt', ['tpc_finish:5', 'tpc_vote:9'])
         self.assertEqual(current_records(self.path('Data.fs')),
                          self.original)
+
+
+class EncryptingStorageIntegrationTests(_TempDir, unittest.TestCase):
+    """Migrations of a storage opened as an EncryptingStorage."""
+
+    def setUp(self):
+        super().setUp()
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        self.original = make_database(self.path('Data.fs'), 200)
+        self.facility = KeyManagementFacility(self.path('keys'))
+        self.kek = AESKeyEncryptingKey.generate()
+        self.facility.ensure_key(self.kek)
+
+    def _wrapper(self, mode, **kw):
+        import ZODB.FileStorage
+        from zodbkmi.storage import EncryptingStorage
+        return EncryptingStorage(
+            ZODB.FileStorage.FileStorage(self.path('Data.fs')),
+            self.facility, kw.pop('key', self.kek), mode=mode, **kw)
+
+    def _read_all(self, wrapper):
+        import ZODB
+        db = ZODB.DB(wrapper)
+        try:
+            with db.transaction() as conn:
+                tree = conn.root()['tree']
+                return {i: dict(v) for i, v in tree.items()}
+        finally:
+            db.close()
+
+    def test_encrypt_then_strict_mode_reads_everything(self):
+        import ZODB
+        from zodbkmi.exceptions import NotEncryptedError
+        from zodbkmi.migrate import storage_migration
+        # the application already writes through the wrapper (migrate
+        # mode): the database holds plaintext and encrypted records
+        wrapper = self._wrapper('migrate')
+        db = ZODB.DB(wrapper)
+        with db.transaction() as conn:
+            conn.root()['tree'][3]['text'] = 'changed'
+        db.close()
+        wrapper = self._wrapper('migrate')
+        report = storage_migration(wrapper, 'encrypt', chunk_size=50).run()
+        wrapper.close()
+        self.assertEqual(report.kinds['encrypted'], 1)   # tree[3]
+        self.assertEqual(report.rewritten, len(self.original) - 1)
+        values = self._read_all(self._wrapper('strict'))
+        self.assertEqual(values[3]['text'], 'changed')
+        self.assertEqual(values[150], {'n': 150, 'text': 'secret 150'})
+        # and strict mode refuses plaintext: the check above is not empty
+        wrapper = self._wrapper('strict')
+        report = storage_migration(wrapper, 'decrypt').run()
+        wrapper.close()
+        with self.assertRaises(NotEncryptedError):
+            self._read_all(self._wrapper('strict'))

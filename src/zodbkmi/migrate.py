@@ -446,6 +446,35 @@ class RecordTransformer:
         storage.tpc_finish(txn)
 
 
+def unwrap(storage):
+    """Return ``(raw, wrapper)``: the storage under an ``EncryptingStorage``
+    and the wrapper, or ``(storage, None)``."""
+    try:
+        from zodbkmi.storage import EncryptingStorage
+    except ImportError:   # pragma: no cover
+        return storage, None
+    if isinstance(storage, EncryptingStorage):
+        return storage.base, storage
+    return storage, None
+
+
+def storage_migration(storage, mode, keys=None, legacy=None, **kw):
+    """A storage-level :class:`Migration` of ``storage``.
+
+    ``storage`` may be an ``EncryptingStorage`` (as a ZConfig file or a
+    zodburi URI opens it): the migration then works on the storage under
+    it, with the wrapper's facility and keys unless ``keys`` is given.
+    """
+    raw, wrapper = unwrap(storage)
+    if keys is None:
+        if wrapper is None:
+            raise MigrationError('no keys given, and %r is not an '
+                                 'EncryptingStorage' % (storage,))
+        keys = MigrationKeys(wrapper.facility, wrapper._key,
+                             wrapper._previous_keys)
+    return Migration(raw, RecordTransformer(keys, legacy), mode, **kw)
+
+
 # -- the object level -----------------------------------------------------
 
 class _Opaque:

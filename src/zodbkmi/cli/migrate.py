@@ -20,6 +20,10 @@ only the old one.
 """
 
 
+ENV_NAMES = ('ENCRYPTION_ALGORITHM', 'NEW_ENCRYPTION_KEY',
+             'OLD_ENCRYPTION_KEY')
+
+
 def register(subparsers):
     parser = subparsers.add_parser(
         'migrate', help='encrypt, rekey, decrypt or scan a database',
@@ -83,10 +87,10 @@ def _keys_from_args(args):
             raise InvalidKeyError('rotate-kek needs --key-file (the new '
                                   'KEK) and one --old-key-file')
         return old, new
-    importing = bool(args.keas_kek)
-    if (mode == migrate.SCAN or (importing and mode == migrate.DECRYPT)) \
-            and not os.environ.get('ENCRYPTION_ALGORITHM'):
-        return (), None   # nothing of zodbkmi to read
+    if not any(os.environ.get(name, '').strip() for name in ENV_NAMES):
+        # the keys of the database configuration (EncryptingStorage), or
+        # none (scan, keas.kmi import to plaintext)
+        return (), None
     old, new = migrate.keys_from_environ(mode)
     return ((old,) if old is not None else ()), new
 
@@ -188,19 +192,33 @@ def run(args, stdout=None, stderr=None):
                 _provide_keys(facility, new, old)
             db = ZODB.DB(storage)
             transformer = migrate.ObjectTransformer(db, keys, keas)
+            migration = migrate.Migration(
+                storage, transformer, args.mode, chunk_size=args.chunk_size,
+                dry_run=args.dry_run, progress=progress)
         else:
             legacy = None
             if keas is not None:
                 from zodbkmi.legacy import EncryptingStorageReader
                 legacy = EncryptingStorageReader(keas)
-            transformer = migrate.RecordTransformer(keys, legacy)
-        report = migrate.Migration(
-            storage, transformer, args.mode, chunk_size=args.chunk_size,
-            dry_run=args.dry_run, progress=progress).run()
+            wrapped = migrate.unwrap(storage)[1] is not None
+            explicit = new is not None or bool(old)
+            if not explicit and not wrapped and args.mode in (
+                    migrate.ENCRYPT, migrate.REKEY) or (
+                    not explicit and not wrapped and keas is None and
+                    args.mode == migrate.DECRYPT):
+                raise InvalidKeyError(
+                    '%s needs keys: set ENCRYPTION_ALGORITHM and the '
+                    'keys, give key files, or a ZConfig file with an '
+                    'encrypting storage' % args.mode)
+            migration = migrate.storage_migration(
+                storage, args.mode, keys if explicit or not wrapped
+                else None, legacy, chunk_size=args.chunk_size,
+                dry_run=args.dry_run, progress=progress)
+        report = migration.run()
         for line in report.format():
             print(line, file=stdout)
         if args.pack and writes:
-            migrate.pack(storage)
+            migrate.pack(migrate.unwrap(storage)[0])
             print('packed; destroy %s.old and every earlier copy'
                   % getattr(storage, '_file_name', 'the old file'),
                   file=stdout)
