@@ -14,6 +14,7 @@ TESTS_REQUIRE = [
     'Sphinx',
     'atheris',
     'hypothesis',
+    'ZEO',
     'zope.testrunner >= 6',
 ]
 

@@ -855,3 +855,127 @@ class EncryptingStorageIntegrationTests(_TempDir, unittest.TestCase):
         wrapper.close()
         with self.assertRaises(NotEncryptedError):
             self._read_all(self._wrapper('strict'))
+
+
+class OnlineRekeyTests(_TempDir, unittest.TestCase):
+    """rekey through a real ZEO server while the application writes."""
+
+    def setUp(self):
+        super().setUp()
+        try:
+            import ZEO  # noqa: F401
+        except ImportError:   # pragma: no cover
+            self.skipTest('ZEO is not installed')
+        import socket
+        import time
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        from zodbkmi.migrate import Migration
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        import ZODB.FileStorage
+        self.original = make_database(self.path('Data.fs'), 3000)
+        self.facility = KeyManagementFacility(self.path('keys'))
+        self.kek1 = AESKeyEncryptingKey.generate()
+        self.kek2 = AESKeyEncryptingKey.generate()
+        fs = ZODB.FileStorage.FileStorage(self.path('Data.fs'))
+        Migration(fs, RecordTransformer(MigrationKeys(self.facility,
+                                                      self.kek1)),
+                  'encrypt').run()
+        fs.close()
+        self.facility.ensure_key(self.kek2)
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            self.port = s.getsockname()[1]
+        log = open(self.path('zeo.log'), 'wb')
+        self.addCleanup(log.close)
+        runzeo = os.path.join(os.path.dirname(sys.executable), 'runzeo')
+        self.server = subprocess.Popen(
+            [runzeo, '-a', '127.0.0.1:%d' % self.port, '-f',
+             self.path('Data.fs')], stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.tmp)
+        self.addCleanup(self._stop)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(('127.0.0.1', self.port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.server.poll():
+                    raise RuntimeError('ZEO did not start')
+                time.sleep(0.05)
+
+    def _stop(self):
+        self.server.terminate()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:   # pragma: no cover
+            self.server.kill()
+            self.server.wait()
+
+    def _client(self):
+        from ZEO.ClientStorage import ClientStorage
+        return ClientStorage(('127.0.0.1', self.port), wait_timeout=10)
+
+    def test_application_writes_are_not_lost(self):
+        import random
+        import threading
+        import transaction
+        import ZODB
+        from ZODB.POSException import ConflictError
+        from zodbkmi.migrate import Migration
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        from zodbkmi.storage import EncryptingStorage
+        # the application, already switched to the new key
+        app = ZODB.DB(EncryptingStorage(self._client(), self.facility,
+                                        self.kek2, [self.kek1]))
+        self.addCleanup(app.close)
+        expected = {}
+        done = threading.Event()
+        writes = []
+
+        def application():
+            tm = transaction.TransactionManager()
+            conn = app.open(tm)
+            rnd = random.Random(42)
+            while not done.is_set() or len(writes) < 50:
+                i = rnd.randrange(3000)
+                try:
+                    tree = conn.root()['tree']
+                    tree[i]['n'] = tree[i]['n'] + 1000000
+                    value = tree[i]['n']
+                    tm.commit()
+                except ConflictError:
+                    tm.abort()
+                    continue
+                expected[i] = value
+                writes.append(i)
+            conn.close()
+
+        thread = threading.Thread(target=application)
+        thread.start()
+        raw = self._client()
+        try:
+            report = Migration(raw, RecordTransformer(
+                MigrationKeys(self.facility, self.kek2, [self.kek1])),
+                'rekey', chunk_size=50).run()
+        finally:
+            done.set()
+            thread.join(60)
+        self.assertGreater(len(writes), 0)
+        self.assertEqual(report.failed, 0)
+        # a second run only finds what the race left, then nothing
+        Migration(raw, RecordTransformer(MigrationKeys(
+            self.facility, self.kek2, [self.kek1])), 'rekey').run()
+        again = Migration(raw, RecordTransformer(MigrationKeys(
+            self.facility, self.kek2, [self.kek1])), 'rekey').run()
+        raw.close()
+        self.assertEqual(again.rewritten, 0)
+        self.assertEqual(list(again.by_dek),
+                         [self.facility.ensure_key(self.kek2)])
+        with app.transaction() as conn:
+            tree = conn.root()['tree']
+            for i in range(3000):
+                self.assertEqual(tree[i]['n'], expected.get(i, i))
+                self.assertEqual(tree[i]['text'], 'secret %d' % i)
