@@ -7,7 +7,8 @@ Usage::
     python scripts/fuzz.py all -atheris_runs=20000          # every target
 
 Targets: envelope (header parsing and opening), wrapped (wrapped DEK parsing
-and unwrapping), vault (vault entry documents), all.  A target fails (and
+and unwrapping), vault (vault entry documents), legacy (keas.kmi and
+cipher.encryptingstorage ciphertext read by migrations), all.  A target fails (and
 libFuzzer writes a crash-* file) when a parser returns bytes it should not
 have accepted or raises anything but its documented exceptions.  The test
 suite runs every target briefly (tests/test_fuzz.py); longer runs are for
@@ -23,6 +24,7 @@ with atheris.instrument_imports():
     from zodbkmi.format import wrapped
     from zodbkmi.kek import AESKeyEncryptingKey
     from zodbkmi.vault import VaultEntry
+    from zodbkmi import legacy
 
 DEK_ID = bytes(range(16))
 SEALER = envelope.Sealer(DEK_ID, bytes(range(32, 64)))
@@ -79,8 +81,38 @@ def fuzz_vault(data):
         return
 
 
+LEGACY_KEYS = None
+
+
+def fuzz_legacy(data):
+    global LEGACY_KEYS
+    if LEGACY_KEYS is None:
+        LEGACY_KEYS = legacy.KeasKMIKeys._from_dek(bytes(range(128)))
+    reader = legacy.EncryptingStorageReader(LEGACY_KEYS)
+    genuine = data[:1] == b'\x00'
+    if genuine:
+        # a genuine keas.kmi ciphertext of the fuzzer's bytes
+        encryptor = LEGACY_KEYS._cipher.encryptor()
+        body = data[1:]
+        n = 16 - len(body) % 16
+        data = encryptor.update(body + bytes([n]) * n) + \
+            encryptor.finalize()
+        assert LEGACY_KEYS.decrypt(data) == body
+    try:
+        reader.decrypt_record(b'.e' + data)
+    except exceptions.DecryptionError:
+        pass
+    if genuine:
+        # never unpickle what the fuzzer chose: a pickle can call anything
+        return
+    try:
+        legacy.decrypt_keas_state(LEGACY_KEYS, (data, []))
+    except exceptions.DecryptionError:
+        pass
+
+
 TARGETS = {'envelope': fuzz_envelope, 'wrapped': fuzz_wrapped,
-           'vault': fuzz_vault}
+           'vault': fuzz_vault, 'legacy': fuzz_legacy}
 
 
 def main(argv=None):

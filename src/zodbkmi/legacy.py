@@ -103,6 +103,15 @@ class KeasKMIKeys:
                               modes.CBC(KEAS_IV))
 
     @classmethod
+    def _from_dek(cls, dek, key_id='test'):
+        """A reader for an already unwrapped DEK (tests and fuzzing)."""
+        self = cls.__new__(cls)
+        self.key_id = key_id
+        self._cipher = Cipher(algorithms.AES(_bytes_to_key(dek)),
+                              modes.CBC(KEAS_IV))
+        return self
+
+    @classmethod
     def from_files(cls, kek_file, dek_dir):
         with open(kek_file, 'rb') as f:
             return cls(f.read(), dek_dir)
