@@ -15,6 +15,7 @@ TESTS_REQUIRE = [
     'atheris',
     'hypothesis',
     'ZEO',
+    'zodburi',
     'zope.testrunner >= 6',
 ]
 

@@ -667,6 +667,17 @@ class CommandTests(_TempDir, unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn('rewritten %d' % self.n, out)
 
+    def test_zodburi(self):
+        try:
+            import zodburi  # noqa: F401
+        except ImportError:   # pragma: no cover
+            self.skipTest('zodburi is not installed')
+        args = self._args('encrypt')
+        args[1] = 'file://' + self.path('Data.fs')
+        code, out, err = self._callFUT(*args, new=self.new)
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+
     def test_missing_database(self):
         code, out, err = self._callFUT('scan', self.path('nothere.fs'))
         self.assertEqual(code, 2)
