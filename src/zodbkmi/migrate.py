@@ -662,25 +662,28 @@ class ObjectTransformer:
         data, tid = storage.load(oid)
         return tid, data
 
-    def _decode(self, obj, state):
-        """The plaintext of ``state`` (as ZODB unpickled it)."""
+    def _set_state(self, obj, state):
+        """Give ``obj`` its state, whatever form the state is in."""
+        import persistent
         from zodbkmi.legacy import decrypt_keas_state
-        from zodbkmi.legacy import is_keas_state
-        if self.codec is not None:
-            kind, _ = self.codec.classify(state)
-            if kind == ENCRYPTED:
-                return self.codec.decrypt(state)
-        if _envelope_dek_id(state) is not None:
-            raise MigrationError('cannot decrypt the state of oid %s here'
-                                 % oid_repr(obj._p_oid))
-        if self.legacy is not None and is_keas_state(state):
-            return decrypt_keas_state(self.legacy, state)
-        return state
+        kind, _ = self._state_kind(state)
+        encrypting = isinstance(obj, self.encrypting)
+        if kind == LEGACY and self.legacy is not None:
+            state = decrypt_keas_state(self.legacy, state)
+        elif kind == ENCRYPTED and not encrypting:
+            if self.codec is None:
+                raise MigrationError(
+                    'oid %s: cannot decrypt the state of a %s here'
+                    % (oid_repr(obj._p_oid), type(obj).__name__))
+            state = self.codec.decrypt(state)
+        elif not (kind == PLAINTEXT and encrypting):
+            obj.__setstate__(state)     # the class reads its own state
+            return
+        persistent.Persistent.__setstate__(obj, state)
 
     def write(self, storage, items, description):
         """Load each object with its decoded state, mark it changed and
         commit: its class writes the new state."""
-        import persistent
         import transaction
         tm = transaction.TransactionManager()
         conn = self.db.open(tm)
@@ -688,12 +691,7 @@ class ObjectTransformer:
         transformer = self
 
         def setGhostState(obj, pickle):
-            state = reader.getState(pickle)
-            plain = transformer._decode(obj, state)
-            if plain is state and not isinstance(obj, transformer.encrypting):
-                obj.__setstate__(state)
-            else:
-                persistent.Persistent.__setstate__(obj, plain)
+            transformer._set_state(obj, reader.getState(pickle))
         reader.setGhostState = setGhostState
         failed = []
         try:
