@@ -346,3 +346,27 @@ class KeasObjectImportTests(_KeasTest, unittest.TestCase):
         self.assertIn('legacy     %d' % n, out.getvalue())
         self.assertIn('rewritten %d' % n, out.getvalue())
         self._check(self._open())
+
+    def test_encrypt_imports_into_an_encrypting_class(self):
+        # the application switched Secret to a class that encrypts (here
+        # the test's own, see tests/test_migrate_object.py)
+        from tests.test_migrate_object import V2
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        with open(self.path('keasdata.py'), 'w') as f:
+            f.write(V2.replace('class Note(', 'class Plain('))
+        sys.modules.pop('keasdata', None)
+        import keasdata
+        keasdata.FACILITY = KeyManagementFacility(self.path('keys'))
+        keasdata.KEY = keasdata.DECRYPT_KEYS = AESKeyEncryptingKey.generate()
+        keasdata.FACILITY.ensure_key(keasdata.KEY)
+        db = self._open()
+        n = len(KeasLayer.expected['secrets'])
+        report = self._migrate(db, 'encrypt', encrypting=(keasdata.Secret,))
+        self.assertEqual(report.rewritten, n)
+        self.assertEqual(report.failed, 0)
+        again = self._migrate(db, 'encrypt', encrypting=(keasdata.Secret,))
+        self.assertEqual(again.kinds['legacy'], 0)
+        self.assertEqual(again.kinds['encrypted'], n)
+        self.assertEqual(again.rewritten, 0)
+        self._check(db)
