@@ -10,7 +10,18 @@ def read(*names):
         return f.read()
 
 
-TESTS_REQUIRE = [
+STORAGE_REQUIRE = [
+    'ZEO >= 6',
+    'zodburi >= 3',
+]
+RELSTORAGE_REQUIRE = [
+    'RelStorage >= 4',
+    'psycopg2-binary',
+]
+
+TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
+    'manuel',
+    'zope.testing',
     'Sphinx',
     'atheris',
     'hypothesis',
@@ -55,10 +66,19 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'docs': ['Sphinx'],
+        'storage': STORAGE_REQUIRE,
+        'relstorage': RELSTORAGE_REQUIRE,
     },
     entry_points={
         'console_scripts': [
             'zodbkmi = zodbkmi.cli:main',
+        ],
+        'zodburi.resolvers': [
+            'zodbkmi+file = zodbkmi.config:uri_resolver',
+            'zodbkmi+zeo = zodbkmi.config:uri_resolver',
+            'zodbkmi+memory = zodbkmi.config:uri_resolver',
+            'zodbkmi+demo = zodbkmi.config:uri_resolver',
+            'zodbkmi+zconfig = zodbkmi.config:uri_resolver',
         ],
     },
 )

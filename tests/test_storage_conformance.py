@@ -3,6 +3,7 @@
 As zc.zlibstorage does, ZODB's test classes are reused with an ``open()``
 that wraps the storage under test.
 """
+import os
 import unittest
 
 import ZEO.tests.testZEO
@@ -12,7 +13,12 @@ import ZODB.tests.testblob
 import ZODB.tests.testFileStorage
 import ZODB.tests.util
 
+from tests.storage_support import facility
 from tests.storage_support import wrap
+from zodbkmi.config import open_keys
+from zodbkmi.keyholder import write_key_file
+from zodbkmi.storage import EncryptingStorage
+from zodbkmi.testing import KeyEncryptingKey
 
 
 class FileStorageTests(ZODB.tests.testFileStorage.FileStorageTests):
@@ -51,10 +57,73 @@ class FileStorageRecoveryTest(
 
 
 class ZEOFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
-    """A ZEO server storing ciphertext, clients with the keys."""
+    """A ZEO server storing ciphertext without keys, clients with the keys.
+
+    Pack's garbage collection and conflict resolution need plaintext
+    records: without keys the server packs with ``pack-gc false``, and
+    conflicts that need resolving are reported to the client.
+    """
+
+    def getConfig(self):
+        return """\
+        <filestorage 1>
+        path Data.fs
+        pack-gc false
+        </filestorage>
+        """
 
     def _wrap_client(self, client):
-        return wrap(client)
+        return wrap(client, facility=facility(os.path.abspath('keys')))
+
+    # conflict resolution runs on the server, which has no keys here;
+    # ZEOServerKeysFileStorageTests runs these
+    def checkResolve(self):
+        """Needs the keys on the server."""
+
+    def checkZClassesArentResolved(self):
+        """Needs the keys on the server."""
+
+    def checkBuggyResolve1(self):
+        """Needs the keys on the server."""
+
+    def checkBuggyResolve2(self):
+        """Needs the keys on the server."""
+
+    # pack-gc false: packing removes old revisions only
+    def checkPackAllRevisions(self):
+        """Needs pack GC."""
+
+
+def _write_key_files():
+    os.mkdir('keys')
+    write_key_file(os.path.abspath('kek'), KeyEncryptingKey)
+
+
+class ZEOServerKeysFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
+    """Clients encrypt; the server holds the keys for pack GC and conflict
+    resolution only (``<serverencryptingstorage>``)."""
+
+    def setUp(self):
+        ZODB.tests.util.TestCase.setUp(self)   # into a temporary directory
+        _write_key_files()
+        ZEO.tests.testZEO.FileStorageTests.setUp(self)
+
+    def getConfig(self):
+        here = os.getcwd()
+        return """\
+        %%import zodbkmi
+        <serverencryptingstorage>
+          key-file %(here)s/kek
+          key-dir %(here)s/keys
+          <filestorage 1>
+            path Data.fs
+          </filestorage>
+        </serverencryptingstorage>
+        """ % dict(here=here)
+
+    def _wrap_client(self, client):
+        facility, key, _ = open_keys('kek', 'keys')
+        return EncryptingStorage(client, facility, key)
 
 
 def _blob_storage(name, blob_dir):
@@ -63,18 +132,17 @@ def _blob_storage(name, blob_dir):
 
 def test_suite():
     suite = unittest.TestSuite()
-    loader = unittest.defaultTestLoader
-    loader_prefix = loader.testMethodPrefix
-    loader.testMethodPrefix = 'check'
-    try:
-        for klass in (FileStorageTests, FileStorageTestsWithBlobsEnabled,
-                      FileStorageRecoveryTest, ZEOFileStorageTests):
-            s = loader.loadTestsFromTestCase(klass)
-            s.layer = ZODB.tests.util.MininalTestLayer(
-                'zodbkmi.storage.%s' % klass.__name__)
-            suite.addTest(s)
-    finally:
-        loader.testMethodPrefix = loader_prefix
+    for klass, prefix in ((FileStorageTests, 'test'),
+                          (FileStorageTestsWithBlobsEnabled, 'test'),
+                          (FileStorageRecoveryTest, 'test'),
+                          (ZEOFileStorageTests, 'check'),
+                          (ZEOServerKeysFileStorageTests, 'check')):
+        loader = unittest.TestLoader()
+        loader.testMethodPrefix = prefix
+        s = loader.loadTestsFromTestCase(klass)
+        s.layer = ZODB.tests.util.MininalTestLayer(
+            'zodbkmi.storage.%s' % klass.__name__)
+        suite.addTest(s)
     suite.addTest(ZODB.tests.testblob.storage_reusable_suite(
         'EncryptedBlobFileStorage', _blob_storage,
         test_blob_storage_recovery=True, test_packing=True))
