@@ -25,8 +25,6 @@ TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'Sphinx',
     'atheris',
     'hypothesis',
-    'ZEO',
-    'zodburi',
     'zope.testrunner >= 6',
 ]
 

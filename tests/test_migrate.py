@@ -990,3 +990,95 @@ class OnlineRekeyTests(_TempDir, unittest.TestCase):
             for i in range(3000):
                 self.assertEqual(tree[i]['n'], expected.get(i, i))
                 self.assertEqual(tree[i]['text'], 'secret %d' % i)
+
+
+class ConfiguredStorageTests(_TempDir, unittest.TestCase):
+    """The database given as a ZConfig file or a zodburi URI with an
+    encrypting storage: the keys are those of its key settings."""
+
+    def setUp(self):
+        super().setUp()
+        from zodbkmi.keyholder import write_key_file
+        self.original = make_database(self.path('Data.fs'), 80)
+        self.n = len(self.original)
+        write_key_file(self.path('kek.key'), os.urandom(32))
+        os.mkdir(self.path('keys'), 0o700)
+
+    def _config(self, mode):
+        path = self.path('db-%s.conf' % mode)
+        with open(path, 'w') as f:
+            f.write(textwrap.dedent('''\
+                %%import zodbkmi
+                <encryptingstorage>
+                  key-file %s
+                  key-dir %s
+                  mode %s
+                  <filestorage>
+                    path %s
+                  </filestorage>
+                </encryptingstorage>
+                ''' % (self.path('kek.key'), self.path('keys'), mode,
+                       self.path('Data.fs'))))
+        return path
+
+    def _callFUT(self, *argv):
+        from zodbkmi.cli import main
+        environ = dict(os.environ)
+        for name in ('ENCRYPTION_ALGORITHM', 'OLD_ENCRYPTION_KEY',
+                     'NEW_ENCRYPTION_KEY'):
+            os.environ.pop(name, None)
+        out, err = io.StringIO(), io.StringIO()
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            code = main(['migrate'] + list(argv))
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+            os.environ.clear()
+            os.environ.update(environ)
+        return code, out.getvalue(), err.getvalue()
+
+    def _read_all(self, spec):
+        import ZODB
+        import ZODB.config
+        if spec.endswith('.conf'):
+            with open(spec) as f:
+                db = ZODB.DB(ZODB.config.storageFromFile(f))
+        else:
+            import zodburi
+            factory, dbkw = zodburi.resolve_uri(spec)
+            db = ZODB.DB(factory())
+        try:
+            with db.transaction() as conn:
+                return {i: dict(v)
+                        for i, v in conn.root()['tree'].items()}
+        finally:
+            db.close()
+
+    def test_zconfig_encrypt_then_strict(self):
+        from zodbkmi.exceptions import NotEncryptedError
+        with self.assertRaises(NotEncryptedError):
+            self._read_all(self._config('strict'))
+        code, out, err = self._callFUT('encrypt', self._config('migrate'),
+                                       '--no-progress')
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+        values = self._read_all(self._config('strict'))
+        self.assertEqual(values[79], {'n': 79, 'text': 'secret 79'})
+        code, out, err = self._callFUT('scan', self._config('strict'))
+        self.assertEqual(code, 0, err)
+        self.assertIn('encrypted  %d' % self.n, out)
+
+    def test_zodburi_scheme(self):
+        try:
+            import zodburi
+        except ImportError:   # pragma: no cover
+            self.skipTest('zodburi is not installed')
+        uri = 'zodbkmi+file://%s?key_file=%s&key_dir=%s&mode=%%s' % (
+            self.path('Data.fs'), self.path('kek.key'), self.path('keys'))
+        code, out, err = self._callFUT('encrypt', uri % 'migrate')
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+        values = self._read_all(uri % 'strict')
+        self.assertEqual(values[0], {'n': 0, 'text': 'secret 0'})
+        del zodburi

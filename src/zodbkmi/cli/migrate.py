@@ -142,7 +142,8 @@ def open_storage(spec):
         head = f.read(64).lstrip()
     if head.startswith(b'<') or head.startswith(b'%'):
         import ZODB.config
-        return ZODB.config.storageFromFile(open(spec))
+        with open(spec) as f:
+            return ZODB.config.storageFromFile(f)
     import ZODB.FileStorage
     return ZODB.FileStorage.FileStorage(spec)
 
