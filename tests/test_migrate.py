@@ -1043,11 +1043,16 @@ class ConfiguredStorageTests(_TempDir, unittest.TestCase):
         import ZODB.config
         if spec.endswith('.conf'):
             with open(spec) as f:
-                db = ZODB.DB(ZODB.config.storageFromFile(f))
+                storage = ZODB.config.storageFromFile(f)
         else:
             import zodburi
             factory, dbkw = zodburi.resolve_uri(spec)
-            db = ZODB.DB(factory())
+            storage = factory()
+        try:
+            db = ZODB.DB(storage)
+        except BaseException:
+            storage.close()
+            raise
         try:
             with db.transaction() as conn:
                 return {i: dict(v)
