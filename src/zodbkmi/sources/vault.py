@@ -231,9 +231,13 @@ def read_kv_key(client, mount, path, version=None, algorithm='aes256-gcm',
         payload = client.request('GET', api, what=what)
     except VaultHTTPError as e:
         if e.status == 404 and version is not None:
-            raise KeySourceError('%s: version %d not found (missing, '
-                                 'deleted or destroyed)' % (what, version),
-                                 e.source) from None
+            raise KeySourceError('%s: HTTP 404, version %d not found '
+                                 '(missing, deleted or destroyed)'
+                                 % (what, version), e.source) from None
+        if e.status == 404:
+            raise KeySourceError('%s: HTTP 404, not found (no such secret, '
+                                 'or its latest version is deleted or '
+                                 'destroyed)' % what, e.source) from None
         raise
     data = payload.get('data') or {}
     secret = data.get('data')
@@ -443,7 +447,8 @@ def key_version(data):
 
 def transit_rewrap(facility, kek):
     """Server-side rewrap of every DEK of the Transit KEK ``kek`` in the
-    vault of ``facility`` to the latest Transit key version.
+    vault of ``facility`` to the latest Transit key version (entries
+    already there are left alone).
 
     The DEKs never enter the process.  Each entry is replaced atomically;
     running it again is harmless.  Return the number of entries changed.
@@ -453,14 +458,15 @@ def transit_rewrap(facility, kek):
         raise InvalidKeyError('transit_rewrap needs a Transit KEK, not %s'
                               % kek.key_id)
     count = 0
+    latest = kek.latest_version
     with facility._write_lock:
         for entry in facility.vault.entries():
             if entry.kek_id != kek.key_id:
                 continue
             wk = wrapped.parse(entry.wrapped)
-            blob = kek.rewrap(wk.blob, wk.header)
-            if blob == wk.blob:
+            if ciphertext_version(wk.blob) >= latest:
                 continue
+            blob = kek.rewrap(wk.blob, wk.header)
             facility.vault.update(vaultmod.VaultEntry(
                 entry.dek_id, entry.kek_id, wk.header + blob, entry.state,
                 entry.created))
