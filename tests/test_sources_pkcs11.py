@@ -168,5 +168,93 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
         self.assertEqual(facility.decrypt(kek2, data), b'in the HSM')
 
 
+VECTORS = os.path.join(os.path.dirname(__file__), 'vectors',
+                       'wrapped_suites_3_4.json')
+
+
+def load_vectors():
+    import json
+    with open(VECTORS) as f:
+        return json.load(f)
+
+
+class Suite4VectorTests(SoftHSMTestCase):
+    """The suite 4 vectors, opened inside the token with the vector KEK
+    imported under the label the vector names."""
+
+    def _import(self, kek_hex, label):
+        import pkcs11
+        from pkcs11 import Attribute as A
+        from zodbkmi.sources.pkcs11 import _session
+        with _session(LIBRARY, TOKEN_LABEL, PIN, rw=True) as s:
+            try:
+                s.get_key(label=label)
+                return
+            except pkcs11.exceptions.NoSuchKey:
+                pass
+            s.create_object({
+                A.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                A.KEY_TYPE: pkcs11.KeyType.AES, A.VALUE: bytes.fromhex(
+                    kek_hex), A.LABEL: label, A.TOKEN: True,
+                A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
+                A.ENCRYPT: True, A.DECRYPT: True})
+
+    def _kek(self, vector):
+        from zodbkmi.sources.pkcs11 import PKCS11KeyEncryptingKey
+        token, label = vector['kek_id'][len('pkcs11:'):].split('/')
+        self.assertEqual(token, TOKEN_LABEL)
+        self._import(vector['kek'], label)
+        kek = PKCS11KeyEncryptingKey(LIBRARY, token, label, PIN)
+        self.addCleanup(kek.close)
+        return kek
+
+    def test_valid(self):
+        vectors = load_vectors()['suite4_valid']
+        self.assertTrue(vectors)
+        for v in vectors:
+            kek = self._kek(v)
+            data = bytes.fromhex(v['wrapped'])
+            wk = wrapped.parse(data)
+            self.assertEqual(wk.header.hex(), v['header'])
+            self.assertEqual(wk.blob[:12].hex(), v['nonce'])
+            self.assertEqual(wrapped.unwrap(kek, data),
+                             (bytes.fromhex(v['dek_id']),
+                              bytes.fromhex(v['dek'])))
+
+    def test_invalid(self):
+        from zodbkmi import exceptions
+        vectors = load_vectors()['suite4_invalid']
+        self.assertTrue(vectors)
+        for v in vectors:
+            kek = self._kek(v)
+            with self.assertRaises(getattr(exceptions, v['error']),
+                                   msg=v['reason']):
+                wrapped.unwrap(kek, bytes.fromhex(v['wrapped']))
+
+
+class Suite34HeaderVectorTests(unittest.TestCase):
+    """Headers and Transit contexts are pinned without any server."""
+
+    def test_suite3_headers_and_contexts(self):
+        import base64
+        for v in load_vectors()['suite3']:
+            header = wrapped.build_header(
+                wrapped.SUITE_VAULT_TRANSIT, bytes.fromhex(v['dek_id']),
+                v['kek_id'])
+            self.assertEqual(header.hex(), v['header'])
+            self.assertEqual(base64.b64encode(header).decode(), v['context'])
+
+    def test_suite4_software_aes_gcm_agrees(self):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        for v in load_vectors()['suite4_valid']:
+            data = bytes.fromhex(v['wrapped'])
+            wk = wrapped.parse(data)
+            self.assertEqual(wk.suite, wrapped.SUITE_PKCS11_AES_GCM)
+            self.assertEqual(len(wk.blob), 60)
+            dek = AESGCM(bytes.fromhex(v['kek'])).decrypt(
+                wk.blob[:12], wk.blob[12:], wk.header)
+            self.assertEqual(dek.hex(), v['dek'])
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -362,5 +362,21 @@ class SealedVaultTests(BaoTestCase):
                              'caFile': self.server.ca_file})
 
 
+class Suite3ContextTests(_Base):
+    """What zodbkmi sends to Transit: the base64 header as the context."""
+
+    def test_context_is_the_base64_header(self):
+        from zodbkmi.sources.vault import TransitKeyEncryptingKey
+        name = self.transit_key()
+        kek = TransitKeyEncryptingKey(self.client(), name)
+        dek = os.urandom(32)
+        data = wrapped.wrap(kek, os.urandom(16), dek)
+        wk = wrapped.parse(data)
+        answer = self.bao.api('POST', 'transit/decrypt/' + name, {
+            'ciphertext': wk.blob.decode(),
+            'context': base64.b64encode(wk.header).decode()})
+        self.assertEqual(base64.b64decode(answer['data']['plaintext']), dek)
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
