@@ -636,6 +636,37 @@ class CommandTests(_TempDir, unittest.TestCase):
         self.assertEqual(current_records(self.path('Data.fs')),
                          self.original)
 
+    def test_key_settings(self):
+        import json
+        from zodbkmi.vault import write_atomic
+
+        def settings(current, *previous):
+            write_atomic(self.path('settings.json'), json.dumps({
+                'enabled': True, 'algorithm': 'aes256-gcm',
+                'params': {'source': 'raw', 'key': current},
+                'previous': [{'source': 'raw', 'key': k}
+                             for k in previous]}).encode())
+            return ['--key-settings', self.path('settings.json')]
+        code, out, err = self._callFUT(*self._args('encrypt'),
+                                       *settings(self.old))
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+        # the operator adds a new current key, the old one is previous
+        code, out, err = self._callFUT(*self._args('rekey'),
+                                       *settings(self.new, self.old))
+        self.assertEqual(code, 0, err)
+        self.assertIn('rewritten %d' % self.n, out)
+        code, out, err = self._callFUT(*self._args('decrypt'),
+                                       *settings(self.new))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)
+        code, out, err = self._callFUT(
+            *self._args('encrypt'), *settings(self.new), '--key-file',
+            self.path('Data.fs'))
+        self.assertEqual(code, 2)
+        self.assertIn('not both', err)
+
     def test_rotate_kek(self):
         code, out, err = self._callFUT(*self._args('encrypt'), new=self.old)
         self.assertEqual(code, 0, err)

@@ -11,9 +11,10 @@ DESCRIPTION = """\
 Migrate a whole database, chunk by chunk, each chunk one transaction.
 Killed at any moment, nothing is lost; run the same command again to finish.
 
-Keys: --key-file (the KEK that encrypts) and --old-key-file (KEKs that may
-decrypt), with their data keys in --key-dir; or, when no key file is given,
-the environment: ENCRYPTION_ALGORITHM (mandatory, aes256-gcm),
+Keys: --key-settings (JSON encryption settings), or --key-file (the KEK
+that encrypts) and --old-key-file (KEKs that may decrypt), with their data
+keys in --key-dir; or the keys of an encrypting storage in the ZConfig file
+or zodburi URI; or the environment: ENCRYPTION_ALGORITHM (mandatory, aes256-gcm),
 NEW_ENCRYPTION_KEY and OLD_ENCRYPTION_KEY (base64 of 32 bytes, may be
 empty). encrypt needs only the new key, rekey and rotate-kek both, decrypt
 only the old one.
@@ -40,6 +41,9 @@ def register(subparsers):
                              'or object states (EncryptedPersistent)')
     parser.add_argument('--key-dir', help='the directory of wrapped data '
                                           'keys (created if missing)')
+    parser.add_argument('--key-settings', metavar='FILE',
+                        help='encryption settings (JSON): the current key '
+                             'encrypts, the previous ones may decrypt')
     parser.add_argument('--key-file', help='file of the KEK that encrypts')
     parser.add_argument('--old-key-file', action='append', default=[],
                         help='file of a KEK that may decrypt (repeatable)')
@@ -77,6 +81,19 @@ def _read_kek(path):
 def _keys_from_args(args):
     """Return ``(old_keks, new_kek)`` from key files or the environment."""
     mode = args.mode
+    if args.key_settings:
+        if args.key_file or args.old_key_file:
+            raise InvalidKeyError('give --key-settings or key files, not '
+                                  'both')
+        from zodbkmi.sources import SettingsKeyHolder
+        from zodbkmi.sources import load_settings
+        holder = SettingsKeyHolder(load_settings(args.key_settings))
+        if mode in (migrate.DECRYPT, migrate.SCAN):
+            return holder.keys, None
+        if mode == 'rotate-kek' and not holder.previous_keys:
+            raise InvalidKeyError('rotate-kek needs previous keys in the '
+                                  'key settings')
+        return holder.previous_keys, holder.key
     if args.key_file or args.old_key_file:
         new = _read_kek(args.key_file) if args.key_file else None
         old = tuple(_read_kek(p) for p in args.old_key_file)
@@ -154,11 +171,12 @@ def run(args, stdout=None, stderr=None):
     old, new = _keys_from_args(args)
     if args.mode == 'rotate-kek':
         facility = _facility(args)
-        if new is None or len(old) != 1:
+        if new is None or not old:
             raise InvalidKeyError('rotate-kek needs the old and the new KEK')
-        count = migrate.rotate_kek(facility, old[0], new)
-        print('rotate-kek: %d data keys rewrapped from KEK %s to KEK %s'
-              % (count, old[0].key_id, new.key_id), file=stdout)
+        for previous in old:
+            count = migrate.rotate_kek(facility, previous, new)
+            print('rotate-kek: %d data keys rewrapped from KEK %s to KEK %s'
+                  % (count, previous.key_id, new.key_id), file=stdout)
         return 0
     if not args.database:
         raise ZodbKmiError('%s needs a database' % args.mode)
