@@ -397,10 +397,11 @@ def _setstate(self, state):
             if key is r[6]:
                 try:
                     data = r[5].decrypt(r[7], state)
+                    if data[:2] == _PROTO_HEADER:
+                        state = _loads(data)
+                        return _plain_setstate(self, state)
                 except exceptions.ZodbKmiError as e:
                     _reraise(self, e, 'load its state')
-                if data[:2] == _PROTO_HEADER:
-                    return _plain_setstate(self, _loads(data))
         state = _decrypt_state(self, state)
     _plain_setstate(self, state)
 
