@@ -329,3 +329,134 @@ class ObjectKillTests(ObjectMigrationTests):
     test_encrypt_refused_while_the_class_does_not_encrypt = None
     test_decrypt_refused_while_the_class_still_encrypts = None
     test_dry_run = None
+
+
+V3 = '''\
+import persistent
+from zodbkmi.persistent import EncryptedPersistent
+
+
+class Secret(EncryptedPersistent):
+    pass
+
+
+class Note(persistent.Persistent):
+    pass
+'''
+
+
+class EncryptedPersistentMigrationTests(ObjectMigrationTests):
+    """The same migrations with zodbkmi.persistent.EncryptedPersistent."""
+
+    count = 200
+
+    def setUp(self):
+        import zope.component
+        import zope.component.testing
+        from zope.interface import implementer
+        from zodbkmi.interfaces import IEncryptionService
+        from zodbkmi.interfaces import IKeyHolder
+        super().setUp()
+        with open(os.path.join(self.tmp, 'v2', 'secretapp.py'), 'w') as f:
+            f.write(V3)
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+
+        @implementer(IKeyHolder)
+        class Holder:
+            key = self.kek
+            previous_keys = ()
+        self.holder = Holder()
+        zope.component.provideUtility(self.holder, IKeyHolder)
+        zope.component.provideUtility(self.facility, IEncryptionService)
+
+    def _run(self, mode, **kw):
+        # the default encrypting classes: EncryptedPersistent
+        from zodbkmi.migrate import Migration
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import ObjectTransformer
+        db = self._db()
+        try:
+            return Migration(db.storage, ObjectTransformer(
+                db, MigrationKeys(self.facility, self.kek), **kw), mode,
+                chunk_size=64).run()
+        finally:
+            db.close()
+
+    def test_encrypt_rekey_decrypt(self):
+        self._phase('v2')
+        report = self._run('encrypt')
+        self.assertEqual(report.rewritten, self.count)
+        self.assertEqual(report.failed, 0)
+        self._check()
+        with open(os.path.join(self.tmp, 'Data.fs'), 'rb') as f:
+            data = f.read()
+        scan = self._run('scan')
+        self.assertEqual(scan.kinds['encrypted'], self.count)
+        self.assertEqual(scan.failed, 0)
+        self.assertEqual(self._run('encrypt').rewritten, 0)
+        # the plaintext is only in the old revisions (until a pack)
+        self.assertEqual(data.count(b'secret text 199'), 1)
+        # DEK rotation and rekey
+        new_dek = self.facility.rotate(self.kek)
+        self.assertEqual(self._run('rekey').rewritten, self.count)
+        self.assertEqual(self._run('scan').by_dek, {new_dek: self.count})
+        self._check()
+        # leaving zodbkmi: Secret is a plain Persistent again
+        self._phase('v1')
+        report = self._run('decrypt')
+        self.assertEqual(report.rewritten, self.count)
+        self.assertEqual(report.failed, 0)
+        self._check()
+        self.assertEqual(self._run('scan').kinds['encrypted'], 0)
+
+    def test_rekey_to_another_kek(self):
+        from zodbkmi.kek import AESKeyEncryptingKey
+        from zodbkmi.migrate import MigrationKeys
+        self._phase('v2')
+        self._run('encrypt')
+        new = AESKeyEncryptingKey.generate()
+        self.holder.key = new               # the application's new key
+        self.holder.previous_keys = (self.kek,)
+        from zodbkmi.migrate import Migration
+        from zodbkmi.migrate import ObjectTransformer
+        db = self._db()
+        try:
+            report = Migration(db.storage, ObjectTransformer(
+                db, MigrationKeys(self.facility, new, [self.kek])),
+                'rekey').run()
+        finally:
+            db.close()
+        self.assertEqual(report.rewritten, self.count)
+        self.holder.previous_keys = ()      # the old key is gone
+        self._check()
+
+    def test_scan_reports_tampered_states(self):
+        import ZODB.FileStorage
+        from ZODB.Connection import TransactionMetaData
+        self._phase('v2')
+        self._run('encrypt')
+        fs = ZODB.FileStorage.FileStorage(os.path.join(self.tmp,
+                                                       'Data.fs'))
+        try:
+            oid = b'\0' * 7 + b'\x01'
+            data, tid = fs.load(oid)
+            at = data.index(b'.zk') + 40          # inside the ciphertext
+            bad = data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+            txn = TransactionMetaData()
+            fs.tpc_begin(txn)
+            fs.store(oid, tid, bad, '', txn)
+            fs.tpc_vote(txn)
+            fs.tpc_finish(txn)
+        finally:
+            fs.close()
+        report = self._run('scan')
+        self.assertEqual(report.failed, 1)
+        self.assertEqual(report.failed_oids[0][0], '0x01')
+        # and rekey leaves it alone, reported
+        self.facility.rotate(self.kek)
+        report = self._run('rekey')
+        self.assertEqual(report.failed, 1)
+        self.assertEqual(report.rewritten, self.count - 1)
+
+    test_encrypt_refused_while_the_class_does_not_encrypt = None

@@ -526,14 +526,49 @@ def peek_state(record):
     return unpickler.load()
 
 
-def _default_state_codec():
-    """The (classify, decrypt) functions of zodbkmi's own encrypted object
-    states, from :mod:`zodbkmi.persistent` when it provides them."""
-    try:
-        from zodbkmi import persistent as zpersistent
-    except ImportError:
-        return None
-    return getattr(zpersistent, 'state_codec', None)
+class PersistentStateCodec:
+    """Reads the states that ``zodbkmi.persistent.EncryptedPersistent``
+    writes (``envelope`` or ``(envelope, ref_1, ..., ref_n)``), for
+    ``decrypt`` and ``scan`` at the object level.
+
+    The keys are those of ``keys`` (:class:`MigrationKeys`) when it can
+    decrypt, else the registered ``IKeyHolder`` and
+    ``IEncryptionService`` utilities.
+    """
+
+    def __init__(self, keys=None):
+        self.keys = keys
+
+    def classify(self, state):
+        return None, None     # the envelope says it all: see _state_kind
+
+    def _service_and_keys(self):
+        keys = self.keys
+        if keys is not None and keys.service is not None and \
+                keys.can_decrypt:
+            return keys.service, keys.decrypt_keys
+        import zope.component
+        from zodbkmi.interfaces import IEncryptionService
+        from zodbkmi.interfaces import IKeyHolder
+        holder = zope.component.getUtility(IKeyHolder)
+        previous = tuple(getattr(holder, 'previous_keys', None) or ())
+        return (zope.component.getUtility(IEncryptionService),
+                (holder.key,) + previous if previous else holder.key)
+
+    def decrypt(self, state):
+        from zodbkmi.persistent import _unpickle_state
+        if type(state) is bytes:
+            sealed, refs = state, ()
+        else:
+            sealed, refs = state[0], state[1:]
+        service, keys = self._service_and_keys()
+        return _unpickle_state(service.decrypt(keys, sealed), refs)
+
+    def verify(self, state):
+        """Check that the state authenticates (nothing is unpickled)."""
+        sealed = state if type(state) is bytes else state[0]
+        service, keys = self._service_and_keys()
+        service.decrypt(keys, sealed)
 
 
 def _envelope_dek_id(state):
@@ -581,7 +616,8 @@ class ObjectTransformer:
             except ImportError:
                 encrypting = ()
         self.encrypting = tuple(encrypting)
-        self.codec = codec if codec is not None else _default_state_codec()
+        self.codec = codec if codec is not None else PersistentStateCodec(
+            self.keys)
         self._class_encrypts = {}
 
     # -- classification ---------------------------------------------------
