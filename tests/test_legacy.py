@@ -370,3 +370,50 @@ class KeasObjectImportTests(_KeasTest, unittest.TestCase):
         self.assertEqual(again.kinds['encrypted'], n)
         self.assertEqual(again.rewritten, 0)
         self._check(db)
+
+    def test_encrypt_imports_into_encrypted_persistent(self):
+        # keas.kmi users switch Secret to zodbkmi's EncryptedPersistent
+        # and run: zodbkmi migrate encrypt --level object --keas-kek ...
+        from zodbkmi.cli import main
+        with open(self.path('keasdata.py'), 'w') as f:
+            f.write(SECRET_MODULE.replace(
+                'from keas.kmi.persistent import EncryptedPersistent',
+                'from zodbkmi.persistent import EncryptedPersistent'))
+        sys.modules.pop('keasdata', None)
+        environ = dict(os.environ)
+        self.addCleanup(lambda: (os.environ.clear(),
+                                 os.environ.update(environ)))
+        key = base64.b64encode(os.urandom(32)).decode()
+        os.environ.update(ENCRYPTION_ALGORITHM='aes256-gcm',
+                          NEW_ENCRYPTION_KEY=key, OLD_ENCRYPTION_KEY='')
+        import zope.component.testing
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        n = len(KeasLayer.expected['secrets'])
+        out, err = io.StringIO(), io.StringIO()
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            code = main(['migrate', 'encrypt', self.path('keas.fs'),
+                         '--level', 'object', '--python-path', self.tmp,
+                         '--key-dir', self.path('keys'),
+                         '--keas-kek', self.path('kek.pem'),
+                         '--keas-dek-dir', self.path('keas-keys')])
+            self.assertEqual(code, 0, err.getvalue())
+            self.assertIn('legacy     %d' % n, out.getvalue())
+            self.assertIn('rewritten %d' % n, out.getvalue())
+            # again: everything is under zodbkmi's key now
+            out.truncate(0)
+            code = main(['migrate', 'scan', self.path('keas.fs'),
+                         '--level', 'object', '--python-path', self.tmp,
+                         '--key-dir', self.path('keys')])
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertIn('encrypted  %d' % n, out.getvalue())
+        self.assertIn('legacy     0', out.getvalue())
+        # the application reads them with its key holder
+        import keasdata
+        from zodbkmi.persistent import EncryptedPersistent
+        self.assertTrue(issubclass(keasdata.Secret, EncryptedPersistent))
+        self._check(self._open())
