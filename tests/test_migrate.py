@@ -1118,3 +1118,26 @@ class ConfiguredStorageTests(_TempDir, unittest.TestCase):
         values = self._read_all(uri % 'strict')
         self.assertEqual(values[0], {'n': 0, 'text': 'secret 0'})
         del zodburi
+
+
+class CommandWithoutKeysTests(_TempDir, unittest.TestCase):
+
+    def test_encrypt_wo_any_key(self):
+        self.original = make_database(self.path('Data.fs'), 5)
+        from zodbkmi.cli import main
+        environ = dict(os.environ)
+        for name in ('ENCRYPTION_ALGORITHM', 'OLD_ENCRYPTION_KEY',
+                     'NEW_ENCRYPTION_KEY'):
+            os.environ.pop(name, None)
+        err = io.StringIO()
+        stderr, sys.stderr = sys.stderr, err
+        try:
+            code = main(['migrate', 'encrypt', self.path('Data.fs')])
+        finally:
+            sys.stderr = stderr
+            os.environ.update(environ)
+        self.assertEqual(code, 2)
+        self.assertEqual(err.getvalue().count('\n'), 1)
+        self.assertIn('encrypt needs keys', err.getvalue())
+        self.assertEqual(current_records(self.path('Data.fs')),
+                         self.original)

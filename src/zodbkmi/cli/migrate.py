@@ -11,13 +11,13 @@ DESCRIPTION = """\
 Migrate a whole database, chunk by chunk, each chunk one transaction.
 Killed at any moment, nothing is lost; run the same command again to finish.
 
-Keys: --key-settings (JSON encryption settings), or --key-file (the KEK
-that encrypts) and --old-key-file (KEKs that may decrypt), with their data
-keys in --key-dir; or the keys of an encrypting storage in the ZConfig file
-or zodburi URI; or the environment: ENCRYPTION_ALGORITHM (mandatory, aes256-gcm),
-NEW_ENCRYPTION_KEY and OLD_ENCRYPTION_KEY (base64 of 32 bytes, may be
-empty). encrypt needs only the new key, rekey and rotate-kek both, decrypt
-only the old one.
+Keys, from the first that is given: --key-settings (JSON encryption
+settings); --key-file (the KEK that encrypts) and --old-key-file (KEKs that
+may decrypt); the environment: ENCRYPTION_ALGORITHM (mandatory,
+aes256-gcm), NEW_ENCRYPTION_KEY and OLD_ENCRYPTION_KEY (base64 of 32 bytes,
+may be empty; encrypt needs only the new key, rekey and rotate-kek both,
+decrypt only the old one); the key settings of an encrypting storage in the
+ZConfig file or zodburi URI.  Data keys live in --key-dir.
 """
 
 
@@ -193,15 +193,24 @@ def run(args, stdout=None, stderr=None):
     for path in reversed(args.python_path):
         sys.path.insert(0, os.path.abspath(path))
     writes = args.mode != migrate.SCAN and not args.dry_run
-    if writes:
-        print(migrate.BACKUP_WARNING, file=stderr)
-    if args.new_dek and writes and args.mode == migrate.REKEY:
-        dek_id = facility.rotate(new)
-        print('rekey: new data key %s for KEK %s' % (dek_id, new.key_id),
-              file=stderr)
     storage = open_storage(args.database)
     db = None
     try:
+        wrapped = migrate.unwrap(storage)[1] is not None
+        explicit = new is not None or bool(old)
+        if args.level == 'storage' and not explicit and not wrapped and (
+                args.mode in (migrate.ENCRYPT, migrate.REKEY) or
+                (keas is None and args.mode == migrate.DECRYPT)):
+            raise InvalidKeyError(
+                '%s needs keys: set ENCRYPTION_ALGORITHM and the keys, give '
+                '--key-settings or key files, or a ZConfig file with an '
+                'encrypting storage' % args.mode)
+        if writes:
+            print(migrate.BACKUP_WARNING, file=stderr)
+        if args.new_dek and writes and args.mode == migrate.REKEY:
+            dek_id = facility.rotate(new)
+            print('rekey: new data key %s for KEK %s'
+                  % (dek_id, new.key_id), file=stderr)
         progress = None
         if not args.no_progress:
             progress = migrate.Progress(len(storage), stderr, args.verbose)
@@ -219,16 +228,6 @@ def run(args, stdout=None, stderr=None):
             if keas is not None:
                 from zodbkmi.legacy import EncryptingStorageReader
                 legacy = EncryptingStorageReader(keas)
-            wrapped = migrate.unwrap(storage)[1] is not None
-            explicit = new is not None or bool(old)
-            if not explicit and not wrapped and args.mode in (
-                    migrate.ENCRYPT, migrate.REKEY) or (
-                    not explicit and not wrapped and keas is None and
-                    args.mode == migrate.DECRYPT):
-                raise InvalidKeyError(
-                    '%s needs keys: set ENCRYPTION_ALGORITHM and the '
-                    'keys, give key files, or a ZConfig file with an '
-                    'encrypting storage' % args.mode)
             migration = migrate.storage_migration(
                 storage, args.mode, keys if explicit or not wrapped
                 else None, legacy, chunk_size=args.chunk_size,
