@@ -124,6 +124,16 @@ class RSAKeyEncryptingKeyTests(unittest.TestCase):
             with self.assertRaises(exceptions.InvalidKeyError):
                 self._getTargetClass().from_pem(pem, password)
 
+    def test_pkcs1_pem(self):
+        key = serialization.load_pem_private_key(rsa_pem(), None)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption())
+        self.assertTrue(pem.startswith(b'-----BEGIN RSA PRIVATE KEY-----'))
+        self.assertEqual(self._makeOne(pem).key_id,
+                         vector_key('rsa')['kek_id'])
+
     def test_private_pem_roundtrip(self):
         kek = self._makeOne()
         pem = kek.private_pem()
