@@ -114,8 +114,10 @@ class WriteKeyFileTests(KeyFileTestCase):
 
     def test_invalid_key_writes_nothing(self):
         path = os.path.join(self.tmp, 'kek')
-        with self.assertRaises(exceptions.InvalidKeyError):
-            self._callFUT(path, b'k' * 31)
+        for key in (b'k' * 31, b'-----BEGIN PRIVATE KEY-----\nAAAA\n'
+                    b'-----END PRIVATE KEY-----\n', rsa_pem()[:200]):
+            with self.assertRaises(exceptions.InvalidKeyError):
+                self._callFUT(path, key)
         self.assertEqual(os.listdir(self.tmp), [])
 
     def test_replaces_atomically(self):
