@@ -308,6 +308,18 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         os.utime(b.path, ns=(1, 1))   # make sure the mtime differs
         self.assertEqual(b.ids(), [])
 
+    def test_sees_entry_written_within_the_same_mtime(self):
+        a = self._makeOne()
+        b = self._makeOne()
+        self.assertEqual(b.ids(), [])
+        st = os.stat(b.path)
+        entry = make_entry()
+        a.add(entry)
+        # as if the directory changed within one tick of its clock
+        os.utime(b.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.assertEqual(b.ids(), [])
+        self.assertEqual(b.get(entry.dek_id).dek_id, entry.dek_id)
+
     def test_ignores_other_files(self):
         vault = self._makeOne()
         entry = make_entry()
