@@ -1,4 +1,4 @@
-"""Check zodbkmi's byte formats against the fixed JSON vectors of tests/vectors.
+"""Check the byte formats against the fixed JSON vectors of tests/vectors.
 
 The vectors were generated once by ``tests/vectors/generate.py`` and never
 change: every valid one must still open (and, where its nonce is given, be
