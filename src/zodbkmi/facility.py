@@ -414,6 +414,11 @@ class LocalKeyManagementFacility(EncryptionService):
     def __repr__(self):
         return '<%s %s>' % (type(self).__name__, self.url)
 
+    def close(self):
+        """Close this thread's connection to the server (it is opened
+        again when needed)."""
+        self._transport.close()
+
     # -- HTTP ------------------------------------------------------------
 
     def _request(self, method, path, doc=None, missing_ok=False):

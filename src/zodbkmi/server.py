@@ -341,18 +341,9 @@ def serve(settings, out=sys.stdout, ready=None):
     children = []
     if settings['workers'] > 1:
         children = _fork_workers(settings, server)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-        server.ready = False   # makes serve() return
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        server.serve()
+        _run_until_signal(server)
     finally:
-        server.stop()
         app.audit.close()
         for pid in children:
             try:
@@ -361,6 +352,26 @@ def serve(settings, out=sys.stdout, ready=None):
             except OSError:
                 pass
     return 0
+
+
+def _run_until_signal(server):
+    """Serve in a thread until SIGTERM or SIGINT, then stop gracefully
+    (requests in progress finish; cheroot waits for its workers)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve, name='zodbkmi-serve',
+                              daemon=True)
+    thread.start()
+    while not stop.wait(0.5):
+        if not thread.is_alive():   # pragma: no cover (server died)
+            break
+    server.stop()
+    thread.join(10)
 
 
 def _fork_workers(settings, server):
@@ -375,12 +386,8 @@ def _fork_workers(settings, server):
                 child_settings = dict(settings, port=server.bind_addr[1],
                                       workers=1)
                 child, _, _, app = build(child_settings, open(os.devnull, 'w'))
-                child.reuse_port = True
                 child.prepare()
-                signal.signal(signal.SIGTERM,
-                              lambda s, f: setattr(child, 'ready', False))
-                child.serve()
-                child.stop()
+                _run_until_signal(child)
             finally:
                 os._exit(0)
         children.append(pid)
