@@ -556,6 +556,12 @@ class LocalKeyManagementFacility(EncryptionService):
         except UnknownKeyError:
             return default
 
+    def values(self):
+        return [self[dek_id] for dek_id in self.keys()]
+
+    def items(self):
+        return [(dek_id, self[dek_id]) for dek_id in self.keys()]
+
     def status(self):
         """The server's status: ``{"keys": N, "message": ...}``."""
         return self._request('GET', '/v1/status')
