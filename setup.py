@@ -22,9 +22,14 @@ RELSTORAGE_REQUIRE = [
 VAULT_REQUIRE = ['urllib3 >= 2']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
 
-TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
+SERVER_REQUIRE = [
+    'cheroot >= 10',
+]
+
+TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + SERVER_REQUIRE + [
     'manuel',
     'zope.testing',
+    'schemathesis',
     'Sphinx',
     'atheris',
     'hypothesis',
@@ -69,6 +74,7 @@ setup(
         'test': TESTS_REQUIRE,
         'vault': VAULT_REQUIRE,
         'pkcs11': PKCS11_REQUIRE,
+        'server': SERVER_REQUIRE,
         'docs': ['Sphinx'],
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,

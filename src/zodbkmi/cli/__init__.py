@@ -12,7 +12,7 @@ import sys
 from zodbkmi.exceptions import ZodbKmiError
 
 #: The modules that add subcommands, in the order of ``--help``.
-COMMAND_MODULES = ('migrate',)
+COMMAND_MODULES = ('server', 'keys', 'files', 'migrate')
 
 
 class UsageError(ZodbKmiError):
