@@ -6,6 +6,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import types
 import unittest
 
 import persistent
@@ -690,5 +691,32 @@ class ConvertTests(KeyedTestBase):
                       EncryptedPersistent.__setstate__)
 
 
+DOC_MODULE = 'zodbkmi_docs_persistent'
+
+
+def setUpDocAsModule(test):
+    """Run docs/persistent.rst in a module, so that ZODB can import the
+    classes it defines."""
+    from tests import test_docs
+    test_docs.setUp(test)
+    module = types.ModuleType(DOC_MODULE)
+    module.__dict__.update(test.globs)
+    module.__dict__['__name__'] = DOC_MODULE
+    test.globs = module.__dict__
+    sys.modules[DOC_MODULE] = module
+
+
+def tearDownDocAsModule(test):
+    from tests import test_docs
+    transaction.abort()
+    sys.modules.pop(DOC_MODULE, None)
+    test_docs.tearDown(test)
+
+
 def test_suite():
-    return unittest.defaultTestLoader.loadTestsFromName(__name__)
+    from tests import test_docs
+    suite = unittest.defaultTestLoader.loadTestsFromName(__name__)
+    suite.addTest(test_docs.doc_suite(
+        os.path.join(test_docs.TOP, 'docs', 'persistent.rst'),
+        setUp=setUpDocAsModule, tearDown=tearDownDocAsModule))
+    return suite
