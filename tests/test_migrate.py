@@ -119,7 +119,6 @@ class IterRecordsTests(unittest.TestCase):
         self.assertEqual(self._callFUT(other), records)
 
     def test_storage_wo_record_iternext(self):
-        import transaction
         import ZODB
         from persistent.mapping import PersistentMapping
         from ZODB.MappingStorage import MappingStorage
