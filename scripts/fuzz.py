@@ -7,7 +7,8 @@ Usage::
     python scripts/fuzz.py all -atheris_runs=20000          # every target
 
 Targets: envelope (header parsing and opening), wrapped (wrapped DEK parsing
-and unwrapping), vault (vault entry documents), all.  A target fails (and
+and unwrapping), vault (vault entry documents), stream (stream header
+parsing and chunk opening), all.  A target fails (and
 libFuzzer writes a crash-* file) when a parser returns bytes it should not
 have accepted or raises anything but its documented exceptions.  The test
 suite runs every target briefly (tests/test_fuzz.py); longer runs are for
@@ -20,12 +21,14 @@ import atheris
 with atheris.instrument_imports():
     from zodbkmi import exceptions
     from zodbkmi.format import envelope
+    from zodbkmi.format import stream
     from zodbkmi.format import wrapped
     from zodbkmi.kek import AESKeyEncryptingKey
     from zodbkmi.vault import VaultEntry
 
 DEK_ID = bytes(range(16))
-SEALER = envelope.Sealer(DEK_ID, bytes(range(32, 64)))
+DEK = bytes(range(32, 64))
+SEALER = envelope.Sealer(DEK_ID, DEK)
 KEK = AESKeyEncryptingKey(bytes(32))
 PARSE = (exceptions.UnsupportedFormatError, exceptions.TruncatedDataError)
 
@@ -79,8 +82,50 @@ def fuzz_vault(data):
         return
 
 
+def fuzz_stream(data):
+    import io
+    body = data
+    if body[:1] == b'\x00':
+        # a genuine stream of 64 byte chunks, a window overwritten by the
+        # fuzzer's bytes (second byte: where)
+        sealed = bytearray(stream.encrypt_bytes(
+            DEK_ID, DEK, body[2:200], 64, _salt=bytes(16)))
+        patch = body[200:]
+        if len(body) > 1 and patch:
+            start = body[1] * len(sealed) // 256
+            sealed[start:start + len(patch)] = patch
+        body = bytes(sealed)
+    src = io.BytesIO(body)
+    try:
+        header = stream.read_header(src)
+    except PARSE:
+        return
+    assert header.raw == body[:header.size]
+    if header.wrapped is not None:
+        try:
+            _, dek = wrapped.unwrap(KEK, header.wrapped)
+        except PARSE + (exceptions.AuthenticationError,):
+            return
+    elif header.dek_id == DEK_ID:
+        dek = DEK
+    else:
+        return
+    out = io.BytesIO()
+    try:
+        n = stream.decrypt(src, out, dek, header)
+    except PARSE + (exceptions.AuthenticationError,):
+        # whatever was written is whole chunks of a genuine stream
+        assert len(out.getvalue()) % header.chunk_size == 0
+        return
+    # only a genuine stream opens: encrypting again reproduces it
+    assert n == len(out.getvalue())
+    again = io.BytesIO()
+    stream.encrypt(io.BytesIO(out.getvalue()), again, dek, header)
+    assert again.getvalue() == body
+
+
 TARGETS = {'envelope': fuzz_envelope, 'wrapped': fuzz_wrapped,
-           'vault': fuzz_vault}
+           'vault': fuzz_vault, 'stream': fuzz_stream}
 
 
 def main(argv=None):
