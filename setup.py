@@ -10,7 +10,12 @@ def read(*names):
         return f.read()
 
 
-TESTS_REQUIRE = [
+SERVER_REQUIRE = [
+    'cheroot >= 10',
+]
+
+TESTS_REQUIRE = SERVER_REQUIRE + [
+    'schemathesis',
     'Sphinx',
     'atheris',
     'hypothesis',
@@ -52,6 +57,7 @@ setup(
     ],
     extras_require={
         'test': TESTS_REQUIRE,
+        'server': SERVER_REQUIRE,
         'docs': ['Sphinx'],
     },
     entry_points={
