@@ -156,6 +156,18 @@ class EncryptFileTests(_Base):
         self.assertIn('--key-dir', self.stderr)
 
 
+    def test_reader_going_away_is_not_an_error(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        proc = subprocess.run(
+            '"%s" -m zodbkmi.cli decrypt-file -k kek.key -d keys data.zks'
+            ' | head -c 10 > /dev/null' % sys.executable, shell=True,
+            capture_output=True, timeout=120,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(proc.stderr, b'')
+
+
 class RecipientCommandTests(_Base):
 
     def setUp(self):

@@ -492,11 +492,21 @@ class VectorTests(unittest.TestCase):
             dek_id = bytes.fromhex(v['dek_id'])
             plaintext = bytes.fromhex(v['plaintext'])
             sealed = bytes.fromhex(v['stream'])
-            self.assertEqual(
-                stream.encrypt_bytes(dek_id, dek, plaintext,
-                                     v['chunk_size'],
-                                     _salt=bytes.fromhex(v['salt'])),
-                sealed, v['name'])
+            salt = bytes.fromhex(v['salt'])
+            if 'wrapped' in v:
+                blob = bytes.fromhex(v['wrapped'])
+                header = stream.build_header(wrapped=blob, _salt=salt,
+                                             chunk_size=v['chunk_size'])
+                out = io.BytesIO()
+                stream.encrypt(io.BytesIO(plaintext), out, dek, header)
+                self.assertEqual(out.getvalue(), sealed, v['name'])
+                kek = AESKeyEncryptingKey(bytes.fromhex(v['kek']))
+                self.assertEqual(wrapped.unwrap(kek, blob), (dek_id, dek))
+            else:
+                self.assertEqual(
+                    stream.encrypt_bytes(dek_id, dek, plaintext,
+                                         v['chunk_size'], _salt=salt),
+                    sealed, v['name'])
             self.assertEqual(stream.decrypt_bytes(dek_id, dek, sealed),
                              plaintext, v['name'])
 
