@@ -193,8 +193,8 @@ def main(argv=None):
         small = os.path.join(tmp, 'small')
         make_source(small, 16 * MiB)
         key = ['-k', 'kek.key', '-d', 'keys']
-        for label, path in (('16 MiB', small), ('%d MiB' % args.size_mib,
-                                                 src)):
+        sizes = (('16 MiB', small), ('%d MiB' % args.size_mib, src))
+        for label, path in sizes:
             e = peak_rss(['encrypt-file'] + key + ['-o', 'rss.zks', '-f'],
                          path, tmp)
             d = peak_rss(['decrypt-file'] + key + ['-o', os.devnull],

@@ -155,7 +155,6 @@ class EncryptFileTests(_Base):
                                    'data.zks', '-o', 'plain'), 2)
         self.assertIn('--key-dir', self.stderr)
 
-
     def test_reader_going_away_is_not_an_error(self):
         self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
                   '-o', 'data.zks')

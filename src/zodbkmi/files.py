@@ -247,7 +247,6 @@ def transform(func, source=None, target=None, overwrite=False,
         return result
 
 
-
 def _special(path):
     """Tell whether ``path`` exists and is not a regular file."""
     try:

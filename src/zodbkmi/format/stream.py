@@ -28,6 +28,7 @@ at a time, in memory that does not depend on the size of the input, so
 pipes and sockets work.  This module is pure:
 give it the DEK; it knows nothing of facilities or vaults.
 """
+import io
 import mmap
 import os
 
@@ -174,7 +175,7 @@ def _writer(f):
     return writeall
 
 
-def _read_exact(f, size, what):
+def _read_exact(f, size):
     buf = bytearray(size)
     n = _readinto(f)(buf)
     return bytes(buf[:n])
@@ -183,7 +184,6 @@ def _read_exact(f, size, what):
 def parse_header(data):
     """Parse the header at the start of ``data`` (bytes); see
     :func:`read_header`."""
-    import io
     return read_header(io.BytesIO(data))
 
 
@@ -195,7 +195,7 @@ def read_header(fsrc):
     version, suite, chunk size, key kind, length.  Raises
     :class:`UnsupportedFormatError` or :class:`TruncatedDataError`.
     """
-    fixed = _read_exact(fsrc, FIXED_SIZE, 'header')
+    fixed = _read_exact(fsrc, FIXED_SIZE)
     if fixed[:3] != MAGIC:
         if len(fixed) < 3 and MAGIC.startswith(fixed):
             raise TruncatedDataError(
@@ -222,18 +222,18 @@ def read_header(fsrc):
     chunk_size = 1 << fixed[5]
     salt = fixed[7:23]
     if fixed[6] == KIND_DEK_ID:
-        dek_id = _read_exact(fsrc, DEK_ID_SIZE, 'DEK id')
+        dek_id = _read_exact(fsrc, DEK_ID_SIZE)
         if len(dek_id) < DEK_ID_SIZE:
             raise TruncatedDataError('stream truncated inside its DEK id')
         return StreamHeader(chunk_size, salt, dek_id, None, fixed + dek_id)
-    length = _read_exact(fsrc, 2, 'length')
+    length = _read_exact(fsrc, 2)
     n = int.from_bytes(length, 'big')
     if len(length) < 2:
         raise TruncatedDataError(
             'stream truncated inside its wrapped DEK length')
     if n == 0:
         raise UnsupportedFormatError('stream has an empty wrapped DEK')
-    blob = _read_exact(fsrc, n, 'wrapped DEK')
+    blob = _read_exact(fsrc, n)
     if len(blob) < n:
         raise TruncatedDataError(
             'stream truncated inside its wrapped DEK (%d of %d bytes)'
@@ -445,7 +445,7 @@ def decrypt_range(fsrc, fdst, dek, header, offset, length=None):
     written = 0
     while counter <= last_index and (length is None or written < length):
         fsrc.seek(header.size + counter * size)
-        chunk = _read_exact(fsrc, size, 'chunk')
+        chunk = _read_exact(fsrc, size)
         last = counter == last_index
         if last and len(chunk) < TAG_SIZE:
             raise TruncatedDataError(
@@ -478,7 +478,6 @@ def check_dek_id(header, dek_id):
 def encrypt_bytes(dek_id, dek, data, chunk_size=DEFAULT_CHUNK_SIZE,
                   _salt=None):
     """Return the stream of ``data`` (bytes) under the DEK ``dek_id``."""
-    import io
     out = io.BytesIO()
     encrypt(io.BytesIO(data), out, dek,
             build_header(dek_id, chunk_size=chunk_size, _salt=_salt))
@@ -487,7 +486,6 @@ def encrypt_bytes(dek_id, dek, data, chunk_size=DEFAULT_CHUNK_SIZE,
 
 def decrypt_bytes(dek_id, dek, data):
     """Return the plaintext of the stream ``data`` (bytes)."""
-    import io
     src = io.BytesIO(data)
     header = read_header(src)
     check_dek_id(header, dek_id)
