@@ -19,6 +19,7 @@ TOP = os.path.dirname(HERE)
 
 #: docs/*.rst file name -> the test module that runs it with its own setup.
 OWN_SUITE = {
+    'keysources.rst': 'tests.test_sources',
 }
 
 FLAGS = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -123,8 +123,10 @@ class VaultClient:
     def request(self, method, path, body=None, what=None):
         """Send ``method /v1/<path>``; return the decoded JSON body (or {}).
 
-        Raises KeySourceError for every failure; ``what`` describes the
-        object for the message (default: the path).
+        Raises KeySourceError for every failure (with ``status`` and
+        ``detail``, the server's message, for an HTTP error status);
+        ``what`` describes the object for the message (default: the
+        path).
         """
         where = '%s/v1/%s' % (self.url, path)
         what = what or where
@@ -174,15 +176,6 @@ class VaultClient:
         return 'request failed (%s)' % type(reason).__name__
 
 
-class VaultHTTPError(KeySourceError):
-    """A Vault/OpenBao answer with an error status (``status``)."""
-
-    def __init__(self, message, source, status, detail):
-        super().__init__(message, source)
-        self.status = status
-        self.detail = detail
-
-
 def _http_error(status, detail, what, where):
     if status == 403:
         text = 'permission denied (token invalid, expired or not allowed)'
@@ -198,8 +191,9 @@ def _http_error(status, detail, what, where):
         text = 'request refused'
     if detail and detail.lower() not in text.lower():
         text += ': ' + detail
-    return VaultHTTPError('%s: HTTP %d, %s' % (what, status, text), where,
-                          status, detail)
+    error = KeySourceError('%s: HTTP %d, %s' % (what, status, text), where)
+    error.status, error.detail = status, detail
+    return error
 
 
 def client_from_params(params, environ=None):
@@ -229,12 +223,12 @@ def read_kv_key(client, mount, path, version=None, algorithm='aes256-gcm',
     what = 'vaultKV %s/v1/%s' % (client.url, api)
     try:
         payload = client.request('GET', api, what=what)
-    except VaultHTTPError as e:
-        if e.status == 404 and version is not None:
+    except KeySourceError as e:
+        if getattr(e, 'status', None) == 404 and version is not None:
             raise KeySourceError('%s: HTTP 404, version %d not found '
                                  '(missing, deleted or destroyed)'
                                  % (what, version), e.source) from None
-        if e.status == 404:
+        if getattr(e, 'status', None) == 404:
             raise KeySourceError('%s: HTTP 404, not found (no such secret, '
                                  'or its latest version is deleted or '
                                  'destroyed)' % what, e.source) from None
@@ -342,8 +336,8 @@ class TransitKeyEncryptingKey:
             info = self.client.request(
                 'GET', '%s/keys/%s' % (self.mount, self.name),
                 what=self.source)['data']
-        except VaultHTTPError as e:
-            if e.status in (400, 404):
+        except KeySourceError as e:
+            if getattr(e, 'status', None) in (400, 404):
                 raise KeySourceError('%s: no such Transit key' % self.source,
                                      self.source) from None
             raise
@@ -371,6 +365,8 @@ class TransitKeyEncryptingKey:
         return blob
 
     def _transit_error(self, e):
+        if getattr(e, 'status', None) is None:
+            return e
         detail = e.detail.lower()
         if e.status == 400 and ('not found' in detail
                                 or 'no existing key' in detail):
@@ -398,7 +394,7 @@ class TransitKeyEncryptingKey:
         try:
             data = self._post('decrypt', {'ciphertext': ciphertext,
                                           'context': _b64(aad)})
-        except VaultHTTPError as e:
+        except KeySourceError as e:
             raise self._transit_error(e) from None
         try:
             return base64.b64decode(data['plaintext'], validate=True)
@@ -412,7 +408,7 @@ class TransitKeyEncryptingKey:
         try:
             data = self._post('rewrap', {'ciphertext': blob.decode('ascii'),
                                          'context': _b64(aad)})
-        except VaultHTTPError as e:
+        except KeySourceError as e:
             raise self._transit_error(e) from None
         new = data['ciphertext'].encode('ascii')
         ciphertext_version(new)
