@@ -12,8 +12,12 @@ def read(*names):
 
 VAULT_REQUIRE = ['urllib3 >= 2']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
+SERVER_REQUIRE = [
+    'cheroot >= 10',
+]
 
-TESTS_REQUIRE = [
+TESTS_REQUIRE = SERVER_REQUIRE + [
+    'schemathesis',
     'Sphinx',
     'atheris',
     'hypothesis',
@@ -56,6 +60,7 @@ setup(
     ],
     extras_require={
         'test': TESTS_REQUIRE,
+        'server': SERVER_REQUIRE,
         'vault': VAULT_REQUIRE,
         'pkcs11': PKCS11_REQUIRE,
         'docs': ['Sphinx'],
