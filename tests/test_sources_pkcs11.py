@@ -169,7 +169,7 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
 
 
 VECTORS = os.path.join(os.path.dirname(__file__), 'vectors',
-                       'wrapped_suites_3_4.json')
+                       'wrapped-suites-3-4.json')
 
 
 def load_vectors():
