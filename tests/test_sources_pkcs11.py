@@ -38,7 +38,7 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
 
     def test_key_id_and_repr(self):
         kek = self._makeOne()
-        self.assertEqual(kek.key_id, 'pkcs11:%s/%s' % (TOKEN_LABEL,
+        self.assertEqual(kek.key_id, 'pkcs11:%s:%s' % (TOKEN_LABEL,
                                                         KEY_LABEL))
         self.assertEqual(repr(kek), '<PKCS11KeyEncryptingKey %s>'
                          % kek.key_id)
@@ -201,7 +201,7 @@ class Suite4VectorTests(SoftHSMTestCase):
 
     def _kek(self, vector):
         from zodbkmi.sources.pkcs11 import PKCS11KeyEncryptingKey
-        token, label = vector['kek_id'][len('pkcs11:'):].split('/')
+        token, label = vector['kek_id'][len('pkcs11:'):].split(':')
         self.assertEqual(token, TOKEN_LABEL)
         self._import(vector['kek'], label)
         kek = PKCS11KeyEncryptingKey(LIBRARY, token, label, PIN)

@@ -490,9 +490,12 @@ class WSGITransport:
 
     def request(self, method, path, body=None, headers=None):
         import io
+        from urllib.parse import unquote
         body = body or b''
         environ = {
-            'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
+            # PEP 3333: PATH_INFO is %-decoded, as a real server does.
+            'REQUEST_METHOD': method,
+            'PATH_INFO': unquote(path.split('?')[0], 'latin-1'),
             'QUERY_STRING': '', 'SERVER_NAME': 'localhost',
             'SERVER_PORT': '443', 'SERVER_PROTOCOL': 'HTTP/1.1',
             'REMOTE_ADDR': '127.0.0.1', 'wsgi.url_scheme': 'https',

@@ -8,7 +8,8 @@ naming the URL and path, never the token.
 
 KV v2: the secret holds ``{"key": "<base64>", "algorithm": "aes256-gcm"}``;
 its KV version becomes the key version, in the key id
-(``vaultkv:<mount>/<path>#v<version>``).
+(``vaultkv:<mount>:<path>:v<version>``; key ids travel in URL paths, so
+every "/" is written ":").
 
 Transit (wrapping suite 3): the DEK is sent to Transit's ``encrypt``
 endpoint with the wrapped-DEK header as the key derivation *context*; the
@@ -43,17 +44,25 @@ except ImportError:   # pragma: no cover
 
 _CIPHERTEXT = re.compile(r'vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/=]+\Z')
 _NAME = re.compile(r'[A-Za-z0-9_.\-/]+\Z')
+_LEAF = re.compile(r'[A-Za-z0-9_.\-]+\Z')
 
 
 def _b64(data):
     return base64.b64encode(data).decode('ascii')
 
 
-def _check_name(value, what):
-    if not _NAME.match(value) or '..' in value.split('/'):
-        raise KeySourceError('invalid %s %r (letters, digits, "_.-/")'
-                             % (what, value[:60]))
-    return value.strip('/')
+def _check_name(value, what, slash=True):
+    if (not (_NAME if slash else _LEAF).match(value)
+            or '..' in value.split('/') or '' in value.split('/')):
+        raise KeySourceError('invalid %s %r (letters, digits, "_.-"%s)'
+                             % (what, value[:60],
+                                ' and "/" between them' if slash else ''))
+    return value
+
+
+def _id_part(value):
+    # Key ids travel in URL paths of the key server: no "/" in them.
+    return value.replace('/', ':')
 
 
 def read_token(params, environ=None):
@@ -207,7 +216,8 @@ def client_from_params(params, environ=None):
 # -- KV v2 ---------------------------------------------------------------
 
 def kv_key_id(mount, path, version):
-    return 'vaultkv:%s/%s#v%d' % (mount, path, version)
+    """``vaultkv:<mount>:<path>:v<version>``, every "/" written ":"."""
+    return 'vaultkv:%s:%s:v%d' % (_id_part(mount), _id_part(path), version)
 
 
 def read_kv_key(client, mount, path, version=None, algorithm='aes256-gcm',
@@ -286,7 +296,9 @@ def kv_key(params, algorithm='aes256-gcm', environ=None):
 # -- Transit ---------------------------------------------------------------
 
 def transit_key_id(mount, name):
-    return 'transit:%s/%s' % (mount, name)
+    """``transit:<mount>:<key name>``, every "/" of the mount written
+    ":"."""
+    return 'transit:%s:%s' % (_id_part(mount), name)
 
 
 def ciphertext_version(blob):
@@ -312,7 +324,7 @@ class TransitKeyEncryptingKey:
     def __init__(self, client, name, mount='transit', check=True):
         self.client = client
         self.mount = _check_name(mount, 'Transit mount')
-        self.name = _check_name(name, 'Transit key name')
+        self.name = _check_name(name, 'Transit key name', slash=False)
         self.key_id = transit_key_id(self.mount, self.name)
         self.source = 'vaultTransit %s/v1/%s/keys/%s' % (
             client.url, self.mount, self.name)
@@ -437,7 +449,7 @@ def key_version(data):
     wk = wrapped.parse(data)
     if wk.suite == wrapped.SUITE_VAULT_TRANSIT:
         return ciphertext_version(wk.blob)
-    m = re.search(r'#v([0-9]+)\Z', wk.kek_id)
+    m = re.match(r'vaultkv:.*:v([0-9]+)\Z', wk.kek_id)
     return int(m.group(1)) if m else None
 
 
