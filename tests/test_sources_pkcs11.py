@@ -119,6 +119,11 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
                                     'key no-such-key: no such AES key'):
             self._makeOne(key='no-such-key')
 
+    def test_label_not_fit_for_key_id(self):
+        with self.assertRaisesRegex(KeySourceError, 'labels go into the key '
+                                    'id'):
+            self._makeOne(key='my key/1')
+
     def test_missing_library(self):
         from zodbkmi.sources.pkcs11 import PKCS11KeyEncryptingKey
         with self.assertRaisesRegex(KeySourceError, 'no PKCS#11 library'):

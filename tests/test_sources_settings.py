@@ -156,6 +156,11 @@ class ParseSettingsTests(unittest.TestCase):
                                       'version': 0}},
                           'params.version: must be 1 or more')
 
+    def test_w_key_id_not_url_safe(self):
+        self._assertError({'params': {'source': 'raw', 'key': KEY,
+                                      'keyId': 'a/b'}},
+                          'params.keyId: use 1 to 255 letters')
+
     def test_w_previous_not_list(self):
         self._assertError({'params': {'source': 'env', 'variable': 'K'},
                            'previous': {}}, 'previous: must be a list')

@@ -272,6 +272,16 @@ class TransitTests(_Base):
         with self.assertRaisesRegex(KeySourceError, 'no such Transit key'):
             ghost.unwrap(wk.blob, wk.header)
 
+    def test_key_name_w_slash_refused(self):
+        with self.assertRaisesRegex(KeySourceError, 'invalid Transit key '
+                                    'name'):
+            self._makeOne('a/b', check=False)
+
+    def test_nested_mount_in_key_id(self):
+        from zodbkmi.sources.vault import transit_key_id
+        self.assertEqual(transit_key_id('kms/apps', 'zodb'),
+                         'transit:kms:apps:zodb')
+
     def test_not_derived_refused(self):
         name = self.transit_key(derived=False)
         with self.assertRaisesRegex(KeySourceError, 'derived=true'):
