@@ -11,7 +11,7 @@ def read(*names):
 
 
 SERVER_REQUIRE = [
-    'cheroot >= 10',
+    'granian >= 2.5',
 ]
 
 TESTS_REQUIRE = SERVER_REQUIRE + [

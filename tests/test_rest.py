@@ -221,18 +221,6 @@ class BadInputTests(RestTestBase):
                               token=CLIENT), 403)
         self.assertEqual(self.facility.entry(dek_id).state, 'active')
 
-    def test_unverified_client_certificate_is_not_trusted(self):
-        app = self._makeApp(cert_roles={'ops': 'admin'})
-        env = {'SSL_CLIENT_S_DN_CN': 'ops', 'SSL_CLIENT_VERIFY': 'NONE'}
-        self.assertError(call(app, 'GET', '/v1/status', token=None,
-                              environ=env), 401)
-        env['SSL_CLIENT_VERIFY'] = 'SUCCESS'
-        self.assertEqual(call(app, 'GET', '/v1/status', token=None,
-                              environ=env)[0], 200)
-        env['SSL_CLIENT_S_DN_CN'] = 'stranger'
-        self.assertError(call(app, 'GET', '/v1/status', token=None,
-                              environ=env), 401)
-
     def test_malformed_json(self):
         app = self._makeApp()
         self.assertError(call(app, 'POST', '/v1/keys', b'{"wrapped": '), 400)

@@ -43,7 +43,10 @@ class ServerProcess:
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError('server exited: %s' % self.stderr())
+                err = self.stderr()
+                self.stop()
+                self.cleanup()
+                raise RuntimeError('server exited: %s' % err)
             try:
                 socket.create_connection(('127.0.0.1', self.port), 1).close()
                 break
@@ -159,13 +162,6 @@ class SettingsTests(unittest.TestCase):
         with self.assertRaises(SettingsError):
             self._callFUT(self._write('bad.toml', 'port = ['),
                           environ={})
-
-    def test_cert_roles(self):
-        from zodbkmi.server import SettingsError, parse_cert_roles
-        self.assertEqual(parse_cert_roles('ops=admin, app=client'),
-                         {'ops': 'admin', 'app': 'client'})
-        with self.assertRaises(SettingsError):
-            parse_cert_roles('ops=root')
 
 
 class TLSMaterialTests(unittest.TestCase):

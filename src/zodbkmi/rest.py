@@ -171,18 +171,15 @@ class KeyServerApp:
 
     ``facility`` is a :class:`zodbkmi.facility.KeyManagementFacility` (the
     master); ``tokens`` a :class:`TokenTable`; ``audit`` an
-    :class:`AuditLog`.  Requests carrying a TLS client certificate verified
-    by the server (``SSL_CLIENT_S_DN_CN`` in the environment) are mapped to a
-    role through ``cert_roles`` (common name -> role).
+    :class:`AuditLog`.
     """
 
     def __init__(self, facility, tokens, audit=None,
-                 max_body=DEFAULT_MAX_BODY, cert_roles=None):
+                 max_body=DEFAULT_MAX_BODY):
         self.facility = facility
         self.tokens = tokens
         self.audit = audit or AuditLog()
         self.max_body = max_body
-        self.cert_roles = dict(cert_roles or {})
         self._lock = threading.Lock()
         with open(OPENAPI_PATH, 'rb') as f:
             self._openapi = f.read()
@@ -262,11 +259,6 @@ class KeyServerApp:
             if found is None:
                 raise HTTPError(401, 'invalid credentials',
                                 [('WWW-Authenticate', 'Bearer')])
-        else:
-            cn = environ.get('SSL_CLIENT_S_DN_CN')
-            if cn and environ.get('SSL_CLIENT_VERIFY') == 'SUCCESS' \
-                    and cn in self.cert_roles:
-                found = ('cert:' + cn, self.cert_roles[cn])
         if found is None:
             raise HTTPError(401, 'authentication required',
                             [('WWW-Authenticate', 'Bearer')])
