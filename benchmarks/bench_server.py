@@ -106,14 +106,14 @@ def measure(target, clients, seconds):
             'p99': lat[int(len(lat) * 0.99)] * 1000}
 
 
-def start_zodbkmi(tmp, workers):
+def start_zodbkmi(tmp, workers, extra=()):
     d = os.path.join(tmp, 'zodbkmi')
     os.makedirs(d)
     port = free_port()
     log = open(os.path.join(d, 'log.txt'), 'w')
     proc = subprocess.Popen(
         [sys.executable, '-m', 'zodbkmi.cli', 'serve', '--port', str(port),
-         '--workers', str(workers), '--access-log', 'off'],
+         '--workers', str(workers)] + list(extra),
         cwd=d, stdout=log, stderr=log)
     wait_port(port, proc)
     ca = os.path.join(d, 'var', 'tls', 'cert.pem')
@@ -177,13 +177,17 @@ def main(argv=None):
     parser.add_argument('--clients', default='1,16')
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
                         help='zodbkmi serve --workers (default: cores)')
+    parser.add_argument('--server-arg', action='append', default=[],
+                        help='more zodbkmi serve arguments, e.g. '
+                             '--server-arg=--threads=4')
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(',')]
 
     tmp = tempfile.mkdtemp(prefix='zodbkmi-bench-')
     procs = []
     try:
-        zproc, ztarget = start_zodbkmi(tmp, args.workers)
+        zproc, ztarget = start_zodbkmi(tmp, args.workers,
+                                       args.server_arg)
         procs.append(zproc)
         servers = [('zodbkmi serve (%d workers)' % args.workers, ztarget)]
         try:

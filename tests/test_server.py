@@ -420,3 +420,20 @@ class ServeTests(unittest.TestCase):
         self.assertEqual(proc.stderr, "zodbkmi serve: error: unknown "
                                       "setting 'colour' in c.toml\n")
         self.assertFalse(os.path.exists(os.path.join(tmp, 'var')))
+
+
+def _doc_setUp(test):
+    from tests import test_docs
+    test_docs.setUp(test)
+    os.chdir(ServerLayer.server.dir)
+    test.globs['url'] = ServerLayer.server.url
+
+
+def test_suite():
+    from tests.test_docs import TOP, doc_suite
+    suite = unittest.defaultTestLoader.loadTestsFromName(__name__)
+    docs = doc_suite(os.path.join(TOP, 'docs', 'server.rst'),
+                     setUp=_doc_setUp)
+    docs.layer = ServerLayer
+    suite.addTest(docs)
+    return suite
