@@ -26,6 +26,7 @@ import binascii
 import hashlib
 import hmac
 import json
+from json.encoder import encode_basestring_ascii as _encode_str
 import logging
 import os
 import re
@@ -132,33 +133,48 @@ class TokenTable:
         return found
 
 
+def _json_str(value):
+    return 'null' if value is None else _encode_str(value)
+
+
 class AuditLog:
     """Key operations as JSON lines: time, client, operation, key id,
-    outcome.  Never a token nor key bytes."""
+    outcome.  Never a token nor key bytes.
+
+    Each line is one ``write`` on a file opened with ``O_APPEND``, so
+    several processes can share the file without interleaving lines.
+    """
 
     def __init__(self, stream=None, path=None):
-        self._lock = threading.Lock()
         self._stream = stream
         self.path = path
+        self._fd = None
+        self._second = None
+        self._stamp = None
         if path is not None and stream is None:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._stream = os.fdopen(fd, 'a', buffering=1, encoding='utf-8')
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                               0o600)
 
     def write(self, client, operation, key_id, outcome):
-        if self._stream is None:
-            return
-        line = json.dumps({
-            'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-            'client': client, 'operation': operation, 'key_id': key_id,
-            'outcome': outcome}, sort_keys=True)
-        with self._lock:
-            self._stream.write(line + '\n')
+        now = int(time.time())
+        if now != self._second:
+            self._stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                                        time.gmtime(now))
+            self._second = now
+        line = ('{"time": "%s", "client": %s, "operation": "%s", '
+                '"key_id": %s, "outcome": "%s"}\n' % (
+                    self._stamp, _json_str(client), operation,
+                    _json_str(key_id), outcome))
+        if self._fd is not None:
+            os.write(self._fd, line.encode('utf-8'))
+        elif self._stream is not None:
+            self._stream.write(line)
             self._stream.flush()
 
     def close(self):
-        if self.path is not None and self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _metadata(entry):

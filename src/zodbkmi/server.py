@@ -84,8 +84,8 @@ SETTINGS = (
     Setting('audit_log', str, 'var/audit.log', 'JSON lines audit log ("-": '
             'standard error)'),
     Setting('access_log', _bool, True, 'log one line per request'),
-    Setting('threads', _positive, 16, 'threads running the application, '
-            'per worker process'),
+    Setting('threads', _positive, min(16, 2 * (os.cpu_count() or 1) + 1),
+            'threads running the application, per worker process'),
     Setting('workers', _positive, 1, 'worker processes'),
     Setting('max_body', _positive, 65536, 'largest request body (bytes)'),
 )
