@@ -372,7 +372,13 @@ class OpenAPITests(RestTestBase):
                     # schema-valid upload may be refused with 400
                     excluded = [positive_data_acceptance] \
                         if case.method == 'POST' else []
-                    case.call_and_validate(headers=headers,
+                    response = case.call(headers=headers)
+                    if response.status_code == 413:
+                        # over max_body: a rejection schemathesis does
+                        # not list among the expected ones
+                        self.assertIn('error', response.json())
+                        return
+                    case.validate_response(response, headers=headers,
                                            excluded_checks=excluded)
                 try:
                     run()
