@@ -437,3 +437,101 @@ def test_suite():
     docs.layer = ServerLayer
     suite.addTest(docs)
     return suite
+
+
+def make_ca_and_client(directory, expired=False):
+    """A CA and a client certificate it signed (``expired``: valid
+    yesterday only); return the paths (ca, cert, key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(k):
+        return k.private_bytes(serialization.Encoding.PEM,
+                               serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name('test CA'))
+          .issuer_name(name('test CA')).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=2))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                         critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=True, content_commitment=False,
+              key_encipherment=False, data_encipherment=False,
+              key_agreement=False, key_cert_sign=True, crl_sign=True,
+              encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+              ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    end = now - datetime.timedelta(days=1) if expired else \
+        now + datetime.timedelta(days=1)
+    cert = (x509.CertificateBuilder().subject_name(name('app'))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=2))
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = []
+    for fname, data in (
+            ('ca.pem', ca.public_bytes(serialization.Encoding.PEM)),
+            ('client.pem', cert.public_bytes(serialization.Encoding.PEM)),
+            ('client-key.pem', pem_key(key))):
+        path = os.path.join(directory, fname)
+        with open(path, 'wb') as f:
+            f.write(data)
+        paths.append(path)
+    return paths
+
+
+class MutualTLSTests(unittest.TestCase):
+    """``client_ca``: a client certificate is required on top of tokens."""
+
+    def test_client_certificates(self):
+        from zodbkmi.facility import LocalKeyManagementFacility
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        ca, cert, key = make_ca_and_client(tmp)
+        os.mkdir(os.path.join(tmp, 'expired'))
+        _, old_cert, old_key = make_ca_and_client(
+            os.path.join(tmp, 'expired'), expired=True)
+        os.mkdir(os.path.join(tmp, 'other'))
+        _, other_cert, other_key = make_ca_and_client(
+            os.path.join(tmp, 'other'))
+        server = ServerProcess('--client-ca', ca)
+        self.addCleanup(server.cleanup)
+        self.addCleanup(server.stop)
+
+        def local(**kw):
+            f = LocalKeyManagementFacility(server.url, token=server.client,
+                                           ca_file=server.ca, retries=0,
+                                           **kw)
+            self.addCleanup(f.close)
+            return f
+        self.assertEqual(local(client_cert=cert, client_key=key)
+                         .status()['keys'], 0)
+        for kw in ({}, {'client_cert': old_cert, 'client_key': old_key},
+                   {'client_cert': other_cert, 'client_key': other_key}):
+            with self.assertRaises(exceptions.KeyServerError) as cm:
+                local(**kw).status()
+            self.assertIsNone(cm.exception.status)
+            self.assertIn('TLS refused', str(cm.exception))
+        # the server keeps serving good clients
+        self.assertEqual(local(client_cert=cert, client_key=key)
+                         .status()['keys'], 0)

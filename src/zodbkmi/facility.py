@@ -479,6 +479,11 @@ class LocalKeyManagementFacility(EncryptionService):
                     raise KeyServerError(
                         'key server %s: certificate verification failed '
                         '(%s)' % (self.url, e.verify_message)) from None
+                if isinstance(e, ssl.SSLError) and not isinstance(
+                        e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    raise KeyServerError(
+                        'key server %s: TLS refused (%s)'
+                        % (self.url, e.reason or e.strerror)) from None
                 if attempt == self.retries:
                     raise KeyServerError(
                         'key server %s cannot be reached (%d attempts): %s'
