@@ -271,19 +271,30 @@ class BadInputTests(RestTestBase):
         self.assertError(call(app, 'DELETE', '/v1/keys'), 405)
 
     def test_internal_error_is_a_short_500_without_traceback(self):
+        import logging
         app = self._makeApp()
 
-        def broken():
-            raise RuntimeError('secret detail')
-        self.facility.__len__ = None
-        app.facility = type('Broken', (), {'__len__': lambda s: broken()})()
-        import logging
-        logging.getLogger('zodbkmi.server').disabled = True
-        self.addCleanup(setattr, logging.getLogger('zodbkmi.server'),
-                        'disabled', False)
+        class Broken:
+            def __len__(self):
+                raise RuntimeError('secret detail')
+        app.facility = Broken()
+        log = logging.getLogger('zodbkmi.server')
+        log.disabled = True
+        self.addCleanup(setattr, log, 'disabled', False)
         status, _, body = call(app, 'GET', '/v1/status')
         self.assertEqual((status, json.loads(body)),
                          (500, {'error': 'internal error'}))
+
+    def test_key_store_failure_is_503(self):
+        import logging
+        app = self._makeApp()
+        log = logging.getLogger('zodbkmi.server')
+        log.disabled = True
+        self.addCleanup(setattr, log, 'disabled', False)
+        shutil.rmtree(self.facility.vault.path)
+        status, _, body = call(app, 'GET', '/v1/keys', token=CLIENT)
+        self.assertEqual((status, json.loads(body)),
+                         (503, {'error': 'key store unavailable'}))
 
 
 class TokenTableTests(unittest.TestCase):

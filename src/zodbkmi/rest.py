@@ -208,6 +208,12 @@ class KeyServerApp:
         except HTTPError as e:
             status, headers = e.status, e.headers
             body = json.dumps({'error': e.message}).encode('utf-8')
+        except KeyStoreError as e:   # the key directory, not the request
+            logger.error('key store error on %s %s: %s',
+                         environ.get('REQUEST_METHOD'),
+                         environ.get('PATH_INFO'), e)
+            status, headers = 503, []
+            body = b'{"error": "key store unavailable"}'
         except Exception:   # never a traceback to the client
             logger.exception('internal error on %s %s',
                              environ.get('REQUEST_METHOD'),
