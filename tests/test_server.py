@@ -500,6 +500,24 @@ def make_ca_and_client(directory, expired=False):
     return paths
 
 
+class BusyPortTests(unittest.TestCase):
+
+    def test_port_in_use_is_one_line_error(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        with socket.socket() as busy:
+            busy.bind(('127.0.0.1', 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            proc = subprocess.run(ZODBKMI + ['serve', '--port', str(port)],
+                                  cwd=tmp, capture_output=True, text=True,
+                                  timeout=60)
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(proc.stderr, 'zodbkmi serve: error: cannot listen '
+                                      'on 127.0.0.1 port %d: Address already '
+                                      'in use\n' % port)
+
+
 class MutualTLSTests(unittest.TestCase):
     """``client_ca``: a client certificate is required on top of tokens."""
 

@@ -291,6 +291,21 @@ def prepare(settings, out=sys.stdout):
     return 'https', cert, key
 
 
+def check_address(host, port):
+    """Raise SettingsError, in one line, if ``host:port`` cannot be
+    listened on (granian would fail with a Rust backtrace)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        raise SettingsError('cannot listen on %s port %d: %s'
+                            % (host, port, e.strerror or e)) from None
+
+
 def serve(settings, out=sys.stdout):
     """Run the key server until SIGTERM or SIGINT; return the exit code.
 
@@ -307,6 +322,7 @@ def serve(settings, out=sys.stdout):
     app = make_app(settings)   # check that the worker will start
     app.audit.close()
     host, port = settings['host'], settings['port']
+    check_address(host, port)
     shown = '[%s]' % host if ':' in host else host
     print('zodbkmi key server listening on %s://%s:%d/v1/'
           % (scheme, shown, port), file=out)
