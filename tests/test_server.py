@@ -408,6 +408,21 @@ class ServeTests(unittest.TestCase):
             server.cleanup()
         self.assertEqual(rc, 0)
 
+    def test_insecure_http_only_when_asked(self):
+        from zodbkmi.facility import LocalKeyManagementFacility
+        server = ServerProcess(env={'ZODBKMI_INSECURE_HTTP': 'yes'})
+        try:
+            self.assertIn('WARNING: plain HTTP, for development only',
+                          server.stdout())
+            self.assertFalse(os.path.exists(server.ca))
+            local = LocalKeyManagementFacility(
+                'http://127.0.0.1:%d' % server.port, token=server.client)
+            self.addCleanup(local.close)
+            self.assertEqual(local.status()['keys'], 0)
+        finally:
+            server.stop()
+            server.cleanup()
+
     def test_unknown_setting_is_one_line_error(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
