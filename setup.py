@@ -13,7 +13,7 @@ def read(*names):
 VAULT_REQUIRE = ['urllib3 >= 2']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
 SERVER_REQUIRE = [
-    'cheroot >= 10',
+    'granian >= 2.5',
 ]
 
 TESTS_REQUIRE = SERVER_REQUIRE + [
