@@ -34,3 +34,6 @@ class FuzzTests(unittest.TestCase):
 
     def test_fuzz_stream(self):
         self._fuzz('stream')
+
+    def test_fuzz_rest(self):
+        self._fuzz('rest')
