@@ -13,7 +13,8 @@ the page cache after the first round):
 - ``encrypt_file -> /dev/null`` and ``decrypt_file -> /dev/null``:
   ``facility.encrypt_file`` / ``decrypt_file`` (64 KiB chunks, and 1 MiB
   chunks for comparison);
-- file to file: ``encrypt_file`` and ``decrypt_file`` writing a new file,
+- file to file: ``encrypt_file`` and ``decrypt_file`` writing a new file
+  (both files unbuffered, as ``zodbkmi encrypt-file`` opens them),
   next to a plain copy of the same file made in Python (``readinto`` and
   ``write`` of 64 KiB, a preallocated buffer) and by the kernel
   (``shutil.copyfile``: ``copy_file_range`` / ``sendfile``, no copy
@@ -135,11 +136,13 @@ def main(argv=None):
             shutil.copyfile(src, out)
 
         def enc_file():
-            with open(src, 'rb') as f, open(out, 'wb') as g:
+            with open(src, 'rb', buffering=0) as f, \
+                    open(out, 'wb', buffering=0) as g:
                 facility.encrypt_file(kek, f, g)
 
         def dec_file():
-            with open(enc64, 'rb') as f, open(out, 'wb') as g:
+            with open(enc64, 'rb', buffering=0) as f, \
+                    open(out, 'wb', buffering=0) as g:
                 facility.decrypt_file(kek, f, g)
 
         variants = [
