@@ -69,7 +69,7 @@ PASS_THROUGH = frozenset((
     'supportsUndo', 'undoLog', 'undoInfo', 'checkCurrentSerialInTransaction',
     'deleteObject', 'prefetch', 'temporaryDirectory', 'release',
     'poll_invalidations', 'sync', 'afterCompletion', 'loadBlob',
-    'openCommittedBlobFile', 'undo',
+    'openCommittedBlobFile',
 ))
 
 
@@ -191,6 +191,7 @@ class EncryptingStorage:
         for nonce in self._txn_nonces.pop(transaction, ()):
             self._pending.pop(nonce, None)
         self._local.oid = None
+        self._local.candidates = ()
 
     # -- IStorage: reading -----------------------------------------------
 
@@ -216,9 +217,55 @@ class EncryptingStorage:
                                version, transaction)
 
     def restore(self, oid, serial, data, version, prev_txn, transaction):
-        return self.base.restore(oid, serial,
-                                 self._sealed(data, oid, transaction),
-                                 version, prev_txn, transaction)
+        sealed = self._same_as_before(oid, data, prev_txn)
+        if sealed is None:
+            sealed = self._sealed(data, oid, transaction)
+        return self.base.restore(oid, serial, sealed, version, prev_txn,
+                                 transaction)
+
+    def _same_as_before(self, oid, data, prev_txn):
+        # restore() with prev_txn lets a storage write a backpointer when
+        # the data equals the record of prev_txn: reuse that record (same
+        # oid, so the binding holds) rather than sealing a fresh copy.
+        if not prev_txn or not data:
+            return None
+        try:
+            old = self.base.loadSerial(oid, prev_txn)
+            if self.unseal(old, oid) == data:
+                return old
+        except Exception:
+            pass
+        return None
+
+    def undo(self, transaction_id, transaction):
+        """Undo in the base storage; the records it must read (conflict
+        resolution, blob records) are opened with the oids of the undone
+        transaction."""
+        self._local.candidates = self._undone_oids(transaction_id)
+        try:
+            return self.base.undo(transaction_id, transaction)
+        finally:
+            self._local.candidates = ()
+
+    def _undone_oids(self, transaction_id):
+        import base64
+        try:
+            tid = base64.decodebytes(transaction_id + b'\n')
+        except Exception:
+            return ()
+        if len(tid) != 8:
+            tid = transaction_id
+        oids = []
+        try:
+            it = self.base.iterator(tid, tid)
+        except Exception:
+            return ()
+        try:
+            for txn in it:
+                oids.extend(r.oid for r in txn)
+        finally:
+            getattr(it, 'close', lambda: None)()
+        return tuple(oids)
 
     def storeBlob(self, oid, oldserial, data, blobfilename, version,
                   transaction):
@@ -374,8 +421,28 @@ class EncryptingStorage:
     def untransform_record_data(self, data, oid=None):
         """Open ``data``, then apply the transforms of the wrappers above."""
         if oid is None:
+            candidates = getattr(self._local, 'candidates', ())
+            if candidates and data and data[:_MAGIC_SIZE] == _MAGIC:
+                return self._db_untransform(
+                    self._unseal_candidates(data, candidates))
             oid = self._oid_for(data)
         return self._db_untransform(self.unseal(data, oid))
+
+    def _unseal_candidates(self, data, candidates):
+        nonce = bytes(data[_NONCE])
+        first = self._pending.get(nonce)
+        if first is not None:
+            candidates = (first,) + tuple(candidates)
+        error = None
+        for oid in candidates:
+            try:
+                plain = self.unseal(data, oid)
+            except (DecryptionError, UnknownKeyError) as e:
+                error = error or e
+                continue
+            self._local.oid = oid
+            return plain
+        raise error
 
     # -- IMVCCStorage ----------------------------------------------------
 
