@@ -166,6 +166,8 @@ class EncryptingStorage:
         """
         if not data:
             return data   # deletion or undone creation: no state
+        if type(data) is not bytes:
+            data = bytes(data)   # RelStorage hands out memoryviews
         if data[:_MAGIC_SIZE] == _MAGIC:
             try:
                 return self._unseal(self._decrypt_keys, data, oid)
@@ -420,6 +422,8 @@ class EncryptingStorage:
 
     def untransform_record_data(self, data, oid=None):
         """Open ``data``, then apply the transforms of the wrappers above."""
+        if data and type(data) is not bytes:
+            data = bytes(data)
         if oid is None:
             candidates = getattr(self._local, 'candidates', ())
             if candidates and data and data[:_MAGIC_SIZE] == _MAGIC:
