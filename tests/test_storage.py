@@ -444,3 +444,42 @@ class ConfigTests(_TempDir, unittest.TestCase):
         import zodburi
         with self.assertRaises(ValueError):
             zodburi.resolve_uri('zodbkmi+memory://?key_file=kek')
+
+
+class ZEODeploymentTests(_TempDir, unittest.TestCase):
+    """Clients encrypt; the ZEO server (no keys) stores ciphertext."""
+
+    def test_server_files_hold_no_plaintext(self):
+        import ZEO
+        from zodbkmi.testing import KeyEncryptingKey
+        from zodbkmi.storage import EncryptingStorage
+        addr, stop = ZEO.server(path=os.path.join(self.tmp, 'Data.fs'),
+                                blob_dir=os.path.join(self.tmp, 'blobs'),
+                                threaded=False)
+        try:
+            def client():
+                return EncryptingStorage(
+                    ZEO.client(addr, wait_timeout=10,
+                               blob_dir=os.path.join(self.tmp, 'cache')),
+                    self.facility, KeyEncryptingKey)
+            db = ZODB.DB(client())
+            with db.transaction() as conn:
+                conn.root()['secret'] = SECRET
+                conn.root()['child'] = PersistentMapping(value=SECRET)
+            db.close()
+            db = ZODB.DB(client())
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['child']['value'], SECRET)
+            db.close()
+        finally:
+            stop()
+        raw = b''
+        for dirpath, _, files in os.walk(self.tmp):
+            if 'keys' in dirpath.split(os.sep):
+                continue
+            for name in files:
+                with open(os.path.join(dirpath, name), 'rb') as f:
+                    raw += f.read()
+        self.assertIn(b'.zk', raw)
+        self.assertNotIn(SECRET.encode(), raw)
+        self.assertNotIn(b'PersistentMapping', raw)
