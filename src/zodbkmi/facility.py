@@ -23,6 +23,7 @@ from zodbkmi.exceptions import KeyStateError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import WrongKeyError
 from zodbkmi.format import envelope
+from zodbkmi.format import stream
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IExtendedKeyManagementFacility
 from zodbkmi.kek import RSA_DEFAULT_BITS
@@ -208,6 +209,38 @@ class EncryptionService:
         """Return the DEK id (hex) named by the envelope ``data``."""
         context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
         return envelope.read_dek_id(data, context).hex()
+
+    def encrypt_file(self, key, fsrc, fdst, chunk_size=None):
+        """Encrypt the binary file object ``fsrc`` (read to its end) into
+        ``fdst`` as a stream (see ``docs/format.rst``) under the active DEK
+        of ``key``; one pass, constant memory.  Return the number of
+        plaintext bytes.  A file counts as one use of the DEK.
+        """
+        entry = self._encryption_entry(key)
+        entry.count_use()
+        header = stream.build_header(
+            entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
+        return stream.encrypt(fsrc, fdst, entry._dek, header)
+
+    def decrypt_file(self, key, fsrc, fdst):
+        """Decrypt the stream ``fsrc`` into ``fdst``; return the number of
+        plaintext bytes.  A self-contained stream (its wrapped DEK embedded)
+        opens with the KEK that wrapped it.  See
+        :func:`zodbkmi.format.stream.decrypt` for the errors and for what
+        was written when one is raised.
+        """
+        header = stream.read_header(fsrc)
+        if header.wrapped is not None:
+            kek_id = wrapped.parse(header.wrapped).kek_id
+            kek = self._keks(key).get(kek_id)
+            if kek is None:
+                raise WrongKeyError(
+                    'stream DEK %s is wrapped by KEK %s, which was not given'
+                    % (header.dek_id.hex(), kek_id))
+            _, dek = wrapped.unwrap(kek, header.wrapped)
+        else:
+            dek = self._decryption_entry(key, header.dek_id)._dek
+        return stream.decrypt(fsrc, fdst, dek, header)
 
 
 @implementer(IExtendedKeyManagementFacility)

@@ -1,0 +1,164 @@
+"""``zodbkmi encrypt-file``, ``decrypt-file`` and ``public-key``.
+
+Streams from a path or standard input to a path or standard output, so a
+backup can be encrypted while it is written::
+
+    repozo -B -F -r /backup -f Data.fs ... ; tar cf - /backup \\
+        | zodbkmi encrypt-file --recipient backup.pub -o backup.tar.zks
+"""
+import os
+import sys
+
+from zodbkmi import files
+from zodbkmi.cli import UsageError
+from zodbkmi.format import stream
+from zodbkmi.keyholder import read_key_file
+from zodbkmi.vault import write_atomic
+
+
+def _chunk_size(text):
+    value = int(text, 0)
+    stream._exponent(value)      # validates; ValueError -> argparse error
+    return value
+
+
+def _common(parser):
+    parser.add_argument(
+        'input', nargs='?', default='-', metavar='INPUT',
+        help='file to read (default or "-": standard input)')
+    parser.add_argument(
+        '-o', '--output', default='-', metavar='OUTPUT',
+        help='file to write, atomically: it appears only when complete '
+             '(default or "-": standard output)')
+    parser.add_argument(
+        '-f', '--force', action='store_true',
+        help='overwrite OUTPUT if it exists')
+    parser.add_argument(
+        '-k', '--key-file', '--identity', dest='key_file', metavar='KEK',
+        help='the key encrypting key: a file holding the PEM of an RSA '
+             'private key or a base64 AES-256 key, mode 0600')
+    parser.add_argument(
+        '-d', '--key-dir', metavar='DIR',
+        help='the key vault directory of the master facility (the DEKs '
+             'wrapped by KEK)')
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        '--progress', action='store_true', default=None,
+        help='show progress on standard error (default: when INPUT is a '
+             'file and standard error a terminal)')
+    group.add_argument('--no-progress', dest='progress',
+                       action='store_false')
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        'encrypt-file', help='encrypt a file or a pipe (stream format)',
+        description='Encrypt INPUT into OUTPUT in one pass, in constant '
+                    'memory: under the active DEK of KEK in the vault DIR '
+                    '(--key-file and --key-dir), or for the holder of a '
+                    'private key (--recipient).')
+    _common(p)
+    p.add_argument(
+        '-r', '--recipient', metavar='PUBKEY',
+        help='encrypt for the holder of the private key of this RSA public '
+             'key (PEM; see "zodbkmi public-key"): the output is '
+             'self-contained and this machine cannot read it')
+    p.add_argument(
+        '--chunk-size', type=_chunk_size,
+        default=stream.DEFAULT_CHUNK_SIZE, metavar='BYTES',
+        help='plaintext bytes per chunk, a power of two from 64 to 16 MiB '
+             '(default: 65536)')
+    p.set_defaults(func=encrypt_file)
+
+    p = subparsers.add_parser(
+        'decrypt-file', help='decrypt a file or a pipe (stream format)',
+        description='Decrypt INPUT into OUTPUT in one pass.  A stream that '
+                    'names its DEK needs --key-file and --key-dir; a '
+                    'self-contained one (encrypt-file --recipient) needs '
+                    'the private key only (--identity).  Nothing is written '
+                    'before it authenticated; OUTPUT appears only when the '
+                    'whole stream authenticated.')
+    _common(p)
+    p.set_defaults(func=decrypt_file)
+
+    p = subparsers.add_parser(
+        'public-key', help='print the public key of an RSA KEK',
+        description='Write the PEM of the public half of the RSA key '
+                    'encrypting key in KEK, for encrypt-file --recipient.')
+    p.add_argument('key_file', metavar='KEK')
+    p.add_argument('-o', '--output', default='-', metavar='OUTPUT',
+                   help='file to write (default: standard output)')
+    p.set_defaults(func=public_key)
+
+
+def _facility(args):
+    from zodbkmi.facility import KeyManagementFacility
+    if not os.path.isdir(args.key_dir):
+        raise UsageError('key vault directory %s does not exist'
+                         % args.key_dir)
+    return KeyManagementFacility(args.key_dir)
+
+
+def _read_public(path):
+    with open(path, 'rb') as f:
+        data = f.read(1 << 20)
+    if b'PRIVATE KEY' in data:
+        data = read_key_file(path)      # checks its mode
+    return files.recipient_kek(data)
+
+
+def _run(func, args):
+    try:
+        files.transform(func, args.input, args.output, args.force,
+                        args.progress)
+    except BrokenPipeError:
+        # the reader of our output went away (``| head``): not our error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return 0
+
+
+def encrypt_file(args):
+    if args.recipient:
+        if args.key_file or args.key_dir:
+            raise UsageError('--recipient excludes --key-file and --key-dir')
+        kek = _read_public(args.recipient)
+
+        def func(fsrc, fdst):
+            return files.encrypt_to_recipient(kek, fsrc, fdst,
+                                              args.chunk_size)
+    else:
+        if not (args.key_file and args.key_dir):
+            raise UsageError('give --recipient, or --key-file and --key-dir')
+        key = read_key_file(args.key_file)
+        facility = _facility(args)
+
+        def func(fsrc, fdst):
+            return facility.encrypt_file(key, fsrc, fdst, args.chunk_size)
+    return _run(func, args)
+
+
+def decrypt_file(args):
+    if not args.key_file:
+        raise UsageError('give --identity (or --key-file), and --key-dir '
+                         'for a stream that names its DEK')
+    key = read_key_file(args.key_file)
+    if args.key_dir:
+        facility = _facility(args)
+
+        def func(fsrc, fdst):
+            return facility.decrypt_file(key, fsrc, fdst)
+    else:
+        def func(fsrc, fdst):
+            return files.decrypt_with_private_key(key, fsrc, fdst)
+    return _run(func, args)
+
+
+def public_key(args):
+    pem = files.public_key_pem(read_key_file(args.key_file))
+    if args.output == '-':
+        sys.stdout.write(pem.decode('ascii'))
+    else:
+        write_atomic(args.output, pem, 0o644)
+    return 0

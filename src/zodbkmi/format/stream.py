@@ -1,0 +1,467 @@
+"""The stream format: files of any size as chunks of AES-256-GCM (STREAM).
+
+Layout, version 1 (all of it specified in ``docs/format.rst``)::
+
+    offset  size  field
+    0       3     magic    b"zks"
+    3       1     version  0x01
+    4       1     suite    0x01 = HKDF-SHA256 payload key, AES-256-GCM chunks
+    5       1     e        chunk size exponent: chunks of 2**e bytes, 6..24
+    6       1     kind     0x01 = DEK named by id, 0x02 = wrapped DEK embedded
+    7       16    salt     random
+    23      16    DEK id                            (kind 0x01)
+    23      2+n   n (big endian) || wrapped DEK     (kind 0x02)
+
+    payload key = HKDF-SHA256(ikm=DEK, salt=salt,
+                              info=b"zodbkmi/stream/v1\\n" || header)
+    chunk i     = AES-256-GCM(payload key,
+                              nonce = i (11 bytes, big endian) || last,
+                              plaintext chunk i, no associated data)
+
+Every chunk but the last holds exactly 2**e plaintext bytes; the last one
+(``last`` = 0x01, 0x00 for the others) holds 0 to 2**e bytes and is empty
+only when the whole plaintext is.  The header is authenticated through the
+payload key: changing any of its bytes changes the key of every chunk.
+
+The functions read and write binary file objects in one pass, in memory
+bounded by three chunks, so pipes and sockets work.  This module is pure:
+give it the DEK; it knows nothing of facilities or vaults.
+"""
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from zodbkmi.exceptions import AuthenticationError
+from zodbkmi.exceptions import InvalidKeyError
+from zodbkmi.exceptions import TruncatedDataError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.exceptions import UnsupportedFormatError
+from zodbkmi.format import wrapped as wrappedmod
+
+MAGIC = b'zks'
+VERSION = 1
+SUITE_HKDF_AES256_GCM = 1
+KIND_DEK_ID = 1
+KIND_WRAPPED = 2
+SALT_SIZE = 16
+DEK_ID_SIZE = 16
+DEK_SIZE = 32
+TAG_SIZE = 16
+NONCE_SIZE = 12
+FIXED_SIZE = 23                     # magic .. salt
+MIN_EXPONENT = 6                    # 64 byte chunks (test vectors)
+MAX_EXPONENT = 24                   # 16 MiB chunks
+DEFAULT_EXPONENT = 16
+DEFAULT_CHUNK_SIZE = 1 << DEFAULT_EXPONENT      # 64 KiB
+MAX_WRAPPED_SIZE = 0xffff
+INFO_LABEL = b'zodbkmi/stream/v1\n'
+
+_LAST = b'\x01'
+_NOT_LAST = b'\x00'
+_MAX_COUNTER = 1 << 88
+
+
+class StreamHeader:
+    """A parsed stream header.
+
+    ``chunk_size``, ``salt``, ``dek_id`` (16 bytes), ``wrapped`` (the
+    embedded wrapped DEK, bytes, or None when the DEK is named by id) and
+    ``raw`` (the header bytes, which the payload key is bound to).
+    """
+
+    __slots__ = ('chunk_size', 'salt', 'dek_id', 'wrapped', 'raw')
+
+    def __init__(self, chunk_size, salt, dek_id, wrapped, raw):
+        self.chunk_size = chunk_size
+        self.salt = salt
+        self.dek_id = dek_id
+        self.wrapped = wrapped
+        self.raw = raw
+
+    @property
+    def size(self):
+        return len(self.raw)
+
+    def __repr__(self):
+        return '<StreamHeader DEK %s, %s, chunks of %d bytes>' % (
+            self.dek_id.hex(),
+            'wrapped DEK embedded' if self.wrapped else 'named by id',
+            self.chunk_size)
+
+
+def _exponent(chunk_size):
+    e = chunk_size.bit_length() - 1
+    if (not isinstance(chunk_size, int) or chunk_size != 1 << e
+            or not MIN_EXPONENT <= e <= MAX_EXPONENT):
+        raise ValueError('the chunk size is a power of two from %d to %d'
+                         % (1 << MIN_EXPONENT, 1 << MAX_EXPONENT))
+    return e
+
+
+def build_header(dek_id=None, wrapped=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                 _salt=None):
+    """Return a new :class:`StreamHeader` with a fresh random salt.
+
+    Give either ``dek_id`` (16 bytes: the reader finds the DEK by id) or
+    ``wrapped`` (a wrapped DEK, :mod:`zodbkmi.format.wrapped`, embedded for
+    a self-contained file).  ``_salt`` is a private seam for the test
+    vectors; never pass it in real code.
+    """
+    e = _exponent(chunk_size)
+    salt = _salt or os.urandom(SALT_SIZE)
+    if len(salt) != SALT_SIZE:
+        raise ValueError('a salt has %d bytes' % SALT_SIZE)
+    fixed = MAGIC + bytes([VERSION, SUITE_HKDF_AES256_GCM, e])
+    if (dek_id is None) == (wrapped is None):
+        raise ValueError('give a DEK id or a wrapped DEK, not both')
+    if wrapped is None:
+        if not isinstance(dek_id, bytes) or len(dek_id) != DEK_ID_SIZE:
+            raise ValueError('a DEK id has %d bytes' % DEK_ID_SIZE)
+        raw = fixed + bytes([KIND_DEK_ID]) + salt + dek_id
+    else:
+        if not 0 < len(wrapped) <= MAX_WRAPPED_SIZE:
+            raise ValueError('a wrapped DEK has 1 to %d bytes'
+                             % MAX_WRAPPED_SIZE)
+        dek_id = wrappedmod.parse(wrapped).dek_id
+        raw = (fixed + bytes([KIND_WRAPPED]) + salt
+               + len(wrapped).to_bytes(2, 'big') + wrapped)
+    return StreamHeader(chunk_size, salt, dek_id, wrapped, raw)
+
+
+def _readinto(f):
+    """A function that fills a buffer from ``f``; short only at the end."""
+    readinto = getattr(f, 'readinto', None)
+    if readinto is None:
+        def readinto(buf):
+            data = f.read(len(buf))
+            buf[:len(data)] = data
+            return len(data)
+
+    def fill(buf):
+        n = readinto(buf)
+        if n is None:
+            raise OSError('non-blocking stream without data')
+        if n == len(buf) or not n:
+            return n
+        view = memoryview(buf)
+        while n < len(buf):
+            k = readinto(view[n:])
+            if k is None:
+                raise OSError('non-blocking stream without data')
+            if not k:
+                break
+            n += k
+        return n
+    return fill
+
+
+def _writer(f):
+    """A function that writes a whole buffer to ``f``."""
+    write = f.write
+
+    def writeall(data):
+        n = write(data)
+        if n is not None and n < len(data):
+            view = memoryview(data)
+            while n < len(data):
+                n += write(view[n:])
+    return writeall
+
+
+def _read_exact(f, size, what):
+    buf = bytearray(size)
+    n = _readinto(f)(buf)
+    return bytes(buf[:n])
+
+
+def parse_header(data):
+    """Parse the header at the start of ``data`` (bytes); see
+    :func:`read_header`."""
+    import io
+    return read_header(io.BytesIO(data))
+
+
+def read_header(fsrc):
+    """Read and validate the stream header at the current position of
+    ``fsrc``; return a :class:`StreamHeader`.
+
+    Reads exactly the header's bytes.  Checks, in this order: magic,
+    version, suite, chunk size, key kind, length.  Raises
+    :class:`UnsupportedFormatError` or :class:`TruncatedDataError`.
+    """
+    fixed = _read_exact(fsrc, FIXED_SIZE, 'header')
+    if fixed[:3] != MAGIC:
+        if len(fixed) < 3 and MAGIC.startswith(fixed):
+            raise TruncatedDataError(
+                'stream truncated inside its magic (%d bytes)' % len(fixed))
+        raise UnsupportedFormatError('not a zodbkmi stream (bad magic)')
+    if len(fixed) < 4:
+        raise TruncatedDataError('stream truncated after its magic')
+    if fixed[3] != VERSION:
+        raise UnsupportedFormatError(
+            'unsupported stream version %d (this zodbkmi reads version %d)'
+            % (fixed[3], VERSION))
+    if len(fixed) > 4 and fixed[4] != SUITE_HKDF_AES256_GCM:
+        raise UnsupportedFormatError(
+            'unsupported stream cipher suite %d' % fixed[4])
+    if len(fixed) > 5 and not MIN_EXPONENT <= fixed[5] <= MAX_EXPONENT:
+        raise UnsupportedFormatError(
+            'unsupported stream chunk size 2**%d' % fixed[5])
+    if len(fixed) > 6 and fixed[6] not in (KIND_DEK_ID, KIND_WRAPPED):
+        raise UnsupportedFormatError(
+            'unknown stream key kind %d' % fixed[6])
+    if len(fixed) < FIXED_SIZE:
+        raise TruncatedDataError(
+            'stream truncated inside its header (%d bytes)' % len(fixed))
+    chunk_size = 1 << fixed[5]
+    salt = fixed[7:23]
+    if fixed[6] == KIND_DEK_ID:
+        dek_id = _read_exact(fsrc, DEK_ID_SIZE, 'DEK id')
+        if len(dek_id) < DEK_ID_SIZE:
+            raise TruncatedDataError('stream truncated inside its DEK id')
+        return StreamHeader(chunk_size, salt, dek_id, None, fixed + dek_id)
+    length = _read_exact(fsrc, 2, 'length')
+    n = int.from_bytes(length, 'big')
+    if len(length) < 2:
+        raise TruncatedDataError(
+            'stream truncated inside its wrapped DEK length')
+    if n == 0:
+        raise UnsupportedFormatError('stream has an empty wrapped DEK')
+    blob = _read_exact(fsrc, n, 'wrapped DEK')
+    if len(blob) < n:
+        raise TruncatedDataError(
+            'stream truncated inside its wrapped DEK (%d of %d bytes)'
+            % (len(blob), n))
+    dek_id = wrappedmod.parse(blob).dek_id
+    return StreamHeader(chunk_size, salt, dek_id, blob, fixed + length + blob)
+
+
+def payload_key(header, dek):
+    """The AES-256-GCM key of the chunks: HKDF-SHA256 of the DEK, salted,
+    bound to the whole header."""
+    if not isinstance(dek, bytes) or len(dek) != DEK_SIZE:
+        raise InvalidKeyError('a data encrypting key has %d bytes' % DEK_SIZE)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=header.salt,
+                info=INFO_LABEL + header.raw).derive(dek)
+
+
+def _nonce(counter, last):
+    if counter >= _MAX_COUNTER:   # pragma: no cover (2**88 chunks)
+        raise OverflowError('stream too long')
+    return counter.to_bytes(11, 'big') + (_LAST if last else _NOT_LAST)
+
+
+def encrypt(fsrc, fdst, dek, header):
+    """Encrypt ``fsrc`` into ``fdst`` under ``dek`` (32 bytes).
+
+    ``header`` comes from :func:`build_header` (it names the DEK and holds
+    a fresh salt: use it once).  Writes the header, then the chunks; reads
+    ``fsrc`` to its end, in one pass.  Return the number of plaintext
+    bytes.
+    """
+    aead = AESGCM(payload_key(header, dek))
+    cs = header.chunk_size
+    fill = _readinto(fsrc)
+    write = _writer(fdst)
+    write(header.raw)
+    cur, nxt = bytearray(cs), bytearray(cs)
+    out = bytearray(cs + TAG_SIZE)
+    outview = memoryview(out)
+    encrypt_into = aead.encrypt_into
+    n = fill(cur)
+    total = 0
+    counter = 0
+    while True:
+        if n < cs:
+            m, last = 0, True
+        else:
+            m = fill(nxt)
+            last = not m
+        nonce = counter.to_bytes(11, 'big') + (_LAST if last else _NOT_LAST)
+        if n == cs:
+            encrypt_into(nonce, cur, None, out)
+            write(out)
+        else:
+            encrypt_into(nonce, memoryview(cur)[:n], None,
+                         outview[:n + TAG_SIZE])
+            write(outview[:n + TAG_SIZE])
+        total += n
+        if last:
+            return total
+        cur, nxt, n = nxt, cur, m
+        counter += 1
+        if counter >= _MAX_COUNTER:   # pragma: no cover (2**88 chunks)
+            raise OverflowError('stream too long')
+
+
+def _fail(aead, header, counter, last, chunk):
+    """Raise the error that explains why chunk ``counter`` did not open."""
+    dek = header.dek_id.hex()
+    try:
+        aead.decrypt(_nonce(counter, not last), bytes(chunk), None)
+    except InvalidTag:
+        pass
+    else:
+        if last:
+            raise TruncatedDataError(
+                'stream under DEK %s truncated: it ends after chunk %d '
+                'without its final chunk' % (dek, counter))
+        raise AuthenticationError(
+            'stream under DEK %s has data after its final chunk %d'
+            % (dek, counter))
+    if counter == 0:
+        raise AuthenticationError(
+            'stream under DEK %s did not authenticate: first chunk (wrong '
+            'key, altered header or data, or truncated)' % dek)
+    raise AuthenticationError(
+        'stream under DEK %s did not authenticate at chunk %d (altered, '
+        'reordered, dropped or duplicated chunks, or truncated)'
+        % (dek, counter))
+
+
+def _empty_last(header, counter):
+    # only an empty plaintext has an empty final chunk
+    raise AuthenticationError(
+        'stream under DEK %s ends with an empty chunk %d after full ones, '
+        'which no writer produces' % (header.dek_id.hex(), counter))
+
+
+def decrypt(fsrc, fdst, dek, header):
+    """Decrypt the chunks that follow ``header`` in ``fsrc`` into ``fdst``.
+
+    ``header`` was read from ``fsrc`` by :func:`read_header`; ``dek`` is the
+    DEK it names.  Each chunk is written only after it authenticated, and
+    the end of the stream is checked (final chunk flag, nothing after it).
+    Return the number of plaintext bytes.
+
+    Raises :class:`AuthenticationError` (wrong key, altered, reordered,
+    dropped or duplicated chunks, data after the final chunk, a stream cut
+    inside a chunk) and :class:`TruncatedDataError` (the stream ends at a
+    chunk boundary before its final chunk, or inside a tag).  The chunks
+    before the one that failed have been written: write to a temporary
+    file and keep it only on success (see :mod:`zodbkmi.files`).
+    """
+    aead = AESGCM(payload_key(header, dek))
+    cs = header.chunk_size
+    size = cs + TAG_SIZE
+    fill = _readinto(fsrc)
+    write = _writer(fdst)
+    cur, nxt = bytearray(size), bytearray(size)
+    out = bytearray(cs)
+    outview = memoryview(out)
+    decrypt_into = aead.decrypt_into
+    n = fill(cur)
+    total = 0
+    counter = 0
+    while True:
+        if n < size:
+            m, last = 0, True
+        else:
+            m = fill(nxt)
+            last = not m
+        if n < TAG_SIZE:
+            if n or counter:
+                raise TruncatedDataError(
+                    'stream under DEK %s truncated inside the tag of chunk '
+                    '%d' % (header.dek_id.hex(), counter))
+            raise TruncatedDataError(
+                'stream under DEK %s truncated after its header'
+                % header.dek_id.hex())
+        if n == TAG_SIZE and counter:
+            _empty_last(header, counter)
+        nonce = counter.to_bytes(11, 'big') + (_LAST if last else _NOT_LAST)
+        try:
+            if n == size:
+                decrypt_into(nonce, cur, None, out)
+                write(out)
+            else:
+                decrypt_into(nonce, memoryview(cur)[:n], None,
+                             outview[:n - TAG_SIZE])
+                write(outview[:n - TAG_SIZE])
+        except InvalidTag:
+            _fail(aead, header, counter, last, memoryview(cur)[:n])
+        total += n - TAG_SIZE
+        if last:
+            return total
+        cur, nxt, n = nxt, cur, m
+        counter += 1
+
+
+def decrypt_range(fsrc, fdst, dek, header, offset, length=None):
+    """Decrypt ``length`` plaintext bytes from ``offset`` (all the rest
+    when None) of a *seekable* stream, reading only the chunks needed.
+
+    ``header`` was read with :func:`read_header` from the start of
+    ``fsrc``.  Every chunk read is authenticated; the chunk holding the end
+    of the file is recognised by the file's size.  Return the number of
+    bytes written.
+    """
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError('offset and length are >= 0')
+    aead = AESGCM(payload_key(header, dek))
+    cs = header.chunk_size
+    size = cs + TAG_SIZE
+    end = fsrc.seek(0, os.SEEK_END)
+    body = end - header.size
+    if body < TAG_SIZE:
+        raise TruncatedDataError('stream under DEK %s truncated after its '
+                                 'header' % header.dek_id.hex())
+    last_index = (body - 1) // size
+    counter = offset // cs
+    skip = offset - counter * cs
+    write = _writer(fdst)
+    written = 0
+    while counter <= last_index and (length is None or written < length):
+        fsrc.seek(header.size + counter * size)
+        chunk = _read_exact(fsrc, size, 'chunk')
+        last = counter == last_index
+        if last and len(chunk) < TAG_SIZE:
+            raise TruncatedDataError(
+                'stream under DEK %s truncated inside the tag of chunk %d'
+                % (header.dek_id.hex(), counter))
+        if last and len(chunk) == TAG_SIZE and counter:
+            _empty_last(header, counter)
+        try:
+            plain = aead.decrypt(_nonce(counter, last), chunk, None)
+        except InvalidTag:
+            _fail(aead, header, counter, last, chunk)
+        piece = memoryview(plain)[skip:]
+        if length is not None:
+            piece = piece[:length - written]
+        write(piece)
+        written += len(piece)
+        skip = 0
+        counter += 1
+    return written
+
+
+def check_dek_id(header, dek_id):
+    """Raise :class:`UnknownKeyError` unless ``header`` names ``dek_id``."""
+    if header.dek_id != dek_id:
+        raise UnknownKeyError(
+            'stream is encrypted under DEK %s, not %s'
+            % (header.dek_id.hex(), dek_id.hex()), header.dek_id.hex())
+
+
+def encrypt_bytes(dek_id, dek, data, chunk_size=DEFAULT_CHUNK_SIZE,
+                  _salt=None):
+    """Return the stream of ``data`` (bytes) under the DEK ``dek_id``."""
+    import io
+    out = io.BytesIO()
+    encrypt(io.BytesIO(data), out, dek,
+            build_header(dek_id, chunk_size=chunk_size, _salt=_salt))
+    return out.getvalue()
+
+
+def decrypt_bytes(dek_id, dek, data):
+    """Return the plaintext of the stream ``data`` (bytes)."""
+    import io
+    src = io.BytesIO(data)
+    header = read_header(src)
+    check_dek_id(header, dek_id)
+    out = io.BytesIO()
+    decrypt(src, out, dek, header)
+    return out.getvalue()

@@ -1,0 +1,294 @@
+"""Tests of zodbkmi.cli.files: encrypt-file, decrypt-file, public-key."""
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+from zodbkmi.facility import KeyManagementFacility
+from zodbkmi.format import stream
+from zodbkmi.kek import RSAKeyEncryptingKey
+from zodbkmi.keyholder import write_key_file
+
+GiB = 1 << 30
+MiB = 1 << 20
+_RSA = []
+
+
+def rsa_pem():
+    if not _RSA:
+        _RSA.append(RSAKeyEncryptingKey.generate().private_pem())
+    return _RSA[0]
+
+
+def cli(*args, **kw):
+    """Run ``python -m zodbkmi.cli ARGS`` in a child process."""
+    return subprocess.run(
+        [sys.executable, '-m', 'zodbkmi.cli'] + list(args),
+        capture_output=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), **kw)
+
+
+class _Base(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-cli-files-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.old = os.getcwd()
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, self.old)
+        self.key = os.urandom(32)
+        write_key_file('kek.key', self.key)
+        KeyManagementFacility('keys').create_key(self.key)
+        self.data = os.urandom(200000)
+        with open('data', 'wb') as f:
+            f.write(self.data)
+
+    def main(self, *argv):
+        from zodbkmi.cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(list(argv))
+        self.stderr = err.getvalue()
+        return rc
+
+    def read(self, path):
+        with open(path, 'rb') as f:
+            return f.read()
+
+
+class EncryptFileTests(_Base):
+
+    def test_roundtrip_w_facility(self):
+        self.assertEqual(self.main('encrypt-file', '-k', 'kek.key',
+                                   '-d', 'keys', 'data', '-o', 'data.zks'),
+                         0)
+        sealed = self.read('data.zks')
+        self.assertEqual(sealed[:3], b'zks')
+        self.assertNotIn(self.data[:100], sealed)
+        self.assertEqual(self.main('decrypt-file', '--key-file', 'kek.key',
+                                   '--key-dir', 'keys', 'data.zks',
+                                   '--output', 'plain'), 0)
+        self.assertEqual(self.read('plain'), self.data)
+
+    def test_chunk_size(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks', '--chunk-size', '1048576')
+        self.assertEqual(stream.parse_header(
+            self.read('data.zks')).chunk_size, MiB)
+        self.main('decrypt-file', '-k', 'kek.key', '-d', 'keys', 'data.zks',
+                  '-o', 'plain')
+        self.assertEqual(self.read('plain'), self.data)
+
+    def test_bad_chunk_size(self):
+        with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(SystemExit):
+                self.main('encrypt-file', '--chunk-size', '1000')
+
+    def test_existing_output_needs_force(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        self.assertEqual(self.main('encrypt-file', '-k', 'kek.key', '-d',
+                                   'keys', 'data', '-o', 'data.zks'), 2)
+        self.assertIn('exists', self.stderr)
+        self.assertEqual(self.main('encrypt-file', '-k', 'kek.key', '-d',
+                                   'keys', '-f', 'data', '-o', 'data.zks'),
+                         0)
+
+    def test_missing_key_arguments(self):
+        self.assertEqual(self.main('encrypt-file', 'data', '-o', 'x'), 2)
+        self.assertIn('give --recipient, or --key-file and --key-dir',
+                      self.stderr)
+        self.assertEqual(self.main('decrypt-file', 'data', '-o', 'x'), 2)
+        self.assertIn('give --identity', self.stderr)
+        self.assertEqual(self.main('encrypt-file', '-r', 'kek.pub', '-k',
+                                   'kek.key', 'data', '-o', 'x'), 2)
+        self.assertIn('excludes', self.stderr)
+        self.assertEqual(self.main('encrypt-file', '-k', 'kek.key', '-d',
+                                   'nokeys', 'data', '-o', 'x'), 2)
+        self.assertIn('does not exist', self.stderr)
+        self.assertFalse(os.path.exists('nokeys'))
+        self.assertFalse(os.path.exists('x'))
+
+    def test_key_file_readable_by_others(self):
+        os.chmod('kek.key', 0o644)
+        self.assertEqual(self.main('encrypt-file', '-k', 'kek.key', '-d',
+                                   'keys', 'data', '-o', 'x'), 2)
+        self.assertIn('chmod 600', self.stderr)
+
+    def test_tampered_file_leaves_no_output(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        sealed = bytearray(self.read('data.zks'))
+        sealed[-3] ^= 1
+        with open('bad.zks', 'wb') as f:
+            f.write(sealed)
+        self.assertEqual(self.main('decrypt-file', '-k', 'kek.key', '-d',
+                                   'keys', 'bad.zks', '-o', 'plain'), 2)
+        self.assertIn('did not authenticate at chunk 3', self.stderr)
+        self.assertFalse([n for n in os.listdir('.') if 'plain' in n])
+
+    def test_truncated_file(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        sealed = self.read('data.zks')
+        with open('cut.zks', 'wb') as f:
+            f.write(sealed[:39 + 2 * (65536 + 16)])
+        self.assertEqual(self.main('decrypt-file', '-k', 'kek.key', '-d',
+                                   'keys', 'cut.zks', '-o', 'plain'), 2)
+        self.assertIn('without its final chunk', self.stderr)
+        self.assertFalse(os.path.exists('plain'))
+
+    def test_wrong_key(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        write_key_file('other.key', os.urandom(32))
+        self.assertEqual(self.main('decrypt-file', '-k', 'other.key', '-d',
+                                   'keys', 'data.zks', '-o', 'plain'), 2)
+        self.assertIn('which was not given', self.stderr)
+        self.assertEqual(self.main('decrypt-file', '-k', 'kek.key',
+                                   'data.zks', '-o', 'plain'), 2)
+        self.assertIn('--key-dir', self.stderr)
+
+
+class RecipientCommandTests(_Base):
+
+    def setUp(self):
+        super().setUp()
+        write_key_file('kek.pem', rsa_pem())
+
+    def test_public_key_and_recipient_roundtrip(self):
+        self.assertEqual(self.main('public-key', 'kek.pem', '-o', 'kek.pub'),
+                         0)
+        pub = self.read('kek.pub')
+        self.assertTrue(pub.startswith(b'-----BEGIN PUBLIC KEY-----'))
+        self.assertEqual(os.stat('kek.pub').st_mode & 0o777, 0o644)
+        self.assertEqual(self.main('encrypt-file', '--recipient', 'kek.pub',
+                                   'data', '-o', 'data.zks'), 0)
+        self.assertIsNotNone(stream.parse_header(
+            self.read('data.zks')).wrapped)
+        self.assertEqual(self.main('decrypt-file', '--identity', 'kek.pem',
+                                   'data.zks', '-o', 'plain'), 0)
+        self.assertEqual(self.read('plain'), self.data)
+        # the facility opens it too, with the private KEK
+        self.assertEqual(self.main('decrypt-file', '-k', 'kek.pem', '-d',
+                                   'keys', 'data.zks', '-o', 'plain2'), 0)
+        self.assertEqual(self.read('plain2'), self.data)
+
+    def test_public_key_to_stdout(self):
+        proc = cli('public-key', 'kek.pem')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b'PUBLIC KEY', proc.stdout)
+
+    def test_public_key_of_aes_key(self):
+        self.assertEqual(self.main('public-key', 'kek.key'), 2)
+        self.assertIn('not an RSA key', self.stderr)
+
+    def test_recipient_w_private_key_file(self):
+        self.assertEqual(self.main('encrypt-file', '-r', 'kek.pem', 'data',
+                                   '-o', 'data.zks'), 0)
+        self.assertEqual(self.main('decrypt-file', '--identity', 'kek.pem',
+                                   'data.zks', '-o', 'plain'), 0)
+        self.assertEqual(self.read('plain'), self.data)
+
+    def test_pipes(self):
+        with open('kek.pub', 'wb') as f:
+            f.write(RSAKeyEncryptingKey.from_pem(rsa_pem()).public_pem())
+        enc = cli('encrypt-file', '--recipient', 'kek.pub',
+                  input=self.data, cwd=self.tmp)
+        self.assertEqual(enc.returncode, 0, enc.stderr)
+        self.assertEqual(enc.stderr, b'')       # no progress on a pipe
+        dec = cli('decrypt-file', '--identity', 'kek.pem', '-',
+                  input=enc.stdout, cwd=self.tmp)
+        self.assertEqual(dec.returncode, 0, dec.stderr)
+        self.assertEqual(dec.stdout, self.data)
+        bad = cli('decrypt-file', '--identity', 'kek.pem',
+                  input=enc.stdout[:-1], cwd=self.tmp)
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn(b'did not authenticate', bad.stderr)
+        self.assertNotIn(b'Traceback', bad.stderr)
+
+
+class _Blocks:
+    """1 GiB of data in 1 MiB blocks, each block different."""
+
+    def __init__(self, size=GiB, block=MiB):
+        self.size = size
+        self.base = os.urandom(block)
+
+    def __iter__(self):
+        for i in range(self.size // len(self.base)):
+            yield i.to_bytes(8, 'big') + self.base[8:]
+
+
+# Runs ``zodbkmi ARGS`` in a grandchild and writes the grandchild's peak
+# resident set size (KiB, from wait4) to the file named first.  The
+# grandchild is spawned from this small interpreter, not from the test
+# process: Linux carries the peak RSS of the process that forked over exec.
+MEASURE = """
+import os, sys
+pid = os.posix_spawn(sys.executable,
+                     [sys.executable, '-m', 'zodbkmi.cli'] + sys.argv[2:],
+                     os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], 'w') as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+class GiBPipeTests(_Base):
+    """A 1 GiB round trip through pipes: encrypt-file | decrypt-file.
+
+    About 3 seconds on the reference machine, so it stays at level 1.
+    """
+
+    def test_1GiB_roundtrip_through_pipes_in_constant_memory(self):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        key = ['-k', 'kek.key', '-d', 'keys']
+        enc = subprocess.Popen(
+            [sys.executable, '-c', MEASURE, 'enc.rss', 'encrypt-file'] + key,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env)
+        dec = subprocess.Popen(
+            [sys.executable, '-c', MEASURE, 'dec.rss', 'decrypt-file'] + key,
+            stdin=enc.stdout, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env)
+        enc.stdout.close()
+        blocks = _Blocks()
+        sent = hashlib.sha1()
+
+        def feed():
+            try:
+                for block in blocks:
+                    sent.update(block)
+                    enc.stdin.write(block)
+            finally:
+                enc.stdin.close()
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        got = hashlib.sha1()
+        size = 0
+        while True:
+            data = dec.stdout.read(MiB)
+            if not data:
+                break
+            got.update(data)
+            size += len(data)
+        feeder.join(300)
+        dec.stdout.close()
+        for proc in (enc, dec):
+            self.assertEqual(proc.wait(60), 0, proc.stderr.read())
+            proc.stderr.close()
+        self.assertEqual(size, GiB)
+        self.assertEqual(got.hexdigest(), sent.hexdigest())
+        for name in ('enc.rss', 'dec.rss'):
+            peak = int(self.read(name)) * 1024
+            self.assertGreater(peak, 4 * MiB)    # a real measurement
+            self.assertLess(peak, 64 * MiB, '%s: peak RSS %.1f MiB'
+                            % (name, peak / MiB))
