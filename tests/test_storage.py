@@ -483,3 +483,92 @@ class ZEODeploymentTests(_TempDir, unittest.TestCase):
         self.assertIn(b'.zk', raw)
         self.assertNotIn(SECRET.encode(), raw)
         self.assertNotIn(b'PersistentMapping', raw)
+
+
+class BlobTests(_TempDir, unittest.TestCase):
+
+    def _makeOne(self, **kw):
+        from zodbkmi.storage import EncryptingStorage
+        from zodbkmi.testing import KeyEncryptingKey
+        return EncryptingStorage(
+            ZODB.FileStorage.FileStorage('Data.fs', blob_dir='blobs'),
+            self.facility, KeyEncryptingKey, **kw)
+
+    def _store(self, data=SECRET.encode() * 1000):
+        import ZODB.blob
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(data)
+        return db
+
+    def _blob_files(self):
+        return [os.path.join(d, n) for d, _, names in os.walk('blobs')
+                for n in names if n.endswith('.blob')]
+
+    def test_blob_dir_holds_no_plaintext(self):
+        self._store().close()
+        files = self._blob_files()
+        self.assertEqual(len(files), 1)
+        with open(files[0], 'rb') as f:
+            raw = f.read()
+        self.assertTrue(raw.startswith(b'zks'))
+        self.assertNotIn(SECRET.encode(), raw)
+
+    def test_reading_leaves_no_plaintext_file(self):
+        self._store().close()
+        storage = self._makeOne()
+        try:
+            serial = storage.base.load(p64(1))[1]
+            with storage.openCommittedBlobFile(p64(1), serial) as f:
+                self.assertEqual(f.read(9), SECRET.encode()[:9])
+                private = storage._blob_tmp
+                self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+                self.assertEqual(os.listdir(private), [])   # unlinked
+        finally:
+            storage.close()
+        self.assertFalse(os.path.exists(private))
+
+    def test_loaded_blob_removed_at_transaction_end(self):
+        db = self._store()
+        conn = db.open()
+        with conn.root()['blob'].open() as f:
+            self.assertEqual(f.read(9), SECRET.encode()[:9])
+        name = conn.root()['blob'].committed()
+        self.assertTrue(os.path.exists(name))
+        self.assertEqual(os.stat(name).st_mode & 0o777, 0o400)
+        transaction.abort()
+        self.assertFalse(os.path.exists(name))
+        conn.close()
+        db.close()
+
+    def test_truncated_blob(self):
+        from zodbkmi.exceptions import DecryptionError
+        self._store().close()
+        path = self._blob_files()[0]
+        os.chmod(path, 0o600)
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) - 10)
+        db = ZODB.DB(self._makeOne())
+        storage = db.storage
+        with db.transaction() as conn:
+            with self.assertRaises(DecryptionError) as cm:
+                conn.root()['blob'].open().read()
+            self.assertIn('0x01', str(cm.exception))
+            self.assertEqual(os.listdir(storage._blob_tmp), [])
+        db.close()
+
+    def test_plaintext_blob_in_strict_mode(self):
+        import ZODB.blob
+        from zodbkmi.exceptions import NotEncryptedError
+        from zodbkmi.storage import DECRYPT_ONLY
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'plain blob')
+        db.close()
+        storage = self._makeOne()
+        try:
+            serial = storage.base.load(p64(1))[1]
+            with self.assertRaises(NotEncryptedError):
+                storage.openCommittedBlobFile(p64(1), serial)
+        finally:
+            storage.close()

@@ -379,6 +379,13 @@ class EncryptingStorage:
     def openCommittedBlobFile(self, oid, serial, blob=None):
         """An open file on the plaintext of the blob; its name is removed
         at once, so no plaintext file stays behind when it is closed."""
+        loaded = os.path.join(self._private_dir(),
+                              '%s-%s.blob' % (oid.hex(), serial.hex()))
+        if os.path.exists(loaded):
+            # decrypted by loadBlob in this transaction: reuse it
+            if blob is None:
+                return open(loaded, 'rb')
+            return ZODB.blob.BlobFile(loaded, 'r', blob)
         name = self._open_blob_plain(oid, serial)
         try:
             if blob is None:
