@@ -121,3 +121,23 @@ class RelStorageTests(unittest.TestCase):
         with db2.transaction() as conn:
             with conn.root()['blob'].open() as f:
                 self.assertEqual(f.read(), b'BLOB-' + SECRET.encode())
+
+
+def _doc_setUp(test):
+    from tests import test_docs
+    needs_postgres(test)
+    test_docs.setUp(test)
+    test.globs['postgres'] = PostgresLayer.server
+
+
+def test_suite():
+    from tests import test_docs
+    suite = unittest.TestSuite()
+    suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(
+        RelStorageTests))
+    docs = test_docs.doc_suite(
+        os.path.join(os.path.dirname(__file__), '..', 'docs', 'storage.rst'),
+        setUp=_doc_setUp)
+    docs.layer = PostgresLayer
+    suite.addTest(docs)
+    return suite
