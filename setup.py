@@ -18,10 +18,14 @@ RELSTORAGE_REQUIRE = [
     'RelStorage >= 4',
     'psycopg2-binary',
 ]
+SERVER_REQUIRE = [
+    'cheroot >= 10',
+]
 
-TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
+TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
     'zope.testing',
+    'schemathesis',
     'Sphinx',
     'atheris',
     'hypothesis',
@@ -63,6 +67,7 @@ setup(
     ],
     extras_require={
         'test': TESTS_REQUIRE,
+        'server': SERVER_REQUIRE,
         'docs': ['Sphinx'],
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,

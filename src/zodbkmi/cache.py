@@ -5,10 +5,11 @@ Entries hold a :class:`zodbkmi.format.envelope.Sealer` (the AES-GCM
 context), never the DEK as an attribute.
 
 Use limit: AES-GCM with random 96-bit nonces must stay well below 2**32
-encryptions per key (NIST SP 800-38D, 8.3).  A cached DEK counts its
-encryptions in this process and refuses more than ``use_limit`` (default
-2**28, one sixteenth of the bound); rotate the key (``facility.rotate``)
-long before.  Decryptions are not limited.
+encryptions per key (NIST SP 800-38D, 8.3).  A cache counts the
+encryptions of each DEK in this process, across expiry and eviction, and
+refuses more than ``use_limit`` (default 2**28, one sixteenth of the bound);
+rotate the key (``facility.rotate``) long before.  Decryptions are not
+limited.
 
 Every cache registers itself, so that :func:`evict_everywhere` (called when
 a key is retired or destroyed) reaches all caches of the process.
@@ -84,6 +85,10 @@ class DEKCache:
         self.maxsize = maxsize
         self.use_limit = use_limit
         self._data = {}
+        # the encryption counter of every DEK this cache has held: it
+        # survives expiry, eviction and clear(), so that reloading a key
+        # does not restart its count
+        self._counters = {}
         self._lock = threading.Lock()
         with _caches_lock:
             _caches.add(self)
@@ -113,14 +118,15 @@ class DEKCache:
         with self._lock:
             if raw_id not in self._data and len(self._data) >= self.maxsize:
                 self._shrink()
-            old = self._data.get(raw_id)
-            if old is not None and old.alive():
-                entry._uses = old._uses     # keep counting the same key
+            counter = self._counters.get(raw_id)
+            if counter is None:
+                counter = self._counters[raw_id] = entry._uses
+            entry._uses = counter           # keep counting the same key
             self._data[raw_id] = entry
         return entry
 
     def _shrink(self):
-        now = time.monotonic()
+        now = _monotonic()
         for k in [k for k, e in self._data.items() if e.expires <= now]:
             self._data.pop(k).evicted = True
         while len(self._data) >= self.maxsize:

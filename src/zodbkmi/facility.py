@@ -405,3 +405,219 @@ class KeyManagementFacility(EncryptionService):
                 count += 1
             self._forget_active()
         return count
+
+
+@implementer(IExtendedKeyManagementFacility)
+class LocalKeyManagementFacility(EncryptionService):
+    """A facility whose wrapped DEKs live on a key server (the REST API of
+    :mod:`zodbkmi.rest`); the keas.kmi "local" facility.
+
+    The KEK never leaves this process: new DEKs are created and wrapped
+    here and uploaded in wrapped form; fetched wrapped DEKs are unwrapped
+    here and kept in the DEK cache (``timeout`` seconds, ``cache_size``
+    entries).  Error answers are never cached.  ``token`` is a bearer token
+    (``token_file`` names a file holding one); ``ca_file`` the CA that
+    signed the server's certificate; ``request_timeout`` bounds every
+    attempt, ``retries`` more attempts follow a connection error, after
+    ``backoff``, ``2 * backoff``, ... seconds.  When the server cannot be
+    reached or refuses, :class:`zodbkmi.exceptions.KeyServerError` is
+    raised.
+    """
+
+    rsa_bits = RSA_DEFAULT_BITS
+
+    def __init__(self, url, token=None, ca_file=None, token_file=None,
+                 timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
+                 use_limit=DEFAULT_USE_LIMIT, request_timeout=5.0,
+                 retries=3, backoff=0.05, client_cert=None,
+                 client_key=None, transport=None):
+        super().__init__(timeout, cache_size, use_limit)
+        from zodbkmi.rest import HTTPTransport
+        self.url = url
+        if token is None and token_file is not None:
+            with open(token_file, 'rb') as f:
+                token = f.read().decode('ascii').strip()
+        self._token = token
+        self.retries = retries
+        self.backoff = backoff
+        self._transport = transport or HTTPTransport(
+            url, ca_file=ca_file, timeout=request_timeout,
+            client_cert=client_cert, client_key=client_key)
+
+    def __repr__(self):
+        return '<%s %s>' % (type(self).__name__, self.url)
+
+    def close(self):
+        """Close this thread's connection to the server (it is opened
+        again when needed)."""
+        self._transport.close()
+
+    # -- HTTP ------------------------------------------------------------
+
+    def _request(self, method, path, doc=None, missing_ok=False):
+        """Return the JSON answer, None for a 404 when ``missing_ok``."""
+        import json
+        import time
+
+        from zodbkmi.exceptions import KeyServerError
+        headers = {'Accept': 'application/json'}
+        if self._token:
+            headers['Authorization'] = 'Bearer ' + self._token
+        body = None
+        if doc is not None:
+            body = json.dumps(doc).encode('ascii')
+            headers['Content-Type'] = 'application/json'
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                status, data = self._transport.request(
+                    method, path, body, headers)
+                break
+            except OSError as e:
+                import ssl
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    raise KeyServerError(
+                        'key server %s: certificate verification failed '
+                        '(%s)' % (self.url, e.verify_message)) from None
+                if attempt == self.retries:
+                    raise KeyServerError(
+                        'key server %s cannot be reached (%d attempts): %s'
+                        % (self.url, attempt + 1,
+                           e.strerror or type(e).__name__)) from None
+                time.sleep(delay)
+                delay *= 2
+        if status == 404 and missing_ok:
+            return None
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if not 200 <= status < 300 or not isinstance(answer, dict):
+            reason = None
+            if isinstance(answer, dict) and isinstance(
+                    answer.get('error'), str):
+                reason = answer['error'][:200]
+            if status == 404 and path.startswith('/v1/keys/'):
+                dek_id = path.split('/')[3]
+                raise UnknownKeyError('no key %s on the key server'
+                                      % dek_id, dek_id)
+            raise KeyServerError(
+                'key server %s refused %s %s: %d %s'
+                % (self.url, method, path, status, reason or ''),
+                status, reason)
+        return answer
+
+    # -- EncryptionService -----------------------------------------------
+
+    def _wrapped_key(self, dek_id):
+        import base64
+        vaultmod.check_dek_id(dek_id)
+        answer = self._request('GET', '/v1/keys/' + dek_id)
+        try:
+            return base64.b64decode(answer['wrapped'], validate=True)
+        except (KeyError, TypeError, ValueError):
+            from zodbkmi.exceptions import KeyServerError
+            raise KeyServerError('key server %s sent a malformed answer for '
+                                 'key %s' % (self.url, dek_id)) from None
+
+    def _active_key_id(self, kek_id):
+        from urllib.parse import quote
+        answer = self._request('GET', '/v1/keks/%s/active'
+                               % quote(kek_id, safe=''), missing_ok=True)
+        return None if answer is None else answer.get('dek_id')
+
+    # -- read-only mapping -----------------------------------------------
+
+    def keys(self):
+        return [k['dek_id'] for k in self._request('GET', '/v1/keys')['keys']]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return self._request('GET', '/v1/status')['keys']
+
+    def __contains__(self, dek_id):
+        try:
+            self._wrapped_key(dek_id)
+        except UnknownKeyError:
+            return False
+        return True
+
+    def __getitem__(self, dek_id):
+        try:
+            return self._wrapped_key(dek_id)
+        except UnknownKeyError:
+            raise KeyError(dek_id) from None
+
+    def get(self, dek_id, default=None):
+        try:
+            return self._wrapped_key(dek_id)
+        except UnknownKeyError:
+            return default
+
+    def values(self):
+        return [self[dek_id] for dek_id in self.keys()]
+
+    def items(self):
+        return [(dek_id, self[dek_id]) for dek_id in self.keys()]
+
+    def status(self):
+        """The server's status: ``{"keys": N, "message": ...}``."""
+        return self._request('GET', '/v1/status')
+
+    def entry(self, dek_id):
+        """Return the :class:`zodbkmi.vault.VaultEntry` of ``dek_id`` as
+        the server has it; raise UnknownKeyError."""
+        import base64
+        vaultmod.check_dek_id(dek_id)
+        a = self._request('GET', '/v1/keys/' + dek_id)
+        return vaultmod.VaultEntry(a['dek_id'], a['kek_id'],
+                                   base64.b64decode(a['wrapped']),
+                                   a['state'], a['created'])
+
+    # -- key lifecycle ---------------------------------------------------
+
+    def generate(self):
+        """Create an RSA KEK here and an active DEK wrapped by it on the
+        server; return the KEK as PEM.  Keep it: it is stored nowhere."""
+        kek = RSAKeyEncryptingKey.generate(self.rsa_bits)
+        self.create_key(kek)
+        return kek.private_pem()
+
+    def create_key(self, key):
+        """Create a DEK here, wrap it with ``key`` here and upload the
+        wrapped DEK; it becomes the active DEK of ``key`` (the previous one
+        is retired).  Return the new DEK id."""
+        import base64
+        kek = as_kek(key)
+        raw_id = os.urandom(16)
+        data = wrapped.wrap(kek, raw_id, os.urandom(32))
+        answer = self._request('POST', '/v1/keys', {
+            'wrapped': base64.b64encode(data).decode('ascii')})
+        self._forget_active()
+        return answer['dek_id']
+
+    def rotate(self, key):
+        """DEK rotation: new writes go to a new DEK; return its id."""
+        return self.create_key(key)
+
+    def ensure_key(self, key):
+        """Return the active DEK id of ``key``, creating one if needed."""
+        kek = as_kek(key)
+        current = self._active_key_id(kek.key_id)
+        return current if current is not None else self.create_key(kek)
+
+    def retire(self, dek_id):
+        """Make ``dek_id`` decrypt-only on the server."""
+        vaultmod.check_dek_id(dek_id)
+        self._request('POST', '/v1/keys/%s/retire' % dek_id)
+        self._forget_active()
+        evict_everywhere(dek_id)
+
+    def delete(self, dek_id):
+        """Destroy ``dek_id`` on the server; it cannot be undone."""
+        vaultmod.check_dek_id(dek_id)
+        self._request('DELETE', '/v1/keys/' + dek_id)
+        self._forget_active()
+        evict_everywhere(dek_id)

@@ -145,7 +145,9 @@ class IKeyEncryptingKey(zope.interface.Interface):
         """Return the DEK from ``blob`` produced by :meth:`wrap`.
 
         Raises :class:`~zodbkmi.exceptions.AuthenticationError` when
-        ``blob`` or ``aad`` was altered or another key wrapped it.
+        ``blob`` or ``aad`` was altered or another key wrapped it, and
+        :class:`~zodbkmi.exceptions.TruncatedDataError` when ``blob`` is
+        shorter than the suite's wrapping.
         """
 
 

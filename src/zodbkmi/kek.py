@@ -18,12 +18,14 @@ from zope.interface import implementer
 
 from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import InvalidKeyError
+from zodbkmi.exceptions import TruncatedDataError
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
 
 RSA_MIN_BITS = 3072
 RSA_DEFAULT_BITS = 3072
 AES_KEY_SIZE = 32
+AES_WRAPPED_SIZE = 12 + AES_KEY_SIZE + 16   # nonce || ciphertext || tag
 PEM_PREFIX = b'-----BEGIN '
 KEK_ID_LABEL = b'zodbkmi/kek-id/v1'
 
@@ -130,6 +132,11 @@ class RSAKeyEncryptingKey(RSAPublicKeyEncryptingKey):
         return RSAPublicKeyEncryptingKey(self._public)
 
     def unwrap(self, blob, aad):
+        size = (self._private.key_size + 7) // 8
+        if len(blob) < size:
+            raise TruncatedDataError(
+                'wrapped DEK truncated: %d of %d bytes of RSA-OAEP for KEK %s'
+                % (len(blob), size, self.key_id))
         try:
             return self._private.decrypt(blob, _oaep(aad))
         except ValueError:
@@ -167,12 +174,18 @@ class AESKeyEncryptingKey:
     def generate(cls):
         return cls(os.urandom(AES_KEY_SIZE))
 
-    def wrap(self, dek, aad):
-        nonce = os.urandom(12)
+    def wrap(self, dek, aad, _nonce=None):
+        """``_nonce`` is a private seam for the fixed test vectors; never
+        pass it in real code."""
+        nonce = _nonce or os.urandom(12)
         return nonce + self._aead.encrypt(nonce, dek, aad)
 
     def unwrap(self, blob, aad):
-        if len(blob) != 12 + AES_KEY_SIZE + 16:
+        if len(blob) < AES_WRAPPED_SIZE:
+            raise TruncatedDataError(
+                'wrapped DEK truncated: %d of %d bytes of AES-GCM for KEK %s'
+                % (len(blob), AES_WRAPPED_SIZE, self.key_id))
+        if len(blob) != AES_WRAPPED_SIZE:
             raise AuthenticationError(
                 'wrapped DEK has a wrong size for KEK %s' % self.key_id)
         try:

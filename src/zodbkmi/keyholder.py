@@ -51,9 +51,10 @@ def read_key_file(path):
 
 def write_key_file(path, key):
     """Store ``key`` (PEM bytes or 32 AES bytes) in ``path``, atomically,
-    mode 0600."""
+    mode 0600.  Raises :class:`InvalidKeyError` (writing nothing) when
+    ``key`` is not a key encrypting key."""
+    as_kek(key)  # validates
     if not key.lstrip().startswith(PEM_PREFIX):
-        as_kek(key)  # validates
         key = base64.b64encode(key) + b'\n'
     write_atomic(path, key, 0o600)
 

@@ -50,3 +50,18 @@ def setUp(test=None):
 
 def tearDown(test=None):
     zope.component.testing.tearDown(test)
+
+
+def setupRestApi(localFacility, masterFacility):
+    """Wire ``localFacility`` (a LocalKeyManagementFacility) to the REST API
+    of ``masterFacility`` in this process, without a socket, as keas.kmi's
+    function of the same name.  A fresh admin token is made for the pair.
+    Return the WSGI application."""
+    from zodbkmi import rest
+    token = rest.new_token()
+    tokens = rest.TokenTable([('testing', 'admin', rest.hash_token(token))])
+    app = rest.KeyServerApp(masterFacility, tokens)
+    localFacility._transport = rest.WSGITransport(app)
+    localFacility._token = token
+    localFacility.clear_cache()
+    return app

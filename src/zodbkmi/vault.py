@@ -197,7 +197,11 @@ class DirectoryVault:
                                 % (dek_id, e.strerror)) from None
         except UnknownKeyError:
             return None
-        return VaultEntry.from_json(data, dek_id)
+        entry = VaultEntry.from_json(data, dek_id)
+        if entry.dek_id != dek_id:
+            raise KeyStoreError('corrupt vault entry %s: it holds DEK %s'
+                                % (dek_id, entry.dek_id))
+        return entry
 
     def _write(self, entry):
         try:

@@ -12,7 +12,7 @@ import sys
 from zodbkmi.exceptions import ZodbKmiError
 
 #: The modules that add subcommands, in the order of ``--help``.
-COMMAND_MODULES = ('files',)
+COMMAND_MODULES = ('server', 'keys', 'files')
 
 
 class UsageError(ZodbKmiError):

@@ -186,9 +186,9 @@ class Sealer:
         if context == CONTEXT_DATA and oid is None:
             header = self._head0 + nonce
             return header + self._aead.encrypt(nonce, plaintext, header)
+        bound = _check_oid(context, oid)
         header = self._heads[context] + nonce
-        return header + self._aead.encrypt(
-            nonce, plaintext, header + _check_oid(context, oid))
+        return header + self._aead.encrypt(nonce, plaintext, header + bound)
 
     def open(self, data, context=CONTEXT_DATA, oid=None):
         """Return the plaintext of ``data``, sealed under this DEK.

@@ -79,9 +79,11 @@ def wrap(kek, dek_id, dek):
 def parse(data):
     """Parse a wrapped DEK; validates the header only.
 
-    Raises :class:`UnsupportedFormatError` for a bad magic, version, suite or
-    KEK id and :class:`TruncatedDataError` for data ending inside the header
-    or with an empty wrapping.
+    Checks, in this order: the type, the magic, the version, the suite, the
+    header length, the KEK id length, that a wrapping follows, and that the
+    KEK id is ASCII.  Raises :class:`UnsupportedFormatError` for a bad magic,
+    version, suite or KEK id and :class:`TruncatedDataError` for data ending
+    inside the magic or the header or with an empty wrapping.
     """
     if not isinstance(data, bytes):
         raise TypeError('a wrapped DEK is bytes, not %s' % type(data).__name__)
@@ -89,16 +91,18 @@ def parse(data):
         if len(data) < 3 and MAGIC.startswith(data):
             raise TruncatedDataError('wrapped DEK truncated inside its magic')
         raise UnsupportedFormatError('not a zodbkmi wrapped DEK (bad magic)')
-    if len(data) < 22:
-        raise TruncatedDataError(
-            'wrapped DEK truncated inside its header (%d bytes)' % len(data))
-    if data[3] != VERSION:
+    # the version and the suite are checked as soon as they are present:
+    # another version may have a shorter header
+    if len(data) > 3 and data[3] != VERSION:
         raise UnsupportedFormatError(
             'unsupported wrapped DEK version %d (this zodbkmi reads version '
             '%d)' % (data[3], VERSION))
+    if len(data) > 4 and data[4] not in SUITES:
+        raise UnsupportedFormatError('unknown wrapping suite %d' % data[4])
+    if len(data) < 22:
+        raise TruncatedDataError(
+            'wrapped DEK truncated inside its header (%d bytes)' % len(data))
     suite = data[4]
-    if suite not in SUITES:
-        raise UnsupportedFormatError('unknown wrapping suite %d' % suite)
     n = data[21]
     end = 22 + n
     if n == 0:

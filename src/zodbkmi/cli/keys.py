@@ -1,0 +1,182 @@
+"""Key server client commands: ``new``, ``get``, ``status``, ``list``,
+``rotate``, ``retire``, ``delete`` (the successor of keas.kmi's testclient).
+
+The server is named by ``--url`` (or ``ZODBKMI_URL``), its CA by
+``--ca-file`` (``ZODBKMI_CA_FILE``), the bearer token by ``--token-file``
+(``ZODBKMI_TOKEN_FILE``) or ``ZODBKMI_TOKEN``.  Defaults fit ``zodbkmi
+serve`` started in the same directory.
+"""
+import json
+import os
+import sys
+
+from zodbkmi.exceptions import ZodbKmiError
+
+DEFAULT_URL = 'https://127.0.0.1:8443'
+
+
+class UsageError(ZodbKmiError):
+    """A client command that cannot be carried out."""
+
+
+def _common(p, admin=False):
+    g = p.add_argument_group('key server')
+    g.add_argument('--url', default=None,
+                   help='key server URL (ZODBKMI_URL; default %s)'
+                        % DEFAULT_URL)
+    g.add_argument('--ca-file', default=None,
+                   help='CA of the server certificate (ZODBKMI_CA_FILE; '
+                        'default var/tls/cert.pem if it exists)')
+    g.add_argument('--token-file', default=None,
+                   help='file holding a bearer token (ZODBKMI_TOKEN_FILE; '
+                        'default var/%s.token if it exists)'
+                        % ('admin' if admin else 'client'))
+    g.add_argument('--timeout', type=float, default=5.0,
+                   help='seconds per request attempt (default 5)')
+    p.set_defaults(admin=admin)
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        'new', help='create a KEK here and a data key on the server',
+        description='Create an RSA key encrypting key locally and an active '
+                    'data key wrapped by it on the server; write the KEK '
+                    '(PEM, 0600) to KEK_FILE and print the data key id.')
+    p.add_argument('kek_file', help='where to write the new KEK (must not '
+                                    'exist)')
+    _common(p, admin=True)
+    p.set_defaults(func=cmd_new)
+
+    p = subparsers.add_parser(
+        'get', help='show a wrapped data key',
+        description='Print the metadata and the wrapped form of a data key '
+                    'as JSON (the wrapped form is not secret).')
+    p.add_argument('dek_id')
+    _common(p)
+    p.set_defaults(func=cmd_get)
+
+    p = subparsers.add_parser('status', help='show the server status',
+                              description='Print "KMS server holding N '
+                                          'keys".')
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = subparsers.add_parser('list', help='list the keys',
+                              description='Print one line per data key: '
+                                          'id, state, KEK id.')
+    _common(p)
+    p.set_defaults(func=cmd_list)
+
+    p = subparsers.add_parser(
+        'rotate', help='give a KEK a new active data key',
+        description='Create a new data key wrapped by the KEK in KEK_FILE '
+                    '(locally) and upload it; the previous one becomes '
+                    'decrypt-only.  Print the new id.')
+    p.add_argument('kek_file')
+    _common(p, admin=True)
+    p.set_defaults(func=cmd_rotate)
+
+    p = subparsers.add_parser('retire', help='make a data key decrypt-only',
+                              description='Retire a data key.')
+    p.add_argument('dek_id')
+    _common(p, admin=True)
+    p.set_defaults(func=cmd_retire)
+
+    p = subparsers.add_parser(
+        'delete', help='destroy a data key (cannot be undone)',
+        description='Destroy a data key: everything encrypted with it '
+                    'becomes unreadable.  Needs --yes.')
+    p.add_argument('dek_id')
+    p.add_argument('--yes', action='store_true',
+                   help='confirm the destruction')
+    _common(p, admin=True)
+    p.set_defaults(func=cmd_delete)
+
+
+def facility(args, environ=None):
+    """The LocalKeyManagementFacility the arguments describe."""
+    from zodbkmi.facility import LocalKeyManagementFacility
+    env = os.environ if environ is None else environ
+    url = args.url or env.get('ZODBKMI_URL') or DEFAULT_URL
+    ca = args.ca_file or env.get('ZODBKMI_CA_FILE')
+    if ca is None and os.path.exists(os.path.join('var', 'tls', 'cert.pem')):
+        ca = os.path.join('var', 'tls', 'cert.pem')
+    token = None
+    token_file = args.token_file or env.get('ZODBKMI_TOKEN_FILE')
+    if token_file is None:
+        token = env.get('ZODBKMI_TOKEN')
+        default = os.path.join('var', ('admin' if args.admin else 'client')
+                               + '.token')
+        if token is None and os.path.exists(default):
+            token_file = default
+    if token is None and token_file is None:
+        raise UsageError('no credentials: give --token-file or set '
+                         'ZODBKMI_TOKEN')
+    try:
+        return LocalKeyManagementFacility(
+            url, token=token, token_file=token_file, ca_file=ca,
+            request_timeout=args.timeout, retries=1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _read_kek(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def cmd_new(args):
+    from zodbkmi.kek import RSAKeyEncryptingKey
+    from zodbkmi.vault import write_atomic
+    if os.path.exists(args.kek_file):
+        raise UsageError('%s exists: refusing to overwrite a key'
+                         % args.kek_file)
+    local = facility(args)
+    kek = RSAKeyEncryptingKey.generate(local.rsa_bits)
+    dek_id = local.create_key(kek)
+    write_atomic(args.kek_file, kek.private_pem())
+    print(dek_id)
+    return 0
+
+
+def cmd_get(args):
+    entry = facility(args).entry(args.dek_id)
+    import base64
+    json.dump({'dek_id': entry.dek_id, 'kek_id': entry.kek_id,
+               'state': entry.state, 'created': entry.created,
+               'wrapped': base64.b64encode(entry.wrapped).decode('ascii')},
+              sys.stdout, indent=1)
+    print()
+    return 0
+
+
+def cmd_status(args):
+    print(facility(args).status()['message'])
+    return 0
+
+
+def cmd_list(args):
+    local = facility(args)
+    for k in local._request('GET', '/v1/keys')['keys']:
+        print('%s %-7s %s' % (k['dek_id'], k['state'], k['kek_id']))
+    return 0
+
+
+def cmd_rotate(args):
+    print(facility(args).rotate(_read_kek(args.kek_file)))
+    return 0
+
+
+def cmd_retire(args):
+    facility(args).retire(args.dek_id)
+    print('retired %s' % args.dek_id)
+    return 0
+
+
+def cmd_delete(args):
+    if not args.yes:
+        raise UsageError('deleting %s cannot be undone: add --yes'
+                         % args.dek_id)
+    facility(args).delete(args.dek_id)
+    print('deleted %s' % args.dek_id)
+    return 0

@@ -1,0 +1,521 @@
+"""The key server's REST API: a plain WSGI application over a master facility.
+
+Routes (all JSON, versioned under ``/v1``; see ``openapi.json``)::
+
+    GET    /v1/health                   anyone     {"status": "ok"}
+    GET    /v1/status                   client     {"keys": N, "message": ...}
+    GET    /v1/openapi.json             client     the OpenAPI document
+    GET    /v1/keys                     client     metadata of every key
+    POST   /v1/keys                     admin      upload a wrapped DEK
+    GET    /v1/keys/{dek_id}            client     metadata + wrapped DEK
+    DELETE /v1/keys/{dek_id}            admin      destroy a key
+    POST   /v1/keys/{dek_id}/retire     admin      make a key decrypt-only
+    GET    /v1/keks/{kek_id}/active     client     the active DEK of a KEK
+
+The server never sees a key encrypting key nor a plaintext data key: clients
+wrap new DEKs themselves and upload the wrapped form; the server checks its
+format and ids and stores it.  Uploading a new DEK for a KEK retires the
+previous active DEK of that KEK (DEK rotation).
+
+Every error is a 4xx answer ``{"error": "<short message>"}``; messages name
+key ids, never tokens or key bytes.  Every key operation is written to the
+audit log as one JSON line.
+"""
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import time
+
+from zodbkmi import vault as vaultmod
+from zodbkmi.exceptions import DecryptionError
+from zodbkmi.exceptions import KeyStoreError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.format import wrapped as wrappedmod
+
+API_PREFIX = '/v1'
+#: Default limit of a request body, in bytes.
+DEFAULT_MAX_BODY = 64 * 1024
+ROLES = ('client', 'admin')
+OPENAPI_PATH = os.path.join(os.path.dirname(__file__), 'openapi.json')
+
+_DEK_ID = re.compile(r'[0-9a-f]{32}\Z')
+_KEK_ID = re.compile(r'[A-Za-z0-9._:+=-]{1,255}\Z')
+
+logger = logging.getLogger('zodbkmi.server')
+
+
+class HTTPError(Exception):
+    """An answer other than 2xx; ``message`` is safe to show."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+_REASONS = {
+    200: 'OK', 201: 'Created', 204: 'No Content', 400: 'Bad Request',
+    401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found',
+    405: 'Method Not Allowed', 409: 'Conflict', 411: 'Length Required',
+    413: 'Content Too Large', 415: 'Unsupported Media Type',
+    500: 'Internal Server Error', 503: 'Service Unavailable',
+}
+
+
+def hash_token(token):
+    """Return the stored form of a bearer token: hex SHA-256.
+
+    Tokens are random (see :func:`new_token`), so a plain hash is enough;
+    the server keeps only hashes.
+    """
+    if isinstance(token, str):
+        token = token.encode('utf-8')
+    return hashlib.sha256(token).hexdigest()
+
+
+def new_token():
+    """Return a new random bearer token (43 URL-safe characters)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b'=').decode()
+
+
+class TokenTable:
+    """Bearer tokens stored as SHA-256 hashes, each with a name and a role.
+
+    The file form is JSON: ``{"tokens": [{"name": ..., "role": "admin" |
+    "client", "sha256": "<hex>"}]}``.  Lookups compare every stored hash in
+    constant time.
+    """
+
+    def __init__(self, entries=()):
+        self.entries = []
+        for name, role, digest in entries:
+            self.add(name, role, digest)
+
+    def add(self, name, role, digest):
+        if role not in ROLES:
+            raise ValueError('unknown role %r (admin or client)' % (role,))
+        if not re.match(r'[0-9a-f]{64}\Z', digest or ''):
+            raise ValueError('token %r: sha256 must be 64 hex digits'
+                             % (name,))
+        self.entries.append((name, role, bytes.fromhex(digest)))
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, 'rb') as f:
+                doc = json.load(f)
+            return cls((t['name'], t['role'], t['sha256'])
+                       for t in doc['tokens'])
+        except (ValueError, KeyError, TypeError) as e:
+            raise KeyStoreError('invalid token file %s: %s'
+                                % (path, str(e)[:100])) from None
+
+    def to_json(self):
+        return json.dumps({'tokens': [
+            {'name': n, 'role': r, 'sha256': d.hex()}
+            for n, r, d in self.entries]}, indent=1).encode('ascii')
+
+    def lookup(self, token):
+        """Return ``(name, role)`` of ``token`` or None."""
+        digest = hashlib.sha256(token.encode('utf-8', 'replace')).digest()
+        found = None
+        for name, role, stored in self.entries:
+            if hmac.compare_digest(digest, stored) and found is None:
+                found = (name, role)
+        return found
+
+
+class AuditLog:
+    """Key operations as JSON lines: time, client, operation, key id,
+    outcome.  Never a token nor key bytes."""
+
+    def __init__(self, stream=None, path=None):
+        self._lock = threading.Lock()
+        self._stream = stream
+        self.path = path
+        if path is not None and stream is None:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._stream = os.fdopen(fd, 'a', buffering=1, encoding='utf-8')
+
+    def write(self, client, operation, key_id, outcome):
+        if self._stream is None:
+            return
+        line = json.dumps({
+            'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'client': client, 'operation': operation, 'key_id': key_id,
+            'outcome': outcome}, sort_keys=True)
+        with self._lock:
+            self._stream.write(line + '\n')
+            self._stream.flush()
+
+    def close(self):
+        if self.path is not None and self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+def _metadata(entry):
+    return {'dek_id': entry.dek_id, 'kek_id': entry.kek_id,
+            'state': entry.state, 'created': entry.created}
+
+
+class KeyServerApp:
+    """The WSGI application of the key server.
+
+    ``facility`` is a :class:`zodbkmi.facility.KeyManagementFacility` (the
+    master); ``tokens`` a :class:`TokenTable`; ``audit`` an
+    :class:`AuditLog`.  Requests carrying a TLS client certificate verified
+    by the server (``SSL_CLIENT_S_DN_CN`` in the environment) are mapped to a
+    role through ``cert_roles`` (common name -> role).
+    """
+
+    def __init__(self, facility, tokens, audit=None,
+                 max_body=DEFAULT_MAX_BODY, cert_roles=None):
+        self.facility = facility
+        self.tokens = tokens
+        self.audit = audit or AuditLog()
+        self.max_body = max_body
+        self.cert_roles = dict(cert_roles or {})
+        self._lock = threading.Lock()
+        with open(OPENAPI_PATH, 'rb') as f:
+            self._openapi = f.read()
+
+    # -- WSGI ------------------------------------------------------------
+
+    def __call__(self, environ, start_response):
+        try:
+            status, body, headers = self.handle(environ)
+        except HTTPError as e:
+            status, headers = e.status, e.headers
+            body = json.dumps({'error': e.message}).encode('utf-8')
+        except Exception:   # never a traceback to the client
+            logger.exception('internal error on %s %s',
+                             environ.get('REQUEST_METHOD'),
+                             environ.get('PATH_INFO'))
+            status, headers = 500, []
+            body = b'{"error": "internal error"}'
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode('utf-8')
+        headers = [('Content-Type', 'application/json'),
+                   ('Content-Length', str(len(body))),
+                   ('Cache-Control', 'no-store')] + headers
+        start_response('%d %s' % (status, _REASONS.get(status, 'Error')),
+                       headers)
+        return [body]
+
+    def handle(self, environ):
+        method = environ.get('REQUEST_METHOD', 'GET')
+        path = environ.get('PATH_INFO', '') or '/'
+        if not path.startswith(API_PREFIX + '/'):
+            raise HTTPError(404, 'no such resource')
+        parts = path[len(API_PREFIX) + 1:].split('/')
+        route, args = self._route(parts)
+        allowed = self.ROUTES[route]
+        if method not in allowed:
+            raise HTTPError(405, 'method %s not allowed here'
+                            % method[:16],
+                            [('Allow', ', '.join(sorted(allowed)))])
+        handler, role = allowed[method]
+        client = None
+        if role is not None:
+            client = self._authenticate(environ, role)
+        return handler(self, environ, client, *args)
+
+    def _route(self, parts):
+        n = len(parts)
+        if n == 1 and parts[0] in ('health', 'status', 'openapi.json',
+                                   'keys'):
+            return parts[0], ()
+        if parts[0] == 'keys' and n in (2, 3):
+            dek_id = parts[1]
+            if not _DEK_ID.match(dek_id):
+                raise HTTPError(404, 'invalid key id: 32 lowercase hex '
+                                     'digits expected')
+            if n == 2:
+                return 'key', (dek_id,)
+            if parts[2] == 'retire':
+                return 'retire', (dek_id,)
+        if n == 3 and parts[0] == 'keks' and parts[2] == 'active':
+            if not _KEK_ID.match(parts[1]):
+                raise HTTPError(404, 'invalid KEK id')
+            return 'active', (parts[1],)
+        raise HTTPError(404, 'no such resource')
+
+    # -- authentication ----------------------------------------------------
+
+    def _authenticate(self, environ, needed):
+        found = None
+        auth = environ.get('HTTP_AUTHORIZATION')
+        if auth:
+            scheme, _, token = auth.partition(' ')
+            if scheme.lower() != 'bearer' or not token.strip():
+                raise HTTPError(401, 'bearer token expected',
+                                [('WWW-Authenticate', 'Bearer')])
+            found = self.tokens.lookup(token.strip())
+            if found is None:
+                raise HTTPError(401, 'invalid credentials',
+                                [('WWW-Authenticate', 'Bearer')])
+        else:
+            cn = environ.get('SSL_CLIENT_S_DN_CN')
+            if cn and environ.get('SSL_CLIENT_VERIFY') == 'SUCCESS' \
+                    and cn in self.cert_roles:
+                found = ('cert:' + cn, self.cert_roles[cn])
+        if found is None:
+            raise HTTPError(401, 'authentication required',
+                            [('WWW-Authenticate', 'Bearer')])
+        name, role = found
+        if needed == 'admin' and role != 'admin':
+            self.audit.write(name, 'authorize', None, 'forbidden')
+            raise HTTPError(403, 'the admin role is required')
+        return name
+
+    # -- bodies ------------------------------------------------------------
+
+    def _read_json(self, environ):
+        ctype = environ.get('CONTENT_TYPE', '').split(';')[0].strip()
+        if ctype.lower() != 'application/json':
+            raise HTTPError(415, 'Content-Type application/json expected')
+        try:
+            length = int(environ.get('CONTENT_LENGTH') or 0)
+        except ValueError:
+            raise HTTPError(400, 'invalid Content-Length') from None
+        if length > self.max_body:
+            raise HTTPError(413, 'body larger than %d bytes' % self.max_body)
+        if length <= 0:
+            raise HTTPError(400, 'empty body')
+        data = environ['wsgi.input'].read(length)
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, 'malformed JSON') from None
+        if not isinstance(doc, dict):
+            raise HTTPError(400, 'a JSON object expected')
+        return doc
+
+    # -- handlers ----------------------------------------------------------
+
+    def health(self, environ, client):
+        return 200, {'status': 'ok'}, []
+
+    def status(self, environ, client):
+        n = len(self.facility)
+        return 200, {'keys': n,
+                     'message': 'KMS server holding %d keys' % n}, []
+
+    def openapi(self, environ, client):
+        return 200, self._openapi, []
+
+    def list_keys(self, environ, client):
+        keys = [_metadata(e) for e in self.facility.vault.entries()]
+        self.audit.write(client, 'list', None, 'ok')
+        return 200, {'keys': keys}, []
+
+    def get_key(self, environ, client, dek_id):
+        entry = self.facility.vault.get(dek_id)
+        if entry is None:
+            self.audit.write(client, 'fetch', dek_id, 'not found')
+            raise HTTPError(404, 'no key %s' % dek_id)
+        self.audit.write(client, 'fetch', dek_id, 'ok')
+        doc = _metadata(entry)
+        doc['wrapped'] = base64.b64encode(entry.wrapped).decode('ascii')
+        return 200, doc, []
+
+    def active(self, environ, client, kek_id):
+        entry = self.facility.vault.active_for(kek_id)
+        if entry is None:
+            self.audit.write(client, 'active', None, 'not found')
+            raise HTTPError(404, 'KEK %s has no active key' % kek_id)
+        self.audit.write(client, 'active', entry.dek_id, 'ok')
+        return 200, _metadata(entry), []
+
+    def create_key(self, environ, client):
+        doc = self._read_json(environ)
+        if set(doc) - {'wrapped'}:
+            raise HTTPError(400, 'unknown field in body (only "wrapped")')
+        raw = doc.get('wrapped')
+        if not isinstance(raw, str) or len(raw) > 8192:
+            raise HTTPError(400, '"wrapped" must be a base64 string')
+        try:
+            data = base64.b64decode(raw, validate=True)
+            parsed = wrappedmod.parse(data)
+        except (binascii.Error, ValueError, DecryptionError) as e:
+            self.audit.write(client, 'create', None, 'invalid')
+            raise HTTPError(400, 'invalid wrapped DEK: %s'
+                            % str(e)[:80]) from None
+        dek_id = parsed.dek_id.hex()
+        if not _KEK_ID.match(parsed.kek_id):
+            raise HTTPError(400, 'invalid KEK id in wrapped DEK')
+        entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data)
+        vault = self.facility.vault
+        with self._lock:
+            previous = vault.active_for(parsed.kek_id)
+            try:
+                vault.add(entry)
+            except ValueError:
+                self.audit.write(client, 'create', dek_id, 'exists')
+                raise HTTPError(409, 'key %s exists already'
+                                % dek_id) from None
+            if previous is not None:
+                self.facility.retire(previous.dek_id)
+                self.audit.write(client, 'retire', previous.dek_id, 'ok')
+        self.audit.write(client, 'create', dek_id, 'ok')
+        return 201, _metadata(entry), [
+            ('Location', '%s/keys/%s' % (API_PREFIX, dek_id))]
+
+    def retire_key(self, environ, client, dek_id):
+        try:
+            self.facility.retire(dek_id)
+        except UnknownKeyError:
+            self.audit.write(client, 'retire', dek_id, 'not found')
+            raise HTTPError(404, 'no key %s' % dek_id) from None
+        self.audit.write(client, 'retire', dek_id, 'ok')
+        return 200, _metadata(self.facility.vault.get(dek_id)), []
+
+    def delete_key(self, environ, client, dek_id):
+        try:
+            self.facility.delete(dek_id)
+        except UnknownKeyError:
+            self.audit.write(client, 'delete', dek_id, 'not found')
+            raise HTTPError(404, 'no key %s' % dek_id) from None
+        self.audit.write(client, 'delete', dek_id, 'ok')
+        return 200, {'dek_id': dek_id, 'state': 'destroyed'}, []
+
+    ROUTES = {
+        'health': {'GET': (health, None)},
+        'status': {'GET': (status, 'client')},
+        'openapi.json': {'GET': (openapi, 'client')},
+        'keys': {'GET': (list_keys, 'client'),
+                 'POST': (create_key, 'admin')},
+        'key': {'GET': (get_key, 'client'),
+                'DELETE': (delete_key, 'admin')},
+        'retire': {'POST': (retire_key, 'admin')},
+        'active': {'GET': (active, 'client')},
+    }
+
+
+def make_app(facility, tokens, **kw):
+    """Return the WSGI application serving ``facility``."""
+    return KeyServerApp(facility, tokens, **kw)
+
+
+# -- client side: transports ---------------------------------------------------
+
+class HTTPTransport:
+    """HTTPS (or, if asked for, HTTP) requests to a key server.
+
+    One keep-alive connection per thread.  The server certificate is
+    verified against ``ca_file`` (or the system store); TLS 1.2 minimum.
+    ``request`` returns ``(status, body)`` or raises ``OSError`` for a
+    connection that failed (the caller retries).
+    """
+
+    def __init__(self, url, ca_file=None, timeout=5.0, client_cert=None,
+                 client_key=None):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ('https', 'http') or not parts.hostname:
+            raise ValueError('key server URL must be https://host:port, '
+                             'not %r' % (url,))
+        self.url = url
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == 'https' else 80)
+        self.prefix = parts.path.rstrip('/')
+        if self.prefix.endswith(API_PREFIX):
+            self.prefix = self.prefix[:-len(API_PREFIX)]
+        self.timeout = timeout
+        self.context = None
+        if self.scheme == 'https':
+            import ssl
+            self.context = ssl.create_default_context(cafile=ca_file)
+            self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if client_cert:
+                self.context.load_cert_chain(client_cert, client_key)
+        self._local = threading.local()
+
+    def _connection(self):
+        import http.client
+        conn = getattr(self._local, 'conn', None)
+        if conn is None:
+            if self.context is not None:
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout,
+                    context=self.context)
+            else:
+                conn = http.client.HTTPConnection(
+                    self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def close(self):
+        conn = getattr(self._local, 'conn', None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method, path, body=None, headers=None):
+        import http.client
+        conn = self._connection()
+        try:
+            conn.request(method, self.prefix + path, body=body,
+                         headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            if isinstance(e, OSError):
+                raise
+            raise ConnectionError(str(e)[:100]) from None
+        if response.will_close:
+            self.close()
+        return response.status, data
+
+
+class WSGITransport:
+    """Requests handed to a WSGI application in this process (no socket):
+    what :func:`zodbkmi.testing.setupRestApi` uses."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def close(self):
+        pass
+
+    def request(self, method, path, body=None, headers=None):
+        import io
+        body = body or b''
+        environ = {
+            'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
+            'QUERY_STRING': '', 'SERVER_NAME': 'localhost',
+            'SERVER_PORT': '443', 'SERVER_PROTOCOL': 'HTTP/1.1',
+            'REMOTE_ADDR': '127.0.0.1', 'wsgi.url_scheme': 'https',
+            'wsgi.input': io.BytesIO(body), 'wsgi.errors': io.StringIO(),
+            'wsgi.version': (1, 0), 'wsgi.multithread': True,
+            'wsgi.multiprocess': False, 'wsgi.run_once': False,
+            'CONTENT_LENGTH': str(len(body)),
+        }
+        for name, value in (headers or {}).items():
+            key = name.upper().replace('-', '_')
+            if key == 'CONTENT_TYPE':
+                environ[key] = value
+            elif key != 'CONTENT_LENGTH':
+                environ['HTTP_' + key] = value
+        result = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            result['status'] = int(status.split(' ', 1)[0])
+        chunks = self.app(environ, start_response)
+        try:
+            data = b''.join(chunks)
+        finally:
+            close = getattr(chunks, 'close', None)
+            if close is not None:
+                close()
+        return result['status'], data

@@ -1,0 +1,289 @@
+"""Check the byte formats against the fixed JSON vectors of tests/vectors.
+
+The vectors were generated once by ``tests/vectors/generate.py`` and never
+change: every valid one must still open (and, where its nonce is given, be
+reproduced byte for byte), every invalid one must raise exactly the
+exception it names.
+"""
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import unittest
+
+from zodbkmi import exceptions
+
+VECTORS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       'vectors')
+
+
+def load(name):
+    with open(os.path.join(VECTORS, name)) as f:
+        return json.load(f)
+
+
+def unhex(value):
+    return None if value is None else bytes.fromhex(value)
+
+
+class VectorChecks:
+    """Checks shared by the vector files (a mixin)."""
+
+    name = None
+
+    def setUp(self):
+        self.doc = load(self.name)
+
+    def assertRaisesExactly(self, error_name, func, *args):
+        expected = getattr(exceptions, error_name)
+        try:
+            func(*args)
+        except exceptions.ZodbKmiError as e:
+            self.assertIs(type(e), expected, '%s instead of %s: %s'
+                          % (type(e).__name__, error_name, e))
+            return e
+        self.fail('no %s raised' % error_name)
+
+    def test_names_are_unique(self):
+        names = [v['name'] for v in self.doc['valid'] + self.doc['invalid']]
+        self.assertEqual(len(names), len(set(names)))
+
+    def test_has_valid_and_invalid_vectors(self):
+        self.assertGreater(len(self.doc['valid']), 1)
+        self.assertGreater(len(self.doc['invalid']), 5)
+
+
+class EnvelopeVectorTests(VectorChecks, unittest.TestCase):
+
+    name = 'envelope.json'
+
+    def _open(self, v, data=None):
+        from zodbkmi.format.envelope import open_envelope
+        return open_envelope(unhex(v['dek_id']), unhex(v['dek']),
+                             unhex(v['envelope']) if data is None else data,
+                             v['context'], unhex(v['oid']))
+
+    def test_valid_vectors_open(self):
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                self.assertEqual(self._open(v), unhex(v['plaintext']))
+
+    def test_valid_vectors_are_reproduced(self):
+        from zodbkmi.format.envelope import Sealer
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                sealer = Sealer(unhex(v['dek_id']), unhex(v['dek']))
+                self.assertEqual(
+                    sealer.seal(unhex(v['plaintext']), v['context'],
+                                unhex(v['oid']), _nonce=unhex(v['nonce'])),
+                    unhex(v['envelope']))
+
+    def test_valid_vectors_layout(self):
+        from zodbkmi.format import envelope
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                data = unhex(v['envelope'])
+                self.assertEqual(len(data), envelope.OVERHEAD
+                                 + len(unhex(v['plaintext'])))
+                self.assertEqual(data[:6], b'.zk\x01\x01'
+                                 + bytes([v['context']]))
+                self.assertEqual(data[6:22], unhex(v['dek_id']))
+                self.assertEqual(data[22:34], unhex(v['nonce']))
+                self.assertEqual(
+                    envelope.read_dek_id(data, v['context']),
+                    unhex(v['dek_id']))
+
+    def test_invalid_vectors_raise_their_error(self):
+        for v in self.doc['invalid']:
+            with self.subTest(v['name']):
+                self.assertRaisesExactly(v['error'], self._open, v)
+
+    def test_every_rejection_is_covered(self):
+        errors = {v['error'] for v in self.doc['invalid']}
+        self.assertEqual(errors, {
+            'TruncatedDataError', 'UnsupportedFormatError',
+            'AuthenticationError', 'UnknownKeyError'})
+
+
+class WrappedVectorTests(VectorChecks, unittest.TestCase):
+
+    name = 'wrapped.json'
+
+    def _kek(self, name):
+        from zodbkmi.kek import AESKeyEncryptingKey
+        from zodbkmi.kek import RSAKeyEncryptingKey
+        from zodbkmi.kek import RSAPublicKeyEncryptingKey
+        k = self.doc['keys'][name]
+        if k['kind'] == 'aes':
+            return AESKeyEncryptingKey(unhex(k['key']), k['kek_id'])
+        if k['kind'] == 'rsa':
+            return RSAKeyEncryptingKey.from_pem(k['private_pem'].encode())
+        return RSAPublicKeyEncryptingKey.from_pem(k['public_pem'].encode())
+
+    def test_kek_ids_are_derived(self):
+        from zodbkmi.kek import aes_key_id
+        for name, k in self.doc['keys'].items():
+            with self.subTest(name):
+                kek = self._kek(name)
+                self.assertEqual(kek.key_id, k['kek_id'])
+                if k['kind'] == 'aes' and name != 'aes-impostor':
+                    self.assertEqual(aes_key_id(unhex(k['key'])),
+                                     k['kek_id'])
+        self.assertNotEqual(aes_key_id(unhex(
+            self.doc['keys']['aes-impostor']['key'])),
+            self.doc['keys']['aes-impostor']['kek_id'])
+
+    def test_test_keys_are_marked_public(self):
+        for name in ('aes', 'other-aes', 'rsa'):
+            self.assertIn('PUBLIC TEST KEY',
+                          self.doc['keys'][name]['comment'])
+
+    def test_valid_vectors_unwrap(self):
+        from zodbkmi.format import wrapped
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                self.assertEqual(
+                    wrapped.unwrap(self._kek(v['kek']), unhex(v['wrapped'])),
+                    (unhex(v['dek_id']), unhex(v['dek'])))
+
+    def test_valid_vectors_parse(self):
+        from zodbkmi.format import wrapped
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                data = unhex(v['wrapped'])
+                parsed = wrapped.parse(data)
+                self.assertEqual(parsed.suite, v['suite'])
+                self.assertEqual(parsed.dek_id, unhex(v['dek_id']))
+                self.assertEqual(parsed.kek_id, v['kek_id'])
+                self.assertEqual(parsed.header, wrapped.build_header(
+                    v['suite'], unhex(v['dek_id']), v['kek_id']))
+                self.assertEqual(parsed.header + parsed.blob, data)
+
+    def test_aes_vectors_are_reproduced(self):
+        from zodbkmi.format import wrapped
+        count = 0
+        for v in self.doc['valid']:
+            if v['nonce'] is None:
+                continue
+            with self.subTest(v['name']):
+                kek = self._kek(v['kek'])
+                header = wrapped.build_header(kek.suite, unhex(v['dek_id']),
+                                              kek.key_id)
+                self.assertEqual(
+                    header + kek.wrap(unhex(v['dek']), header,
+                                      _nonce=unhex(v['nonce'])),
+                    unhex(v['wrapped']))
+                count += 1
+        self.assertGreater(count, 1)
+
+    def test_invalid_vectors_raise_their_error(self):
+        from zodbkmi.format import wrapped
+        for v in self.doc['invalid']:
+            with self.subTest(v['name']):
+                self.assertRaisesExactly(v['error'], wrapped.unwrap,
+                                         self._kek(v['kek']),
+                                         unhex(v['wrapped']))
+
+    def test_every_rejection_is_covered(self):
+        errors = {v['error'] for v in self.doc['invalid']}
+        self.assertEqual(errors, {
+            'TruncatedDataError', 'UnsupportedFormatError',
+            'AuthenticationError', 'WrongKeyError', 'InvalidKeyError'})
+
+
+class VaultEntryVectorTests(VectorChecks, unittest.TestCase):
+
+    name = 'vault-entry.json'
+
+    def test_valid_vectors_are_written_exactly(self):
+        from zodbkmi.vault import VaultEntry
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                entry = VaultEntry(v['dek_id'], v['kek_id'],
+                                   unhex(v['wrapped']), v['state'],
+                                   v['created'])
+                self.assertEqual(entry.to_json(), v['json'].encode())
+
+    def test_valid_vectors_are_read(self):
+        from zodbkmi.vault import VaultEntry
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                entry = VaultEntry.from_json(v['json'].encode())
+                self.assertEqual(
+                    (entry.dek_id, entry.kek_id, entry.state, entry.created,
+                     entry.wrapped),
+                    (v['dek_id'], v['kek_id'], v['state'], v['created'],
+                     unhex(v['wrapped'])))
+
+    def test_invalid_vectors_raise_their_error(self):
+        from zodbkmi.vault import VaultEntry
+        for v in self.doc['invalid']:
+            with self.subTest(v['name']):
+                e = self.assertRaisesExactly(
+                    v['error'], VaultEntry.from_json, v['json'].encode(),
+                    'vector')
+                self.assertIn('vector', str(e))
+
+
+class KeyFileVectorTests(VectorChecks, unittest.TestCase):
+
+    name = 'key-file.json'
+
+    def setUp(self):
+        super().setUp()
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-vectors-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def _write(self, v):
+        path = os.path.join(self.tmp, v['name'])
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            f.write(v['content'])
+        return path
+
+    def test_valid_vectors_are_read(self):
+        from zodbkmi.kek import as_kek
+        from zodbkmi.keyholder import read_key_file
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                key = read_key_file(self._write(v))
+                self.assertEqual(as_kek(key).key_id, v['kek_id'])
+
+    def test_invalid_vectors_raise_their_error(self):
+        from zodbkmi.keyholder import read_key_file
+        for v in self.doc['invalid']:
+            with self.subTest(v['name']):
+                self.assertRaisesExactly(v['error'], read_key_file,
+                                         self._write(v))
+
+
+class GeneratorTests(unittest.TestCase):
+    """The generator keeps released files and is deterministic where the
+    formats are (fixed nonces)."""
+
+    def _module(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            'zodbkmi_generate_vectors', os.path.join(VECTORS, 'generate.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def _read(self, directory, name):
+        with open(os.path.join(directory, name), 'rb') as f:
+            return f.read()
+
+    def test_generator_keeps_released_files_and_reproduces_the_others(self):
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-vectors-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        shutil.copy(os.path.join(VECTORS, 'wrapped.json'), tmp)
+        with open(os.path.join(tmp, 'key-file.json'), 'w') as f:
+            f.write('released\n')
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(self._module().main(['--out', tmp]), 0)
+        self.assertEqual(self._read(tmp, 'key-file.json'), b'released\n')
+        for name in ('wrapped.json', 'envelope.json', 'vault-entry.json'):
+            self.assertEqual(self._read(tmp, name),
+                             self._read(VECTORS, name), name)
