@@ -575,3 +575,28 @@ class BlobTests(_TempDir, unittest.TestCase):
                 storage.openCommittedBlobFile(p64(1), serial)
         finally:
             storage.close()
+
+    def test_migrate_mode_reads_plaintext_blob(self):
+        import ZODB.blob
+        from zodbkmi.storage import DECRYPT_ONLY
+        from zodbkmi.storage import MIGRATE
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'plain blob')
+        db.close()
+        with open(self._blob_files()[0], 'rb') as f:
+            self.assertEqual(f.read(), b'plain blob')
+        db = ZODB.DB(self._makeOne(mode=MIGRATE))
+        with db.transaction() as conn:
+            with conn.root()['blob'].open() as f:
+                self.assertEqual(f.read(), b'plain blob')
+            conn.root()['blob2'] = ZODB.blob.Blob(b'new blob')
+        db.close()
+        sealed = [p for p in self._blob_files()
+                  if open_read(p).startswith(b'zks')]
+        self.assertEqual(len(sealed), 1)
+
+
+def open_read(path):
+    with open(path, 'rb') as f:
+        return f.read()
