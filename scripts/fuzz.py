@@ -7,7 +7,9 @@ Usage::
     python scripts/fuzz.py all -atheris_runs=20000          # every target
 
 Targets: envelope (header parsing and opening), wrapped (wrapped DEK parsing
-and unwrapping), vault (vault entry documents), all.  A target fails (and
+and unwrapping), vault (vault entry documents), rest (requests to the key
+server's WSGI application: every answer must be a 4xx or 2xx with a JSON
+body, never a 5xx), all.  A target fails (and
 libFuzzer writes a crash-* file) when a parser returns bytes it should not
 have accepted or raises anything but its documented exceptions.  The test
 suite runs every target briefly (tests/test_fuzz.py); longer runs are for
@@ -23,6 +25,7 @@ with atheris.instrument_imports():
     from zodbkmi.format import wrapped
     from zodbkmi.kek import AESKeyEncryptingKey
     from zodbkmi.vault import VaultEntry
+    from zodbkmi import rest
 
 DEK_ID = bytes(range(16))
 SEALER = envelope.Sealer(DEK_ID, bytes(range(32, 64)))
@@ -79,8 +82,55 @@ def fuzz_vault(data):
         return
 
 
+_REST = {}
+_TOKENS = ['admin-token', 'client-token', 'wrong']
+
+
+def _rest_app():
+    if not _REST:
+        import atexit
+        import json
+        import shutil
+        import tempfile
+
+        from zodbkmi.facility import KeyManagementFacility
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-fuzz-')
+        atexit.register(shutil.rmtree, tmp, True)
+        facility = KeyManagementFacility(tmp)
+        facility.create_key(KEK)
+        tokens = rest.TokenTable([
+            ('a', 'admin', rest.hash_token(_TOKENS[0])),
+            ('c', 'client', rest.hash_token(_TOKENS[1]))])
+        _REST['app'] = rest.KeyServerApp(facility, tokens, max_body=4096)
+        _REST['transport'] = rest.WSGITransport(_REST['app'])
+        _REST['json'] = json
+        _REST['dek_id'] = facility.keys()[0]
+    return _REST
+
+
+def fuzz_rest(data):
+    r = _rest_app()
+    fdp = atheris.FuzzedDataProvider(data)
+    method = fdp.PickValueInList(['GET', 'POST', 'DELETE', 'PUT', 'HEAD'])
+    path = fdp.PickValueInList([
+        '/v1/keys', '/v1/keys/' + r['dek_id'],
+        '/v1/keys/%s/retire' % r['dek_id'], '/v1/status', '/v1/health',
+        '/v1/keks/%s/active' % KEK.key_id, '/v1/keys/',
+        fdp.ConsumeUnicodeNoSurrogates(60)])
+    headers = {'Authorization': 'Bearer ' + fdp.PickValueInList(_TOKENS),
+               'Content-Type': fdp.PickValueInList(
+                   ['application/json', 'text/plain',
+                    'application/json; charset=utf-8', ''])}
+    body = fdp.ConsumeBytes(fdp.remaining_bytes())
+    if method == 'DELETE':
+        method = 'GET'   # keep the key; deletion is covered by the tests
+    status, answer = r['transport'].request(method, path, body, headers)
+    assert 200 <= status < 500, status
+    assert isinstance(r['json'].loads(answer), dict)
+
+
 TARGETS = {'envelope': fuzz_envelope, 'wrapped': fuzz_wrapped,
-           'vault': fuzz_vault}
+           'vault': fuzz_vault, 'rest': fuzz_rest}
 
 
 def main(argv=None):

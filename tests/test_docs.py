@@ -19,7 +19,9 @@ TOP = os.path.dirname(HERE)
 
 #: docs/*.rst file name -> the test module that runs it with its own setup.
 OWN_SUITE = {
-    'storage.rst',   # tests/test_storage_relstorage.py (PostgreSQL)
+    'storage.rst': 'tests.test_storage_relstorage',
+    'keysources.rst': 'tests.test_sources',
+    'server.rst': 'tests.test_server',
 }
 
 FLAGS = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

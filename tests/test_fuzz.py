@@ -31,3 +31,6 @@ class FuzzTests(unittest.TestCase):
 
     def test_fuzz_vault(self):
         self._fuzz('vault')
+
+    def test_fuzz_rest(self):
+        self._fuzz('rest')

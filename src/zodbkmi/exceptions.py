@@ -114,3 +114,29 @@ class KeyServerError(ZodbKmiError, ConnectionError):
         super().__init__(message)
         self.status = status
         self.reason = reason
+
+
+class SettingsError(ZodbKmiError, ValueError):
+    """Encryption settings are malformed.
+
+    Raised by :mod:`zodbkmi.sources.settings` for an unknown or missing
+    setting, a value of the wrong type, an unknown key source or algorithm,
+    and a settings file or environment variable that is not JSON.  The
+    message is one line naming the setting, never its secret value.
+    """
+
+
+class KeySourceError(ZodbKmiError):
+    """A key source or an external KMS/HSM cannot deliver its service.
+
+    Raised when a key file or environment variable is missing or readable
+    by others, when Vault/OpenBao is down, sealed, times out, refuses the
+    token (403), has no such secret or Transit key (404 and kin), and when
+    a PKCS#11 library, token or key is missing or the PIN is wrong.
+    ``source`` names the source (a URL and path, a file name, a token
+    label), never a key, a token or a PIN.
+    """
+
+    def __init__(self, message, source=None):
+        super().__init__(message)
+        self.source = source
