@@ -38,18 +38,30 @@ class RelStorageTests(unittest.TestCase):
             db.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _makeOne(self, keep_history=False, **kw):
+    def _base(self, keep_history=False, cache_local_mb=0):
         from relstorage.adapters.postgresql import PostgreSQLAdapter
         from relstorage.options import Options
         from relstorage.storage import RelStorage
         # cache_local_mb=0: RelStorage's local cache takes any state that
         # starts with b'.z' for zlib data, and the envelope magic is b'.zk'
-        opts = Options(keep_history=keep_history, cache_local_mb=0,
+        opts = Options(keep_history=keep_history,
+                       cache_local_mb=cache_local_mb,
                        blob_dir=os.path.join(self.tmp, 'blobs'),
                        shared_blob_dir=False)
-        base = RelStorage(PostgreSQLAdapter(dsn=self.dsn, options=opts),
+        return RelStorage(PostgreSQLAdapter(dsn=self.dsn, options=opts),
                           options=opts)
-        return EncryptingStorage(base, self.facility, KeyEncryptingKey, **kw)
+
+    def _makeOne(self, keep_history=False, **kw):
+        return EncryptingStorage(self._base(keep_history), self.facility,
+                                 KeyEncryptingKey, **kw)
+
+    def test_refuses_local_cache(self):
+        base = self._base(cache_local_mb=10)
+        try:
+            with self.assertRaises(ValueError):
+                EncryptingStorage(base, self.facility, KeyEncryptingKey)
+        finally:
+            base.close()
 
     def _db(self, **kw):
         db = ZODB.DB(self._makeOne(**kw))
