@@ -348,6 +348,13 @@ class EncryptingStorageTests(_TempDir, unittest.TestCase):
         with open('Data.fs', 'rb') as f:
             self.assertNotIn(SECRET.encode(), f.read())
 
+    def test_refuses_zlibstorage_inside(self):
+        import zc.zlibstorage
+        import ZODB.MappingStorage
+        with self.assertRaises(ValueError):
+            self._makeOne(zc.zlibstorage.ZlibStorage(
+                ZODB.MappingStorage.MappingStorage()))
+
     def test_stacks_under_another_wrapper(self):
         import zc.zlibstorage
         storage = zc.zlibstorage.ZlibStorage(self._makeOne())

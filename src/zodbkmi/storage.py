@@ -88,6 +88,11 @@ def _oid_text(oid):
 
 def _check_base(base):
     """Refuse base storages known to misread record envelopes."""
+    if type(base).__module__.startswith('zc.zlibstorage'):
+        raise ValueError(
+            'put zc.zlibstorage outside EncryptingStorage: it takes '
+            'encrypted records for its own (b".z") and compressing '
+            'ciphertext gains nothing')
     options = getattr(base, '_options', None)
     if (type(base).__name__ == 'RelStorage'
             and getattr(options, 'cache_local_mb', 0)):
