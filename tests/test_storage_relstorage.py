@@ -55,6 +55,23 @@ class RelStorageTests(unittest.TestCase):
         return EncryptingStorage(self._base(keep_history), self.facility,
                                  KeyEncryptingKey, **kw)
 
+    def test_every_data_method_of_mvcc_interfaces_is_wrapped(self):
+        import zope.interface
+        from zodbkmi.storage import PASS_THROUGH
+        storage = self._makeOne()
+        try:
+            names = set()
+            for iface in zope.interface.providedBy(storage).flattened():
+                if iface.__module__ == 'ZODB.interfaces':
+                    names.update(n for n, d in iface.namesAndDescriptions(
+                        all=True) if hasattr(d, 'getSignatureString'))
+            self.assertIn('new_instance', names)
+            self.assertEqual(
+                sorted(n for n in names if n not in PASS_THROUGH
+                       and n not in vars(EncryptingStorage)), [])
+        finally:
+            storage.close()
+
     def test_refuses_local_cache(self):
         base = self._base(cache_local_mb=10)
         try:
