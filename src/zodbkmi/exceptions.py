@@ -4,6 +4,7 @@ Every error zodbkmi raises on purpose derives from :class:`ZodbKmiError`.
 Messages name key ids, object ids and file names, never key bytes, tokens
 or plaintext.  Each leaf below lists the reasons it is raised.
 """
+from zope.interface.interfaces import ComponentLookupError
 
 
 class ZodbKmiError(Exception):
@@ -31,6 +32,16 @@ class UnknownKeyError(ZodbKmiError, LookupError):
     def __init__(self, message, key_id=None):
         super().__init__(message)
         self.key_id = key_id
+
+
+class NoKeyHolderError(UnknownKeyError, ComponentLookupError):
+    """No key holder or no encryption service is registered.
+
+    Raised by :class:`zodbkmi.persistent.EncryptedPersistent` when it needs
+    the ``IKeyHolder`` or the ``IEncryptionService`` utility and none is
+    registered; the message says what to register.  A
+    ``ComponentLookupError`` too, as keas.kmi raised.
+    """
 
 
 class DecryptionError(ZodbKmiError):
