@@ -10,13 +10,23 @@ def read(*names):
         return f.read()
 
 
+STORAGE_REQUIRE = [
+    'ZEO >= 6',
+    'zodburi >= 3',
+]
+RELSTORAGE_REQUIRE = [
+    'RelStorage >= 4',
+    'psycopg2-binary',
+]
 VAULT_REQUIRE = ['urllib3 >= 2']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
 SERVER_REQUIRE = [
     'granian >= 2.5',
 ]
 
-TESTS_REQUIRE = SERVER_REQUIRE + [
+TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
+    'manuel',
+    'zope.testing',
     'schemathesis',
     'Sphinx',
     'atheris',
@@ -64,10 +74,19 @@ setup(
         'vault': VAULT_REQUIRE,
         'pkcs11': PKCS11_REQUIRE,
         'docs': ['Sphinx'],
+        'storage': STORAGE_REQUIRE,
+        'relstorage': RELSTORAGE_REQUIRE,
     },
     entry_points={
         'console_scripts': [
             'zodbkmi = zodbkmi.cli:main',
+        ],
+        'zodburi.resolvers': [
+            'zodbkmi+file = zodbkmi.config:uri_resolver',
+            'zodbkmi+zeo = zodbkmi.config:uri_resolver',
+            'zodbkmi+memory = zodbkmi.config:uri_resolver',
+            'zodbkmi+demo = zodbkmi.config:uri_resolver',
+            'zodbkmi+zconfig = zodbkmi.config:uri_resolver',
         ],
     },
 )

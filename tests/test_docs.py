@@ -19,6 +19,7 @@ TOP = os.path.dirname(HERE)
 
 #: docs/*.rst file name -> the test module that runs it with its own setup.
 OWN_SUITE = {
+    'storage.rst': 'tests.test_storage_relstorage',
     'persistent.rst': 'tests.test_persistent',
     'keysources.rst': 'tests.test_sources',
     'server.rst': 'tests.test_server',

@@ -107,18 +107,6 @@ def _read_public(path):
     return files.recipient_kek(data)
 
 
-def _run(func, args):
-    try:
-        files.transform(func, args.input, args.output, args.force,
-                        args.progress)
-    except BrokenPipeError:
-        # the reader of our output went away (``| head``): not our error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
-    return 0
-
-
 def encrypt_file(args):
     if args.recipient:
         if args.key_file or args.key_dir:
@@ -136,7 +124,9 @@ def encrypt_file(args):
 
         def func(fsrc, fdst):
             return facility.encrypt_file(key, fsrc, fdst, args.chunk_size)
-    return _run(func, args)
+    files.transform(func, args.input, args.output, args.force,
+                    args.progress)
+    return 0
 
 
 def decrypt_file(args):
@@ -152,7 +142,9 @@ def decrypt_file(args):
     else:
         def func(fsrc, fdst):
             return files.decrypt_with_private_key(key, fsrc, fdst)
-    return _run(func, args)
+    files.transform(func, args.input, args.output, args.force,
+                    args.progress)
+    return 0
 
 
 def public_key(args):

@@ -1,0 +1,105 @@
+"""ZConfig factories of the storage wrappers (``%import zodbkmi``)."""
+import os
+
+from zodbkmi.facility import KeyManagementFacility
+from zodbkmi.keyholder import read_key_file
+from zodbkmi.storage import DECRYPT_ONLY
+from zodbkmi.storage import MODES
+from zodbkmi.storage import EncryptingStorage
+from zodbkmi.storage import ServerEncryptingStorage
+
+
+def mode(value):
+    """ZConfig datatype of the ``mode`` key."""
+    value = value.strip().lower()
+    if value not in MODES:
+        raise ValueError('mode must be one of %s, not %r'
+                         % (', '.join(MODES), value))
+    return value
+
+
+def open_keys(key_file, key_dir, previous_key_files=(), mode='strict'):
+    """Return ``(facility, key, previous_keys)`` for the key settings.
+
+    The active data key of the key encrypting key is created in
+    ``key_dir`` when there is none (not in decrypt-only mode).
+    """
+    key = read_key_file(key_file)
+    previous = tuple(read_key_file(p) for p in previous_key_files or ())
+    facility = KeyManagementFacility(os.path.abspath(key_dir))
+    if mode != DECRYPT_ONLY:
+        facility.ensure_key(key)
+    return facility, key, previous
+
+
+class EncryptingStorageFactory:
+    """Opens an ``<encryptingstorage>`` section."""
+
+    _factory = EncryptingStorage
+
+    def __init__(self, config):
+        self.config = config
+        self.name = config.getSectionName()
+
+    def open(self):
+        c = self.config
+        facility, key, previous = open_keys(
+            c.key_file, c.key_dir, c.previous_key_files, c.mode)
+        return self._factory(c.base.open(), facility, key, previous,
+                             mode=c.mode)
+
+
+class ServerEncryptingStorageFactory(EncryptingStorageFactory):
+    """Opens a ``<serverencryptingstorage>`` section."""
+
+    _factory = ServerEncryptingStorage
+
+
+#: Query parameters of the zodburi scheme that belong to zodbkmi.
+URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode')
+
+
+def uri_resolver(uri):
+    """zodburi resolver of ``zodbkmi+<scheme>://...``.
+
+    The URI is the URI of the storage to wrap with ``zodbkmi+`` in front
+    and the key settings in its query: ``key_file`` and ``key_dir``
+    (required), ``previous_key_file`` (repeatable) and ``mode``.  Returns
+    ``(factory, dbkw)`` as zodburi resolvers do.
+    """
+    import urllib.parse
+
+    import zodburi
+
+    scheme, sep, rest = uri.partition(':')
+    if not scheme.startswith('zodbkmi+') or not sep:
+        raise ValueError('not a zodbkmi URI: %r' % uri)
+    inner_scheme = scheme[len('zodbkmi+'):]
+    path, _, query = rest.partition('?')
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    ours = {}
+    previous = []
+    others = []
+    for name, value in pairs:
+        if name == 'previous_key_file':
+            previous.append(value)
+        elif name in URI_PARAMETERS:
+            ours[name] = value
+        else:
+            others.append((name, value))
+    for name in ('key_file', 'key_dir'):
+        if not ours.get(name):
+            raise ValueError('zodbkmi URI without %s' % name)
+    wanted = mode(ours.get('mode', 'strict'))
+    inner = inner_scheme + ':' + path
+    if others:
+        inner += '?' + urllib.parse.urlencode(others)
+    # the raw keywords: zodburi interprets them once, for the outer URI
+    base_factory, dbkw = zodburi._get_uri_factory_and_dbkw(inner)
+
+    def factory():
+        facility, key, prev = open_keys(ours['key_file'], ours['key_dir'],
+                                        previous, wanted)
+        return EncryptingStorage(base_factory(), facility, key, prev,
+                                 mode=wanted)
+    return factory, dbkw

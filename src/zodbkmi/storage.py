@@ -1,0 +1,693 @@
+"""EncryptingStorage: a ZODB storage wrapper that encrypts every record.
+
+:class:`EncryptingStorage` wraps any ZODB storage (FileStorage, a ZEO
+client, RelStorage, ...) the way ``zc.zlibstorage`` does: records are
+sealed on their way down (``store``, ``restore``, ``storeBlob``,
+``restoreBlob``) and opened on their way up (``load``, ``loadBefore``,
+``loadSerial``, ``iterator``, ``record_iternext``), so the wrapped storage
+only ever sees ciphertext.  Each record is a record envelope (see
+``docs/format.rst``) bound to its 8 byte oid: a record moved to another
+object does not authenticate.
+
+Three modes (see ``docs/storage.rst``):
+
+``strict`` (the default)
+    Records are written encrypted; a record that is not an envelope is
+    refused with :class:`~zodbkmi.exceptions.NotEncryptedError`.
+``migrate``
+    Records are written encrypted; plaintext records are read as they are.
+``decrypt-only``
+    Records are written in plaintext; both plaintext and encrypted records
+    are read.  The first step of a rolling upgrade of several clients.
+"""
+import os
+import shutil
+import stat
+import tempfile
+import threading
+
+import transaction
+
+import ZODB.blob
+import ZODB.interfaces
+import zope.interface
+from ZODB.utils import oid_repr
+
+from zodbkmi.exceptions import DecryptionError
+from zodbkmi.exceptions import NotEncryptedError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.format import envelope
+from zodbkmi.format import stream
+
+_STREAM_MAGIC = stream.MAGIC
+_STREAM_MAGIC_SIZE = len(_STREAM_MAGIC)
+
+STRICT = 'strict'
+MIGRATE = 'migrate'
+DECRYPT_ONLY = 'decrypt-only'
+MODES = (STRICT, MIGRATE, DECRYPT_ONLY)
+
+_MAGIC = envelope.MAGIC
+_MAGIC_SIZE = len(_MAGIC)
+# the nonce of a record envelope: unique per sealed record
+_NONCE = slice(envelope.HEADER_SIZE - envelope.NONCE_SIZE,
+               envelope.HEADER_SIZE)
+
+#: Storage interfaces the wrapper provides when its base storage does.
+#: Every data-carrying method of these is implemented by the wrapper
+#: itself (``tests/test_storage.py`` walks them to prove it).
+CONDITIONAL_INTERFACES = (
+    ZODB.interfaces.IStorageRestoreable,
+    ZODB.interfaces.IStorageIteration,
+    ZODB.interfaces.IStorageUndoable,
+    ZODB.interfaces.IStorageCurrentRecordIteration,
+    ZODB.interfaces.IExternalGC,
+    ZODB.interfaces.IBlobStorage,
+    ZODB.interfaces.IBlobStorageRestoreable,
+    ZODB.interfaces.IMVCCStorage,
+    ZODB.interfaces.IMVCCPrefetchStorage,
+    ZODB.interfaces.IMVCCAfterCompletionStorage,
+    ZODB.interfaces.IPrefetchStorage,
+    ZODB.interfaces.IMultiCommitStorage,
+)
+
+#: Methods of the provided interfaces that carry no record data and go to
+#: the base storage unchanged (with the reason in ``docs/storage.rst``).
+PASS_THROUGH = frozenset((
+    'close', 'getName', 'getSize', 'history', 'isReadOnly',
+    'lastTransaction', 'new_oid', 'sortKey', 'tpc_begin', 'tpc_vote',
+    'supportsUndo', 'undoLog', 'undoInfo', 'checkCurrentSerialInTransaction',
+    'deleteObject', 'prefetch', 'temporaryDirectory', 'release',
+    'poll_invalidations', 'sync', 'afterCompletion',
+))
+
+
+def _oid_text(oid):
+    return oid_repr(oid) if isinstance(oid, bytes) else repr(oid)
+
+
+def _check_base(base):
+    """Refuse base storages known to misread record envelopes."""
+    if type(base).__module__.startswith('zc.zlibstorage'):
+        raise ValueError(
+            'put zc.zlibstorage outside EncryptingStorage: it takes '
+            'encrypted records for its own (b".z") and compressing '
+            'ciphertext gains nothing')
+    options = getattr(base, '_options', None)
+    if (type(base).__name__ == 'RelStorage'
+            and getattr(options, 'cache_local_mb', 0)):
+        # RelStorage's local cache takes every state that starts with
+        # b'.z' (zc.zlibstorage's marker) for zlib data; envelopes start
+        # with b'.zk'.
+        raise ValueError(
+            'RelStorage under EncryptingStorage needs cache-local-mb 0 '
+            '(its local cache misreads encrypted records)')
+
+
+def _remove(name):
+    try:
+        os.remove(name)
+    except OSError:
+        pass
+
+
+def _annotate(error, oid):
+    """Name ``oid`` in ``error`` (a zodbkmi error) and keep its type."""
+    error.oid = oid
+    if error.args:
+        error.args = ('oid %s: %s' % (_oid_text(oid), error.args[0]),
+                      ) + error.args[1:]
+    return error
+
+
+class EncryptingStorage:
+    """Encrypt every record of ``base`` with keys found through ``facility``.
+
+    ``facility`` is an :class:`~zodbkmi.interfaces.IEncryptionService`;
+    ``key`` the key encrypting key whose active data key seals new records
+    and ``previous_keys`` older KEKs kept for reading after a KEK rotation.
+    ``keyholder`` (an :class:`~zodbkmi.interfaces.IKeyHolder`) may be given
+    instead of ``key`` and ``previous_keys``.  ``mode`` is one of
+    :data:`STRICT`, :data:`MIGRATE` and :data:`DECRYPT_ONLY`.
+    """
+
+    def __init__(self, base, facility, key=None, previous_keys=(),
+                 keyholder=None, mode=STRICT):
+        if keyholder is not None:
+            if key is not None:
+                raise TypeError('give key or keyholder, not both')
+            key = keyholder.key
+            previous_keys = tuple(keyholder.previous_keys or ())
+        if key is None:
+            raise TypeError('EncryptingStorage needs a key or a keyholder')
+        if mode not in MODES:
+            raise ValueError('unknown mode %r (one of %s)'
+                             % (mode, ', '.join(MODES)))
+        _check_base(base)
+        self.base = base
+        self.facility = facility
+        self.mode = mode
+        self._key = key
+        self._previous_keys = tuple(previous_keys)
+        self._decrypt_keys = ((key,) + self._previous_keys
+                              if self._previous_keys else key)
+        self._seal = facility.encrypt
+        self._unseal = facility.decrypt
+        self._write_plaintext = mode == DECRYPT_ONLY
+        self._read_plaintext = mode != STRICT
+        # oid hints for the paths that get no oid (conflict resolution,
+        # pack): nonce -> oid of records sealed in running transactions
+        self._pending = {}
+        self._txn_nonces = {}
+        self._pack_index = None
+        self._in_pack = False
+        self._local = threading.local()
+        self._blob_tmp = None
+        self._loaded_blobs = []
+        self.db = None
+
+        provided = [ZODB.interfaces.IStorageWrapper,
+                    ZODB.interfaces.IStorage]
+        provided.extend(i for i in CONDITIONAL_INTERFACES
+                        if i.providedBy(base))
+        zope.interface.directlyProvides(self, *provided)
+        base.registerDB(self)
+
+    def __repr__(self):
+        return '<%s (%s) around %r>' % (type(self).__name__, self.mode,
+                                        self.base)
+
+    def __getattr__(self, name):
+        # Methods without record data (see PASS_THROUGH) and attributes
+        # such as fshelper go to the base storage.
+        return getattr(self.base, name)
+
+    def __len__(self):
+        return len(self.base)
+
+    # -- sealing and opening ---------------------------------------------
+
+    def seal(self, data, oid):
+        """Return the record stored for the plaintext ``data`` of ``oid``
+        (plaintext in decrypt-only mode)."""
+        if self._write_plaintext or not data:
+            return data
+        return self._seal(self._key, data, oid)
+
+    def unseal(self, data, oid):
+        """Return the plaintext of the stored record ``data`` of ``oid``.
+
+        Raises a :class:`~zodbkmi.exceptions.DecryptionError` naming the
+        oid (``NotEncryptedError`` for plaintext in strict mode) or
+        :class:`~zodbkmi.exceptions.UnknownKeyError` for a missing key.
+        """
+        if not data:
+            return data   # deletion or undone creation: no state
+        if type(data) is not bytes:
+            data = bytes(data)   # RelStorage hands out memoryviews
+        if data[:_MAGIC_SIZE] == _MAGIC:
+            try:
+                return self._unseal(self._decrypt_keys, data, oid)
+            except (DecryptionError, UnknownKeyError) as e:
+                raise _annotate(e, oid)
+        if self._read_plaintext:
+            return data
+        raise NotEncryptedError(
+            'oid %s: the record is not encrypted (strict mode; open the '
+            'storage in migrate mode to read plaintext records)'
+            % _oid_text(oid))
+
+    def _sealed(self, data, oid, transaction):
+        sealed = self.seal(data, oid)
+        if sealed is not data:
+            # remembered for conflict resolution, which has no oid
+            nonce = sealed[_NONCE]
+            self._pending[nonce] = oid
+            self._txn_nonces.setdefault(transaction, []).append(nonce)
+        return sealed
+
+    def _forget(self, transaction):
+        for nonce in self._txn_nonces.pop(transaction, ()):
+            self._pending.pop(nonce, None)
+        self._local.oid = None
+        self._local.candidates = ()
+
+    # -- IStorage: reading -----------------------------------------------
+
+    def load(self, oid, version=''):
+        data, serial = self.base.load(oid, version)
+        return self.unseal(data, oid), serial
+
+    def loadBefore(self, oid, tid):
+        r = self.base.loadBefore(oid, tid)
+        if r is None:
+            return r
+        data, serial, after = r
+        return self.unseal(data, oid), serial, after
+
+    def loadSerial(self, oid, serial):
+        return self.unseal(self.base.loadSerial(oid, serial), oid)
+
+    # -- IStorage: writing -----------------------------------------------
+
+    def store(self, oid, serial, data, version, transaction):
+        return self.base.store(oid, serial,
+                               self._sealed(data, oid, transaction),
+                               version, transaction)
+
+    def restore(self, oid, serial, data, version, prev_txn, transaction):
+        sealed = self._same_as_before(oid, data, prev_txn)
+        if sealed is None:
+            sealed = self._sealed(data, oid, transaction)
+        return self.base.restore(oid, serial, sealed, version, prev_txn,
+                                 transaction)
+
+    def _same_as_before(self, oid, data, prev_txn):
+        # restore() with prev_txn lets a storage write a backpointer when
+        # the data equals the record of prev_txn: reuse that record (same
+        # oid, so the binding holds) rather than sealing a fresh copy.
+        if not prev_txn or not data:
+            return None
+        try:
+            old = self.base.loadSerial(oid, prev_txn)
+            if self.unseal(old, oid) == data:
+                return old
+        except Exception:
+            pass
+        return None
+
+    def undo(self, transaction_id, transaction):
+        """Undo in the base storage; the records it must read (conflict
+        resolution, blob records) are opened with the oids of the undone
+        transaction."""
+        self._local.candidates = self._undone_oids(transaction_id)
+        try:
+            return self.base.undo(transaction_id, transaction)
+        finally:
+            self._local.candidates = ()
+
+    def _undone_oids(self, transaction_id):
+        import base64
+        try:
+            tid = base64.decodebytes(transaction_id + b'\n')
+        except Exception:
+            return ()
+        if len(tid) != 8:
+            tid = transaction_id
+        oids = []
+        try:
+            it = self.base.iterator(tid, tid)
+        except Exception:
+            return ()
+        try:
+            for txn in it:
+                oids.extend(r.oid for r in txn)
+        finally:
+            getattr(it, 'close', lambda: None)()
+        return tuple(oids)
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version,
+                  transaction):
+        return self.base.storeBlob(oid, oldserial,
+                                   self._sealed(data, oid, transaction),
+                                   self._seal_blob(blobfilename), version,
+                                   transaction)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
+                    transaction):
+        return self.base.restoreBlob(oid, serial,
+                                     self._sealed(data, oid, transaction),
+                                     self._seal_blob(blobfilename), prev_txn,
+                                     transaction)
+
+    # -- blobs -----------------------------------------------------------
+
+    def _seal_blob(self, filename):
+        """Encrypt the blob file ``filename`` (which the storage owns from
+        now on) into a new file next to it; remove the plaintext."""
+        if self._write_plaintext or filename is None:
+            return filename
+        fd, sealed = tempfile.mkstemp(
+            suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
+        try:
+            with open(filename, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+                self.facility.encrypt_file(self._key, src, dst)
+        except BaseException:
+            os.remove(sealed)
+            raise
+        ZODB.blob.remove_committed(filename)
+        return sealed
+
+    def _private_dir(self):
+        path = self._blob_tmp
+        if path is None or not os.path.isdir(path):
+            path = self._blob_tmp = tempfile.mkdtemp(prefix='zodbkmi-blobs-')
+        return path
+
+    def _open_blob_plain(self, oid, serial, name=None):
+        """Decrypt the blob of ``oid``/``serial`` into a new file of the
+        private temporary directory; return its name.  Nothing is left
+        behind when decryption fails."""
+        source = self.base.loadBlob(oid, serial)
+        if name is None:
+            fd, name = tempfile.mkstemp(prefix=oid.hex() + '-' + serial.hex(),
+                                        suffix='.blob',
+                                        dir=self._private_dir())
+        else:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with open(source, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+                if src.read(_STREAM_MAGIC_SIZE) == _STREAM_MAGIC:
+                    src.seek(0)
+                    try:
+                        self.facility.decrypt_file(self._decrypt_keys, src,
+                                                   dst)
+                    except (DecryptionError, UnknownKeyError) as e:
+                        raise _annotate(e, oid)
+                elif self._read_plaintext:
+                    src.seek(0)
+                    shutil.copyfileobj(src, dst)
+                else:
+                    raise NotEncryptedError(
+                        'oid %s: the blob file is not encrypted (strict '
+                        'mode)' % _oid_text(oid))
+        except BaseException:
+            os.remove(name)
+            raise
+        os.chmod(name, stat.S_IRUSR)
+        return name
+
+    def loadBlob(self, oid, serial):
+        """The name of a plaintext copy of the blob, in a private
+        temporary directory (mode 0700); removed at the end of the current
+        transaction and when the storage is closed."""
+        name = os.path.join(self._private_dir(),
+                            '%s-%s.blob' % (oid.hex(), serial.hex()))
+        if os.path.exists(name):
+            return name
+        name = self._open_blob_plain(oid, serial, name)
+        self._loaded_blobs.append(name)
+        try:
+            txn = transaction.get()
+            txn.addAfterCommitHook(lambda ok, n=name: _remove(n))
+            txn.addAfterAbortHook(lambda n=name: _remove(n))
+        except Exception:
+            pass
+        return name
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        """An open file on the plaintext of the blob; its name is removed
+        at once, so no plaintext file stays behind when it is closed."""
+        loaded = os.path.join(self._private_dir(),
+                              '%s-%s.blob' % (oid.hex(), serial.hex()))
+        if os.path.exists(loaded):
+            # decrypted by loadBlob in this transaction: reuse it
+            if blob is None:
+                return open(loaded, 'rb')
+            return ZODB.blob.BlobFile(loaded, 'r', blob)
+        name = self._open_blob_plain(oid, serial)
+        try:
+            if blob is None:
+                f = open(name, 'rb')
+            else:
+                f = ZODB.blob.BlobFile(name, 'r', blob)
+        finally:
+            _remove(name)
+        return f
+
+    def close(self):
+        try:
+            return self.base.close()
+        finally:
+            for name in self._loaded_blobs:
+                _remove(name)
+            del self._loaded_blobs[:]
+            if self._blob_tmp is not None:
+                shutil.rmtree(self._blob_tmp, ignore_errors=True)
+                self._blob_tmp = None
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        try:
+            return self.base.tpc_finish(transaction, func)
+        finally:
+            self._forget(transaction)
+
+    def tpc_abort(self, transaction):
+        try:
+            return self.base.tpc_abort(transaction)
+        finally:
+            self._forget(transaction)
+
+    # -- iteration -------------------------------------------------------
+
+    def iterator(self, start=None, stop=None):
+        return _Iterator(self, self.base.iterator(start, stop))
+
+    def record_iternext(self, next=None):
+        oid, tid, data, next = self.base.record_iternext(next)
+        return oid, tid, self.unseal(data, oid), next
+
+    def copyTransactionsFrom(self, other):
+        ZODB.blob.copyTransactionsFromTo(other, self)
+
+    # -- pack ------------------------------------------------------------
+
+    def pack(self, pack_time, referencesf, gc=None):
+        """Pack the base storage; its garbage collection reads references
+        through an index of the records' nonces to their oids, so every
+        record is opened with its own oid."""
+        def refs(data, oids=None):
+            return referencesf(self.untransform_record_data(data), oids)
+        self._pack_index = None
+        self._in_pack = True
+        try:
+            if gc is None:
+                return self.base.pack(pack_time, refs)
+            return self.base.pack(pack_time, refs, gc)
+        finally:
+            self._in_pack = False
+            self._pack_index = None
+
+    def _build_pack_index(self):
+        index = {}
+        try:
+            it = self.base.iterator()
+        except (AttributeError, NotImplementedError):
+            it = None
+        if it is not None:
+            try:
+                for txn in it:
+                    for record in txn:
+                        self._index_record(index, record.oid, record.data)
+            finally:
+                getattr(it, 'close', lambda: None)()
+        elif hasattr(self.base, 'record_iternext'):
+            next = None
+            while True:
+                oid, tid, data, next = self.base.record_iternext(next)
+                self._index_record(index, oid, data)
+                if next is None:
+                    break
+        self._pack_index = index
+        return index
+
+    @staticmethod
+    def _index_record(index, oid, data):
+        if data and data[:_MAGIC_SIZE] == _MAGIC:
+            nonce = bytes(data[_NONCE])
+            if index.setdefault(nonce, oid) != oid:
+                index[nonce] = None   # one record under two oids: refuse
+
+    # -- IStorageWrapper -------------------------------------------------
+
+    def registerDB(self, db):
+        self.db = db
+        self._db_transform = db.transform_record_data
+        self._db_untransform = db.untransform_record_data
+
+    def _db_transform(self, data):
+        return data
+
+    _db_untransform = _db_transform
+
+    def invalidateCache(self):
+        return self.db.invalidateCache()
+
+    def invalidate(self, transaction_id, oids, version=''):
+        return self.db.invalidate(transaction_id, oids)
+
+    def references(self, record, oids=None):
+        return self.db.references(self.untransform_record_data(record), oids)
+
+    def _oid_for(self, data):
+        """The oid a record given without one belongs to.
+
+        Conflict resolution and pack hand records to the wrapper without
+        their oid.  The oid is found by the record's nonce among the records
+        sealed in running transactions (the new state in a conflict), in
+        the pack index, or else it is the oid of the conflict being resolved
+        in this thread.  Whatever the guess, the record only opens with the
+        oid it was sealed for.
+        """
+        if data and data[:_MAGIC_SIZE] == _MAGIC:
+            nonce = bytes(data[_NONCE])
+            oid = self._pending.get(nonce)
+            if oid is not None:
+                self._local.oid = oid
+                return oid
+            if self._in_pack:
+                index = self._pack_index
+                if index is None:
+                    index = self._build_pack_index()
+                if nonce in index:
+                    oid = index[nonce]
+                    if oid is None:
+                        raise _annotate(DecryptionError(
+                            'a record is stored under more than one oid'),
+                            None)
+                    return oid
+        oid = getattr(self._local, 'oid', None)
+        if oid is None and data and data[:_MAGIC_SIZE] == _MAGIC:
+            raise DecryptionError(
+                'an encrypted record was given without its oid outside of '
+                'conflict resolution and pack; it cannot be opened')
+        return oid
+
+    def transform_record_data(self, data, oid=None):
+        """Seal ``data`` after the transforms of the wrappers above."""
+        data = self._db_transform(data)
+        if oid is None:
+            oid = self._oid_for(data)
+            if oid is None:
+                if self._write_plaintext:
+                    return data
+                raise DecryptionError(
+                    'cannot seal a record without its oid')
+        return self.seal(data, oid)
+
+    def untransform_record_data(self, data, oid=None):
+        """Open ``data``, then apply the transforms of the wrappers above."""
+        if data and type(data) is not bytes:
+            data = bytes(data)
+        if oid is None:
+            candidates = getattr(self._local, 'candidates', ())
+            if candidates and data and data[:_MAGIC_SIZE] == _MAGIC:
+                return self._db_untransform(
+                    self._unseal_candidates(data, candidates))
+            oid = self._oid_for(data)
+        return self._db_untransform(self.unseal(data, oid))
+
+    def _unseal_candidates(self, data, candidates):
+        nonce = bytes(data[_NONCE])
+        first = self._pending.get(nonce)
+        if first is not None:
+            candidates = (first,) + tuple(candidates)
+        error = None
+        for oid in candidates:
+            try:
+                plain = self.unseal(data, oid)
+            except (DecryptionError, UnknownKeyError) as e:
+                error = error or e
+                continue
+            self._local.oid = oid
+            return plain
+        raise error
+
+    # -- IMVCCStorage ----------------------------------------------------
+
+    def new_instance(self, *args, **kw):
+        """A wrapper of a new instance of an MVCC base storage."""
+        other = type(self)(self.base.new_instance(*args, **kw),
+                           self.facility, self._key, self._previous_keys,
+                           mode=self.mode)
+        if self.db is not None:
+            other.registerDB(self.db)
+        return other
+
+
+class _Iterator:
+    """Iterate the base storage's transactions, opening their records."""
+
+    def __init__(self, storage, base_it):
+        self._storage = storage
+        self._base_it = base_it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return _Transaction(self._storage, next(self._base_it))
+
+    def close(self):
+        try:
+            close = self._base_it.close
+        except AttributeError:
+            pass
+        else:
+            close()
+        finally:
+            self._base_it = iter(())
+
+    def __getattr__(self, name):
+        return getattr(self._base_it, name)
+
+
+class _Transaction:
+    """One transaction of an iteration; its records are opened."""
+
+    def __init__(self, storage, txn):
+        self._storage = storage
+        self._txn = txn
+
+    def __iter__(self):
+        unseal = self._storage.unseal
+        for record in self._txn:
+            if record.data:
+                record.data = unseal(record.data, record.oid)
+            yield record
+
+    def __getattr__(self, name):
+        return getattr(self._txn, name)
+
+
+class ServerEncryptingStorage(EncryptingStorage):
+    """The server side of a ZEO deployment whose clients encrypt.
+
+    Records travel as ciphertext in both directions (the clients seal and
+    open them); the server only opens records for the two jobs that run
+    on the server: conflict resolution and the garbage collection of pack.
+    Use it only where the server may hold the keys; otherwise configure the
+    server storage with ``pack-gc false`` (see ``docs/storage.rst``).
+    """
+
+    def load(self, oid, version=''):
+        return self.base.load(oid, version)
+
+    def loadBefore(self, oid, tid):
+        return self.base.loadBefore(oid, tid)
+
+    def loadSerial(self, oid, serial):
+        return self.base.loadSerial(oid, serial)
+
+    def record_iternext(self, next=None):
+        return self.base.record_iternext(next)
+
+    def iterator(self, start=None, stop=None):
+        return self.base.iterator(start, stop)
+
+    def loadBlob(self, oid, serial):
+        return self.base.loadBlob(oid, serial)
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        return self.base.openCommittedBlobFile(oid, serial, blob)
+
+    def _seal_blob(self, filename):
+        return filename
+
+    def _sealed(self, data, oid, transaction):
+        # already sealed by the client: only remember its oid
+        if data and data[:_MAGIC_SIZE] == _MAGIC:
+            nonce = bytes(data[_NONCE])
+            self._pending[nonce] = oid
+            self._txn_nonces.setdefault(transaction, []).append(nonce)
+        return data

@@ -1,0 +1,609 @@
+"""Tests of zodbkmi.storage (EncryptingStorage on FileStorage)."""
+import os
+import shutil
+import tempfile
+import unittest
+
+import transaction
+import ZODB
+import ZODB.FileStorage
+import ZODB.interfaces
+from persistent.mapping import PersistentMapping
+from ZODB.utils import p64
+from zope.interface.verify import verifyObject
+
+from tests.storage_support import facility
+
+SECRET = 'THE-STORED-SECRET-VALUE'
+
+
+class _TempDir:
+
+    def setUp(self):
+        self.here = os.getcwd()
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-storage-')
+        os.chdir(self.tmp)
+        self.facility = facility(os.path.join(self.tmp, 'keys'))
+
+    def tearDown(self):
+        transaction.abort()
+        os.chdir(self.here)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class EncryptingStorageTests(_TempDir, unittest.TestCase):
+
+    def _getTargetClass(self):
+        from zodbkmi.storage import EncryptingStorage
+        return EncryptingStorage
+
+    def _makeOne(self, base=None, **kw):
+        from zodbkmi.testing import KeyEncryptingKey
+        if base is None:
+            base = ZODB.FileStorage.FileStorage('Data.fs', **kw.pop(
+                'base_kw', {}))
+        kw.setdefault('key', KeyEncryptingKey)
+        return self._getTargetClass()(base, self.facility, **kw)
+
+    def _fill(self, storage):
+        db = ZODB.DB(storage)
+        with db.transaction() as conn:
+            conn.root()['secret'] = SECRET
+            conn.root()['child'] = PersistentMapping(value=SECRET + '-child')
+        return db
+
+    def _oids(self, storage):
+        return [p64(0), p64(1)]
+
+    def test_verifyObject(self):
+        storage = self._makeOne()
+        try:
+            verifyObject(ZODB.interfaces.IStorageWrapper, storage)
+            verifyObject(ZODB.interfaces.IStorage, storage)
+            verifyObject(ZODB.interfaces.IStorageIteration, storage)
+            verifyObject(ZODB.interfaces.IStorageUndoable, storage)
+        finally:
+            storage.close()
+
+    def test_declares_only_interfaces_of_base(self):
+        import ZODB.MappingStorage
+        storage = self._makeOne(ZODB.MappingStorage.MappingStorage())
+        try:
+            self.assertFalse(
+                ZODB.interfaces.IStorageUndoable.providedBy(storage))
+            self.assertFalse(ZODB.interfaces.IBlobStorage.providedBy(storage))
+            self.assertTrue(ZODB.interfaces.IStorageWrapper.providedBy(storage))
+        finally:
+            storage.close()
+
+    def test_every_data_method_of_provided_interfaces_is_wrapped(self):
+        from zodbkmi.storage import PASS_THROUGH
+        storage = self._makeOne(base_kw=dict(blob_dir='blobs'))
+        try:
+            klass = self._getTargetClass()
+            unwrapped = []
+            for iface in zope_interfaces(storage):
+                for name, desc in iface.namesAndDescriptions(all=True):
+                    if not hasattr(desc, 'getSignatureString'):
+                        continue   # an attribute
+                    if name in PASS_THROUGH:
+                        continue
+                    if name not in vars(klass):
+                        unwrapped.append('%s.%s' % (iface.__name__, name))
+            self.assertEqual(unwrapped, [])
+        finally:
+            storage.close()
+
+    def test_pass_through_methods_return_no_record_data(self):
+        storage = self._makeOne()
+        db = self._fill(storage)
+        try:
+            for entry in storage.history(p64(0), size=10):
+                self.assertNotIn('data', entry)
+            self.assertNotIn(SECRET.encode(), repr(storage.undoLog()).encode())
+        finally:
+            db.close()
+
+    def test_roundtrip_and_raw_file_has_no_plaintext(self):
+        storage = self._makeOne()
+        db = self._fill(storage)
+        db.close()
+        with open('Data.fs', 'rb') as f:
+            raw = f.read()
+        self.assertNotIn(SECRET.encode(), raw)
+        self.assertNotIn(b'PersistentMapping', raw)
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['secret'], SECRET)
+            self.assertEqual(conn.root()['child']['value'], SECRET + '-child')
+        db.close()
+
+    def test_load_paths_return_plaintext(self):
+        storage = self._makeOne()
+        db = self._fill(storage)
+        try:
+            data, serial = storage.load(p64(0))
+            self.assertIn(SECRET.encode(), data)
+            self.assertEqual(storage.loadSerial(p64(0), serial), data)
+            self.assertEqual(storage.loadBefore(p64(0), b'\xff' * 8)[0], data)
+            records = [r for t in storage.iterator() for r in t]
+            self.assertTrue(all(not r.data or r.data[:1] != b'.'
+                                for r in records))
+            oid, tid, rdata, nxt = storage.record_iternext()
+            self.assertEqual(oid, p64(0))
+            self.assertEqual(rdata, data)
+        finally:
+            db.close()
+
+    def test_load_w_record_moved_to_other_oid(self):
+        from zodbkmi.exceptions import AuthenticationError
+        storage = self._makeOne()
+        db = self._fill(storage)
+        sealed1, _ = storage.base.load(p64(1))
+        db.close()
+        plain = ZODB.FileStorage.FileStorage('Data.fs')
+        _raw_store(plain, p64(0), sealed1)
+        plain.close()
+        storage = self._makeOne()
+        try:
+            with self.assertRaises(AuthenticationError) as cm:
+                storage.load(p64(0))
+            self.assertIn('0x00', str(cm.exception))
+            self.assertEqual(cm.exception.oid, p64(0))
+        finally:
+            storage.close()
+
+    def test_load_w_flipped_bit(self):
+        from zodbkmi.exceptions import AuthenticationError
+        storage = self._makeOne()
+        db = self._fill(storage)
+        sealed, _ = storage.base.load(p64(1))
+        db.close()
+        flipped = sealed[:-5] + bytes([sealed[-5] ^ 1]) + sealed[-4:]
+        plain = ZODB.FileStorage.FileStorage('Data.fs')
+        _raw_store(plain, p64(1), flipped)
+        plain.close()
+        storage = self._makeOne()
+        try:
+            with self.assertRaises(AuthenticationError) as cm:
+                storage.load(p64(1))
+            self.assertIn('0x01', str(cm.exception))
+        finally:
+            storage.close()
+
+    def test_load_w_truncated_record(self):
+        from zodbkmi.exceptions import DecryptionError
+        storage = self._makeOne()
+        db = self._fill(storage)
+        sealed, _ = storage.base.load(p64(1))
+        db.close()
+        for cut in (20, len(sealed) - 1):
+            plain = ZODB.FileStorage.FileStorage('Data.fs')
+            _raw_store(plain, p64(1), sealed[:cut])
+            plain.close()
+            storage = self._makeOne()
+            try:
+                with self.assertRaises(DecryptionError) as cm:
+                    storage.load(p64(1))
+                self.assertIn('0x01', str(cm.exception))
+            finally:
+                storage.close()
+
+    def test_load_w_missing_key(self):
+        from zodbkmi.exceptions import UnknownKeyError
+        from zodbkmi.facility import KeyManagementFacility
+        storage = self._makeOne()
+        db = self._fill(storage)
+        db.close()
+        self.facility = KeyManagementFacility(os.path.join(self.tmp, 'empty'))
+        storage = self._makeOne()
+        try:
+            with self.assertRaises(UnknownKeyError) as cm:
+                storage.load(p64(0))
+            self.assertIn('0x00', str(cm.exception))
+        finally:
+            storage.close()
+
+    def test_load_w_wrong_kek(self):
+        from zodbkmi.exceptions import WrongKeyError
+        storage = self._makeOne()
+        db = self._fill(storage)
+        db.close()
+        other = os.urandom(32)
+        self.facility.ensure_key(other)
+        storage = self._makeOne(key=other)
+        try:
+            with self.assertRaises(WrongKeyError):
+                storage.load(p64(0))
+        finally:
+            storage.close()
+
+    def test_previous_keys_read_after_kek_change(self):
+        from zodbkmi.testing import KeyEncryptingKey
+        db = self._fill(self._makeOne())
+        db.close()
+        new = os.urandom(32)
+        self.facility.ensure_key(new)
+        storage = self._makeOne(key=new, previous_keys=[KeyEncryptingKey])
+        db = ZODB.DB(storage)
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['secret'], SECRET)
+            conn.root()['more'] = 1
+        db.close()
+
+    def test_strict_mode_refuses_plaintext(self):
+        from zodbkmi.exceptions import NotEncryptedError
+        db = self._fill(ZODB.FileStorage.FileStorage('Data.fs'))
+        db.close()
+        storage = self._makeOne()
+        try:
+            with self.assertRaises(NotEncryptedError) as cm:
+                storage.load(p64(0))
+            self.assertIn('0x00', str(cm.exception))
+        finally:
+            storage.close()
+
+    def test_migrate_mode_reads_plaintext_writes_encrypted(self):
+        from zodbkmi.storage import MIGRATE
+        db = self._fill(ZODB.FileStorage.FileStorage('Data.fs'))
+        db.close()
+        db = ZODB.DB(self._makeOne(mode=MIGRATE))
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['secret'], SECRET)
+            conn.root()['new'] = 'NEW-SECRET-VALUE'
+        db.close()
+        with open('Data.fs', 'rb') as f:
+            raw = f.read()
+        self.assertIn(SECRET.encode(), raw)   # the old plaintext revision
+        self.assertNotIn(b'NEW-SECRET-VALUE', raw)
+        storage = self._makeOne()   # strict: root is now encrypted
+        try:
+            self.assertIn(b'NEW-SECRET-VALUE', storage.load(p64(0))[0])
+        finally:
+            storage.close()
+
+    def test_decrypt_only_mode_reads_both_writes_plaintext(self):
+        from zodbkmi.storage import DECRYPT_ONLY
+        db = self._fill(self._makeOne())
+        db.close()
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['child']['value'], SECRET + '-child')
+            conn.root()['new'] = 'NEW-PLAIN-VALUE'
+        db.close()
+        with open('Data.fs', 'rb') as f:
+            self.assertIn(b'NEW-PLAIN-VALUE', f.read())
+
+    def test_unknown_mode(self):
+        import ZODB.MappingStorage
+        with self.assertRaises(ValueError):
+            self._makeOne(ZODB.MappingStorage.MappingStorage(),
+                          mode='lenient')
+
+    def test_needs_key(self):
+        import ZODB.MappingStorage
+        with self.assertRaises(TypeError):
+            self._getTargetClass()(ZODB.MappingStorage.MappingStorage(),
+                                   self.facility)
+
+    def test_keyholder(self):
+        from zodbkmi.testing import TestingKeyHolder
+        storage = self._makeOne(key=None, keyholder=TestingKeyHolder())
+        db = self._fill(storage)
+        db.close()
+
+    def test_conflict_resolution_binds_oid(self):
+        from ZODB.tests.ConflictResolution import PCounter
+        db = ZODB.DB(self._makeOne())
+        tm1, tm2 = transaction.TransactionManager(), \
+            transaction.TransactionManager()
+        c1 = db.open(transaction_manager=tm1)
+        c1.root()['c'] = PCounter()
+        c1.root()['c'].inc()
+        tm1.commit()
+        c2 = db.open(transaction_manager=tm2)
+        c1.root()['c'].inc()
+        c2.root()['c'].inc()
+        tm1.commit()
+        tm2.commit()   # resolved by the wrapper, with the oid
+        tm1.begin()
+        self.assertEqual(c1.root()['c']._value, 3)
+        c1.close()
+        c2.close()
+        db.close()
+
+    def test_pack_gc_reads_references(self):
+        import time
+        db = self._fill(self._makeOne())
+        with db.transaction() as conn:
+            del conn.root()['child']
+        db.pack(time.time() + 1)
+        storage = db.storage
+        from ZODB.POSException import POSKeyError
+        with self.assertRaises(POSKeyError):
+            storage.load(p64(1))
+        self.assertIn(SECRET.encode(), storage.load(p64(0))[0])
+        db.close()
+
+    def test_untransform_without_oid_refused(self):
+        from zodbkmi.exceptions import DecryptionError
+        storage = self._makeOne()
+        db = self._fill(storage)
+        sealed, _ = storage.base.load(p64(0))
+        try:
+            with self.assertRaises(DecryptionError):
+                storage.untransform_record_data(sealed)
+            self.assertIn(SECRET.encode(),
+                          storage.untransform_record_data(sealed, p64(0)))
+        finally:
+            db.close()
+
+    def test_copyTransactionsFrom_encrypts(self):
+        source = ZODB.FileStorage.FileStorage('Source.fs')
+        db = self._fill(source)
+        dest = self._makeOne()
+        dest.copyTransactionsFrom(source)
+        db.close()
+        dest.close()
+        with open('Data.fs', 'rb') as f:
+            self.assertNotIn(SECRET.encode(), f.read())
+
+    def test_refuses_zlibstorage_inside(self):
+        import zc.zlibstorage
+        import ZODB.MappingStorage
+        with self.assertRaises(ValueError):
+            self._makeOne(zc.zlibstorage.ZlibStorage(
+                ZODB.MappingStorage.MappingStorage()))
+
+    def test_stacks_under_another_wrapper(self):
+        import zc.zlibstorage
+        storage = zc.zlibstorage.ZlibStorage(self._makeOne())
+        db = self._fill(storage)
+        db.close()
+        db = ZODB.DB(zc.zlibstorage.ZlibStorage(self._makeOne()))
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['secret'], SECRET)
+        db.close()
+
+
+def zope_interfaces(storage):
+    import zope.interface
+    return [i for i in zope.interface.providedBy(storage).flattened()
+            if i.__module__ == 'ZODB.interfaces']
+
+
+def _raw_store(storage, oid, data):
+    """Store ``data`` as the record of ``oid`` in the plain ``storage``."""
+    from ZODB.Connection import TransactionMetaData
+    t = TransactionMetaData()
+    serial = storage.load(oid)[1]
+    storage.tpc_begin(t)
+    storage.store(oid, serial, data, '', t)
+    storage.tpc_vote(t)
+    storage.tpc_finish(t)
+
+
+class ConfigTests(_TempDir, unittest.TestCase):
+
+    def _write_keys(self):
+        from zodbkmi.keyholder import write_key_file
+        from zodbkmi.testing import KeyEncryptingKey
+        os.mkdir('vault')
+        write_key_file(os.path.join(self.tmp, 'kek'), KeyEncryptingKey)
+
+    def test_zconfig_section(self):
+        import ZODB.config
+        self._write_keys()
+        config = """
+        %%import zodbkmi
+        <zodb>
+          <encryptingstorage>
+            key-file %(tmp)s/kek
+            key-dir %(tmp)s/vault
+            <filestorage>
+              path %(tmp)s/Data.fs
+            </filestorage>
+          </encryptingstorage>
+        </zodb>
+        """ % dict(tmp=self.tmp)
+        db = ZODB.config.databaseFromString(config)
+        with db.transaction() as conn:
+            conn.root()['secret'] = SECRET
+        db.close()
+        with open('Data.fs', 'rb') as f:
+            self.assertNotIn(SECRET.encode(), f.read())
+        self.assertEqual(len(os.listdir('vault')), 1)
+        db = ZODB.config.databaseFromString(config)
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['secret'], SECRET)
+        db.close()
+
+    def test_zconfig_bad_mode(self):
+        import ZConfig
+        import ZODB.config
+        self._write_keys()
+        config = """
+        %%import zodbkmi
+        <zodb>
+          <encryptingstorage>
+            key-file %(tmp)s/kek
+            key-dir %(tmp)s/vault
+            mode lenient
+            <mappingstorage/>
+          </encryptingstorage>
+        </zodb>
+        """ % dict(tmp=self.tmp)
+        with self.assertRaises(ZConfig.DataConversionError):
+            ZODB.config.databaseFromString(config)
+
+    def test_zodburi_scheme(self):
+        import zodburi
+        self._write_keys()
+        uri = ('zodbkmi+file://%s/Data.fs?key_file=%s/kek&key_dir=%s/vault'
+               '&database_name=enc' % (self.tmp, self.tmp, self.tmp))
+        factory, dbkw = zodburi.resolve_uri(uri)
+        self.assertEqual(dbkw['database_name'], 'enc')
+        db = ZODB.DB(factory(), **dbkw)
+        with db.transaction() as conn:
+            conn.root()['secret'] = SECRET
+        db.close()
+        with open('Data.fs', 'rb') as f:
+            self.assertNotIn(SECRET.encode(), f.read())
+
+    def test_zodburi_needs_keys(self):
+        import zodburi
+        with self.assertRaises(ValueError):
+            zodburi.resolve_uri('zodbkmi+memory://?key_file=kek')
+
+
+class ZEODeploymentTests(_TempDir, unittest.TestCase):
+    """Clients encrypt; the ZEO server (no keys) stores ciphertext."""
+
+    def test_server_files_hold_no_plaintext(self):
+        import ZEO
+        from zodbkmi.testing import KeyEncryptingKey
+        from zodbkmi.storage import EncryptingStorage
+        addr, stop = ZEO.server(path=os.path.join(self.tmp, 'Data.fs'),
+                                blob_dir=os.path.join(self.tmp, 'blobs'),
+                                threaded=False)
+        try:
+            def client():
+                return EncryptingStorage(
+                    ZEO.client(addr, wait_timeout=10,
+                               blob_dir=os.path.join(self.tmp, 'cache')),
+                    self.facility, KeyEncryptingKey)
+            db = ZODB.DB(client())
+            with db.transaction() as conn:
+                conn.root()['secret'] = SECRET
+                conn.root()['child'] = PersistentMapping(value=SECRET)
+            db.close()
+            db = ZODB.DB(client())
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['child']['value'], SECRET)
+            db.close()
+        finally:
+            stop()
+        raw = b''
+        for dirpath, _, files in os.walk(self.tmp):
+            if 'keys' in dirpath.split(os.sep):
+                continue
+            for name in files:
+                with open(os.path.join(dirpath, name), 'rb') as f:
+                    raw += f.read()
+        self.assertIn(b'.zk', raw)
+        self.assertNotIn(SECRET.encode(), raw)
+        self.assertNotIn(b'PersistentMapping', raw)
+
+
+class BlobTests(_TempDir, unittest.TestCase):
+
+    def _makeOne(self, **kw):
+        from zodbkmi.storage import EncryptingStorage
+        from zodbkmi.testing import KeyEncryptingKey
+        return EncryptingStorage(
+            ZODB.FileStorage.FileStorage('Data.fs', blob_dir='blobs'),
+            self.facility, KeyEncryptingKey, **kw)
+
+    def _store(self, data=SECRET.encode() * 1000):
+        import ZODB.blob
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(data)
+        return db
+
+    def _blob_files(self):
+        return [os.path.join(d, n) for d, _, names in os.walk('blobs')
+                for n in names if n.endswith('.blob')]
+
+    def test_blob_dir_holds_no_plaintext(self):
+        self._store().close()
+        files = self._blob_files()
+        self.assertEqual(len(files), 1)
+        with open(files[0], 'rb') as f:
+            raw = f.read()
+        self.assertTrue(raw.startswith(b'zks'))
+        self.assertNotIn(SECRET.encode(), raw)
+
+    def test_reading_leaves_no_plaintext_file(self):
+        self._store().close()
+        storage = self._makeOne()
+        try:
+            serial = storage.base.load(p64(1))[1]
+            with storage.openCommittedBlobFile(p64(1), serial) as f:
+                self.assertEqual(f.read(9), SECRET.encode()[:9])
+                private = storage._blob_tmp
+                self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+                self.assertEqual(os.listdir(private), [])   # unlinked
+        finally:
+            storage.close()
+        self.assertFalse(os.path.exists(private))
+
+    def test_loaded_blob_removed_at_transaction_end(self):
+        db = self._store()
+        conn = db.open()
+        with conn.root()['blob'].open() as f:
+            self.assertEqual(f.read(9), SECRET.encode()[:9])
+        name = conn.root()['blob'].committed()
+        self.assertTrue(os.path.exists(name))
+        self.assertEqual(os.stat(name).st_mode & 0o777, 0o400)
+        transaction.abort()
+        self.assertFalse(os.path.exists(name))
+        conn.close()
+        db.close()
+
+    def test_truncated_blob(self):
+        from zodbkmi.exceptions import DecryptionError
+        self._store().close()
+        path = self._blob_files()[0]
+        os.chmod(path, 0o600)
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) - 10)
+        db = ZODB.DB(self._makeOne())
+        storage = db.storage
+        with db.transaction() as conn:
+            with self.assertRaises(DecryptionError) as cm:
+                conn.root()['blob'].open().read()
+            self.assertIn('0x01', str(cm.exception))
+            self.assertEqual(os.listdir(storage._blob_tmp), [])
+        db.close()
+
+    def test_plaintext_blob_in_strict_mode(self):
+        import ZODB.blob
+        from zodbkmi.exceptions import NotEncryptedError
+        from zodbkmi.storage import DECRYPT_ONLY
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'plain blob')
+        db.close()
+        storage = self._makeOne()
+        try:
+            serial = storage.base.load(p64(1))[1]
+            with self.assertRaises(NotEncryptedError):
+                storage.openCommittedBlobFile(p64(1), serial)
+        finally:
+            storage.close()
+
+    def test_migrate_mode_reads_plaintext_blob(self):
+        import ZODB.blob
+        from zodbkmi.storage import DECRYPT_ONLY
+        from zodbkmi.storage import MIGRATE
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'plain blob')
+        db.close()
+        with open(self._blob_files()[0], 'rb') as f:
+            self.assertEqual(f.read(), b'plain blob')
+        db = ZODB.DB(self._makeOne(mode=MIGRATE))
+        with db.transaction() as conn:
+            with conn.root()['blob'].open() as f:
+                self.assertEqual(f.read(), b'plain blob')
+            conn.root()['blob2'] = ZODB.blob.Blob(b'new blob')
+        db.close()
+        sealed = [p for p in self._blob_files()
+                  if open_read(p).startswith(b'zks')]
+        self.assertEqual(len(sealed), 1)
+
+
+def open_read(path):
+    with open(path, 'rb') as f:
+        return f.read()
