@@ -27,6 +27,7 @@ SERVER_REQUIRE = [
 TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
     'zope.testing',
+    'zc.zlibstorage',
     'schemathesis',
     'Sphinx',
     'atheris',

@@ -171,7 +171,7 @@ class EncryptedPersistentTests(KeyedTestBase):
     def test_state_without_references_is_one_envelope(self):
         state = self._makeOne().__getstate__()
         self.assertIs(type(state), bytes)
-        self.assertTrue(state.startswith(b'.zk\x01'))
+        self.assertTrue(state.startswith(b'.km\x01'))
         self.assertEqual(self.facility.key_id_of(state), self.dek_id)
 
     def test_state_w_references_lists_them_outside(self):

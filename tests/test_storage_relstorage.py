@@ -42,8 +42,6 @@ class RelStorageTests(unittest.TestCase):
         from relstorage.adapters.postgresql import PostgreSQLAdapter
         from relstorage.options import Options
         from relstorage.storage import RelStorage
-        # cache_local_mb=0: RelStorage's local cache takes any state that
-        # starts with b'.z' for zlib data, and the envelope magic is b'.zk'
         opts = Options(keep_history=keep_history,
                        cache_local_mb=cache_local_mb,
                        blob_dir=os.path.join(self.tmp, 'blobs'),
@@ -72,13 +70,20 @@ class RelStorageTests(unittest.TestCase):
         finally:
             storage.close()
 
-    def test_refuses_local_cache(self):
-        base = self._base(cache_local_mb=10)
-        try:
-            with self.assertRaises(ValueError):
-                EncryptingStorage(base, self.facility, KeyEncryptingKey)
-        finally:
-            base.close()
+    def test_works_with_local_cache(self):
+        # RelStorage's local cache decompresses states starting with b'.z'
+        # or b'.b'; the envelope magic b'.km' passes through it unchanged
+        def db():
+            d = ZODB.DB(EncryptingStorage(self._base(cache_local_mb=10),
+                                          self.facility, KeyEncryptingKey))
+            self.opened.append(d)
+            return d
+        self._fill(db())
+        reader = db()
+        for _ in range(2):     # the second read comes from the local cache
+            with reader.transaction() as conn:
+                self.assertEqual(conn.root()['child']['value'],
+                                 SECRET + '-child')
 
     def _db(self, **kw):
         db = ZODB.DB(self._makeOne(**kw))

@@ -112,7 +112,7 @@ class HeaderTests(unittest.TestCase):
                             stream.build_header(DEK_ID).salt)
 
     def test_read_header_w_bad_magic(self):
-        for data in (b'', b'PK\x03\x04' * 20, b'.zk\x01' + bytes(60),
+        for data in (b'', b'PK\x03\x04' * 20, b'.km\x01' + bytes(60),
                      b'zkw\x01' + bytes(60)):
             if not data:
                 continue

@@ -86,24 +86,6 @@ def _oid_text(oid):
     return oid_repr(oid) if isinstance(oid, bytes) else repr(oid)
 
 
-def _check_base(base):
-    """Refuse base storages known to misread record envelopes."""
-    if type(base).__module__.startswith('zc.zlibstorage'):
-        raise ValueError(
-            'put zc.zlibstorage outside EncryptingStorage: it takes '
-            'encrypted records for its own (b".z") and compressing '
-            'ciphertext gains nothing')
-    options = getattr(base, '_options', None)
-    if (type(base).__name__ == 'RelStorage'
-            and getattr(options, 'cache_local_mb', 0)):
-        # RelStorage's local cache takes every state that starts with
-        # b'.z' (zc.zlibstorage's marker) for zlib data; envelopes start
-        # with b'.zk'.
-        raise ValueError(
-            'RelStorage under EncryptingStorage needs cache-local-mb 0 '
-            '(its local cache misreads encrypted records)')
-
-
 def _remove(name):
     try:
         os.remove(name)
@@ -143,7 +125,6 @@ class EncryptingStorage:
         if mode not in MODES:
             raise ValueError('unknown mode %r (one of %s)'
                              % (mode, ', '.join(MODES)))
-        _check_base(base)
         self.base = base
         self.facility = facility
         self.mode = mode
