@@ -18,17 +18,16 @@ RELSTORAGE_REQUIRE = [
     'RelStorage >= 4',
     'psycopg2-binary',
 ]
-
 VAULT_REQUIRE = ['urllib3 >= 2']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
-
 SERVER_REQUIRE = [
-    'cheroot >= 10',
+    'granian >= 2.5',
 ]
 
-TESTS_REQUIRE = STORAGE_REQUIRE + RELSTORAGE_REQUIRE + SERVER_REQUIRE + [
+TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
     'zope.testing',
+    'zc.zlibstorage',
     'schemathesis',
     'Sphinx',
     'atheris',
@@ -72,9 +71,9 @@ setup(
     ],
     extras_require={
         'test': TESTS_REQUIRE,
+        'server': SERVER_REQUIRE,
         'vault': VAULT_REQUIRE,
         'pkcs11': PKCS11_REQUIRE,
-        'server': SERVER_REQUIRE,
         'docs': ['Sphinx'],
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,

@@ -7,8 +7,11 @@ Usage::
     python scripts/fuzz.py all -atheris_runs=20000          # every target
 
 Targets: envelope (header parsing and opening), wrapped (wrapped DEK parsing
-and unwrapping), vault (vault entry documents), legacy (keas.kmi and
-cipher.encryptingstorage ciphertext read by migrations), all.  A target fails (and
+and unwrapping), vault (vault entry documents), stream (stream header
+parsing and chunk opening), rest (requests to the key server's WSGI
+application: every answer must be a 4xx or 2xx with a JSON body, never a
+5xx), legacy (keas.kmi and cipher.encryptingstorage ciphertext read by
+migrations), all.  A target fails (and
 libFuzzer writes a crash-* file) when a parser returns bytes it should not
 have accepted or raises anything but its documented exceptions.  The test
 suite runs every target briefly (tests/test_fuzz.py); longer runs are for
@@ -21,13 +24,16 @@ import atheris
 with atheris.instrument_imports():
     from zodbkmi import exceptions
     from zodbkmi.format import envelope
+    from zodbkmi.format import stream
     from zodbkmi.format import wrapped
     from zodbkmi.kek import AESKeyEncryptingKey
     from zodbkmi.vault import VaultEntry
     from zodbkmi import legacy
+    from zodbkmi import rest
 
 DEK_ID = bytes(range(16))
-SEALER = envelope.Sealer(DEK_ID, bytes(range(32, 64)))
+DEK = bytes(range(32, 64))
+SEALER = envelope.Sealer(DEK_ID, DEK)
 KEK = AESKeyEncryptingKey(bytes(32))
 PARSE = (exceptions.UnsupportedFormatError, exceptions.TruncatedDataError)
 
@@ -81,6 +87,95 @@ def fuzz_vault(data):
         return
 
 
+def fuzz_stream(data):
+    import io
+    body = data
+    if body[:1] == b'\x00':
+        # a genuine stream of 64 byte chunks, a window overwritten by the
+        # fuzzer's bytes (second byte: where)
+        sealed = bytearray(stream.encrypt_bytes(
+            DEK_ID, DEK, body[2:200], 64, _salt=bytes(16)))
+        patch = body[200:]
+        if len(body) > 1 and patch:
+            start = body[1] * len(sealed) // 256
+            sealed[start:start + len(patch)] = patch
+        body = bytes(sealed)
+    src = io.BytesIO(body)
+    try:
+        header = stream.read_header(src)
+    except PARSE:
+        return
+    assert header.raw == body[:header.size]
+    if header.wrapped is not None:
+        try:
+            _, dek = wrapped.unwrap(KEK, header.wrapped)
+        except PARSE + (exceptions.AuthenticationError,):
+            return
+    elif header.dek_id == DEK_ID:
+        dek = DEK
+    else:
+        return
+    out = io.BytesIO()
+    try:
+        n = stream.decrypt(src, out, dek, header)
+    except PARSE + (exceptions.AuthenticationError,):
+        # whatever was written is whole chunks of a genuine stream
+        assert len(out.getvalue()) % header.chunk_size == 0
+        return
+    # only a genuine stream opens: encrypting again reproduces it
+    assert n == len(out.getvalue())
+    again = io.BytesIO()
+    stream.encrypt(io.BytesIO(out.getvalue()), again, dek, header)
+    assert again.getvalue() == body
+
+
+_REST = {}
+_TOKENS = ['admin-token', 'client-token', 'wrong']
+
+
+def _rest_app():
+    if not _REST:
+        import atexit
+        import json
+        import shutil
+        import tempfile
+
+        from zodbkmi.facility import KeyManagementFacility
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-fuzz-')
+        atexit.register(shutil.rmtree, tmp, True)
+        facility = KeyManagementFacility(tmp)
+        facility.create_key(KEK)
+        tokens = rest.TokenTable([
+            ('a', 'admin', rest.hash_token(_TOKENS[0])),
+            ('c', 'client', rest.hash_token(_TOKENS[1]))])
+        _REST['app'] = rest.KeyServerApp(facility, tokens, max_body=4096)
+        _REST['transport'] = rest.WSGITransport(_REST['app'])
+        _REST['json'] = json
+        _REST['dek_id'] = facility.keys()[0]
+    return _REST
+
+
+def fuzz_rest(data):
+    r = _rest_app()
+    fdp = atheris.FuzzedDataProvider(data)
+    method = fdp.PickValueInList(['GET', 'POST', 'DELETE', 'PUT', 'HEAD'])
+    path = fdp.PickValueInList([
+        '/v1/keys', '/v1/keys/' + r['dek_id'],
+        '/v1/keys/%s/retire' % r['dek_id'], '/v1/status', '/v1/health',
+        '/v1/keks/%s/active' % KEK.key_id, '/v1/keys/',
+        fdp.ConsumeUnicodeNoSurrogates(60)])
+    headers = {'Authorization': 'Bearer ' + fdp.PickValueInList(_TOKENS),
+               'Content-Type': fdp.PickValueInList(
+                   ['application/json', 'text/plain',
+                    'application/json; charset=utf-8', ''])}
+    body = fdp.ConsumeBytes(fdp.remaining_bytes())
+    if method == 'DELETE':
+        method = 'GET'   # keep the key; deletion is covered by the tests
+    status, answer = r['transport'].request(method, path, body, headers)
+    assert 200 <= status < 500, status
+    assert isinstance(r['json'].loads(answer), dict)
+
+
 LEGACY_KEYS = None
 
 
@@ -112,7 +207,8 @@ def fuzz_legacy(data):
 
 
 TARGETS = {'envelope': fuzz_envelope, 'wrapped': fuzz_wrapped,
-           'vault': fuzz_vault, 'legacy': fuzz_legacy}
+           'vault': fuzz_vault, 'stream': fuzz_stream, 'rest': fuzz_rest,
+           'legacy': fuzz_legacy}
 
 
 def main(argv=None):

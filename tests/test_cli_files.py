@@ -155,6 +155,42 @@ class EncryptFileTests(_Base):
                                    'data.zks', '-o', 'plain'), 2)
         self.assertIn('--key-dir', self.stderr)
 
+    def test_reader_going_away_is_not_an_error(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        proc = subprocess.run(
+            '"%s" -m zodbkmi.cli decrypt-file -k kek.key -d keys data.zks'
+            ' | head -c 10 > /dev/null' % sys.executable, shell=True,
+            capture_output=True, timeout=120,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(proc.stderr, b'')
+
+    def test_interrupted_decrypt_leaves_no_output(self):
+        import signal
+        import time
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        sealed = self.read('data.zks')
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'zodbkmi.cli', 'decrypt-file', '-k',
+             'kek.key', '-d', 'keys', '-o', 'plain'],
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        # the first chunks, then nothing more: the process waits for input
+        proc.stdin.write(sealed[:39 + 2 * 65552 + 100])
+        proc.stdin.flush()
+        for _ in range(200):      # until its temporary output exists
+            if [n for n in os.listdir('.') if n.endswith('.part')]:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertIn(b'interrupted', err)
+        self.assertEqual(sorted(n for n in os.listdir('.')
+                                if 'plain' in n), [])
+
 
 class RecipientCommandTests(_Base):
 

@@ -19,7 +19,10 @@ TOP = os.path.dirname(HERE)
 
 #: docs/*.rst file name -> the test module that runs it with its own setup.
 OWN_SUITE = {
+    'storage.rst': 'tests.test_storage_relstorage',
     'persistent.rst': 'tests.test_persistent',
+    'keysources.rst': 'tests.test_sources',
+    'server.rst': 'tests.test_server',
 }
 
 FLAGS = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

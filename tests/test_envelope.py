@@ -38,7 +38,7 @@ class SealerTests(unittest.TestCase):
         from zodbkmi.format import envelope
         s = self._makeOne()
         data = s.seal(b'abc', _nonce=b'N' * 12)
-        self.assertEqual(data[:3], b'.zk')
+        self.assertEqual(data[:3], b'.km')
         self.assertEqual(data[3:6], b'\x01\x01\x00')
         self.assertEqual(data[6:22], DEK_ID)
         self.assertEqual(data[22:34], b'N' * 12)
@@ -153,7 +153,7 @@ class ReadDekIdTests(unittest.TestCase):
 
     def test_w_text(self):
         with self.assertRaises(TypeError):
-            self._callFUT('.zk' + 'x' * 60)
+            self._callFUT('.km' + 'x' * 60)
 
     def test_w_unknown_context(self):
         with self.assertRaises(ValueError):
@@ -186,7 +186,7 @@ class ReadDekIdTests(unittest.TestCase):
                 self._callFUT(data[:n])
 
     def test_checks_version_before_length(self):
-        for data in (b'.zk\x02', b'.zk\x00\x01', b'.zk\x01\x09'):
+        for data in (b'.km\x02', b'.km\x00\x01', b'.km\x01\x09'):
             with self.assertRaises(exceptions.UnsupportedFormatError):
                 self._callFUT(data)
 
@@ -219,7 +219,7 @@ class OneShotTests(unittest.TestCase):
         from zodbkmi.format.envelope import is_envelope
         from zodbkmi.format.envelope import seal
         self.assertTrue(is_envelope(seal(DEK_ID, DEK, b'x')))
-        self.assertTrue(is_envelope(b'.zk\x09'))   # any version
+        self.assertTrue(is_envelope(b'.km\x09'))   # any version
         self.assertFalse(is_envelope(b'.z'))
         self.assertFalse(is_envelope(b'\x80\x03.'))
 

@@ -87,7 +87,7 @@ class EnvelopeVectorTests(VectorChecks, unittest.TestCase):
                 data = unhex(v['envelope'])
                 self.assertEqual(len(data), envelope.OVERHEAD
                                  + len(unhex(v['plaintext'])))
-                self.assertEqual(data[:6], b'.zk\x01\x01'
+                self.assertEqual(data[:6], b'.km\x01\x01'
                                  + bytes([v['context']]))
                 self.assertEqual(data[6:22], unhex(v['dek_id']))
                 self.assertEqual(data[22:34], unhex(v['nonce']))

@@ -34,3 +34,9 @@ class FuzzTests(unittest.TestCase):
 
     def test_fuzz_legacy(self):
         self._fuzz('legacy')
+
+    def test_fuzz_stream(self):
+        self._fuzz('stream')
+
+    def test_fuzz_rest(self):
+        self._fuzz('rest')

@@ -397,6 +397,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
 
     def test_malformed_envelope_is_never_rewritten(self):
         import ZODB.FileStorage
+        from zodbkmi.format.envelope import MAGIC
         from ZODB.Connection import TransactionMetaData
         oid = sorted(self.original)[3]
         fs = ZODB.FileStorage.FileStorage(self.path('Data.fs'))
@@ -404,7 +405,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
             tid = fs.load(oid)[1]
             txn = TransactionMetaData()
             fs.tpc_begin(txn)
-            fs.store(oid, tid, b'.zk\x09garbage', '', txn)
+            fs.store(oid, tid, MAGIC + b'\x09garbage', '', txn)
             fs.tpc_vote(txn)
             fs.tpc_finish(txn)
         finally:
@@ -415,7 +416,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
             self.assertEqual(report.kinds['invalid'], 1)
             self.assertEqual(report.failed, 1)
         self.assertEqual(current_records(self.path('Data.fs'))[oid],
-                         b'.zk\x09garbage')
+                         MAGIC + b'\x09garbage')
 
     def test_legacy_record_wo_reader_refused(self):
         import ZODB.FileStorage

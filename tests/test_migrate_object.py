@@ -433,6 +433,7 @@ class EncryptedPersistentMigrationTests(ObjectMigrationTests):
 
     def test_scan_reports_tampered_states(self):
         import ZODB.FileStorage
+        from zodbkmi.format.envelope import MAGIC
         from ZODB.Connection import TransactionMetaData
         self._phase('v2')
         self._run('encrypt')
@@ -441,7 +442,7 @@ class EncryptedPersistentMigrationTests(ObjectMigrationTests):
         try:
             oid = b'\0' * 7 + b'\x01'
             data, tid = fs.load(oid)
-            at = data.index(b'.zk') + 40          # inside the ciphertext
+            at = data.index(MAGIC) + 40          # inside the ciphertext
             bad = data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
             txn = TransactionMetaData()
             fs.tpc_begin(txn)

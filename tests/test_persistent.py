@@ -171,7 +171,7 @@ class EncryptedPersistentTests(KeyedTestBase):
     def test_state_without_references_is_one_envelope(self):
         state = self._makeOne().__getstate__()
         self.assertIs(type(state), bytes)
-        self.assertTrue(state.startswith(b'.zk\x01'))
+        self.assertTrue(state.startswith(b'.km\x01'))
         self.assertEqual(self.facility.key_id_of(state), self.dek_id)
 
     def test_state_w_references_lists_them_outside(self):
@@ -689,6 +689,58 @@ class ConvertTests(KeyedTestBase):
         # The class was not patched
         self.assertIs(self.module.Password.__setstate__,
                       EncryptedPersistent.__setstate__)
+
+
+class StateVectorTests(unittest.TestCase):
+    """The state format, pinned by tests/vectors/persistent-state.json."""
+
+    def setUp(self):
+        import json
+        from zodbkmi.testing import TestingKeyHolder
+        from zodbkmi.testing import TestingKeyManagementFacility
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-test-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        zope.component.provideUtility(TestingKeyHolder())
+        zope.component.provideUtility(TestingKeyManagementFacility(self.tmp))
+        path = os.path.join(os.path.dirname(__file__), 'vectors',
+                            'persistent-state.json')
+        with open(path) as f:
+            self.vectors = json.load(f)
+
+    def _stored(self, v, count):
+        refs = tuple(Plain(str(i)) for i in range(count))
+        envelope = bytes.fromhex(v['envelope'])
+        return (envelope,) + refs if refs else envelope, refs
+
+    def _expected(self, v, refs):
+        return {k: refs[x[1]] if isinstance(x, list) else x
+                for k, x in v['state'].items()}
+
+    def test_valid_vectors_load(self):
+        for v in self.vectors['valid']:
+            stored, refs = self._stored(v, v['references'])
+            obj = Secret.__new__(Secret)
+            obj.__setstate__(stored)
+            self.assertEqual(obj.__dict__, self._expected(v, refs), v['name'])
+
+    def test_valid_vectors_plaintext_is_what_we_write(self):
+        from zodbkmi.persistent import _pickle_state
+        for v in self.vectors['valid']:
+            refs = tuple(Plain(str(i)) for i in range(v['references']))
+            plaintext, written = _pickle_state(self._expected(v, refs))
+            self.assertEqual(plaintext.hex(), v['plaintext'], v['name'])
+            self.assertEqual(tuple(written), refs)
+
+    def test_invalid_vectors_raise_their_error(self):
+        for v in self.vectors['invalid']:
+            stored, _ = self._stored(
+                v, v.get('stored_references', v['references']))
+            with self.assertRaises(getattr(exceptions, v['error'])) as cm:
+                Secret.__new__(Secret).__setstate__(stored)
+            self.assertIs(getattr(type(cm.exception), '_zodbkmi_class'),
+                          getattr(exceptions, v['error']), v['name'])
 
 
 DOC_MODULE = 'zodbkmi_docs_persistent'

@@ -159,3 +159,80 @@ class VaultEntryProperties(unittest.TestCase):
             VaultEntry.from_json(json.dumps(doc).encode())
         except exceptions.KeyStoreError:
             pass
+
+
+class StreamProperties(unittest.TestCase):
+    """zodbkmi.format.stream, with 64 byte chunks so that small inputs
+    have many chunks."""
+
+    CS = 64
+
+    def _seal(self, plaintext):
+        from zodbkmi.format import stream
+        return stream.encrypt_bytes(DEK_ID, DEK, plaintext, self.CS)
+
+    def _open(self, data):
+        from zodbkmi.format import stream
+        return stream.decrypt_bytes(DEK_ID, DEK, data)
+
+    @SETTINGS
+    @given(st.binary(max_size=700))
+    def test_roundtrip(self, plaintext):
+        sealed = self._seal(plaintext)
+        chunks = max(1, -(-len(plaintext) // self.CS))
+        self.assertEqual(len(sealed), 39 + len(plaintext) + 16 * chunks)
+        self.assertEqual(self._open(sealed), plaintext)
+
+    @SETTINGS
+    @given(st.binary(max_size=300), st.data())
+    def test_any_bit_flip_is_rejected(self, plaintext, data):
+        sealed = bytearray(self._seal(plaintext))
+        bit = data.draw(st.integers(0, len(sealed) * 8 - 1))
+        sealed[bit // 8] ^= 1 << (bit % 8)
+        with self.assertRaises(OPEN_ERRORS + (exceptions.UnknownKeyError,)):
+            self._open(bytes(sealed))
+
+    @SETTINGS
+    @given(st.binary(max_size=300), st.data())
+    def test_any_truncation_is_rejected(self, plaintext, data):
+        sealed = self._seal(plaintext)
+        cut = data.draw(st.integers(0, len(sealed) - 1))
+        with self.assertRaises(OPEN_ERRORS):
+            self._open(sealed[:cut])
+
+    @SETTINGS
+    @given(st.binary(max_size=300), st.binary(min_size=1, max_size=100))
+    def test_any_appended_bytes_are_rejected(self, plaintext, tail):
+        with self.assertRaises(exceptions.AuthenticationError):
+            self._open(self._seal(plaintext) + tail)
+
+    @SETTINGS
+    @given(st.binary(min_size=129, max_size=400), st.data())
+    def test_any_chunk_permutation_is_rejected(self, plaintext, data):
+        sealed = self._seal(plaintext)
+        body = sealed[39:]
+        size = self.CS + 16
+        chunks = [body[i:i + size] for i in range(0, len(body), size)]
+        order = data.draw(st.permutations(range(len(chunks))))
+        if list(order) == sorted(order):
+            return
+        with self.assertRaises(OPEN_ERRORS):
+            self._open(sealed[:39] + b''.join(chunks[i] for i in order))
+
+    @SETTINGS
+    @given(st.binary(max_size=400))
+    def test_arbitrary_bytes(self, data):
+        try:
+            self._open(data)
+        except OPEN_ERRORS + (exceptions.UnknownKeyError,):
+            pass
+        else:   # pragma: no cover
+            self.fail('arbitrary bytes were accepted')
+
+    @SETTINGS
+    @given(st.binary(max_size=200))
+    def test_arbitrary_bytes_after_valid_header(self, tail):
+        from zodbkmi.format import stream
+        header = stream.build_header(DEK_ID, chunk_size=self.CS)
+        with self.assertRaises(OPEN_ERRORS):
+            self._open(header.raw + tail)

@@ -72,7 +72,7 @@ class CoreWeaknessTests(unittest.TestCase):
     def test_decryption_errors_never_return_input(self):
         # a decryption failure must raise, never hand back its input
         data = self.facility.encrypt(self.kek, b'secret')
-        for bad in (b'', b'plain', data[:-1], data[:34], b'.zk' + data[3:20],
+        for bad in (b'', b'plain', data[:-1], data[:34], b'.km' + data[3:20],
                     data[:5] + b'\x01' + data[6:]):
             with self.assertRaises(exceptions.ZodbKmiError):
                 self.facility.decrypt(self.kek, bad)

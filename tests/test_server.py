@@ -43,7 +43,10 @@ class ServerProcess:
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError('server exited: %s' % self.stderr())
+                err = self.stderr()
+                self.stop()
+                self.cleanup()
+                raise RuntimeError('server exited: %s' % err)
             try:
                 socket.create_connection(('127.0.0.1', self.port), 1).close()
                 break
@@ -159,13 +162,6 @@ class SettingsTests(unittest.TestCase):
         with self.assertRaises(SettingsError):
             self._callFUT(self._write('bad.toml', 'port = ['),
                           environ={})
-
-    def test_cert_roles(self):
-        from zodbkmi.server import SettingsError, parse_cert_roles
-        self.assertEqual(parse_cert_roles('ops=admin, app=client'),
-                         {'ops': 'admin', 'app': 'client'})
-        with self.assertRaises(SettingsError):
-            parse_cert_roles('ops=root')
 
 
 class TLSMaterialTests(unittest.TestCase):
@@ -412,6 +408,21 @@ class ServeTests(unittest.TestCase):
             server.cleanup()
         self.assertEqual(rc, 0)
 
+    def test_insecure_http_only_when_asked(self):
+        from zodbkmi.facility import LocalKeyManagementFacility
+        server = ServerProcess(env={'ZODBKMI_INSECURE_HTTP': 'yes'})
+        try:
+            self.assertIn('WARNING: plain HTTP, for development only',
+                          server.stdout())
+            self.assertFalse(os.path.exists(server.ca))
+            local = LocalKeyManagementFacility(
+                'http://127.0.0.1:%d' % server.port, token=server.client)
+            self.addCleanup(local.close)
+            self.assertEqual(local.status()['keys'], 0)
+        finally:
+            server.stop()
+            server.cleanup()
+
     def test_unknown_setting_is_one_line_error(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
@@ -424,3 +435,136 @@ class ServeTests(unittest.TestCase):
         self.assertEqual(proc.stderr, "zodbkmi serve: error: unknown "
                                       "setting 'colour' in c.toml\n")
         self.assertFalse(os.path.exists(os.path.join(tmp, 'var')))
+
+
+def _doc_setUp(test):
+    from tests import test_docs
+    test_docs.setUp(test)
+    os.chdir(ServerLayer.server.dir)
+    test.globs['url'] = ServerLayer.server.url
+
+
+def test_suite():
+    from tests.test_docs import TOP, doc_suite
+    suite = unittest.defaultTestLoader.loadTestsFromName(__name__)
+    docs = doc_suite(os.path.join(TOP, 'docs', 'server.rst'),
+                     setUp=_doc_setUp)
+    docs.layer = ServerLayer
+    suite.addTest(docs)
+    return suite
+
+
+def make_ca_and_client(directory, expired=False):
+    """A CA and a client certificate it signed (``expired``: valid
+    yesterday only); return the paths (ca, cert, key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(k):
+        return k.private_bytes(serialization.Encoding.PEM,
+                               serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name('test CA'))
+          .issuer_name(name('test CA')).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=2))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                         critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=True, content_commitment=False,
+              key_encipherment=False, data_encipherment=False,
+              key_agreement=False, key_cert_sign=True, crl_sign=True,
+              encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+              ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    end = now - datetime.timedelta(days=1) if expired else \
+        now + datetime.timedelta(days=1)
+    cert = (x509.CertificateBuilder().subject_name(name('app'))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=2))
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = []
+    for fname, data in (
+            ('ca.pem', ca.public_bytes(serialization.Encoding.PEM)),
+            ('client.pem', cert.public_bytes(serialization.Encoding.PEM)),
+            ('client-key.pem', pem_key(key))):
+        path = os.path.join(directory, fname)
+        with open(path, 'wb') as f:
+            f.write(data)
+        paths.append(path)
+    return paths
+
+
+class BusyPortTests(unittest.TestCase):
+
+    def test_port_in_use_is_one_line_error(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        with socket.socket() as busy:
+            busy.bind(('127.0.0.1', 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            proc = subprocess.run(ZODBKMI + ['serve', '--port', str(port)],
+                                  cwd=tmp, capture_output=True, text=True,
+                                  timeout=60)
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(proc.stderr, 'zodbkmi serve: error: cannot listen '
+                                      'on 127.0.0.1 port %d: Address already '
+                                      'in use\n' % port)
+
+
+class MutualTLSTests(unittest.TestCase):
+    """``client_ca``: a client certificate is required on top of tokens."""
+
+    def test_client_certificates(self):
+        from zodbkmi.facility import LocalKeyManagementFacility
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        ca, cert, key = make_ca_and_client(tmp)
+        os.mkdir(os.path.join(tmp, 'expired'))
+        _, old_cert, old_key = make_ca_and_client(
+            os.path.join(tmp, 'expired'), expired=True)
+        os.mkdir(os.path.join(tmp, 'other'))
+        _, other_cert, other_key = make_ca_and_client(
+            os.path.join(tmp, 'other'))
+        server = ServerProcess('--client-ca', ca)
+        self.addCleanup(server.cleanup)
+        self.addCleanup(server.stop)
+
+        def local(**kw):
+            f = LocalKeyManagementFacility(server.url, token=server.client,
+                                           ca_file=server.ca, retries=0,
+                                           **kw)
+            self.addCleanup(f.close)
+            return f
+        self.assertEqual(local(client_cert=cert, client_key=key)
+                         .status()['keys'], 0)
+        for kw in ({}, {'client_cert': old_cert, 'client_key': old_key},
+                   {'client_cert': other_cert, 'client_key': other_key}):
+            with self.assertRaises(exceptions.KeyServerError) as cm:
+                local(**kw).status()
+            self.assertIsNone(cm.exception.status)
+            self.assertIn('TLS refused', str(cm.exception))
+        # the server keeps serving good clients
+        self.assertEqual(local(client_cert=cert, client_key=key)
+                         .status()['keys'], 0)

@@ -38,7 +38,7 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
 
     def test_key_id_and_repr(self):
         kek = self._makeOne()
-        self.assertEqual(kek.key_id, 'pkcs11:%s/%s' % (TOKEN_LABEL,
+        self.assertEqual(kek.key_id, 'pkcs11:%s:%s' % (TOKEN_LABEL,
                                                         KEY_LABEL))
         self.assertEqual(repr(kek), '<PKCS11KeyEncryptingKey %s>'
                          % kek.key_id)
@@ -119,6 +119,11 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
                                     'key no-such-key: no such AES key'):
             self._makeOne(key='no-such-key')
 
+    def test_label_not_fit_for_key_id(self):
+        with self.assertRaisesRegex(KeySourceError, 'labels go into the key '
+                                    'id'):
+            self._makeOne(key='my key/1')
+
     def test_missing_library(self):
         from zodbkmi.sources.pkcs11 import PKCS11KeyEncryptingKey
         with self.assertRaisesRegex(KeySourceError, 'no PKCS#11 library'):
@@ -169,7 +174,7 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
 
 
 VECTORS = os.path.join(os.path.dirname(__file__), 'vectors',
-                       'wrapped_suites_3_4.json')
+                       'wrapped-suites-3-4.json')
 
 
 def load_vectors():
@@ -201,7 +206,7 @@ class Suite4VectorTests(SoftHSMTestCase):
 
     def _kek(self, vector):
         from zodbkmi.sources.pkcs11 import PKCS11KeyEncryptingKey
-        token, label = vector['kek_id'][len('pkcs11:'):].split('/')
+        token, label = vector['kek_id'][len('pkcs11:'):].split(':')
         self.assertEqual(token, TOKEN_LABEL)
         self._import(vector['kek'], label)
         kek = PKCS11KeyEncryptingKey(LIBRARY, token, label, PIN)

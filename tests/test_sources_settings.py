@@ -156,6 +156,11 @@ class ParseSettingsTests(unittest.TestCase):
                                       'version': 0}},
                           'params.version: must be 1 or more')
 
+    def test_w_key_id_not_url_safe(self):
+        self._assertError({'params': {'source': 'raw', 'key': KEY,
+                                      'keyId': 'a/b'}},
+                          'params.keyId: use 1 to 255 letters')
+
     def test_w_previous_not_list(self):
         self._assertError({'params': {'source': 'env', 'variable': 'K'},
                            'previous': {}}, 'previous: must be a list')
@@ -197,3 +202,63 @@ class LoadSettingsTests(unittest.TestCase):
         with self.assertRaises(SettingsError) as cm:
             settings_from_environ(environ={'ZODBKMI_ENCRYPTION': '{'})
         self.assertIn('(in $ZODBKMI_ENCRYPTION)', str(cm.exception))
+
+
+class SettingsProperties(unittest.TestCase):
+    """For any JSON value, parse_settings returns settings or raises
+    SettingsError (one line), nothing else."""
+
+    def test_any_json_value(self):
+        from hypothesis import given
+        from hypothesis import settings
+        from hypothesis import strategies as st
+        from zodbkmi.sources.settings import EncryptionSettings
+        from zodbkmi.sources.settings import SOURCES
+        from zodbkmi.sources.settings import parse_settings
+        names = st.sampled_from(sorted({n for t in SOURCES.values()
+                                        for n in t} | {'source', 'x'}))
+        scalars = st.one_of(st.none(), st.booleans(), st.integers(),
+                            st.floats(allow_nan=False), st.text(max_size=20),
+                            st.sampled_from(sorted(SOURCES)),
+                            st.just('https://127.0.0.1:1'))
+        params = st.dictionaries(names, scalars, max_size=8)
+        top = st.fixed_dictionaries({}, optional={
+            'enabled': st.one_of(st.booleans(), scalars),
+            'algorithm': st.one_of(st.just('aes256-gcm'), scalars),
+            'params': st.one_of(params, scalars),
+            'previous': st.one_of(st.lists(params, max_size=3), scalars)})
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.one_of(top, scalars, st.text(max_size=50)))
+        def check(value):
+            try:
+                result = parse_settings(value)
+            except SettingsError as e:
+                self.assertNotIn('\n', str(e))
+            else:
+                self.assertIsInstance(result, EncryptionSettings)
+
+        check()
+
+    def test_decode_key_is_strict(self):
+        import base64
+        from hypothesis import given
+        from hypothesis import settings
+        from hypothesis import strategies as st
+        from zodbkmi.exceptions import InvalidKeyError
+        from zodbkmi.sources.local import decode_key
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.one_of(
+            st.text(max_size=60),
+            st.binary(min_size=30, max_size=34).map(
+                lambda b: base64.b64encode(b).decode())))
+        def check(text):
+            try:
+                key = decode_key(text, 'test')
+            except InvalidKeyError:
+                return
+            self.assertEqual(len(key), 32)
+            self.assertEqual(base64.b64encode(key).decode(), text)
+
+        check()

@@ -64,7 +64,7 @@ class VaultKVTests(_Base):
         self.put_secret({'key': b64(k1), 'algorithm': 'aes256-gcm'})
         self.put_secret({'key': b64(k2), 'algorithm': 'aes256-gcm'})
         kek = self._callFUT(self.params('vaultKV', path=self.path))
-        self.assertEqual(kek.key_id, 'vaultkv:secret/%s#v2' % self.path)
+        self.assertEqual(kek.key_id, 'vaultkv:secret:%s:v2' % self.path.replace('/', ':'))
         self.assertEqual(kek.version, 2)
         from zodbkmi.sources.local import key_check_value
         self.assertEqual(kek.check_value, key_check_value(k2))
@@ -74,7 +74,7 @@ class VaultKVTests(_Base):
         self.put_secret({'key': b64(k1), 'algorithm': 'aes256-gcm'})
         self.put_secret({'key': b64(k2), 'algorithm': 'aes256-gcm'})
         kek = self._callFUT(self.params('vaultKV', path=self.path, version=1))
-        self.assertEqual(kek.key_id, 'vaultkv:secret/%s#v1' % self.path)
+        self.assertEqual(kek.key_id, 'vaultkv:secret:%s:v1' % self.path.replace('/', ':'))
         from zodbkmi.kek import AESKeyEncryptingKey
         blob = AESKeyEncryptingKey(k1).wrap(b'x' * 32, b'h')
         self.assertEqual(kek.unwrap(blob, b'h'), b'x' * 32)
@@ -230,7 +230,7 @@ class TransitTests(_Base):
         from zodbkmi.sources import kek_from_params
         name = self.transit_key()
         kek = kek_from_params(self.params('vaultTransit', keyName=name))
-        self.assertEqual(kek.key_id, 'transit:transit/%s' % name)
+        self.assertEqual(kek.key_id, 'transit:transit:%s' % name)
         self.assertEqual(repr(kek), '<TransitKeyEncryptingKey %s>'
                          % kek.key_id)
 
@@ -271,6 +271,16 @@ class TransitTests(_Base):
         ghost = self._makeOne('ghost', check=False)
         with self.assertRaisesRegex(KeySourceError, 'no such Transit key'):
             ghost.unwrap(wk.blob, wk.header)
+
+    def test_key_name_w_slash_refused(self):
+        with self.assertRaisesRegex(KeySourceError, 'invalid Transit key '
+                                    'name'):
+            self._makeOne('a/b', check=False)
+
+    def test_nested_mount_in_key_id(self):
+        from zodbkmi.sources.vault import transit_key_id
+        self.assertEqual(transit_key_id('kms/apps', 'zodb'),
+                         'transit:kms:apps:zodb')
 
     def test_not_derived_refused(self):
         name = self.transit_key(derived=False)

@@ -3,6 +3,7 @@ import os
 import shutil
 import tempfile
 import unittest
+import zlib
 
 import transaction
 import ZODB
@@ -275,12 +276,15 @@ class EncryptingStorageTests(_TempDir, unittest.TestCase):
             self.assertIn(b'NEW-PLAIN-VALUE', f.read())
 
     def test_unknown_mode(self):
+        import ZODB.MappingStorage
         with self.assertRaises(ValueError):
-            self._makeOne(mode='lenient')
+            self._makeOne(ZODB.MappingStorage.MappingStorage(),
+                          mode='lenient')
 
     def test_needs_key(self):
+        import ZODB.MappingStorage
         with self.assertRaises(TypeError):
-            self._getTargetClass()(ZODB.FileStorage.FileStorage('Data.fs'),
+            self._getTargetClass()(ZODB.MappingStorage.MappingStorage(),
                                    self.facility)
 
     def test_keyholder(self):
@@ -344,6 +348,23 @@ class EncryptingStorageTests(_TempDir, unittest.TestCase):
         dest.close()
         with open('Data.fs', 'rb') as f:
             self.assertNotIn(SECRET.encode(), f.read())
+
+    def test_zlibstorage_inside_works(self):
+        # the envelope magic b'.km' is not zc.zlibstorage's b'.z': stacked
+        # either way, each wrapper reads only its own records (outside is
+        # the sensible order: compressing ciphertext gains nothing)
+        import zc.zlibstorage
+        import ZODB.MappingStorage
+        base = ZODB.MappingStorage.MappingStorage()
+        db = self._fill(self._makeOne(zc.zlibstorage.ZlibStorage(base)))
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['secret'], SECRET)
+        raw = base.load(b'\0' * 8)[0]
+        if raw.startswith(b'.z'):      # kept compressed only when smaller
+            raw = zlib.decompress(raw[2:])
+        self.assertTrue(raw.startswith(b'.km'))
+        self.assertNotIn(SECRET.encode(), raw)
+        db.close()
 
     def test_stacks_under_another_wrapper(self):
         import zc.zlibstorage
@@ -444,3 +465,156 @@ class ConfigTests(_TempDir, unittest.TestCase):
         import zodburi
         with self.assertRaises(ValueError):
             zodburi.resolve_uri('zodbkmi+memory://?key_file=kek')
+
+
+class ZEODeploymentTests(_TempDir, unittest.TestCase):
+    """Clients encrypt; the ZEO server (no keys) stores ciphertext."""
+
+    def test_server_files_hold_no_plaintext(self):
+        import ZEO
+        from zodbkmi.testing import KeyEncryptingKey
+        from zodbkmi.storage import EncryptingStorage
+        addr, stop = ZEO.server(path=os.path.join(self.tmp, 'Data.fs'),
+                                blob_dir=os.path.join(self.tmp, 'blobs'),
+                                threaded=False)
+        try:
+            def client():
+                return EncryptingStorage(
+                    ZEO.client(addr, wait_timeout=10,
+                               blob_dir=os.path.join(self.tmp, 'cache')),
+                    self.facility, KeyEncryptingKey)
+            db = ZODB.DB(client())
+            with db.transaction() as conn:
+                conn.root()['secret'] = SECRET
+                conn.root()['child'] = PersistentMapping(value=SECRET)
+            db.close()
+            db = ZODB.DB(client())
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['child']['value'], SECRET)
+            db.close()
+        finally:
+            stop()
+        raw = b''
+        for dirpath, _, files in os.walk(self.tmp):
+            if 'keys' in dirpath.split(os.sep):
+                continue
+            for name in files:
+                with open(os.path.join(dirpath, name), 'rb') as f:
+                    raw += f.read()
+        self.assertIn(b'.km', raw)
+        self.assertNotIn(SECRET.encode(), raw)
+        self.assertNotIn(b'PersistentMapping', raw)
+
+
+class BlobTests(_TempDir, unittest.TestCase):
+
+    def _makeOne(self, **kw):
+        from zodbkmi.storage import EncryptingStorage
+        from zodbkmi.testing import KeyEncryptingKey
+        return EncryptingStorage(
+            ZODB.FileStorage.FileStorage('Data.fs', blob_dir='blobs'),
+            self.facility, KeyEncryptingKey, **kw)
+
+    def _store(self, data=SECRET.encode() * 1000):
+        import ZODB.blob
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(data)
+        return db
+
+    def _blob_files(self):
+        return [os.path.join(d, n) for d, _, names in os.walk('blobs')
+                for n in names if n.endswith('.blob')]
+
+    def test_blob_dir_holds_no_plaintext(self):
+        self._store().close()
+        files = self._blob_files()
+        self.assertEqual(len(files), 1)
+        with open(files[0], 'rb') as f:
+            raw = f.read()
+        self.assertTrue(raw.startswith(b'zks'))
+        self.assertNotIn(SECRET.encode(), raw)
+
+    def test_reading_leaves_no_plaintext_file(self):
+        self._store().close()
+        storage = self._makeOne()
+        try:
+            serial = storage.base.load(p64(1))[1]
+            with storage.openCommittedBlobFile(p64(1), serial) as f:
+                self.assertEqual(f.read(9), SECRET.encode()[:9])
+                private = storage._blob_tmp
+                self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+                self.assertEqual(os.listdir(private), [])   # unlinked
+        finally:
+            storage.close()
+        self.assertFalse(os.path.exists(private))
+
+    def test_loaded_blob_removed_at_transaction_end(self):
+        db = self._store()
+        conn = db.open()
+        with conn.root()['blob'].open() as f:
+            self.assertEqual(f.read(9), SECRET.encode()[:9])
+        name = conn.root()['blob'].committed()
+        self.assertTrue(os.path.exists(name))
+        self.assertEqual(os.stat(name).st_mode & 0o777, 0o400)
+        transaction.abort()
+        self.assertFalse(os.path.exists(name))
+        conn.close()
+        db.close()
+
+    def test_truncated_blob(self):
+        from zodbkmi.exceptions import DecryptionError
+        self._store().close()
+        path = self._blob_files()[0]
+        os.chmod(path, 0o600)
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) - 10)
+        db = ZODB.DB(self._makeOne())
+        storage = db.storage
+        with db.transaction() as conn:
+            with self.assertRaises(DecryptionError) as cm:
+                conn.root()['blob'].open().read()
+            self.assertIn('0x01', str(cm.exception))
+            self.assertEqual(os.listdir(storage._blob_tmp), [])
+        db.close()
+
+    def test_plaintext_blob_in_strict_mode(self):
+        import ZODB.blob
+        from zodbkmi.exceptions import NotEncryptedError
+        from zodbkmi.storage import DECRYPT_ONLY
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'plain blob')
+        db.close()
+        storage = self._makeOne()
+        try:
+            serial = storage.base.load(p64(1))[1]
+            with self.assertRaises(NotEncryptedError):
+                storage.openCommittedBlobFile(p64(1), serial)
+        finally:
+            storage.close()
+
+    def test_migrate_mode_reads_plaintext_blob(self):
+        import ZODB.blob
+        from zodbkmi.storage import DECRYPT_ONLY
+        from zodbkmi.storage import MIGRATE
+        db = ZODB.DB(self._makeOne(mode=DECRYPT_ONLY))
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'plain blob')
+        db.close()
+        with open(self._blob_files()[0], 'rb') as f:
+            self.assertEqual(f.read(), b'plain blob')
+        db = ZODB.DB(self._makeOne(mode=MIGRATE))
+        with db.transaction() as conn:
+            with conn.root()['blob'].open() as f:
+                self.assertEqual(f.read(), b'plain blob')
+            conn.root()['blob2'] = ZODB.blob.Blob(b'new blob')
+        db.close()
+        sealed = [p for p in self._blob_files()
+                  if open_read(p).startswith(b'zks')]
+        self.assertEqual(len(sealed), 1)
+
+
+def open_read(path):
+    with open(path, 'rb') as f:
+        return f.read()

@@ -27,13 +27,11 @@ class FileStorageTests(ZODB.tests.testFileStorage.FileStorageTests):
         self._storage = wrap(
             ZODB.FileStorage.FileStorage('FileStorageTests.fs', **kwargs))
 
-    # These read FileStorage internals or raw record bytes of the base
-    # storage, which are ciphertext under the wrapper by design.
-    def checkCorruptionInPack(self):
-        """Patches the raw Data.fs of the base storage."""
-
-    def checkRestoreAcrossPack(self):
-        """Restores raw records read from the base storage into itself."""
+    # Reads raw records of Data.fs and opens them with
+    # untransform_record_data(), which gets no oid: a sealed record only
+    # opens with its oid (see docs/storage.rst).
+    def testRestoreCopy(self):
+        """Skipped: opens raw records without their oid."""
 
 
 class FileStorageTestsWithBlobsEnabled(FileStorageTests):
@@ -93,6 +91,9 @@ class ZEOFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
     def checkPackAllRevisions(self):
         """Needs pack GC."""
 
+    def checkPackUndoLog(self):
+        """Needs pack GC."""
+
 
 def _write_key_files():
     os.mkdir('keys')
@@ -103,13 +104,23 @@ class ZEOServerKeysFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
     """Clients encrypt; the server holds the keys for pack GC and conflict
     resolution only (``<serverencryptingstorage>``)."""
 
-    def setUp(self):
-        ZODB.tests.util.TestCase.setUp(self)   # into a temporary directory
-        _write_key_files()
-        ZEO.tests.testZEO.FileStorageTests.setUp(self)
+    # what the server's storage (the wrapper) declares
+    _expected_interfaces = (
+        ('ZODB.interfaces', 'IStorageWrapper'),
+        ('ZODB.interfaces', 'IStorageRestoreable'),
+        ('ZODB.interfaces', 'IStorageIteration'),
+        ('ZODB.interfaces', 'IStorageUndoable'),
+        ('ZODB.interfaces', 'IStorageCurrentRecordIteration'),
+        ('ZODB.interfaces', 'IExternalGC'),
+        ('ZODB.interfaces', 'IStorage'),
+        ('zope.interface', 'Interface'),
+    )
 
     def getConfig(self):
+        # called by setUp, in the test's temporary directory
         here = os.getcwd()
+        if not os.path.exists('kek'):
+            _write_key_files()
         return """\
         %%import zodbkmi
         <serverencryptingstorage>
@@ -143,7 +154,28 @@ def test_suite():
         s.layer = ZODB.tests.util.MininalTestLayer(
             'zodbkmi.storage.%s' % klass.__name__)
         suite.addTest(s)
-    suite.addTest(ZODB.tests.testblob.storage_reusable_suite(
+    blobs = ZODB.tests.testblob.storage_reusable_suite(
         'EncryptedBlobFileStorage', _blob_storage,
-        test_blob_storage_recovery=True, test_packing=True))
+        test_blob_storage_recovery=True, test_packing=True)
+    suite.addTest(_without_root_only_failures(blobs))
     return suite
+
+
+def _without_root_only_failures(suite):
+    """blob_transaction.txt expects PermissionError when writing a
+    committed (read-only) blob file, which root never gets."""
+    if os.geteuid() != 0:
+        return suite
+    kept = unittest.TestSuite()
+    for test in _flatten(suite):
+        if 'blob_transaction' not in test.id():
+            kept.addTest(test)
+    return kept
+
+
+def _flatten(suite):
+    for test in suite:
+        if isinstance(test, unittest.TestSuite):
+            yield from _flatten(test)
+        else:
+            yield test

@@ -112,7 +112,7 @@ class HeaderTests(unittest.TestCase):
                             stream.build_header(DEK_ID).salt)
 
     def test_read_header_w_bad_magic(self):
-        for data in (b'', b'PK\x03\x04' * 20, b'.zk\x01' + bytes(60),
+        for data in (b'', b'PK\x03\x04' * 20, b'.km\x01' + bytes(60),
                      b'zkw\x01' + bytes(60)):
             if not data:
                 continue
@@ -492,11 +492,21 @@ class VectorTests(unittest.TestCase):
             dek_id = bytes.fromhex(v['dek_id'])
             plaintext = bytes.fromhex(v['plaintext'])
             sealed = bytes.fromhex(v['stream'])
-            self.assertEqual(
-                stream.encrypt_bytes(dek_id, dek, plaintext,
-                                     v['chunk_size'],
-                                     _salt=bytes.fromhex(v['salt'])),
-                sealed, v['name'])
+            salt = bytes.fromhex(v['salt'])
+            if 'wrapped' in v:
+                blob = bytes.fromhex(v['wrapped'])
+                header = stream.build_header(wrapped=blob, _salt=salt,
+                                             chunk_size=v['chunk_size'])
+                out = io.BytesIO()
+                stream.encrypt(io.BytesIO(plaintext), out, dek, header)
+                self.assertEqual(out.getvalue(), sealed, v['name'])
+                kek = AESKeyEncryptingKey(bytes.fromhex(v['kek']))
+                self.assertEqual(wrapped.unwrap(kek, blob), (dek_id, dek))
+            else:
+                self.assertEqual(
+                    stream.encrypt_bytes(dek_id, dek, plaintext,
+                                         v['chunk_size'], _salt=salt),
+                    sealed, v['name'])
             self.assertEqual(stream.decrypt_bytes(dek_id, dek, sealed),
                              plaintext, v['name'])
 
@@ -511,3 +521,53 @@ class VectorTests(unittest.TestCase):
                                      bytes.fromhex(v['dek']),
                                      bytes.fromhex(v['stream']))
             self.assertIs(type(cm.exception), error, v['name'])
+
+
+class _SmallBatches:
+    """Run a test class with batches of ``batch`` bytes, so that small
+    inputs cross many batch boundaries."""
+
+    batch = 256
+
+    def setUp(self):
+        super().setUp()
+        old = stream.BATCH_SIZE
+        stream.BATCH_SIZE = self.batch
+        self.addCleanup(setattr, stream, 'BATCH_SIZE', old)
+
+
+class BadInputSmallBatchTests(_SmallBatches, BadInputTests):
+    """Four chunks per batch."""
+
+
+class BadInputChunkBatchTests(_SmallBatches, BadInputTests):
+    """One chunk per batch."""
+
+    batch = SMALL
+
+
+class RoundTripSmallBatchTests(_SmallBatches, RoundTripTests):
+    """Four chunks per batch."""
+
+
+class BatchBoundaryTests(unittest.TestCase):
+
+    def test_sizes_around_batch_boundaries(self):
+        b = stream.BATCH_SIZE
+        for size in (b - 1, b, b + 1, 2 * b, 2 * b + 65537):
+            data = os.urandom(size)
+            sealed = stream.encrypt_bytes(DEK_ID, DEK, data)
+            self.assertEqual(stream.decrypt_bytes(DEK_ID, DEK, sealed),
+                             data, size)
+
+    def test_truncation_at_batch_boundary(self):
+        data = os.urandom(2 * stream.BATCH_SIZE)
+        sealed = stream.encrypt_bytes(DEK_ID, DEK, data)
+        cut = 39 + (stream.BATCH_SIZE // 65536) * (65536 + T)
+        out = io.BytesIO()
+        src = io.BytesIO(sealed[:cut])
+        header = stream.read_header(src)
+        with self.assertRaisesRegex(exceptions.TruncatedDataError,
+                                    'without its final chunk'):
+            stream.decrypt(src, out, DEK, header)
+        self.assertEqual(out.getvalue(), data[:stream.BATCH_SIZE - 65536])

@@ -110,6 +110,23 @@ class KeyStateError(ZodbKmiError):
     """
 
 
+class KeyServerError(ZodbKmiError, ConnectionError):
+    """The key server cannot be reached or refused a request.
+
+    Raised by :class:`zodbkmi.facility.LocalKeyManagementFacility` when the
+    server does not answer within the timeout after the retries, when TLS
+    verification of the server fails, and when the server answers with an
+    error other than "unknown key" (for example 401 or 403: missing or wrong
+    credentials).  ``status`` holds the HTTP status (None when no answer
+    came) and ``reason`` a short reason; the response body is never kept.
+    """
+
+    def __init__(self, message, status=None, reason=None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
 class SettingsError(ZodbKmiError, ValueError):
     """Encryption settings are malformed.
 
@@ -134,20 +151,3 @@ class KeySourceError(ZodbKmiError):
     def __init__(self, message, source=None):
         super().__init__(message)
         self.source = source
-
-
-class KeyServerError(ZodbKmiError, ConnectionError):
-    """The key server cannot be reached or refused a request.
-
-    Raised by :class:`zodbkmi.facility.LocalKeyManagementFacility` when the
-    server does not answer within the timeout after the retries, when TLS
-    verification of the server fails, and when the server answers with an
-    error other than "unknown key" (for example 401 or 403: missing or wrong
-    credentials).  ``status`` holds the HTTP status (None when no answer
-    came) and ``reason`` a short reason; the response body is never kept.
-    """
-
-    def __init__(self, message, status=None, reason=None):
-        super().__init__(message)
-        self.status = status
-        self.reason = reason

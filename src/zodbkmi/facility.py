@@ -479,6 +479,11 @@ class LocalKeyManagementFacility(EncryptionService):
                     raise KeyServerError(
                         'key server %s: certificate verification failed '
                         '(%s)' % (self.url, e.verify_message)) from None
+                if isinstance(e, ssl.SSLError) and not isinstance(
+                        e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    raise KeyServerError(
+                        'key server %s: TLS refused (%s)'
+                        % (self.url, e.reason or e.strerror)) from None
                 if attempt == self.retries:
                     raise KeyServerError(
                         'key server %s cannot be reached (%d attempts): %s'
@@ -529,7 +534,7 @@ class LocalKeyManagementFacility(EncryptionService):
     # -- read-only mapping -----------------------------------------------
 
     def keys(self):
-        return [k['dek_id'] for k in self._request('GET', '/v1/keys')['keys']]
+        return [k['dek_id'] for k in self.metadata()]
 
     def __iter__(self):
         return iter(self.keys())
@@ -565,6 +570,11 @@ class LocalKeyManagementFacility(EncryptionService):
     def status(self):
         """The server's status: ``{"keys": N, "message": ...}``."""
         return self._request('GET', '/v1/status')
+
+    def metadata(self):
+        """Metadata of every key on the server: a list of dicts with
+        ``dek_id``, ``kek_id``, ``state`` and ``created``."""
+        return self._request('GET', '/v1/keys')['keys']
 
     def entry(self, dek_id):
         """Return the :class:`zodbkmi.vault.VaultEntry` of ``dek_id`` as

@@ -105,16 +105,16 @@ def decrypt_with_private_key(key, fsrc, fdst):
 
 
 @contextlib.contextmanager
-def atomic_output(path, overwrite=False, mode=0o600):
+def atomic_output(path, overwrite=False, mode=0o600, buffering=-1):
     """Open ``path`` for writing so that it appears only when complete.
 
-    Yields a binary file object on a temporary file in the same directory
-    (``.NAME.XXXXXXXX.part``, created with ``mode``); a symbolic link is
-    followed, the file it names is replaced.  When the block ends
-    normally the data is flushed, synced and the file renamed to
-    ``path``; when it raises (including KeyboardInterrupt) the temporary
-    file is removed.  Raises ``FileExistsError`` if ``path`` exists, unless
-    ``overwrite``.
+    Yields a binary file object (``buffering`` as for :func:`open`) on a
+    temporary file in the same directory (``.NAME.XXXXXXXX.part``, created
+    with ``mode``); a symbolic link is followed, the file it names is
+    replaced.  When the block ends normally the data is flushed, synced and
+    the file renamed to ``path``; when it raises (including
+    KeyboardInterrupt) the temporary file is removed.  Raises
+    ``FileExistsError`` if ``path`` exists, unless ``overwrite``.
     """
     path = os.path.realpath(path)
     if not overwrite and os.path.lexists(path):
@@ -127,7 +127,7 @@ def atomic_output(path, overwrite=False, mode=0o600):
                                dir=directory)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, 'wb') as f:
+        with os.fdopen(fd, 'wb', buffering) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -221,7 +221,8 @@ def transform(func, source=None, target=None, overwrite=False,
         if source in (None, '-'):
             fsrc, name = stdin, 'stdin'
         else:
-            fsrc = stack.enter_context(open(source, 'rb'))
+            # unbuffered: the stream format reads about 1 MiB at a time
+            fsrc = stack.enter_context(open(source, 'rb', buffering=0))
             name = os.path.basename(source)
         try:
             st = os.fstat(fsrc.fileno())
@@ -237,15 +238,14 @@ def transform(func, source=None, target=None, overwrite=False,
             result = func(fsrc, stdout)
             stdout.flush()
         elif _special(target):
-            with open(target, 'wb') as fdst:   # a device or a FIFO
+            with open(target, 'wb', buffering=0) as fdst:   # a device
                 result = func(fsrc, fdst)
         else:
-            with atomic_output(target, overwrite) as fdst:
+            with atomic_output(target, overwrite, buffering=0) as fdst:
                 result = func(fsrc, fdst)
         if reader is not None:
             reader.done()
         return result
-
 
 
 def _special(path):

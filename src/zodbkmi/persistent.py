@@ -29,6 +29,7 @@ import threading
 from persistent import Persistent
 from persistent.wref import WeakRef
 from zope.component import getSiteManager
+from zope.component.globalregistry import base as _global_registry
 from ZODB.ConflictResolution import PersistentReference
 from ZODB.POSException import POSError
 
@@ -117,9 +118,20 @@ def _reraise(obj, error, doing):
 
 # -- the registered utilities ---------------------------------------------
 
-_resolved = None
-# (registry, its generation, its bases, their generations, key holder,
-#  encryption service, the holder's key, the keys for decryption)
+# (registry if it has no bases (for the fast paths), its generation, its
+#  bases, their generations, key holder, encryption service, the holder's
+#  key, the keys for decryption, registry, service.encrypt,
+#  service.decrypt)
+_UNRESOLVED = (None, -1, (), (), None, None, None, None, None, None, None)
+_resolved = _UNRESOLVED
+_unhooked = getSiteManager.original
+
+
+def _registry():
+    """The utility registry of the current site manager."""
+    if getSiteManager.implementation is _unhooked:
+        return _global_registry.utilities
+    return getSiteManager().utilities
 
 
 def _generations(registries):
@@ -133,10 +145,9 @@ def _utilities(obj):
     bases): a registration or an unregistration changes the generation, so
     the next call looks the utilities up again.
     """
-    registry = getSiteManager().utilities
+    registry = _registry()
     r = _resolved
-    if (r is not None and registry is r[0]
-            and registry._generation == r[1]
+    if (registry is r[8] and registry._generation == r[1]
             and (not r[2] or _generations(r[2]) == r[3])):
         return r[4], r[5]
     return _resolve(obj, registry)
@@ -161,8 +172,10 @@ def _resolve(obj, registry):
             'zodbkmi.facility.KeyManagementFacility(directory))')
     bases = list(getattr(registry, 'ro', (registry,))[1:])
     key = holder.key
-    _resolved = (registry, registry._generation, bases, _generations(bases),
-                 holder, service, key, _decryption_keys(holder, key))
+    _resolved = (None if bases else registry, registry._generation, bases,
+                 _generations(bases), holder, service, key,
+                 _decryption_keys(holder, key), registry, service.encrypt,
+                 service.decrypt)
     return holder, service
 
 
@@ -182,11 +195,11 @@ def _keys_for_decryption(holder):
     global _resolved
     key = holder.key
     r = _resolved
-    if r is not None and r[4] is holder:
+    if r[4] is holder:
         if r[6] is key:
             return r[7]
         keys = _decryption_keys(holder, key)
-        _resolved = r[:6] + (key, keys)
+        _resolved = r[:6] + (key, keys) + r[8:]
         return keys
     return _decryption_keys(holder, key)
 
@@ -364,42 +377,47 @@ def _decrypt_state(obj, state):
 
 def _getstate(self):
     state = _plain_getstate(self)
-    if type(self).__getstate__ is not _getstate:
+    if type(self).__getstate__ is _getstate and type(state) is dict:
+        # The common case inline: utilities resolved, nothing in the state
+        # that can be a reference.  The general one in _encrypt_state.
+        r = _resolved
+        if getSiteManager.implementation is _unhooked:
+            registry = _global_registry.utilities
+        else:
+            registry = getSiteManager().utilities
+        if registry is r[0] and registry._generation == r[1]:
+            for value in state.values():
+                if type(value) not in _ATOMIC:
+                    break
+            else:
+                try:
+                    return r[9](r[4].key, _dumps(state, _PROTOCOL))
+                except exceptions.ZodbKmiError as e:
+                    _reraise(self, e, 'encrypt its state')
+    elif type(self).__getstate__ is not _getstate:
         # Reached with super() from an overriding __getstate__: the
         # wrapper around that one encrypts.
         return state
-    # The common case inline (no references, utilities resolved); the
-    # general one in _encrypt_state.
-    r = _resolved
-    registry = getSiteManager().utilities
-    if (type(state) is not dict or r is None or registry is not r[0]
-            or registry._generation != r[1] or r[2]):
-        return _encrypt_state(self, state)
-    for value in state.values():
-        if type(value) not in _ATOMIC:
-            return _encrypt_state(self, state)
-    try:
-        return r[5].encrypt(r[4].key, _dumps(state, _PROTOCOL))
-    except exceptions.ZodbKmiError as e:
-        _reraise(self, e, 'encrypt its state')
+    return _encrypt_state(self, state)
 
 
 def _setstate(self, state):
     if type(self).__setstate__ is _setstate:
-        # The common case inline (no references, utilities resolved, no
-        # previous keys); the general one in _decrypt_state.
-        r = _resolved
-        registry = getSiteManager().utilities
-        if (type(state) is bytes and r is not None and registry is r[0]
-                and registry._generation == r[1] and not r[2]):
-            holder = r[4]
-            key = holder.key
-            if key is r[6]:
+        if type(state) is bytes:
+            # The common case inline: no references, utilities resolved,
+            # the holder's key unchanged.  The general one in
+            # _decrypt_state.
+            r = _resolved
+            if getSiteManager.implementation is _unhooked:
+                registry = _global_registry.utilities
+            else:
+                registry = getSiteManager().utilities
+            if (registry is r[0] and registry._generation == r[1]
+                    and r[4].key is r[6]):
                 try:
-                    data = r[5].decrypt(r[7], state)
+                    data = r[10](r[7], state)
                     if data[:2] == _PROTO_HEADER:
-                        state = _loads(data)
-                        return _plain_setstate(self, state)
+                        return _plain_setstate(self, _loads(data))
                 except exceptions.ZodbKmiError as e:
                     _reraise(self, e, 'load its state')
         state = _decrypt_state(self, state)

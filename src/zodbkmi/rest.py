@@ -26,6 +26,7 @@ import binascii
 import hashlib
 import hmac
 import json
+from json.encoder import encode_basestring_ascii as _encode_str
 import logging
 import os
 import re
@@ -132,33 +133,48 @@ class TokenTable:
         return found
 
 
+def _json_str(value):
+    return 'null' if value is None else _encode_str(value)
+
+
 class AuditLog:
     """Key operations as JSON lines: time, client, operation, key id,
-    outcome.  Never a token nor key bytes."""
+    outcome.  Never a token nor key bytes.
+
+    Each line is one ``write`` on a file opened with ``O_APPEND``, so
+    several processes can share the file without interleaving lines.
+    """
 
     def __init__(self, stream=None, path=None):
-        self._lock = threading.Lock()
         self._stream = stream
         self.path = path
+        self._fd = None
+        self._second = None
+        self._stamp = None
         if path is not None and stream is None:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._stream = os.fdopen(fd, 'a', buffering=1, encoding='utf-8')
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                               0o600)
 
     def write(self, client, operation, key_id, outcome):
-        if self._stream is None:
-            return
-        line = json.dumps({
-            'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-            'client': client, 'operation': operation, 'key_id': key_id,
-            'outcome': outcome}, sort_keys=True)
-        with self._lock:
-            self._stream.write(line + '\n')
+        now = int(time.time())
+        if now != self._second:
+            self._stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                                        time.gmtime(now))
+            self._second = now
+        line = ('{"time": "%s", "client": %s, "operation": "%s", '
+                '"key_id": %s, "outcome": "%s"}\n' % (
+                    self._stamp, _json_str(client), operation,
+                    _json_str(key_id), outcome))
+        if self._fd is not None:
+            os.write(self._fd, line.encode('utf-8'))
+        elif self._stream is not None:
+            self._stream.write(line)
             self._stream.flush()
 
     def close(self):
-        if self.path is not None and self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _metadata(entry):
@@ -171,18 +187,15 @@ class KeyServerApp:
 
     ``facility`` is a :class:`zodbkmi.facility.KeyManagementFacility` (the
     master); ``tokens`` a :class:`TokenTable`; ``audit`` an
-    :class:`AuditLog`.  Requests carrying a TLS client certificate verified
-    by the server (``SSL_CLIENT_S_DN_CN`` in the environment) are mapped to a
-    role through ``cert_roles`` (common name -> role).
+    :class:`AuditLog`.
     """
 
     def __init__(self, facility, tokens, audit=None,
-                 max_body=DEFAULT_MAX_BODY, cert_roles=None):
+                 max_body=DEFAULT_MAX_BODY):
         self.facility = facility
         self.tokens = tokens
         self.audit = audit or AuditLog()
         self.max_body = max_body
-        self.cert_roles = dict(cert_roles or {})
         self._lock = threading.Lock()
         with open(OPENAPI_PATH, 'rb') as f:
             self._openapi = f.read()
@@ -195,6 +208,12 @@ class KeyServerApp:
         except HTTPError as e:
             status, headers = e.status, e.headers
             body = json.dumps({'error': e.message}).encode('utf-8')
+        except KeyStoreError as e:   # the key directory, not the request
+            logger.error('key store error on %s %s: %s',
+                         environ.get('REQUEST_METHOD'),
+                         environ.get('PATH_INFO'), e)
+            status, headers = 503, []
+            body = b'{"error": "key store unavailable"}'
         except Exception:   # never a traceback to the client
             logger.exception('internal error on %s %s',
                              environ.get('REQUEST_METHOD'),
@@ -262,11 +281,6 @@ class KeyServerApp:
             if found is None:
                 raise HTTPError(401, 'invalid credentials',
                                 [('WWW-Authenticate', 'Bearer')])
-        else:
-            cn = environ.get('SSL_CLIENT_S_DN_CN')
-            if cn and environ.get('SSL_CLIENT_VERIFY') == 'SUCCESS' \
-                    and cn in self.cert_roles:
-                found = ('cert:' + cn, self.cert_roles[cn])
         if found is None:
             raise HTTPError(401, 'authentication required',
                             [('WWW-Authenticate', 'Bearer')])
@@ -490,9 +504,12 @@ class WSGITransport:
 
     def request(self, method, path, body=None, headers=None):
         import io
+        from urllib.parse import unquote
         body = body or b''
         environ = {
-            'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
+            # PEP 3333: PATH_INFO is %-decoded, as a real server does.
+            'REQUEST_METHOD': method,
+            'PATH_INFO': unquote(path.split('?')[0], 'latin-1'),
             'QUERY_STRING': '', 'SERVER_NAME': 'localhost',
             'SERVER_PORT': '443', 'SERVER_PROTOCOL': 'HTTP/1.1',
             'REMOTE_ADDR': '127.0.0.1', 'wsgi.url_scheme': 'https',

@@ -1,4 +1,4 @@
-"""The key server process: settings, TLS material, tokens and cheroot.
+"""The key server process: settings, TLS material, tokens and granian.
 
 One typed settings table (:data:`SETTINGS`) is shared by the command line
 (``--key-dir``), the environment (``ZODBKMI_KEY_DIR``) and a config file
@@ -9,18 +9,12 @@ import datetime
 import hashlib
 import ipaddress
 import json
-import logging
 import os
-import signal
 import ssl
 import sys
-import threading
 
 from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.vault import write_atomic
-
-logger = logging.getLogger('zodbkmi.server')
-
 
 class SettingsError(ZodbKmiError, ValueError):
     """A setting is unknown or has a value of the wrong type."""
@@ -39,7 +33,7 @@ def _bool(value):
 
 def _port(value):
     v = int(value)
-    if not 0 <= v <= 65535:
+    if not 0 < v <= 65535:
         raise ValueError('not a port number')
     return v
 
@@ -74,17 +68,15 @@ class Setting:
 #: The settings of ``zodbkmi serve``.
 SETTINGS = (
     Setting('host', str, '127.0.0.1', 'address to listen on'),
-    Setting('port', _port, 8443, 'TCP port (0: any free port)'),
+    Setting('port', _port, 8443, 'TCP port'),
     Setting('key_dir', str, 'var/keys', 'directory of wrapped data keys '
             '(may be shared by several server processes)'),
     Setting('tls_dir', str, 'var/tls', 'where a self-signed certificate is '
             'generated when no certificate is given'),
     Setting('tls_cert', _optional_str, None, 'PEM certificate (chain)'),
     Setting('tls_key', _optional_str, None, 'PEM private key of tls_cert'),
-    Setting('client_ca', _optional_str, None, 'CA file: ask for TLS client '
-            'certificates and verify them against it'),
-    Setting('cert_roles', _optional_str, None, 'client certificate common '
-            'names and roles, "cn=role,cn=role"'),
+    Setting('client_ca', _optional_str, None, 'CA file: require TLS client '
+            'certificates signed by it (mutual TLS, on top of tokens)'),
     Setting('insecure_http', _bool, False, 'serve plain HTTP (development '
             'only; never across a network)'),
     Setting('tokens_file', str, 'var/tokens.json', 'hashed bearer tokens; '
@@ -92,9 +84,9 @@ SETTINGS = (
     Setting('audit_log', str, 'var/audit.log', 'JSON lines audit log ("-": '
             'standard error)'),
     Setting('access_log', _bool, True, 'log one line per request'),
-    Setting('threads', _positive, 16, 'worker threads per process'),
-    Setting('workers', _positive, 1, 'processes sharing the port '
-            '(SO_REUSEPORT)'),
+    Setting('threads', _positive, min(16, 2 * (os.cpu_count() or 1) + 1),
+            'threads running the application, per worker process'),
+    Setting('workers', _positive, 1, 'worker processes'),
     Setting('max_body', _positive, 65536, 'largest request body (bytes)'),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -149,18 +141,6 @@ def resolve_settings(config_file=None, environ=None, overrides=None):
         if value is not None:
             values[key] = _convert(setting, value, setting.flag)
     return values
-
-
-def parse_cert_roles(text):
-    roles = {}
-    for item in (text or '').split(','):
-        if item.strip():
-            cn, _, role = item.partition('=')
-            if role.strip() not in ('admin', 'client'):
-                raise SettingsError('cert_roles: %r needs "=admin" or '
-                                    '"=client"' % item.strip())
-            roles[cn.strip()] = role.strip()
-    return roles
 
 
 # -- TLS ---------------------------------------------------------------------
@@ -258,137 +238,120 @@ def ensure_tokens(tokens_file):
 
 # -- running -----------------------------------------------------------------
 
-class _AccessLog:
-    """WSGI middleware: one log line per request (method, path, status,
-    client address); never headers or bodies."""
-
-    def __init__(self, app, log):
-        self.app, self.log = app, log
-
-    def __call__(self, environ, start_response):
-        def start(status, headers, exc_info=None):
-            self.log.info('%s %s %s %s', environ.get('REMOTE_ADDR', '-'),
-                          environ.get('REQUEST_METHOD'),
-                          environ.get('PATH_INFO', '')[:200],
-                          status.split(' ', 1)[0])
-            return start_response(status, headers, exc_info)
-        return self.app(environ, start)
+#: Environment variable handing the resolved settings to worker processes.
+WORKER_SETTINGS_ENV = 'ZODBKMI_SERVER_WORKER_SETTINGS'
 
 
-def build(settings, out=sys.stdout):
-    """Prepare everything :func:`serve` needs; return ``(server, url,
-    app)`` with a cheroot server not yet started."""
-    from cheroot import wsgi
-    from cheroot.ssl.builtin import BuiltinSSLAdapter
-
+def make_app(settings):
+    """Return the key server's WSGI application for ``settings``."""
     from zodbkmi.facility import KeyManagementFacility
-    from zodbkmi.rest import AuditLog, KeyServerApp
+    from zodbkmi.rest import AuditLog, KeyServerApp, TokenTable
 
     facility = KeyManagementFacility(settings['key_dir'])
-    tokens, created = ensure_tokens(settings['tokens_file'])
+    tokens = TokenTable.load(settings['tokens_file'])
     audit_path = settings['audit_log']
     if audit_path == '-':
         audit = AuditLog(stream=sys.stderr)
     else:
-        d = os.path.dirname(os.path.abspath(audit_path))
-        os.makedirs(d, mode=0o700, exist_ok=True)
         audit = AuditLog(path=audit_path)
-    app = KeyServerApp(facility, tokens, audit=audit,
-                       max_body=settings['max_body'],
-                       cert_roles=parse_cert_roles(settings['cert_roles']))
-    wsgi_app = app
-    if settings['access_log']:
-        wsgi_app = _AccessLog(app, logging.getLogger('zodbkmi.access'))
-    server = wsgi.Server((settings['host'], settings['port']), wsgi_app,
-                         numthreads=settings['threads'],
-                         server_name='zodbkmi', timeout=30,
-                         request_queue_size=128,
-                         reuse_port=settings['workers'] > 1)
-    scheme = 'http'
-    fp = None
-    if not settings['insecure_http']:
-        cert, key = settings['tls_cert'], settings['tls_key']
-        if not cert:
-            cert, key = generate_self_signed(settings['tls_dir'],
-                                             settings['host'])
-        elif not key:
-            raise SettingsError('tls_cert needs tls_key')
-        adapter = BuiltinSSLAdapter(cert, key)
-        adapter.context = server_context(cert, key, settings['client_ca'])
-        server.ssl_adapter = adapter
-        scheme = 'https'
-        fp = fingerprint(cert)
+    return KeyServerApp(facility, tokens, audit=audit,
+                        max_body=settings['max_body'])
+
+
+def worker_app():
+    """The application of one worker process (granian calls this factory
+    in each worker; the settings come from the parent's environment)."""
+    return make_app(json.loads(os.environ[WORKER_SETTINGS_ENV]))
+
+
+def prepare(settings, out=sys.stdout):
+    """Create what a first start needs (key directory, tokens, TLS
+    material, audit log directory); return ``(scheme, cert, key)``."""
+    os.makedirs(settings['key_dir'], mode=0o700, exist_ok=True)
+    _, created = ensure_tokens(settings['tokens_file'])
     for path in created:
         print('created token file %s' % path, file=out)
-    return server, scheme, fp, app
+    if settings['audit_log'] != '-':
+        os.makedirs(os.path.dirname(os.path.abspath(settings['audit_log'])),
+                    mode=0o700, exist_ok=True)
+    if settings['insecure_http']:
+        return 'http', None, None
+    cert, key = settings['tls_cert'], settings['tls_key']
+    if not cert:
+        cert, key = generate_self_signed(settings['tls_dir'],
+                                         settings['host'])
+    elif not key:
+        raise SettingsError('tls_cert needs tls_key')
+    # fail early, with a short message, on unusable TLS material
+    try:
+        server_context(cert, key, settings['client_ca'])
+    except (ssl.SSLError, OSError) as e:
+        raise SettingsError('unusable TLS certificate or key: %s'
+                            % (getattr(e, 'reason', None) or e)) from None
+    return 'https', cert, key
 
 
-def serve(settings, out=sys.stdout, ready=None):
-    """Run the key server until SIGTERM or SIGINT; return the exit code."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format='%(asctime)s %(name)s %(message)s')
-    server, scheme, fp, app = build(settings, out)
-    server.prepare()   # binds: the port is known now
-    host, port = server.bind_addr[:2]
+def check_address(host, port):
+    """Raise SettingsError, in one line, if ``host:port`` cannot be
+    listened on (granian would fail with a Rust backtrace)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        raise SettingsError('cannot listen on %s port %d: %s'
+                            % (host, port, e.strerror or e)) from None
+
+
+def serve(settings, out=sys.stdout):
+    """Run the key server until SIGTERM or SIGINT; return the exit code.
+
+    The HTTP and TLS work is done by granian (Rust: hyper and rustls) in
+    ``workers`` processes with ``threads`` threads each running the WSGI
+    application.
+    """
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.constants import SSLProtocols
+    from granian.errors import ConfigurationError
+
+    scheme, cert, key = prepare(settings, out)
+    app = make_app(settings)   # check that the worker will start
+    app.audit.close()
+    host, port = settings['host'], settings['port']
+    check_address(host, port)
     shown = '[%s]' % host if ':' in host else host
     print('zodbkmi key server listening on %s://%s:%d/v1/'
           % (scheme, shown, port), file=out)
-    if fp:
-        print('certificate SHA-256 fingerprint: %s' % fp, file=out)
+    if cert:
+        print('certificate SHA-256 fingerprint: %s' % fingerprint(cert),
+              file=out)
     else:
         print('WARNING: plain HTTP, for development only', file=out)
     out.flush()
-    children = []
-    if settings['workers'] > 1:
-        children = _fork_workers(settings, server)
+    os.environ[WORKER_SETTINGS_ENV] = json.dumps(settings)
+    kw = {}
+    if cert:
+        from pathlib import Path
+        kw.update(ssl_cert=Path(cert), ssl_key=Path(key),
+                  ssl_protocol_min=SSLProtocols.tls12)
+        if settings['client_ca']:
+            kw.update(ssl_ca=Path(settings['client_ca']),
+                      ssl_client_verify=True)
+    server = Granian(
+        'zodbkmi.server:worker_app', factory=True, address=host, port=port,
+        interface=Interfaces.WSGI, workers=settings['workers'],
+        blocking_threads=settings['threads'], log_enabled=True,
+        log_access=settings['access_log'],
+        log_access_format='%(addr)s "%(method)s %(path)s" %(status)d '
+                          '%(dt_ms).3fms',
+        websockets=False, **kw)
     try:
-        _run_until_signal(server)
-    finally:
-        app.audit.close()
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
+        server.serve()
+    except ConfigurationError as e:
+        raise SettingsError('server configuration refused: %s'
+                            % str(e)[:200]) from None
     return 0
-
-
-def _run_until_signal(server):
-    """Serve in a thread until SIGTERM or SIGINT, then stop gracefully
-    (requests in progress finish; cheroot waits for its workers)."""
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    thread = threading.Thread(target=server.serve, name='zodbkmi-serve',
-                              daemon=True)
-    thread.start()
-    while not stop.wait(0.5):
-        if not thread.is_alive():   # pragma: no cover (server died)
-            break
-    server.stop()
-    thread.join(10)
-
-
-def _fork_workers(settings, server):
-    """Start ``workers - 1`` more processes, each with its own listening
-    socket on the same port (SO_REUSEPORT); the kernel spreads
-    connections."""
-    children = []
-    for _ in range(settings['workers'] - 1):
-        pid = os.fork()
-        if pid == 0:   # pragma: no cover (child)
-            try:
-                child_settings = dict(settings, port=server.bind_addr[1],
-                                      workers=1)
-                child, _, _, app = build(child_settings, open(os.devnull, 'w'))
-                child.prepare()
-                _run_until_signal(child)
-            finally:
-                os._exit(0)
-        children.append(pid)
-    return children

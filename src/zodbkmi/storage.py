@@ -20,7 +20,13 @@ Three modes (see ``docs/storage.rst``):
     Records are written in plaintext; both plaintext and encrypted records
     are read.  The first step of a rolling upgrade of several clients.
 """
+import os
+import shutil
+import stat
+import tempfile
 import threading
+
+import transaction
 
 import ZODB.blob
 import ZODB.interfaces
@@ -31,6 +37,10 @@ from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import NotEncryptedError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.format import envelope
+from zodbkmi.format import stream
+
+_STREAM_MAGIC = stream.MAGIC
+_STREAM_MAGIC_SIZE = len(_STREAM_MAGIC)
 
 STRICT = 'strict'
 MIGRATE = 'migrate'
@@ -68,13 +78,19 @@ PASS_THROUGH = frozenset((
     'lastTransaction', 'new_oid', 'sortKey', 'tpc_begin', 'tpc_vote',
     'supportsUndo', 'undoLog', 'undoInfo', 'checkCurrentSerialInTransaction',
     'deleteObject', 'prefetch', 'temporaryDirectory', 'release',
-    'poll_invalidations', 'sync', 'afterCompletion', 'loadBlob',
-    'openCommittedBlobFile', 'undo',
+    'poll_invalidations', 'sync', 'afterCompletion',
 ))
 
 
 def _oid_text(oid):
     return oid_repr(oid) if isinstance(oid, bytes) else repr(oid)
+
+
+def _remove(name):
+    try:
+        os.remove(name)
+    except OSError:
+        pass
 
 
 def _annotate(error, oid):
@@ -127,6 +143,8 @@ class EncryptingStorage:
         self._pack_index = None
         self._in_pack = False
         self._local = threading.local()
+        self._blob_tmp = None
+        self._loaded_blobs = []
         self.db = None
 
         provided = [ZODB.interfaces.IStorageWrapper,
@@ -166,6 +184,8 @@ class EncryptingStorage:
         """
         if not data:
             return data   # deletion or undone creation: no state
+        if type(data) is not bytes:
+            data = bytes(data)   # RelStorage hands out memoryviews
         if data[:_MAGIC_SIZE] == _MAGIC:
             try:
                 return self._unseal(self._decrypt_keys, data, oid)
@@ -191,6 +211,7 @@ class EncryptingStorage:
         for nonce in self._txn_nonces.pop(transaction, ()):
             self._pending.pop(nonce, None)
         self._local.oid = None
+        self._local.candidates = ()
 
     # -- IStorage: reading -----------------------------------------------
 
@@ -216,21 +237,175 @@ class EncryptingStorage:
                                version, transaction)
 
     def restore(self, oid, serial, data, version, prev_txn, transaction):
-        return self.base.restore(oid, serial,
-                                 self._sealed(data, oid, transaction),
-                                 version, prev_txn, transaction)
+        sealed = self._same_as_before(oid, data, prev_txn)
+        if sealed is None:
+            sealed = self._sealed(data, oid, transaction)
+        return self.base.restore(oid, serial, sealed, version, prev_txn,
+                                 transaction)
+
+    def _same_as_before(self, oid, data, prev_txn):
+        # restore() with prev_txn lets a storage write a backpointer when
+        # the data equals the record of prev_txn: reuse that record (same
+        # oid, so the binding holds) rather than sealing a fresh copy.
+        if not prev_txn or not data:
+            return None
+        try:
+            old = self.base.loadSerial(oid, prev_txn)
+            if self.unseal(old, oid) == data:
+                return old
+        except Exception:
+            pass
+        return None
+
+    def undo(self, transaction_id, transaction):
+        """Undo in the base storage; the records it must read (conflict
+        resolution, blob records) are opened with the oids of the undone
+        transaction."""
+        self._local.candidates = self._undone_oids(transaction_id)
+        try:
+            return self.base.undo(transaction_id, transaction)
+        finally:
+            self._local.candidates = ()
+
+    def _undone_oids(self, transaction_id):
+        import base64
+        try:
+            tid = base64.decodebytes(transaction_id + b'\n')
+        except Exception:
+            return ()
+        if len(tid) != 8:
+            tid = transaction_id
+        oids = []
+        try:
+            it = self.base.iterator(tid, tid)
+        except Exception:
+            return ()
+        try:
+            for txn in it:
+                oids.extend(r.oid for r in txn)
+        finally:
+            getattr(it, 'close', lambda: None)()
+        return tuple(oids)
 
     def storeBlob(self, oid, oldserial, data, blobfilename, version,
                   transaction):
         return self.base.storeBlob(oid, oldserial,
                                    self._sealed(data, oid, transaction),
-                                   blobfilename, version, transaction)
+                                   self._seal_blob(blobfilename), version,
+                                   transaction)
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
                     transaction):
         return self.base.restoreBlob(oid, serial,
                                      self._sealed(data, oid, transaction),
-                                     blobfilename, prev_txn, transaction)
+                                     self._seal_blob(blobfilename), prev_txn,
+                                     transaction)
+
+    # -- blobs -----------------------------------------------------------
+
+    def _seal_blob(self, filename):
+        """Encrypt the blob file ``filename`` (which the storage owns from
+        now on) into a new file next to it; remove the plaintext."""
+        if self._write_plaintext or filename is None:
+            return filename
+        fd, sealed = tempfile.mkstemp(
+            suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
+        try:
+            with open(filename, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+                self.facility.encrypt_file(self._key, src, dst)
+        except BaseException:
+            os.remove(sealed)
+            raise
+        ZODB.blob.remove_committed(filename)
+        return sealed
+
+    def _private_dir(self):
+        path = self._blob_tmp
+        if path is None or not os.path.isdir(path):
+            path = self._blob_tmp = tempfile.mkdtemp(prefix='zodbkmi-blobs-')
+        return path
+
+    def _open_blob_plain(self, oid, serial, name=None):
+        """Decrypt the blob of ``oid``/``serial`` into a new file of the
+        private temporary directory; return its name.  Nothing is left
+        behind when decryption fails."""
+        source = self.base.loadBlob(oid, serial)
+        if name is None:
+            fd, name = tempfile.mkstemp(prefix=oid.hex() + '-' + serial.hex(),
+                                        suffix='.blob',
+                                        dir=self._private_dir())
+        else:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with open(source, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+                if src.read(_STREAM_MAGIC_SIZE) == _STREAM_MAGIC:
+                    src.seek(0)
+                    try:
+                        self.facility.decrypt_file(self._decrypt_keys, src,
+                                                   dst)
+                    except (DecryptionError, UnknownKeyError) as e:
+                        raise _annotate(e, oid)
+                elif self._read_plaintext:
+                    src.seek(0)
+                    shutil.copyfileobj(src, dst)
+                else:
+                    raise NotEncryptedError(
+                        'oid %s: the blob file is not encrypted (strict '
+                        'mode)' % _oid_text(oid))
+        except BaseException:
+            os.remove(name)
+            raise
+        os.chmod(name, stat.S_IRUSR)
+        return name
+
+    def loadBlob(self, oid, serial):
+        """The name of a plaintext copy of the blob, in a private
+        temporary directory (mode 0700); removed at the end of the current
+        transaction and when the storage is closed."""
+        name = os.path.join(self._private_dir(),
+                            '%s-%s.blob' % (oid.hex(), serial.hex()))
+        if os.path.exists(name):
+            return name
+        name = self._open_blob_plain(oid, serial, name)
+        self._loaded_blobs.append(name)
+        try:
+            txn = transaction.get()
+            txn.addAfterCommitHook(lambda ok, n=name: _remove(n))
+            txn.addAfterAbortHook(lambda n=name: _remove(n))
+        except Exception:
+            pass
+        return name
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        """An open file on the plaintext of the blob; its name is removed
+        at once, so no plaintext file stays behind when it is closed."""
+        loaded = os.path.join(self._private_dir(),
+                              '%s-%s.blob' % (oid.hex(), serial.hex()))
+        if os.path.exists(loaded):
+            # decrypted by loadBlob in this transaction: reuse it
+            if blob is None:
+                return open(loaded, 'rb')
+            return ZODB.blob.BlobFile(loaded, 'r', blob)
+        name = self._open_blob_plain(oid, serial)
+        try:
+            if blob is None:
+                f = open(name, 'rb')
+            else:
+                f = ZODB.blob.BlobFile(name, 'r', blob)
+        finally:
+            _remove(name)
+        return f
+
+    def close(self):
+        try:
+            return self.base.close()
+        finally:
+            for name in self._loaded_blobs:
+                _remove(name)
+            del self._loaded_blobs[:]
+            if self._blob_tmp is not None:
+                shutil.rmtree(self._blob_tmp, ignore_errors=True)
+                self._blob_tmp = None
 
     def tpc_finish(self, transaction, func=lambda tid: None):
         try:
@@ -373,9 +548,31 @@ class EncryptingStorage:
 
     def untransform_record_data(self, data, oid=None):
         """Open ``data``, then apply the transforms of the wrappers above."""
+        if data and type(data) is not bytes:
+            data = bytes(data)
         if oid is None:
+            candidates = getattr(self._local, 'candidates', ())
+            if candidates and data and data[:_MAGIC_SIZE] == _MAGIC:
+                return self._db_untransform(
+                    self._unseal_candidates(data, candidates))
             oid = self._oid_for(data)
         return self._db_untransform(self.unseal(data, oid))
+
+    def _unseal_candidates(self, data, candidates):
+        nonce = bytes(data[_NONCE])
+        first = self._pending.get(nonce)
+        if first is not None:
+            candidates = (first,) + tuple(candidates)
+        error = None
+        for oid in candidates:
+            try:
+                plain = self.unseal(data, oid)
+            except (DecryptionError, UnknownKeyError) as e:
+                error = error or e
+                continue
+            self._local.oid = oid
+            return plain
+        raise error
 
     # -- IMVCCStorage ----------------------------------------------------
 
@@ -458,6 +655,15 @@ class ServerEncryptingStorage(EncryptingStorage):
 
     def iterator(self, start=None, stop=None):
         return self.base.iterator(start, stop)
+
+    def loadBlob(self, oid, serial):
+        return self.base.loadBlob(oid, serial)
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        return self.base.openCommittedBlobFile(oid, serial, blob)
+
+    def _seal_blob(self, filename):
+        return filename
 
     def _sealed(self, data, oid, transaction):
         # already sealed by the client: only remember its oid

@@ -107,6 +107,18 @@ def _read_public(path):
     return files.recipient_kek(data)
 
 
+def _run(func, args):
+    try:
+        files.transform(func, args.input, args.output, args.force,
+                        args.progress)
+    except BrokenPipeError:
+        # the reader of our output went away (``| head``): not our error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return 0
+
+
 def encrypt_file(args):
     if args.recipient:
         if args.key_file or args.key_dir:
@@ -124,9 +136,7 @@ def encrypt_file(args):
 
         def func(fsrc, fdst):
             return facility.encrypt_file(key, fsrc, fdst, args.chunk_size)
-    files.transform(func, args.input, args.output, args.force,
-                    args.progress)
-    return 0
+    return _run(func, args)
 
 
 def decrypt_file(args):
@@ -142,9 +152,7 @@ def decrypt_file(args):
     else:
         def func(fsrc, fdst):
             return files.decrypt_with_private_key(key, fsrc, fdst)
-    files.transform(func, args.input, args.output, args.force,
-                    args.progress)
-    return 0
+    return _run(func, args)
 
 
 def public_key(args):

@@ -157,7 +157,7 @@ def cmd_status(args):
 
 def cmd_list(args):
     local = facility(args)
-    for k in local._request('GET', '/v1/keys')['keys']:
+    for k in local.metadata():
         print('%s %-7s %s' % (k['dek_id'], k['state'], k['kek_id']))
     return 0
 

@@ -3,7 +3,7 @@
 Layout, version 1 (all of it specified in ``docs/format.rst``)::
 
     offset  size  field
-    0       3     magic   b".zk"  (starts with the pickle STOP opcode)
+    0       3     magic   b".km"  (starts with the pickle STOP opcode)
     3       1     version 0x01
     4       1     suite   0x01 = AES-256-GCM, 96-bit random nonce, 128-bit tag
     5       1     context 0x00 = data, not bound
@@ -29,7 +29,7 @@ from zodbkmi.exceptions import TruncatedDataError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import UnsupportedFormatError
 
-MAGIC = b'.zk'
+MAGIC = b'.km'
 VERSION = 1
 SUITE_AES256_GCM = 1
 CONTEXT_DATA = 0

@@ -23,10 +23,13 @@ Every chunk but the last holds exactly 2**e plaintext bytes; the last one
 only when the whole plaintext is.  The header is authenticated through the
 payload key: changing any of its bytes changes the key of every chunk.
 
-The functions read and write binary file objects in one pass, in memory
-bounded by three chunks, so pipes and sockets work.  This module is pure:
+The functions read and write binary file objects in one pass, about 1 MiB
+at a time, in memory that does not depend on the size of the input, so
+pipes and sockets work.  This module is pure:
 give it the DEK; it knows nothing of facilities or vaults.
 """
+import io
+import mmap
 import os
 
 from cryptography.exceptions import InvalidTag
@@ -58,6 +61,7 @@ DEFAULT_EXPONENT = 16
 DEFAULT_CHUNK_SIZE = 1 << DEFAULT_EXPONENT      # 64 KiB
 MAX_WRAPPED_SIZE = 0xffff
 INFO_LABEL = b'zodbkmi/stream/v1\n'
+BATCH_SIZE = 1 << 20                # bytes read or written at a time
 
 _LAST = b'\x01'
 _NOT_LAST = b'\x00'
@@ -171,7 +175,7 @@ def _writer(f):
     return writeall
 
 
-def _read_exact(f, size, what):
+def _read_exact(f, size):
     buf = bytearray(size)
     n = _readinto(f)(buf)
     return bytes(buf[:n])
@@ -180,7 +184,6 @@ def _read_exact(f, size, what):
 def parse_header(data):
     """Parse the header at the start of ``data`` (bytes); see
     :func:`read_header`."""
-    import io
     return read_header(io.BytesIO(data))
 
 
@@ -192,7 +195,7 @@ def read_header(fsrc):
     version, suite, chunk size, key kind, length.  Raises
     :class:`UnsupportedFormatError` or :class:`TruncatedDataError`.
     """
-    fixed = _read_exact(fsrc, FIXED_SIZE, 'header')
+    fixed = _read_exact(fsrc, FIXED_SIZE)
     if fixed[:3] != MAGIC:
         if len(fixed) < 3 and MAGIC.startswith(fixed):
             raise TruncatedDataError(
@@ -219,18 +222,18 @@ def read_header(fsrc):
     chunk_size = 1 << fixed[5]
     salt = fixed[7:23]
     if fixed[6] == KIND_DEK_ID:
-        dek_id = _read_exact(fsrc, DEK_ID_SIZE, 'DEK id')
+        dek_id = _read_exact(fsrc, DEK_ID_SIZE)
         if len(dek_id) < DEK_ID_SIZE:
             raise TruncatedDataError('stream truncated inside its DEK id')
         return StreamHeader(chunk_size, salt, dek_id, None, fixed + dek_id)
-    length = _read_exact(fsrc, 2, 'length')
+    length = _read_exact(fsrc, 2)
     n = int.from_bytes(length, 'big')
     if len(length) < 2:
         raise TruncatedDataError(
             'stream truncated inside its wrapped DEK length')
     if n == 0:
         raise UnsupportedFormatError('stream has an empty wrapped DEK')
-    blob = _read_exact(fsrc, n, 'wrapped DEK')
+    blob = _read_exact(fsrc, n)
     if len(blob) < n:
         raise TruncatedDataError(
             'stream truncated inside its wrapped DEK (%d of %d bytes)'
@@ -254,47 +257,66 @@ def _nonce(counter, last):
     return counter.to_bytes(11, 'big') + (_LAST if last else _NOT_LAST)
 
 
+def _buffer(size):
+    """A writable buffer of ``size`` bytes whose pages are only allocated
+    when touched (anonymous mmap), so a small file costs little."""
+    return mmap.mmap(-1, size)
+
+
+def _per_batch(chunk_size):
+    """Chunks handled per read and write: about 1 MiB at a time."""
+    return max(1, BATCH_SIZE // chunk_size)
+
+
 def encrypt(fsrc, fdst, dek, header):
     """Encrypt ``fsrc`` into ``fdst`` under ``dek`` (32 bytes).
 
     ``header`` comes from :func:`build_header` (it names the DEK and holds
     a fresh salt: use it once).  Writes the header, then the chunks; reads
-    ``fsrc`` to its end, in one pass.  Return the number of plaintext
-    bytes.
+    ``fsrc`` to its end, in one pass, about 1 MiB at a time (memory: three
+    such buffers, whatever the size of the input).  Return the number of
+    plaintext bytes.
     """
     aead = AESGCM(payload_key(header, dek))
     cs = header.chunk_size
+    per = _per_batch(cs)
+    bsize = per * cs
     fill = _readinto(fsrc)
     write = _writer(fdst)
     write(header.raw)
-    cur, nxt = bytearray(cs), bytearray(cs)
-    out = bytearray(cs + TAG_SIZE)
-    outview = memoryview(out)
+    cur, nxt = _buffer(bsize), _buffer(bsize)
+    outview = memoryview(_buffer(per * (cs + TAG_SIZE)))
     encrypt_into = aead.encrypt_into
     n = fill(cur)
     total = 0
     counter = 0
     while True:
-        if n < cs:
+        if n < bsize:
             m, last = 0, True
         else:
             m = fill(nxt)
             last = not m
-        nonce = counter.to_bytes(11, 'big') + (_LAST if last else _NOT_LAST)
-        if n == cs:
-            encrypt_into(nonce, cur, None, out)
-            write(out)
-        else:
-            encrypt_into(nonce, memoryview(cur)[:n], None,
-                         outview[:n + TAG_SIZE])
-            write(outview[:n + TAG_SIZE])
+        view = memoryview(cur)
+        pos = opos = 0
+        while True:
+            k = min(cs, n - pos)
+            end = pos + k
+            nonce = counter.to_bytes(11, 'big') + (
+                _LAST if last and end >= n else _NOT_LAST)
+            encrypt_into(nonce, view[pos:end], None,
+                         outview[opos:opos + k + TAG_SIZE])
+            pos = end
+            opos += k + TAG_SIZE
+            counter += 1
+            if pos >= n:
+                break
+        write(outview[:opos])
         total += n
         if last:
             return total
-        cur, nxt, n = nxt, cur, m
-        counter += 1
         if counter >= _MAX_COUNTER:   # pragma: no cover (2**88 chunks)
             raise OverflowError('stream too long')
+        cur, nxt, n = nxt, cur, m
 
 
 def _fail(aead, header, counter, last, chunk):
@@ -333,9 +355,9 @@ def decrypt(fsrc, fdst, dek, header):
     """Decrypt the chunks that follow ``header`` in ``fsrc`` into ``fdst``.
 
     ``header`` was read from ``fsrc`` by :func:`read_header`; ``dek`` is the
-    DEK it names.  Each chunk is written only after it authenticated, and
-    the end of the stream is checked (final chunk flag, nothing after it).
-    Return the number of plaintext bytes.
+    DEK it names.  Chunks are read about 1 MiB at a time, and written only
+    after they authenticated; the end of the stream is checked (final chunk
+    flag, nothing after it).  Return the number of plaintext bytes.
 
     Raises :class:`AuthenticationError` (wrong key, altered, reordered,
     dropped or duplicated chunks, data after the final chunk, a stream cut
@@ -347,47 +369,54 @@ def decrypt(fsrc, fdst, dek, header):
     aead = AESGCM(payload_key(header, dek))
     cs = header.chunk_size
     size = cs + TAG_SIZE
+    per = _per_batch(cs)
+    bsize = per * size
     fill = _readinto(fsrc)
     write = _writer(fdst)
-    cur, nxt = bytearray(size), bytearray(size)
-    out = bytearray(cs)
-    outview = memoryview(out)
+    cur, nxt = _buffer(bsize), _buffer(bsize)
+    outview = memoryview(_buffer(per * cs))
     decrypt_into = aead.decrypt_into
     n = fill(cur)
+    if not n:
+        raise TruncatedDataError('stream under DEK %s truncated after its '
+                                 'header' % header.dek_id.hex())
     total = 0
     counter = 0
     while True:
-        if n < size:
+        if n < bsize:
             m, last = 0, True
         else:
             m = fill(nxt)
             last = not m
-        if n < TAG_SIZE:
-            if n or counter:
-                raise TruncatedDataError(
-                    'stream under DEK %s truncated inside the tag of chunk '
-                    '%d' % (header.dek_id.hex(), counter))
-            raise TruncatedDataError(
-                'stream under DEK %s truncated after its header'
-                % header.dek_id.hex())
-        if n == TAG_SIZE and counter:
-            _empty_last(header, counter)
-        nonce = counter.to_bytes(11, 'big') + (_LAST if last else _NOT_LAST)
-        try:
-            if n == size:
-                decrypt_into(nonce, cur, None, out)
-                write(out)
-            else:
-                decrypt_into(nonce, memoryview(cur)[:n], None,
-                             outview[:n - TAG_SIZE])
-                write(outview[:n - TAG_SIZE])
-        except InvalidTag:
-            _fail(aead, header, counter, last, memoryview(cur)[:n])
-        total += n - TAG_SIZE
+        view = memoryview(cur)
+        pos = opos = 0
+        while pos < n:
+            k = min(size, n - pos)
+            end = pos + k
+            final = last and end >= n
+            if final and k <= TAG_SIZE and (k < TAG_SIZE or counter):
+                write(outview[:opos])       # the chunks that authenticated
+                if k < TAG_SIZE:
+                    raise TruncatedDataError(
+                        'stream under DEK %s truncated inside the tag of '
+                        'chunk %d' % (header.dek_id.hex(), counter))
+                _empty_last(header, counter)
+            nonce = counter.to_bytes(11, 'big') + (
+                _LAST if final else _NOT_LAST)
+            try:
+                decrypt_into(nonce, view[pos:end], None,
+                             outview[opos:opos + k - TAG_SIZE])
+            except InvalidTag:
+                write(outview[:opos])       # the chunks that authenticated
+                _fail(aead, header, counter, final, view[pos:end])
+            pos = end
+            opos += k - TAG_SIZE
+            counter += 1
+        write(outview[:opos])
+        total += opos
         if last:
             return total
         cur, nxt, n = nxt, cur, m
-        counter += 1
 
 
 def decrypt_range(fsrc, fdst, dek, header, offset, length=None):
@@ -416,7 +445,7 @@ def decrypt_range(fsrc, fdst, dek, header, offset, length=None):
     written = 0
     while counter <= last_index and (length is None or written < length):
         fsrc.seek(header.size + counter * size)
-        chunk = _read_exact(fsrc, size, 'chunk')
+        chunk = _read_exact(fsrc, size)
         last = counter == last_index
         if last and len(chunk) < TAG_SIZE:
             raise TruncatedDataError(
@@ -449,7 +478,6 @@ def check_dek_id(header, dek_id):
 def encrypt_bytes(dek_id, dek, data, chunk_size=DEFAULT_CHUNK_SIZE,
                   _salt=None):
     """Return the stream of ``data`` (bytes) under the DEK ``dek_id``."""
-    import io
     out = io.BytesIO()
     encrypt(io.BytesIO(data), out, dek,
             build_header(dek_id, chunk_size=chunk_size, _salt=_salt))
@@ -458,7 +486,6 @@ def encrypt_bytes(dek_id, dek, data, chunk_size=DEFAULT_CHUNK_SIZE,
 
 def decrypt_bytes(dek_id, dek, data):
     """Return the plaintext of the stream ``data`` (bytes)."""
-    import io
     src = io.BytesIO(data)
     header = read_header(src)
     check_dek_id(header, dek_id)

@@ -9,10 +9,11 @@ with :func:`create_key`: non-extractable and sensitive).
 
 PKCS#11 keys have no versions: rotate by creating a key under a new label
 (``kek-2``); the label is part of the key id
-(``pkcs11:<token label>/<key label>``).
+(``pkcs11:<token label>:<key label>``).
 """
 import hashlib
 import os
+import re
 import threading
 
 from zope.interface import implementer
@@ -34,6 +35,7 @@ NONCE_SIZE = 12
 TAG_BITS = 128
 BLOB_SIZE = NONCE_SIZE + wrapped.DEK_SIZE + TAG_BITS // 8
 
+_LABEL = re.compile(r'[A-Za-z0-9._+=-]{1,64}\Z')
 _open_lock = threading.Lock()
 _logins = {}   # (library, token label) -> SHA-256 of the PIN that logged in
 
@@ -152,10 +154,13 @@ class PKCS11KeyEncryptingKey:
         self.library = library
         self.token_label = token_label
         self.key_label = key_label
-        self.key_id = 'pkcs11:%s/%s' % (token_label, key_label)
-        if len(self.key_id) > 255 or not self.key_id.isascii():
-            raise KeySourceError('pkcs11 key id must be ASCII, at most 255 '
-                                 'characters', token_label)
+        self.key_id = 'pkcs11:%s:%s' % (token_label, key_label)
+        if not _LABEL.match(token_label) or not _LABEL.match(key_label):
+            raise KeySourceError(
+                'pkcs11 labels %r/%r: use letters, digits and "._+=-" (the '
+                'labels go into the key id)' % (token_label[:40],
+                                                key_label[:40]),
+                token_label)
         self.source = 'pkcs11 %s key %s' % (token_label, key_label)
         self._lock = threading.Lock()
         with _open_lock:

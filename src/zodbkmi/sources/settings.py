@@ -16,6 +16,7 @@ value when the value may be secret) and raises
 """
 import json
 import os
+import re
 
 from zodbkmi.exceptions import SettingsError
 
@@ -26,6 +27,9 @@ ALGORITHMS = ('aes256-gcm',)
 ENVIRON_NAME = 'ZODBKMI_ENCRYPTION'
 
 DEFAULT_TIMEOUT = 5.0
+
+# What a KEK id may hold: it travels in the key server's URL paths.
+_KEY_ID = re.compile(r'[A-Za-z0-9._:+=-]{1,255}\Z')
 
 _str = (str,)
 _num = (int, float)
@@ -127,6 +131,8 @@ def parse_params(params, where='params'):
                      ', '.join(given) if given else 'none'))
     if 'timeout' in result and not 0 < result['timeout'] <= 300:
         _fail(where + '.timeout', 'must be between 0 and 300 seconds')
+    if 'keyId' in result and not _KEY_ID.match(result['keyId']):
+        _fail(where + '.keyId', 'use 1 to 255 letters, digits and "._:+=-"')
     if 'version' in result and result['version'] < 1:
         _fail(where + '.version', 'must be 1 or more')
     if 'url' in result:

@@ -8,7 +8,8 @@ naming the URL and path, never the token.
 
 KV v2: the secret holds ``{"key": "<base64>", "algorithm": "aes256-gcm"}``;
 its KV version becomes the key version, in the key id
-(``vaultkv:<mount>/<path>#v<version>``).
+(``vaultkv:<mount>:<path>:v<version>``; key ids travel in URL paths, so
+every "/" is written ":").
 
 Transit (wrapping suite 3): the DEK is sent to Transit's ``encrypt``
 endpoint with the wrapped-DEK header as the key derivation *context*; the
@@ -43,17 +44,25 @@ except ImportError:   # pragma: no cover
 
 _CIPHERTEXT = re.compile(r'vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/=]+\Z')
 _NAME = re.compile(r'[A-Za-z0-9_.\-/]+\Z')
+_LEAF = re.compile(r'[A-Za-z0-9_.\-]+\Z')
 
 
 def _b64(data):
     return base64.b64encode(data).decode('ascii')
 
 
-def _check_name(value, what):
-    if not _NAME.match(value) or '..' in value.split('/'):
-        raise KeySourceError('invalid %s %r (letters, digits, "_.-/")'
-                             % (what, value[:60]))
-    return value.strip('/')
+def _check_name(value, what, slash=True):
+    if (not (_NAME if slash else _LEAF).match(value)
+            or '..' in value.split('/') or '' in value.split('/')):
+        raise KeySourceError('invalid %s %r (letters, digits, "_.-"%s)'
+                             % (what, value[:60],
+                                ' and "/" between them' if slash else ''))
+    return value
+
+
+def _id_part(value):
+    # Key ids travel in URL paths of the key server: no "/" in them.
+    return value.replace('/', ':')
 
 
 def read_token(params, environ=None):
@@ -123,8 +132,10 @@ class VaultClient:
     def request(self, method, path, body=None, what=None):
         """Send ``method /v1/<path>``; return the decoded JSON body (or {}).
 
-        Raises KeySourceError for every failure; ``what`` describes the
-        object for the message (default: the path).
+        Raises KeySourceError for every failure (with ``status`` and
+        ``detail``, the server's message, for an HTTP error status);
+        ``what`` describes the object for the message (default: the
+        path).
         """
         where = '%s/v1/%s' % (self.url, path)
         what = what or where
@@ -174,15 +185,6 @@ class VaultClient:
         return 'request failed (%s)' % type(reason).__name__
 
 
-class VaultHTTPError(KeySourceError):
-    """A Vault/OpenBao answer with an error status (``status``)."""
-
-    def __init__(self, message, source, status, detail):
-        super().__init__(message, source)
-        self.status = status
-        self.detail = detail
-
-
 def _http_error(status, detail, what, where):
     if status == 403:
         text = 'permission denied (token invalid, expired or not allowed)'
@@ -198,8 +200,9 @@ def _http_error(status, detail, what, where):
         text = 'request refused'
     if detail and detail.lower() not in text.lower():
         text += ': ' + detail
-    return VaultHTTPError('%s: HTTP %d, %s' % (what, status, text), where,
-                          status, detail)
+    error = KeySourceError('%s: HTTP %d, %s' % (what, status, text), where)
+    error.status, error.detail = status, detail
+    return error
 
 
 def client_from_params(params, environ=None):
@@ -213,7 +216,8 @@ def client_from_params(params, environ=None):
 # -- KV v2 ---------------------------------------------------------------
 
 def kv_key_id(mount, path, version):
-    return 'vaultkv:%s/%s#v%d' % (mount, path, version)
+    """``vaultkv:<mount>:<path>:v<version>``, every "/" written ":"."""
+    return 'vaultkv:%s:%s:v%d' % (_id_part(mount), _id_part(path), version)
 
 
 def read_kv_key(client, mount, path, version=None, algorithm='aes256-gcm',
@@ -229,12 +233,12 @@ def read_kv_key(client, mount, path, version=None, algorithm='aes256-gcm',
     what = 'vaultKV %s/v1/%s' % (client.url, api)
     try:
         payload = client.request('GET', api, what=what)
-    except VaultHTTPError as e:
-        if e.status == 404 and version is not None:
+    except KeySourceError as e:
+        if getattr(e, 'status', None) == 404 and version is not None:
             raise KeySourceError('%s: HTTP 404, version %d not found '
                                  '(missing, deleted or destroyed)'
                                  % (what, version), e.source) from None
-        if e.status == 404:
+        if getattr(e, 'status', None) == 404:
             raise KeySourceError('%s: HTTP 404, not found (no such secret, '
                                  'or its latest version is deleted or '
                                  'destroyed)' % what, e.source) from None
@@ -292,7 +296,9 @@ def kv_key(params, algorithm='aes256-gcm', environ=None):
 # -- Transit ---------------------------------------------------------------
 
 def transit_key_id(mount, name):
-    return 'transit:%s/%s' % (mount, name)
+    """``transit:<mount>:<key name>``, every "/" of the mount written
+    ":"."""
+    return 'transit:%s:%s' % (_id_part(mount), name)
 
 
 def ciphertext_version(blob):
@@ -318,7 +324,7 @@ class TransitKeyEncryptingKey:
     def __init__(self, client, name, mount='transit', check=True):
         self.client = client
         self.mount = _check_name(mount, 'Transit mount')
-        self.name = _check_name(name, 'Transit key name')
+        self.name = _check_name(name, 'Transit key name', slash=False)
         self.key_id = transit_key_id(self.mount, self.name)
         self.source = 'vaultTransit %s/v1/%s/keys/%s' % (
             client.url, self.mount, self.name)
@@ -342,8 +348,8 @@ class TransitKeyEncryptingKey:
             info = self.client.request(
                 'GET', '%s/keys/%s' % (self.mount, self.name),
                 what=self.source)['data']
-        except VaultHTTPError as e:
-            if e.status in (400, 404):
+        except KeySourceError as e:
+            if getattr(e, 'status', None) in (400, 404):
                 raise KeySourceError('%s: no such Transit key' % self.source,
                                      self.source) from None
             raise
@@ -371,6 +377,8 @@ class TransitKeyEncryptingKey:
         return blob
 
     def _transit_error(self, e):
+        if getattr(e, 'status', None) is None:
+            return e
         detail = e.detail.lower()
         if e.status == 400 and ('not found' in detail
                                 or 'no existing key' in detail):
@@ -398,7 +406,7 @@ class TransitKeyEncryptingKey:
         try:
             data = self._post('decrypt', {'ciphertext': ciphertext,
                                           'context': _b64(aad)})
-        except VaultHTTPError as e:
+        except KeySourceError as e:
             raise self._transit_error(e) from None
         try:
             return base64.b64decode(data['plaintext'], validate=True)
@@ -412,7 +420,7 @@ class TransitKeyEncryptingKey:
         try:
             data = self._post('rewrap', {'ciphertext': blob.decode('ascii'),
                                          'context': _b64(aad)})
-        except VaultHTTPError as e:
+        except KeySourceError as e:
             raise self._transit_error(e) from None
         new = data['ciphertext'].encode('ascii')
         ciphertext_version(new)
@@ -441,7 +449,7 @@ def key_version(data):
     wk = wrapped.parse(data)
     if wk.suite == wrapped.SUITE_VAULT_TRANSIT:
         return ciphertext_version(wk.blob)
-    m = re.search(r'#v([0-9]+)\Z', wk.kek_id)
+    m = re.match(r'vaultkv:.*:v([0-9]+)\Z', wk.kek_id)
     return int(m.group(1)) if m else None
 
 

