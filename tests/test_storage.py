@@ -578,6 +578,39 @@ class BlobTests(_TempDir, unittest.TestCase):
             self.assertEqual(os.listdir(storage._blob_tmp), [])
         db.close()
 
+    def test_blob_file_moved_to_another_oid(self):
+        import ZODB.blob
+        from zodbkmi.exceptions import AuthenticationError
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            conn.root()['a'] = ZODB.blob.Blob(b'blob of a' * 100)
+            conn.root()['b'] = ZODB.blob.Blob(b'blob of b' * 100)
+        with db.transaction() as conn:
+            a = conn.root()['a']._p_oid
+            b = conn.root()['b']._p_oid
+        db.close()
+        storage = self._makeOne()
+        try:
+            names = [storage.base.loadBlob(oid, storage.base.load(oid)[1])
+                     for oid in (a, b)]
+            for name in names:
+                os.chmod(name, 0o600)
+            with open(names[0], 'rb') as f:
+                first = f.read()
+            with open(names[1], 'rb') as f:
+                second = f.read()
+            with open(names[0], 'wb') as f:     # swap the two files
+                f.write(second)
+            with open(names[1], 'wb') as f:
+                f.write(first)
+            for oid in (a, b):
+                with self.assertRaises(AuthenticationError):
+                    storage.openCommittedBlobFile(
+                        oid, storage.base.load(oid)[1])
+            self.assertEqual(os.listdir(storage._blob_tmp), [])
+        finally:
+            storage.close()
+
     def test_plaintext_blob_in_strict_mode(self):
         import ZODB.blob
         from zodbkmi.exceptions import NotEncryptedError

@@ -571,3 +571,42 @@ class BatchBoundaryTests(unittest.TestCase):
                                     'without its final chunk'):
             stream.decrypt(src, out, DEK, header)
         self.assertEqual(out.getvalue(), data[:stream.BATCH_SIZE - 65536])
+
+
+class AssociatedDataTests(unittest.TestCase):
+
+    def _seal(self, data, aad):
+        out = io.BytesIO()
+        stream.encrypt(io.BytesIO(data), out, bytes(32),
+                       stream.build_header(bytes(16), chunk_size=64), aad)
+        return out.getvalue()
+
+    def _open(self, sealed, aad):
+        src = io.BytesIO(sealed)
+        header = stream.read_header(src)
+        out = io.BytesIO()
+        stream.decrypt(src, out, bytes(32), header, aad)
+        return out.getvalue()
+
+    def test_roundtrip_w_aad(self):
+        oid = b'\0' * 7 + b'\x07'
+        self.assertEqual(self._open(self._seal(b'x' * 200, oid), oid),
+                         b'x' * 200)
+
+    def test_decrypt_w_other_aad(self):
+        sealed = self._seal(b'x' * 200, b'\0' * 7 + b'\x07')
+        for other in (b'', b'\0' * 7 + b'\x08'):
+            with self.assertRaises(exceptions.AuthenticationError):
+                self._open(sealed, other)
+
+    def test_unbound_stream_refused_where_aad_expected(self):
+        sealed = self._seal(b'x' * 10, b'')
+        with self.assertRaises(exceptions.AuthenticationError):
+            self._open(sealed, b'\0' * 8)
+
+    def test_empty_aad_is_the_unbound_derivation(self):
+        header = stream.build_header(bytes(16), chunk_size=64)
+        self.assertEqual(stream.payload_key(header, bytes(32)),
+                         stream.payload_key(header, bytes(32), b''))
+        self.assertNotEqual(stream.payload_key(header, bytes(32)),
+                            stream.payload_key(header, bytes(32), b'\0'))

@@ -35,6 +35,15 @@ _CONTEXT_RECORD = envelope.CONTEXT_RECORD
 _monotonic = time.monotonic
 
 
+def _file_aad(oid):
+    """The associated data of a stream bound to ``oid`` (or of none)."""
+    if oid is None:
+        return b''
+    if not isinstance(oid, bytes) or len(oid) != envelope.OID_SIZE:
+        raise ValueError('an oid has 8 bytes')
+    return oid
+
+
 class EncryptionService:
     """Encryption and decryption with DEKs found through the caller's KEK.
 
@@ -210,24 +219,27 @@ class EncryptionService:
         context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
         return envelope.read_dek_id(data, context).hex()
 
-    def encrypt_file(self, key, fsrc, fdst, chunk_size=None):
+    def encrypt_file(self, key, fsrc, fdst, chunk_size=None, oid=None):
         """Encrypt the binary file object ``fsrc`` (read to its end) into
         ``fdst`` as a stream (see ``docs/format.rst``) under the active DEK
         of ``key``; one pass, constant memory.  Return the number of
-        plaintext bytes.  A file counts as one use of the DEK.
+        plaintext bytes.  A file counts as one use of the DEK.  With
+        ``oid`` (8 bytes: blob files) the stream is bound to that oid and
+        :meth:`decrypt_file` needs the same one.
         """
         entry = self._encryption_entry(key)
         entry.count_use()
         header = stream.build_header(
             entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
-        return stream.encrypt(fsrc, fdst, entry._dek, header)
+        return stream.encrypt(fsrc, fdst, entry._dek, header,
+                              _file_aad(oid))
 
-    def decrypt_file(self, key, fsrc, fdst):
+    def decrypt_file(self, key, fsrc, fdst, oid=None):
         """Decrypt the stream ``fsrc`` into ``fdst``; return the number of
         plaintext bytes.  A self-contained stream (its wrapped DEK embedded)
-        opens with the KEK that wrapped it.  See
-        :func:`zodbkmi.format.stream.decrypt` for the errors and for what
-        was written when one is raised.
+        opens with the KEK that wrapped it.  ``oid``: see
+        :meth:`encrypt_file`.  See :func:`zodbkmi.format.stream.decrypt` for
+        the errors and for what was written when one is raised.
         """
         header = stream.read_header(fsrc)
         if header.wrapped is not None:
@@ -240,7 +252,7 @@ class EncryptionService:
             _, dek = wrapped.unwrap(kek, header.wrapped)
         else:
             dek = self._decryption_entry(key, header.dek_id)._dek
-        return stream.decrypt(fsrc, fdst, dek, header)
+        return stream.decrypt(fsrc, fdst, dek, header, _file_aad(oid))
 
 
 @implementer(IExtendedKeyManagementFacility)

@@ -291,28 +291,29 @@ class EncryptingStorage:
                   transaction):
         return self.base.storeBlob(oid, oldserial,
                                    self._sealed(data, oid, transaction),
-                                   self._seal_blob(blobfilename), version,
+                                   self._seal_blob(blobfilename, oid), version,
                                    transaction)
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
                     transaction):
         return self.base.restoreBlob(oid, serial,
                                      self._sealed(data, oid, transaction),
-                                     self._seal_blob(blobfilename), prev_txn,
+                                     self._seal_blob(blobfilename, oid), prev_txn,
                                      transaction)
 
     # -- blobs -----------------------------------------------------------
 
-    def _seal_blob(self, filename):
-        """Encrypt the blob file ``filename`` (which the storage owns from
-        now on) into a new file next to it; remove the plaintext."""
+    def _seal_blob(self, filename, oid):
+        """Encrypt the blob file ``filename`` of ``oid`` (which the storage
+        owns from now on) into a new file next to it, bound to the oid;
+        remove the plaintext."""
         if self._write_plaintext or filename is None:
             return filename
         fd, sealed = tempfile.mkstemp(
             suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
         try:
             with open(filename, 'rb') as src, os.fdopen(fd, 'wb') as dst:
-                self.facility.encrypt_file(self._key, src, dst)
+                self.facility.encrypt_file(self._key, src, dst, oid=oid)
         except BaseException:
             os.remove(sealed)
             raise
@@ -342,7 +343,7 @@ class EncryptingStorage:
                     src.seek(0)
                     try:
                         self.facility.decrypt_file(self._decrypt_keys, src,
-                                                   dst)
+                                                   dst, oid=oid)
                     except (DecryptionError, UnknownKeyError) as e:
                         raise _annotate(e, oid)
                 elif self._read_plaintext:
@@ -662,7 +663,7 @@ class ServerEncryptingStorage(EncryptingStorage):
     def openCommittedBlobFile(self, oid, serial, blob=None):
         return self.base.openCommittedBlobFile(oid, serial, blob)
 
-    def _seal_blob(self, filename):
+    def _seal_blob(self, filename, oid):
         return filename
 
     def _sealed(self, data, oid, transaction):

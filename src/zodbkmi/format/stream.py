@@ -13,7 +13,7 @@ Layout, version 1 (all of it specified in ``docs/format.rst``)::
     23      2+n   n (big endian) || wrapped DEK     (kind 0x02)
 
     payload key = HKDF-SHA256(ikm=DEK, salt=salt,
-                              info=b"zodbkmi/stream/v1\\n" || header)
+                              info=b"zodbkmi/stream/v1\\n" || header || aad)
     chunk i     = AES-256-GCM(payload key,
                               nonce = i (11 bytes, big endian) || last,
                               plaintext chunk i, no associated data)
@@ -22,6 +22,9 @@ Every chunk but the last holds exactly 2**e plaintext bytes; the last one
 (``last`` = 0x01, 0x00 for the others) holds 0 to 2**e bytes and is empty
 only when the whole plaintext is.  The header is authenticated through the
 payload key: changing any of its bytes changes the key of every chunk.
+``aad`` is associated data the caller knows and passes again to decrypt
+(empty for plain files; the 8 byte oid for blob files, which binds a blob
+to its object); the header is self-delimiting, so it is unambiguous.
 
 The functions read and write binary file objects in one pass, about 1 MiB
 at a time, in memory that does not depend on the size of the input, so
@@ -242,13 +245,15 @@ def read_header(fsrc):
     return StreamHeader(chunk_size, salt, dek_id, blob, fixed + length + blob)
 
 
-def payload_key(header, dek):
+def payload_key(header, dek, aad=b''):
     """The AES-256-GCM key of the chunks: HKDF-SHA256 of the DEK, salted,
-    bound to the whole header."""
+    bound to the whole header and to the associated data ``aad``."""
     if not isinstance(dek, bytes) or len(dek) != DEK_SIZE:
         raise InvalidKeyError('a data encrypting key has %d bytes' % DEK_SIZE)
+    if not isinstance(aad, bytes):
+        raise TypeError('associated data is bytes')
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=header.salt,
-                info=INFO_LABEL + header.raw).derive(dek)
+                info=INFO_LABEL + header.raw + aad).derive(dek)
 
 
 def _nonce(counter, last):
@@ -268,16 +273,16 @@ def _per_batch(chunk_size):
     return max(1, BATCH_SIZE // chunk_size)
 
 
-def encrypt(fsrc, fdst, dek, header):
+def encrypt(fsrc, fdst, dek, header, aad=b''):
     """Encrypt ``fsrc`` into ``fdst`` under ``dek`` (32 bytes).
 
     ``header`` comes from :func:`build_header` (it names the DEK and holds
     a fresh salt: use it once).  Writes the header, then the chunks; reads
     ``fsrc`` to its end, in one pass, about 1 MiB at a time (memory: three
-    such buffers, whatever the size of the input).  Return the number of
-    plaintext bytes.
+    such buffers, whatever the size of the input).  ``aad`` is bound in and
+    must be given again to decrypt.  Return the number of plaintext bytes.
     """
-    aead = AESGCM(payload_key(header, dek))
+    aead = AESGCM(payload_key(header, dek, aad))
     cs = header.chunk_size
     per = _per_batch(cs)
     bsize = per * cs
@@ -351,7 +356,7 @@ def _empty_last(header, counter):
         'which no writer produces' % (header.dek_id.hex(), counter))
 
 
-def decrypt(fsrc, fdst, dek, header):
+def decrypt(fsrc, fdst, dek, header, aad=b''):
     """Decrypt the chunks that follow ``header`` in ``fsrc`` into ``fdst``.
 
     ``header`` was read from ``fsrc`` by :func:`read_header`; ``dek`` is the
@@ -366,7 +371,7 @@ def decrypt(fsrc, fdst, dek, header):
     before the one that failed have been written: write to a temporary
     file and keep it only on success (see :mod:`zodbkmi.files`).
     """
-    aead = AESGCM(payload_key(header, dek))
+    aead = AESGCM(payload_key(header, dek, aad))
     cs = header.chunk_size
     size = cs + TAG_SIZE
     per = _per_batch(cs)
@@ -419,7 +424,7 @@ def decrypt(fsrc, fdst, dek, header):
         cur, nxt, n = nxt, cur, m
 
 
-def decrypt_range(fsrc, fdst, dek, header, offset, length=None):
+def decrypt_range(fsrc, fdst, dek, header, offset, length=None, aad=b''):
     """Decrypt ``length`` plaintext bytes from ``offset`` (all the rest
     when None) of a *seekable* stream, reading only the chunks needed.
 
@@ -430,7 +435,7 @@ def decrypt_range(fsrc, fdst, dek, header, offset, length=None):
     """
     if offset < 0 or (length is not None and length < 0):
         raise ValueError('offset and length are >= 0')
-    aead = AESGCM(payload_key(header, dek))
+    aead = AESGCM(payload_key(header, dek, aad))
     cs = header.chunk_size
     size = cs + TAG_SIZE
     end = fsrc.seek(0, os.SEEK_END)
