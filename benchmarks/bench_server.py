@@ -13,7 +13,6 @@ back for ``--seconds``.  Servers and client counts alternate within each
 round; the table gives medians of the rounds.
 """
 import argparse
-import base64
 import http.client
 import json
 import multiprocessing
@@ -28,13 +27,7 @@ import sys
 import tempfile
 import time
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from zodbkmi.testing import free_port
 
 
 def wait_port(port, proc, timeout=30):

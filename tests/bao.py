@@ -9,7 +9,6 @@ which case tests using it are skipped.
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -17,6 +16,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+from zodbkmi.testing import free_port
 
 ROOT_TOKEN = 'root'
 SKIP_ENV = 'ZODBKMI_SKIP_BAO'
@@ -25,14 +25,6 @@ SKIP_ENV = 'ZODBKMI_SKIP_BAO'
 def skip_requested():
     return os.environ.get(SKIP_ENV) == '1'
 
-
-def free_port():
-    s = socket.socket()
-    try:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def bao_binary():

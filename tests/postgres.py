@@ -8,19 +8,11 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import unittest
+from zodbkmi.testing import free_port
 
-
-def free_port():
-    s = socket.socket()
-    try:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def postgres_bin():

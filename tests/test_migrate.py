@@ -219,11 +219,11 @@ class KeysFromEnvironTests(unittest.TestCase):
 
     def test_bad_base64(self):
         self.assertRefused('encrypt', self._env(new='not base64!'),
-                           'NEW_ENCRYPTION_KEY is not valid base64')
+                           'NEW_ENCRYPTION_KEY: the key is not base64')
 
     def test_wrong_size(self):
         self.assertRefused('encrypt', self._env(new=b64(b'x' * 16)),
-                           'must encode 32 bytes (it encodes 16)')
+                           'an AES-256 key has 32 bytes, not 16')
 
     def test_whitespace_is_empty(self):
         old, new = self._callFUT('encrypt',

@@ -15,16 +15,9 @@ import unittest
 import warnings
 
 from zodbkmi import exceptions
+from zodbkmi.testing import free_port
 
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class ServerProcess:

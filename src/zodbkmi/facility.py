@@ -387,8 +387,7 @@ class KeyManagementFacility(EncryptionService):
         process; other processes forget it within their cache timeout.
         """
         with self._write_lock:
-            entry = self.entry(dek_id)
-            self.vault.remove(dek_id)
+            self.vault.remove(dek_id)   # UnknownKeyError when absent
             self._forget_active()
         evict_everywhere(dek_id)
 

@@ -25,8 +25,6 @@ Keys come from :class:`MigrationKeys`: an encryption service (usually a
 :func:`keys_from_environ` builds them from ``OLD_ENCRYPTION_KEY`` /
 ``NEW_ENCRYPTION_KEY`` / ``ENCRYPTION_ALGORITHM``.
 """
-import base64
-import binascii
 import io
 import os
 import sys
@@ -42,8 +40,8 @@ from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.format import envelope
-from zodbkmi.kek import AES_KEY_SIZE
 from zodbkmi.kek import AESKeyEncryptingKey
+from zodbkmi.sources.local import decode_key
 from zodbkmi.kek import as_kek
 
 ENCRYPT = 'encrypt'
@@ -144,14 +142,7 @@ def _env_key(environ, name):
     value = environ.get(name, '').strip()
     if not value:
         return None
-    try:
-        key = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidKeyError('%s is not valid base64' % name) from None
-    if len(key) != AES_KEY_SIZE:
-        raise InvalidKeyError('%s must encode %d bytes (it encodes %d)'
-                              % (name, AES_KEY_SIZE, len(key)))
-    return AESKeyEncryptingKey(key)
+    return AESKeyEncryptingKey(decode_key(value, name))
 
 
 #: Which of OLD_ENCRYPTION_KEY / NEW_ENCRYPTION_KEY each mode needs

@@ -6,6 +6,7 @@ read what another one wrote: a test database can be reused.  They protect
 nothing; never use them outside tests.
 """
 import hashlib
+import socket
 
 import zope.component.testing
 from zope.interface import implementer
@@ -65,3 +66,14 @@ def setupRestApi(localFacility, masterFacility):
     localFacility._token = token
     localFacility.clear_cache()
     return app
+
+
+def free_port(host='127.0.0.1'):
+    """A TCP port that is free on ``host`` (loopback) right now, for the
+    servers that tests and benchmarks start."""
+    s = socket.socket()
+    try:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
