@@ -6,12 +6,15 @@ OWN_SUITE and run by the test module named there instead.
 import doctest
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import unittest
 
+import transaction
 import zope.component.testing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,7 +23,6 @@ TOP = os.path.dirname(HERE)
 #: docs/*.rst file name -> the test module that runs it with its own setup.
 OWN_SUITE = {
     'storage.rst': 'tests.test_storage_relstorage',
-    'persistent.rst': 'tests.test_persistent',
     'keysources.rst': 'tests.test_sources',
     'server.rst': 'tests.test_server',
 }
@@ -30,15 +32,27 @@ FLAGS = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
 def setUp(test):
+    """Run the document in a fresh temporary directory with an empty
+    component registry, as a module of its own (``zodbkmi_doc_<name>`` in
+    ``sys.modules``), so that ZODB can import the classes it defines."""
     zope.component.testing.setUp(test)
+    name = 'zodbkmi_doc_' + re.sub(r'\W', '_', os.path.splitext(
+        os.path.basename(test.filename or test.name))[0])
+    module = types.ModuleType(name)
+    module.__dict__.update(test.globs)
+    module.__dict__['__name__'] = name
+    test.globs = module.__dict__
+    sys.modules[name] = module
     test.globs['_old_cwd'] = os.getcwd()
     test.globs['_tmp'] = tempfile.mkdtemp(prefix='zodbkmi-doc-')
     os.chdir(test.globs['_tmp'])
 
 
 def tearDown(test):
+    transaction.abort()
     os.chdir(test.globs['_old_cwd'])
     shutil.rmtree(test.globs['_tmp'], ignore_errors=True)
+    sys.modules.pop(test.globs['__name__'], None)
     zope.component.testing.tearDown(test)
 
 

@@ -6,7 +6,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import types
 import unittest
 
 import persistent
@@ -741,34 +740,3 @@ class StateVectorTests(unittest.TestCase):
                 Secret.__new__(Secret).__setstate__(stored)
             self.assertIs(getattr(type(cm.exception), '_zodbkmi_class'),
                           getattr(exceptions, v['error']), v['name'])
-
-
-DOC_MODULE = 'zodbkmi_docs_persistent'
-
-
-def setUpDocAsModule(test):
-    """Run docs/persistent.rst in a module, so that ZODB can import the
-    classes it defines."""
-    from tests import test_docs
-    test_docs.setUp(test)
-    module = types.ModuleType(DOC_MODULE)
-    module.__dict__.update(test.globs)
-    module.__dict__['__name__'] = DOC_MODULE
-    test.globs = module.__dict__
-    sys.modules[DOC_MODULE] = module
-
-
-def tearDownDocAsModule(test):
-    from tests import test_docs
-    transaction.abort()
-    sys.modules.pop(DOC_MODULE, None)
-    test_docs.tearDown(test)
-
-
-def test_suite():
-    from tests import test_docs
-    suite = unittest.defaultTestLoader.loadTestsFromName(__name__)
-    suite.addTest(test_docs.doc_suite(
-        os.path.join(test_docs.TOP, 'docs', 'persistent.rst'),
-        setUp=setUpDocAsModule, tearDown=tearDownDocAsModule))
-    return suite
