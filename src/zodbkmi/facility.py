@@ -260,17 +260,38 @@ class EncryptionService:
         the errors and for what was written when one is raised.
         """
         header = stream.read_header(fsrc)
-        if header.wrapped is not None:
-            kek_id = wrapped.parse(header.wrapped).kek_id
-            kek = self._keks(key).get(kek_id)
-            if kek is None:
-                raise WrongKeyError(
-                    'stream DEK %s is wrapped by KEK %s, which was not given'
-                    % (header.dek_id.hex(), kek_id))
-            _, dek = wrapped.unwrap(kek, header.wrapped)
-        else:
-            dek = self._decryption_entry(key, header.dek_id)._dek
-        return stream.decrypt(fsrc, fdst, dek, header, _file_aad(oid))
+        return stream.decrypt(fsrc, fdst, self._stream_dek(key, header),
+                              header, _file_aad(oid))
+
+    def decrypt_file_range(self, key, fsrc, fdst, offset, length=None,
+                           oid=None):
+        """Decrypt ``length`` bytes from ``offset`` of the stream in the
+        seekable file ``fsrc`` (see
+        :meth:`~zodbkmi.interfaces.IExtendedKeyManagementFacility.decrypt_file_range`);
+        ``oid``: see :meth:`encrypt_file`."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError('offset and length must be >= 0')
+        if not fsrc.seekable():
+            raise ValueError('decrypt_file_range needs a seekable source; '
+                             'use decrypt_file for pipes')
+        fsrc.seek(0)
+        header = stream.read_header(fsrc)
+        return stream.decrypt_range(fsrc, fdst, self._stream_dek(key, header),
+                                    header, offset, length, _file_aad(oid))
+
+    def _stream_dek(self, key, header):
+        """The DEK of a stream: embedded (self-contained stream, unwrapped
+        with the KEK of ``key`` that wrapped it) or found by id."""
+        if header.wrapped is None:
+            return self._decryption_entry(key, header.dek_id)._dek
+        kek_id = wrapped.parse(header.wrapped).kek_id
+        kek = self._keks(key).get(kek_id)
+        if kek is None:
+            raise WrongKeyError(
+                'stream DEK %s is wrapped by KEK %s, which was not given'
+                % (header.dek_id.hex(), kek_id))
+        _, dek = wrapped.unwrap(kek, header.wrapped)
+        return dek
 
 
 @implementer(IExtendedKeyManagementFacility)
