@@ -79,7 +79,7 @@ EXPECTED = {
 }
 
 
-# -- the server ----------------------------------------------------------------
+# -- the server --------------------------------------------------------------
 
 class Server:
     """``zodbkmi serve`` in a temporary directory, stopped by PID."""
@@ -169,6 +169,10 @@ class Closed(Exception):
     """The server closed the connection before a whole answer."""
 
 
+class BadAnswer(Exception):
+    """The server's answer is not HTTP."""
+
+
 class Connection:
     """One TLS connection; requests are bytes written as given, so that
     malformed ones reach the server as they are."""
@@ -217,7 +221,10 @@ class Connection:
             self._fill()
         head, self.buf = self.buf.split(b'\r\n\r\n', 1)
         lines = head.decode('latin-1').split('\r\n')
-        status = int(lines[0].split()[1])
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            raise BadAnswer(lines[0][:60]) from None
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(':')
@@ -457,6 +464,10 @@ class Client:
                 pass   # the answer may be there all the same
             try:
                 answer = conn.response()
+            except BadAnswer:
+                conn.close()
+                self.conn = None
+                return 'not HTTP', {}, b''
             except (Closed, BrokenPipeError, ConnectionResetError,
                     ssl.SSLError):
                 conn.close()
@@ -531,7 +542,7 @@ def _client_process(args, queue):
     queue.put(Client(*args[:-1]).run(args[-1]))
 
 
-# -- the whole run -------------------------------------------------------------
+# -- the whole run -----------------------------------------------------------
 
 def percentile(values, p):
     if not values:
@@ -579,30 +590,38 @@ def run(seconds=60.0, clients=16, mode='threads', workers=2,
         sampler = threading.Thread(target=sample)
         sampler.start()
         rss_before = server.rss()
-        if mode == 'threads':
-            results = [None] * clients
+        try:
+            if mode == 'threads':
+                results = [None] * clients
 
-            def one(i):
-                results[i] = Client(*args[i][:-1]).run(args[i][-1])
-            threads = [threading.Thread(target=one, args=(i,))
-                       for i in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        else:
-            import multiprocessing
-            mp = multiprocessing.get_context('fork')
-            queue = mp.Queue()
-            procs = [mp.Process(target=_client_process, args=(a, queue))
-                     for a in args]
-            for p in procs:
-                p.start()
-            results = [queue.get(timeout=seconds + 120) for _ in procs]
-            for p in procs:
-                p.join()
-        done.set()
-        sampler.join()
+                def one(i):
+                    try:
+                        results[i] = Client(*args[i][:-1]).run(args[i][-1])
+                    except BaseException as e:   # re-raised below
+                        results[i] = e
+                threads = [threading.Thread(target=one, args=(i,))
+                           for i in range(clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+            else:
+                import multiprocessing
+                mp = multiprocessing.get_context('fork')
+                queue = mp.Queue()
+                procs = [mp.Process(target=_client_process, args=(a, queue))
+                         for a in args]
+                for p in procs:
+                    p.start()
+                results = [queue.get(timeout=seconds + 120) for _ in procs]
+                for p in procs:
+                    p.join()
+        finally:
+            done.set()
+            sampler.join()
         # the server still serves, and the vault holds what was uploaded
         ctx = ssl.create_default_context(cafile=server.ca)
         conn = Connection(server.port, ctx)
@@ -646,6 +665,10 @@ def figures(results, seconds, clients, mode, samples, warmup, rss_before,
                      if isinstance(s, int) and s >= 500)
     valid = [x for n in VALID for x in latency[n]]
     logged = [int(s) for s in re.findall(r'" (\d{3}) [\d.]+ms', log)]
+    access = re.compile(r'" \d{3} [\d.]+ms$')
+    log_errors = [line for line in log.splitlines()
+                  if not access.search(line)
+                  and re.search(r'error|warn|critical|exception', line, re.I)]
     rss_warm = next((rss for t, rss in samples if t >= warmup),
                     samples[-1][1])
     rss_end = samples[-1][1]
@@ -665,6 +688,7 @@ def figures(results, seconds, clients, mode, samples, warmup, rss_before,
         'logged_requests': len(logged),
         'logged_5xx': sum(1 for s in logged if s >= 500),
         'tracebacks': log.count('Traceback'),
+        'log_errors': len(log_errors), 'log_error_examples': log_errors[:3],
         'wrong': wrong_count, 'wrong_examples': wrong,
         'connection_errors': errors,
         'vault_keys': vault_keys, 'vault_mismatches': vault_mismatches,
@@ -699,9 +723,9 @@ def report(r, latency, out):
             n, len(lat), percentile(lat, 0.5) * 1000,
             percentile(lat, 0.99) * 1000, shown))
     p('5xx answers: %d seen by clients, %d in the access log (%d lines); '
-      'tracebacks in the server log: %d'
+      'tracebacks in the server log: %d, error or warning lines: %d'
       % (r['client_5xx'], r['logged_5xx'], r['logged_requests'],
-         r['tracebacks']))
+         r['tracebacks'], r['log_errors']))
     p('wrong answers: %d%s; connection errors: %d'
       % (r['wrong'], (' e.g. %s' % r['wrong_examples'][:3])
          if r['wrong'] else '', r['connection_errors']))
@@ -738,7 +762,7 @@ def main(argv=None):
             create_rate=args.create_rate, warmup=args.warmup,
             server_args=args.server_arg)
     ok = not (r['client_5xx'] or r['logged_5xx'] or r['wrong']
-              or r['tracebacks'] or r['vault_mismatches']
+              or r['tracebacks'] or r['log_errors'] or r['vault_mismatches']
               or not r['healthy_after'])
     return 0 if ok else 1
 

@@ -2,15 +2,15 @@
 run for 60 seconds with 16 client threads against ``zodbkmi serve`` (2
 workers, TLS) on 127.0.0.1.
 
-What must hold (correctness, not speed; the figures are printed):
-no 5xx answer, neither seen by a client nor in the server's access log; no
-traceback in the server's log; no wrong answer (every fetched wrapped DEK
-byte for byte what was uploaded, every malformed request a 4xx with a short
-body, or no answer for a request the client cut off itself); every key the
-vault files hold matches what was uploaded; the server still healthy and
-stopping cleanly; and its memory stable: the resident memory of the server's
-process tree at the end at most max(20 MiB, 25 %) above its value after the
-warm-up (the first 10 seconds).
+What must hold (correctness, not speed; the figures are printed): no 5xx
+answer, neither seen by a client nor in the server's access log; no
+traceback nor error line in the server's log; no wrong answer (every fetched
+wrapped DEK byte for byte what was uploaded, every malformed request a 4xx
+with a short body, or no answer for a request the client cut off itself);
+every key the vault files hold matches what was uploaded; the server still
+healthy and stopping cleanly; and its memory stable: the resident memory of
+the server's process tree at the end at most max(20 MiB, 25 %) above its
+value after the warm-up (the first 10 seconds).
 """
 import importlib.util
 import io
@@ -44,6 +44,7 @@ class LoadTests(unittest.TestCase):
         sys.stdout.write('\n' + out.getvalue())
         self.assertEqual((r['client_5xx'], r['logged_5xx'], r['tracebacks']),
                          (0, 0, 0))
+        self.assertEqual(r['log_errors'], 0, r['log_error_examples'])
         self.assertEqual(r['wrong'], 0, r['wrong_examples'])
         self.assertEqual(r['connection_errors'], 0)
         self.assertEqual(r['vault_mismatches'], 0)
