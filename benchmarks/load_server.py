@@ -704,7 +704,7 @@ def figures(results, seconds, clients, mode, samples, warmup, rss_before,
 def report(r, latency, out):
     mib = 1024 * 1024
     p = lambda *a: print(*a, file=out)   # noqa: E731
-    p('zodbkmi serve under load: %d %s clients for %.0f s on 127.0.0.1 '
+    p('zodbkmi serve under load: %d clients (%s) for %.0f s on 127.0.0.1 '
       '(TLS)' % (r['clients'], r['mode'], r['seconds']))
     p('requests: %d (%.0f/s); valid %d, malformed %d'
       % (r['requests'], r['per_second'], r['valid'], r['malformed']))
