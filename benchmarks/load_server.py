@@ -20,7 +20,9 @@ malformed
     ids, bad, missing and under-privileged tokens, oversized bodies (sent,
     and only announced), bad paths, bad methods, garbage instead of HTTP,
     and requests cut off by the client: each must get a 4xx with a short
-    body and no traceback (or, for a cut-off request, no answer).
+    body and no traceback (or, for a cut-off request, no answer; an
+    oversized body may lose its 413 when the server closes the connection
+    while the client is still sending).
 
 Figures printed: requests in total, per second and per class, latency
 percentiles, 5xx answers seen by clients and in the server's access log,
