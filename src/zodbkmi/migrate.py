@@ -565,20 +565,35 @@ class RecordTransformer:
             raise failure[0]
 
 
-def _is_blob_record(data):
+def _is_blob_record(data, _known={}):
     """Tell whether the plaintext record ``data`` is the state of a blob
-    (``ZODB.blob.Blob`` or a subclass), without unpickling the state."""
-    import ZODB.blob
+    (``ZODB.blob.Blob`` or a subclass), without unpickling the state.
+
+    The answer is remembered per record prefix up to the second newline:
+    in the protocol 3 pickles ZODB writes, that is the class pickle's
+    GLOBAL opcode with module and class name; in any case two records
+    with the same prefix start with the same class pickle.
+    """
+    end = data.find(b'\n', data.find(b'\n') + 1)
+    key = data[:end] if 0 < end <= 300 else None
+    found = _known.get(key)
+    if found is not None:
+        return found
     from ZODB.utils import get_pickle_metadata
     try:
         module, name = get_pickle_metadata(data)
     except Exception:
         return False
+    import ZODB.blob
     try:
         cls = getattr(__import__(module, fromlist=[name]), name)
     except Exception:
-        return name == 'Blob'
-    return isinstance(cls, type) and issubclass(cls, ZODB.blob.Blob)
+        found = name == 'Blob'
+    else:
+        found = isinstance(cls, type) and issubclass(cls, ZODB.blob.Blob)
+    if key is not None and len(_known) < 10000:
+        _known[key] = found
+    return found
 
 
 class _Discard:
@@ -1005,14 +1020,11 @@ def _iter_filestorage(storage, start, batch_size=256):
         batch = []
         with storage._lock:
             f = storage._file
-            for _ in range(batch_size):
-                try:
-                    oid = index.minKey(nxt)
-                except ValueError:   # no oid left
-                    nxt = None
-                    break
-                nxt = _next_oid(oid)
-                f.seek(index[oid])
+            positions = _index_batch(index, nxt, batch_size)
+            nxt = (_next_oid(positions[-1][0])
+                   if len(positions) == batch_size else None)
+            for oid, pos in positions:
+                f.seek(pos)
                 h = DataHeaderFromString(f.read(DATA_HDR_LEN))
                 if h.oid != oid or not h.plen:
                     batch.append((oid, None, None))
@@ -1026,6 +1038,42 @@ def _iter_filestorage(storage, start, batch_size=256):
                     continue
             if data:
                 yield oid, tid, data
+
+
+def _index_batch(index, start, n):
+    """Up to ``n`` ``(oid, position)`` of a FileStorage index, in oid order
+    from ``start`` on.  The caller holds the storage lock, so the index
+    does not change meanwhile.  An ``fsIndex`` is a tree of 6-byte oid
+    prefixes to buckets of 2-byte suffixes: walking them once costs much
+    less than a ``minKey`` per oid, which other indexes fall back to."""
+    data = getattr(index, '_data', None)
+    out = []
+    if data is None or not hasattr(data, 'items'):
+        nxt = start
+        while len(out) < n:
+            try:
+                oid = index.minKey(nxt)
+            except ValueError:   # no oid left
+                break
+            out.append((oid, index[oid]))
+            nxt = _next_oid(oid)
+        return out
+    from ZODB.fsIndex import str2num
+    prefix = start[:6]
+    for p, bucket in data.items(min=prefix):
+        lo = int.from_bytes(start[6:], 'big') if p == prefix else 0
+        last = int.from_bytes(bucket.maxKey(), 'big')
+        while lo <= last:
+            # a bucket's items() builds a list: ask for a range that
+            # holds at most the oids still wanted
+            hi = min(last, lo + n - len(out) - 1)
+            for s, pos in bucket.items(min=lo.to_bytes(2, 'big'),
+                                       max=hi.to_bytes(2, 'big')):
+                out.append((p + s, str2num(pos)))
+            if len(out) == n:
+                return out
+            lo = hi + 1
+    return out
 
 
 def _next_oid(oid):
