@@ -192,6 +192,24 @@ class RoundTripTests(unittest.TestCase):
             self.assertEqual(stream.decrypt_bytes(DEK_ID, DEK, sealed),
                              data)
 
+    def test_reused_buffers_hold_no_plaintext(self):
+        # encrypt and decrypt keep their buffers for the next call of the
+        # thread, with the plaintext they held overwritten
+        marker = b'plaintext marker ' * 5000
+        sealed = stream.encrypt_bytes(DEK_ID, DEK, marker)
+        self.assertEqual(stream.decrypt_bytes(DEK_ID, DEK, sealed), marker)
+        with self.assertRaises(exceptions.AuthenticationError):
+            stream.decrypt_bytes(DEK_ID, DEK, sealed[:-1] + b'\0')
+        pool = stream._pool.buffers
+        self.assertTrue(pool)
+        for buf in pool:
+            self.assertEqual(buf.find(b'plaintext marker'), -1)
+        # and they are reused: no new buffer for the same sizes
+        before = [id(b) for b in pool]
+        stream.decrypt_bytes(DEK_ID, DEK, sealed)
+        self.assertEqual(sorted(id(b) for b in stream._pool.buffers),
+                         sorted(before))
+
     def test_empty_file_has_one_empty_final_chunk(self):
         sealed = seal(b'')
         header, parts = chunks(sealed)
