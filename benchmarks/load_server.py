@@ -36,17 +36,13 @@ import json
 import os
 import random
 import re
-import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-from zodbkmi.testing import free_port
+from zodbkmi.testing import ServerProcess
 
 #: Largest body an error answer may have (bytes).
 SHORT_BODY = 512
@@ -82,88 +78,6 @@ EXPECTED = {
 
 
 # -- the server --------------------------------------------------------------
-
-class Server:
-    """``zodbkmi serve`` in a temporary directory, stopped by PID."""
-
-    def __init__(self, workers=2, extra=()):
-        self.dir = tempfile.mkdtemp(prefix='zodbkmi-load-')
-        self.port = free_port()
-        self.log_path = os.path.join(self.dir, 'log.txt')
-        self.log = open(self.log_path, 'w')
-        args = [sys.executable, '-m', 'zodbkmi.cli', 'serve',
-                '--port', str(self.port)]
-        if workers:
-            args += ['--workers', str(workers)]
-        self.proc = subprocess.Popen(args + list(extra), cwd=self.dir,
-                                     stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError('server exited: %s' % self.read_log())
-            try:
-                socket.create_connection(('127.0.0.1', self.port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError('server did not start')
-                time.sleep(0.05)
-        self.ca = os.path.join(self.dir, 'var', 'tls', 'cert.pem')
-        self.key_dir = os.path.join(self.dir, 'var', 'keys')
-        self.admin = self._read('var/admin.token')
-        self.client = self._read('var/client.token')
-
-    def _read(self, name):
-        with open(os.path.join(self.dir, name)) as f:
-            return f.read().strip()
-
-    def read_log(self):
-        self.log.flush()
-        with open(self.log_path, errors='replace') as f:
-            return f.read()
-
-    def pids(self):
-        """The server process and all its descendants."""
-        found, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            found.append(pid)
-            try:
-                for tid in os.listdir('/proc/%d/task' % pid):
-                    with open('/proc/%d/task/%s/children' % (pid, tid)) as f:
-                        todo.extend(int(c) for c in f.read().split())
-            except OSError:
-                pass
-        return found
-
-    def rss(self):
-        """Resident memory of the process tree, in bytes (from /proc)."""
-        total = 0
-        for pid in self.pids():
-            try:
-                with open('/proc/%d/status' % pid) as f:
-                    for line in f:
-                        if line.startswith('VmRSS:'):
-                            total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-    def cleanup(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 # -- HTTP over TLS, by hand --------------------------------------------------
 
@@ -561,7 +475,8 @@ def run(seconds=60.0, clients=16, mode='threads', workers=2,
     ``warmup``: seconds after which the reference RSS is taken (default:
     a sixth of the run, at most 10 s)."""
     warmup = min(10.0, seconds / 6) if warmup is None else warmup
-    server = Server(workers=workers, extra=server_args)
+    server = ServerProcess(
+        *(['--workers', str(workers)] if workers else []) + list(server_args))
     try:
         target = (server.port, server.ca, server.admin, server.client)
         ctx = ssl.create_default_context(cafile=server.ca)
@@ -639,7 +554,7 @@ def run(seconds=60.0, clients=16, mode='threads', workers=2,
             if (base64.b64decode(entry['wrapped']), entry['kek_id']) != (
                     data, kek_id):
                 vault_mismatches += 1
-        log = server.read_log()
+        log = server.stdout() + '\n' + server.stderr()
     finally:
         rc = server.stop()
         server.cleanup()

@@ -4,7 +4,6 @@ port with TLS, driven through LocalKeyManagementFacility and the CLI."""
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -15,69 +14,10 @@ import unittest
 import warnings
 
 from zodbkmi import exceptions
+from zodbkmi.testing import ServerProcess  # noqa: F401 (used by others)
 from zodbkmi.testing import free_port
 
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
-
-
-class ServerProcess:
-    """``zodbkmi serve`` in its own directory, stopped by PID."""
-
-    def __init__(self, *args, env=None):
-        self.dir = tempfile.mkdtemp(prefix='zodbkmi-server-')
-        self.port = free_port()
-        self.url = 'https://127.0.0.1:%d' % self.port
-        self.out = open(os.path.join(self.dir, 'out.txt'), 'w+')
-        self.err = open(os.path.join(self.dir, 'err.txt'), 'w+')
-        self.proc = subprocess.Popen(
-            ZODBKMI + ['serve', '--port', str(self.port)] + list(args),
-            cwd=self.dir, stdout=self.out, stderr=self.err,
-            env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                err = self.stderr()
-                self.stop()
-                self.cleanup()
-                raise RuntimeError('server exited: %s' % err)
-            try:
-                socket.create_connection(('127.0.0.1', self.port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError('server did not start')
-                time.sleep(0.05)
-        self.ca = os.path.join(self.dir, 'var', 'tls', 'cert.pem')
-        self.admin = self.read('var/admin.token')
-        self.client = self.read('var/client.token')
-
-    def read(self, name):
-        with open(os.path.join(self.dir, name)) as f:
-            return f.read().strip()
-
-    def stdout(self):
-        self.out.flush()
-        return self.read('out.txt')
-
-    def stderr(self):
-        self.err.flush()
-        return self.read('err.txt')
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:   # pragma: no cover
-                self.proc.kill()
-                self.proc.wait()
-        self.out.close()
-        self.err.close()
-        return self.proc.returncode
-
-    def cleanup(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class ServerLayer:

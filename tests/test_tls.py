@@ -18,24 +18,7 @@ import struct
 import unittest
 import warnings
 
-from tests.test_server import ServerProcess
-
-
-class TLSServerLayer:
-    """One key server with its generated self-signed certificate."""
-
-    __name__ = 'TLSServerLayer'
-    __bases__ = ()
-    __module__ = __name__
-
-    @classmethod
-    def setUp(cls):
-        cls.server = ServerProcess()
-
-    @classmethod
-    def tearDown(cls):
-        cls.server.stop()
-        cls.server.cleanup()
+from tests.test_server import ServerLayer
 
 
 # -- a hand-made ClientHello --------------------------------------------------
@@ -116,10 +99,10 @@ def server_answer(port, hello):
 
 class TLSSettingsTests(unittest.TestCase):
 
-    layer = TLSServerLayer
+    layer = ServerLayer
 
     def setUp(self):
-        self.server = TLSServerLayer.server
+        self.server = ServerLayer.server
 
     def _context(self, version=None, ciphers=None):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -6,7 +6,14 @@ read what another one wrote: a test database can be reused.  They protect
 nothing; never use them outside tests.
 """
 import hashlib
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import zope.component.testing
 from zope.interface import implementer
@@ -77,3 +84,102 @@ def free_port(host='127.0.0.1'):
         return s.getsockname()[1]
     finally:
         s.close()
+
+
+class ServerProcess:
+    """``zodbkmi serve`` started for real, as a subprocess, in a temporary
+    directory of its own (embedded defaults: keys in ``var/keys``, a
+    generated certificate in ``var/tls``, tokens in ``var``), on a free
+    loopback port; for tests and benchmarks.  ``args`` are more command
+    line arguments, ``env`` more environment variables.  Stop it with
+    :meth:`stop`, then remove its directory with :meth:`cleanup`.
+    """
+
+    def __init__(self, *args, env=None, timeout=30):
+        self.dir = tempfile.mkdtemp(prefix='zodbkmi-server-')
+        self.port = free_port()
+        self.url = 'https://127.0.0.1:%d' % self.port
+        self.out = open(os.path.join(self.dir, 'out.txt'), 'w+')
+        self.err = open(os.path.join(self.dir, 'err.txt'), 'w+')
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', 'zodbkmi.cli', 'serve',
+             '--port', str(self.port)] + list(args),
+            cwd=self.dir, stdout=self.out, stderr=self.err,
+            env=dict(os.environ, **(env or {})))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                err = self.stderr()
+                self.stop()
+                self.cleanup()
+                raise RuntimeError('server exited: %s' % err)
+            try:
+                socket.create_connection(('127.0.0.1', self.port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    self.cleanup()
+                    raise RuntimeError('server did not start')
+                time.sleep(0.05)
+        self.ca = os.path.join(self.dir, 'var', 'tls', 'cert.pem')
+        self.key_dir = os.path.join(self.dir, 'var', 'keys')
+        self.admin = self.read('var/admin.token')
+        self.client = self.read('var/client.token')
+
+    def read(self, name):
+        """The text of the file ``name`` of the server's directory."""
+        with open(os.path.join(self.dir, name)) as f:
+            return f.read().strip()
+
+    def stdout(self):
+        self.out.flush()
+        return self.read('out.txt')
+
+    def stderr(self):
+        """What the server wrote to stderr: its log, access log included."""
+        self.err.flush()
+        return self.read('err.txt')
+
+    def pids(self):
+        """The server process and all its descendants (its workers)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            try:
+                for tid in os.listdir('/proc/%d/task' % pid):
+                    with open('/proc/%d/task/%s/children' % (pid, tid)) as f:
+                        todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+        return found
+
+    def rss(self):
+        """Resident memory of the process tree, in bytes (from /proc)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open('/proc/%d/status' % pid) as f:
+                    for line in f:
+                        if line.startswith('VmRSS:'):
+                            total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def stop(self):
+        """SIGTERM (SIGKILL after 15 s); return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:   # pragma: no cover
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+        self.err.close()
+        return self.proc.returncode
+
+    def cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
