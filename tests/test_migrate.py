@@ -659,16 +659,14 @@ class BlobMigrationTests(_TempDir, unittest.TestCase):
         self.assertIn('blob file: ', report.failed_oids[0][1])
 
     def test_command_w_blob_dir(self):
-        environ = dict(os.environ)
-        self.addCleanup(lambda: (os.environ.clear(),
-                                 os.environ.update(environ)))
         key = base64.b64encode(os.urandom(32)).decode()
         args = ['encrypt', self.path('Data.fs'), '--key-dir',
                 self.path('keys'), '--no-progress']
         # without its blob directory the blob records are refused, and
         # nothing of them is written
         before = current_records(self.path('Data.fs'))
-        code, out, err = call_migrate(*args, new=key)
+        env = dict(NEW_ENCRYPTION_KEY=key, ENCRYPTION_ALGORITHM='aes256-gcm')
+        code, out, err = call_migrate(*args, **env)
         self.assertEqual(code, 2, out + err)
         self.assertIn('is a blob, and the storage was opened without its '
                       'blob directory: give --blob-dir', err)
@@ -677,8 +675,8 @@ class BlobMigrationTests(_TempDir, unittest.TestCase):
             {o: d for o, d in current_records(self.path('Data.fs')).items()
              if b'ZODB.blob' in d},
             {o: d for o, d in before.items() if b'ZODB.blob' in d})
-        code, out, err = call_migrate(*args + ['--blob-dir',
-                                               self.path('blobs')], new=key)
+        code, out, err = call_migrate(
+            *args + ['--blob-dir', self.path('blobs')], **env)
         self.assertEqual(code, 0, out + err)
         self.assertEqual(self._current_blob_deks(), {
             self.facility.key_id_of(
@@ -763,13 +761,19 @@ class RotateKekTests(_TempDir, unittest.TestCase):
         self.assertEqual(self._callFUT(facility, old, new), 0)
 
 
-def call_migrate(*argv, old='', new='', algorithm='aes256-gcm'):
+KEY_VARIABLES = ('ENCRYPTION_ALGORITHM', 'OLD_ENCRYPTION_KEY',
+                 'NEW_ENCRYPTION_KEY')
+
+
+def call_migrate(*argv, **variables):
     """Run ``zodbkmi migrate *argv`` with the key environment variables
-    set (the caller restores os.environ); return (exit code, stdout,
-    stderr)."""
+    set to ``variables`` (the others of KEY_VARIABLES unset; os.environ is
+    restored afterwards); return (exit code, stdout, stderr)."""
     from zodbkmi.cli import main
-    os.environ.update(OLD_ENCRYPTION_KEY=old, NEW_ENCRYPTION_KEY=new,
-                      ENCRYPTION_ALGORITHM=algorithm)
+    environ = dict(os.environ)
+    for name in KEY_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(variables)
     out, err = io.StringIO(), io.StringIO()
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
@@ -777,6 +781,8 @@ def call_migrate(*argv, old='', new='', algorithm='aes256-gcm'):
         code = main(['migrate'] + list(argv))
     finally:
         sys.stdout, sys.stderr = stdout, stderr
+        os.environ.clear()
+        os.environ.update(environ)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -796,7 +802,9 @@ class CommandTests(_TempDir, unittest.TestCase):
         os.environ.update(self.environ)
 
     def _callFUT(self, *argv, old='', new='', algorithm='aes256-gcm'):
-        return call_migrate(*argv, old=old, new=new, algorithm=algorithm)
+        return call_migrate(*argv, OLD_ENCRYPTION_KEY=old,
+                            NEW_ENCRYPTION_KEY=new,
+                            ENCRYPTION_ALGORITHM=algorithm)
 
     def _args(self, mode):
         return [mode, self.path('Data.fs'), '--key-dir', self.path('keys'),
@@ -1285,21 +1293,7 @@ class ConfiguredStorageTests(_TempDir, unittest.TestCase):
         return path
 
     def _callFUT(self, *argv):
-        from zodbkmi.cli import main
-        environ = dict(os.environ)
-        for name in ('ENCRYPTION_ALGORITHM', 'OLD_ENCRYPTION_KEY',
-                     'NEW_ENCRYPTION_KEY'):
-            os.environ.pop(name, None)
-        out, err = io.StringIO(), io.StringIO()
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = out, err
-        try:
-            code = main(['migrate'] + list(argv))
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-            os.environ.clear()
-            os.environ.update(environ)
-        return code, out.getvalue(), err.getvalue()
+        return call_migrate(*argv)
 
     def _read_all(self, spec):
         import ZODB

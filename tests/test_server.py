@@ -20,6 +20,21 @@ from zodbkmi.testing import free_port
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
 
 
+def tls_exchange(port, ctx, data):
+    """Send ``data`` to the server on ``port`` over TLS made with ``ctx``;
+    return ``(all it answered until it closed, TLS version, cipher)``."""
+    with socket.create_connection(('127.0.0.1', port), 5) as sock:
+        with ctx.wrap_socket(sock, server_hostname='127.0.0.1') as tls:
+            tls.sendall(data)
+            answer = b''
+            while True:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer, tls.version(), tls.cipher()[0]
+
+
 class ServerLayer:
     """One key server for the tests of this module."""
 
@@ -212,20 +227,13 @@ class ServerTests(unittest.TestCase):
             except OSError:
                 pass
         ctx = ssl.create_default_context(cafile=self.server.ca)
-        with socket.create_connection(('127.0.0.1', self.server.port),
-                                      5) as sock:
-            with ctx.wrap_socket(sock, server_hostname='127.0.0.1') as tls:
-                tls.sendall(b'POST /v1/keys HTTP/1.1\r\nHost: x\r\n'
-                            b'Content-Length: 99999999\r\n'
-                            b'Content-Type: application/json\r\n'
-                            b'Authorization: Bearer ' +
-                            self.server.admin.encode() + b'\r\n\r\n{')
-                answer = b''
-                while True:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        break
-                    answer += chunk
+        answer = tls_exchange(
+            self.server.port, ctx,
+            b'POST /v1/keys HTTP/1.1\r\nHost: x\r\n'
+            b'Content-Length: 99999999\r\n'
+            b'Content-Type: application/json\r\n'
+            b'Authorization: Bearer ' + self.server.admin.encode() +
+            b'\r\n\r\n{')[0]
         self.assertIn(b' 413 ', answer.split(b'\r\n')[0])
         self.assertIn(b'"error"', answer)
         local = self._makeOne()

@@ -19,6 +19,7 @@ import unittest
 import warnings
 
 from tests.test_server import ServerLayer
+from tests.test_server import tls_exchange
 
 
 # -- a hand-made ClientHello --------------------------------------------------
@@ -121,19 +122,12 @@ class TLSSettingsTests(unittest.TestCase):
 
     def _connect(self, ctx):
         """Handshake with ``ctx``; return ``(version, cipher)``."""
-        with socket.create_connection(('127.0.0.1', self.server.port),
-                                      5) as sock:
-            with ctx.wrap_socket(sock, server_hostname='127.0.0.1') as tls:
-                tls.sendall(b'GET /v1/health HTTP/1.1\r\nHost: x\r\n'
-                            b'Connection: close\r\n\r\n')
-                answer = b''
-                while True:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        break
-                    answer += chunk
-                self.assertTrue(answer.startswith(b'HTTP/1.1 200 '))
-                return tls.version(), tls.cipher()[0]
+        answer, version, cipher = tls_exchange(
+            self.server.port, ctx,
+            b'GET /v1/health HTTP/1.1\r\nHost: x\r\n'
+            b'Connection: close\r\n\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.1 200 '))
+        return version, cipher
 
     def _assertRefused(self, ctx):
         with socket.create_connection(('127.0.0.1', self.server.port),
