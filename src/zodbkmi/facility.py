@@ -343,10 +343,11 @@ class KeyManagementFacility(EncryptionService):
         entry = vaultmod.VaultEntry(raw_id.hex(), kek.key_id,
                                     wrapped.wrap(kek, raw_id, dek))
         with self._write_lock:
-            previous = self.vault.active_for(kek.key_id)
+            # all of them: a crash between add and retire may have left two
+            previous = vaultmod.active_entries(self.vault, kek.key_id)
             self.vault.add(entry)
-            if previous is not None:
-                self._retire_entry(previous)
+            for old in previous:
+                self._retire_entry(old)
             self._forget_active()
         return entry.dek_id
 

@@ -97,6 +97,18 @@ class VaultEntry:
         return entry
 
 
+def active_entries(vault, kek_id):
+    """Return every active entry of ``kek_id`` in ``vault``, oldest first.
+
+    Normally at most one; more when a process was killed between adding
+    a new key and retiring the previous one.  Key creation retires them
+    all, so the next rotation heals such a vault.
+    """
+    return sorted((e for e in vault.entries()
+                   if e.kek_id == kek_id and e.state == ACTIVE),
+                  key=lambda e: (e.created, e.dek_id))
+
+
 def write_atomic(path, data, mode=0o600):
     """Write ``data`` to ``path`` atomically with ``mode``.
 
@@ -207,9 +219,11 @@ class DirectoryVault:
         try:
             write_atomic(self._file(entry.dek_id), entry.to_json())
         except OSError as e:
-            raise KeyStoreError('cannot write key %s to %s: %s'
-                                % (entry.dek_id, self.path,
-                                   e.strerror or e)) from None
+            error = KeyStoreError('cannot write key %s to %s: %s'
+                                  % (entry.dek_id, self.path,
+                                     e.strerror or e))
+            error.errno = e.errno   # ENOSPC, EDQUOT, EACCES, ...
+            raise error from None
 
     def add(self, entry):
         with self._lock:
