@@ -345,10 +345,79 @@ class SigkillTests(unittest.TestCase):
             facility.rotate(kek)
         states = [e.state for e in facility.vault.entries()]
         self.assertEqual(states.count(ACTIVE), len(keks))
+        # a KEK rotation leaves no copy wrapped by an old KEK behind
+        for kek in keks.values():
+            facility.rewrap(kek, AESKeyEncryptingKey(os.urandom(32)))
+        for name in os.listdir(server.key_dir):
+            if not name.endswith(SUFFIX):
+                with open(os.path.join(server.key_dir, name), 'rb') as f:
+                    data = f.read()
+                for dek_id in facility.keys():
+                    self.assertNotIn(dek_id.encode(), data)
         print('\n  key server killed %d times: %d keys acknowledged, %d in '
               'the vault, %d stale temporary files'
               % (kills, len(acknowledged), len(states), temp_files),
               end=' ')
+
+    def _crashed_vault(self, name='keys'):
+        """A vault as a crash leaves it: a key added and the previous one
+        not yet retired (two active keys of one KEK), and temporary files
+        of writers killed before their rename."""
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.vault import TEMP_PREFIX, TEMP_SUFFIX
+        facility = KeyManagementFacility(os.path.join(self.tmp, name))
+        kek = AESKeyEncryptingKey(os.urandom(32))
+        first = facility.create_key(kek)
+        raw_id = os.urandom(16)
+        second = VaultEntry(raw_id.hex(), kek.key_id,
+                            wrapped.wrap(kek, raw_id, os.urandom(32)))
+        facility.vault.add(second)       # killed before the retire
+        leftovers = []
+        for entry in (facility.entry(first), second,
+                      VaultEntry(os.urandom(16).hex(), kek.key_id, b'x')):
+            fd, name = tempfile.mkstemp(dir=facility.vault.path,
+                                        prefix=TEMP_PREFIX,
+                                        suffix=TEMP_SUFFIX)
+            os.write(fd, entry.to_json())   # killed before the rename
+            os.close(fd)
+            leftovers.append(name)
+        return facility, kek, first, second.dek_id, leftovers
+
+    def test_crash_between_add_and_retire_heals_on_next_rotation(self):
+        facility, kek, first, second, _ = self._crashed_vault()
+        self.assertEqual(facility.vault.active_for(kek.key_id).dek_id,
+                         second)   # the newest wins meanwhile
+        third = facility.rotate(kek)
+        self.assertEqual([(e.dek_id, e.state)
+                          for e in facility.vault.entries()
+                          if e.state == ACTIVE], [(third, ACTIVE)])
+        self.assertEqual(facility.entry(first).state, RETIRED)
+
+    def test_crash_between_add_and_retire_heals_through_rest_api(self):
+        from zodbkmi.facility import LocalKeyManagementFacility
+        from zodbkmi.testing import setupRestApi
+        facility, kek, first, second, _ = self._crashed_vault()
+        local = LocalKeyManagementFacility('https://127.0.0.1:1')
+        setupRestApi(local, facility)
+        third = local.rotate(kek)
+        self.assertEqual([e['dek_id'] for e in local.metadata()
+                          if e['state'] == ACTIVE], [third])
+
+    def test_leftover_copies_are_swept_by_delete_and_rewrap(self):
+        facility, kek, first, second, leftovers = self._crashed_vault()
+        self.assertEqual(facility.keys(), sorted([first, second]))
+        new = AESKeyEncryptingKey(os.urandom(32))
+        self.assertEqual(facility.rewrap(kek, new), 2)
+        # no copy wrapped by the old KEK of a key of the vault is left
+        self.assertEqual([os.path.exists(n) for n in leftovers],
+                         [False, False, True])
+        self.assertEqual(facility.vault.sweep([first]), 0)
+        check_vault(self, facility.vault.path, {new.key_id: new}, {})
+        # a destroyed key leaves no copy behind either
+        other, _, first, _, leftovers = self._crashed_vault('other')
+        other.delete(first)
+        self.assertEqual([os.path.exists(n) for n in leftovers],
+                         [False, True, True])
 
     def test_write_atomic_syncs_file_and_directory(self):
         # SIGKILL cannot lose what reached the page cache; a power cut can.

@@ -404,7 +404,7 @@ class KeyManagementFacility(EncryptionService):
         if old.key_id == new.key_id:
             raise KeyStateError('old and new KEK are the same key (%s)'
                                 % old.key_id)
-        count = 0
+        rewrapped = []
         with self._write_lock:
             for entry in self.vault.entries():
                 if entry.kek_id != old.key_id:
@@ -414,9 +414,13 @@ class KeyManagementFacility(EncryptionService):
                     entry.dek_id, new.key_id, wrapped.wrap(new, raw_id, dek),
                     entry.state, entry.created))
                 evict_everywhere(entry.dek_id)
-                count += 1
+                rewrapped.append(entry.dek_id)
             self._forget_active()
-        return count
+            # copies wrapped by the old KEK that killed writers left behind
+            sweep = getattr(self.vault, 'sweep', None)
+            if sweep is not None:
+                sweep(rewrapped)
+        return len(rewrapped)
 
 
 @implementer(IExtendedKeyManagementFacility)
