@@ -576,9 +576,16 @@ class Holder:
 
 
 class HangingServer:
-    """A TCP port that accepts connections and never answers."""
+    """A TCP port that accepts connections and never answers; with
+    ``tls_dir`` it completes the TLS handshake first (a server that hangs
+    inside a request), else it never answers the handshake."""
 
-    def __init__(self):
+    def __init__(self, tls_dir=None):
+        self.context = self.ca = None
+        if tls_dir is not None:
+            from zodbkmi.server import generate_self_signed, server_context
+            self.ca, key = generate_self_signed(tls_dir)
+            self.context = server_context(self.ca, key)
         self.sock = socket.socket()
         self.sock.bind(('127.0.0.1', 0))
         self.sock.listen(64)
@@ -594,6 +601,12 @@ class HangingServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if self.context is not None:
+                try:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                except OSError:   # pragma: no cover
+                    conn.close()
+                    continue
             self.held.append(conn)   # read nothing, answer nothing
 
     def close(self):
@@ -760,11 +773,16 @@ class UnreachableServerTests(unittest.TestCase):
         self._reopen_and_check(5, server.key_dir)
         server.stop()
 
-    def test_server_hangs(self):
-        hanging = HangingServer()
+    def test_server_hangs_before_tls(self):
+        self._check_hanging(HangingServer())
+
+    def test_server_hangs_inside_a_request(self):
+        self._check_hanging(HangingServer(_tmpdir(self)))
+
+    def _check_hanging(self, hanging):
         self.addCleanup(hanging.close)
-        facility = self._facility(hanging.url, request_timeout=0.3,
-                                  retries=1)
+        facility = self._facility(hanging.url, hanging.ca,
+                                  request_timeout=0.3, retries=1)
         db = self._db(facility, wrap=False)
         tm, conn = self._connect(db)
         conn.root()['secret'] = self.Secret('s', CANARY)
@@ -780,5 +798,6 @@ class UnreachableServerTests(unittest.TestCase):
         self._close(db)
         self._reopen_and_check(1)
         self._assertNoCanary()
-        print('\n  hanging key server: KeyServerError after %.2f s '
-              '(2 attempts of 0.3 s)' % took, end=' ')
+        print('\n  hanging key server (%s): KeyServerError after %.2f s '
+              '(2 attempts of 0.3 s)' % ('TLS' if hanging.ca else 'TCP',
+                                         took), end=' ')
