@@ -31,6 +31,7 @@ import ZODB.FileStorage
 from persistent.mapping import PersistentMapping
 from zope.interface import implementer
 
+import zodbkmi
 from zodbkmi import exceptions
 from zodbkmi.format import envelope
 from zodbkmi.format import wrapped
@@ -43,9 +44,8 @@ from zodbkmi.vault import SUFFIX
 from zodbkmi.vault import VaultEntry
 
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
-SRC_TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(
-    __import__('zodbkmi').__file__)))
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(zodbkmi.__file__)))
 
 
 def _env():
@@ -259,7 +259,7 @@ class SigkillTests(unittest.TestCase):
             proc = subprocess.Popen(
                 [sys.executable, '-c', _WRITER, key_dir, seed.hex()],
                 stdout=subprocess.PIPE, env=_env(), text=True,
-                cwd=os.path.dirname(SRC_TESTS))
+                cwd=TOP)   # the child imports tests.test_faults
             lines = 0
             for line in proc.stdout:
                 words = line.split()
