@@ -6,6 +6,7 @@ import threading
 import unittest
 
 from zodbkmi import exceptions
+from zodbkmi.format import envelope
 
 _RSA_KEK = None
 
@@ -139,10 +140,16 @@ class KeyManagementFacilityTests(unittest.TestCase):
     def test_decrypt_w_every_truncation_fails(self):
         facility, kek, _ = self._makeWithKey()
         data = facility.encrypt(kek, b'sixteen byte msg')
-        for n in range(len(data)):
-            with self.assertRaises((exceptions.TruncatedDataError,
-                                    exceptions.AuthenticationError)):
-                facility.decrypt(kek, data[:n])
+        for warm in (False, True):
+            if warm:    # the DEK is now remembered for kek: the fast path
+                self.assertEqual(facility.decrypt(kek, data),
+                                 b'sixteen byte msg')
+            for n in range(len(data)):
+                expected = (exceptions.TruncatedDataError
+                            if n < envelope.OVERHEAD
+                            else exceptions.AuthenticationError)
+                with self.assertRaises(expected):
+                    facility.decrypt(kek, data[:n])
 
     def test_decrypt_w_plaintext(self):
         facility, kek, _ = self._makeWithKey()

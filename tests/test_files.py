@@ -122,6 +122,76 @@ class FacilityFileTests(_TempDir):
         with self.assertRaises(exceptions.WrongKeyError):
             self._decrypt(out.getvalue(), key=os.urandom(32))
 
+    def _range(self, sealed, offset, length=None, key=None, oid=None):
+        out = io.BytesIO()
+        n = self.facility.decrypt_file_range(
+            key or self.kek, io.BytesIO(sealed), out, offset, length,
+            oid=oid)
+        self.assertEqual(n, len(out.getvalue()))
+        return out.getvalue()
+
+    def test_decrypt_file_range(self):
+        data = os.urandom(3 * 1024 + 5)
+        out = io.BytesIO()
+        self.facility.encrypt_file(self.kek, io.BytesIO(data), out,
+                                   chunk_size=1024)
+        sealed = out.getvalue()
+        for offset in (0, 1, 1023, 1024, 1025, 2048, 3072, 3076, 3077, 5000):
+            for length in (None, 0, 1, 1024, 1025, 10000):
+                expected = data[offset:] if length is None else \
+                    data[offset:offset + length]
+                self.assertEqual(self._range(sealed, offset, length),
+                                 expected, (offset, length))
+
+    def test_decrypt_file_range_reads_only_its_chunks(self):
+        data = os.urandom(4 * 1024)
+        out = io.BytesIO()
+        self.facility.encrypt_file(self.kek, io.BytesIO(data), out,
+                                   chunk_size=1024)
+        sealed = bytearray(out.getvalue())
+        sealed[-1] ^= 1     # the last chunk is altered
+        sealed = bytes(sealed)
+        self.assertEqual(self._range(sealed, 1000, 100), data[1000:1100])
+        with self.assertRaises(exceptions.AuthenticationError):
+            self._range(sealed, 3000, 100)
+        with self.assertRaises(exceptions.AuthenticationError):
+            self._decrypt(sealed)
+
+    def test_decrypt_file_range_w_bad_input(self):
+        sealed = self._encrypt(b'x' * 100)
+        for offset, length in ((-1, None), (0, -1)):
+            with self.assertRaises(ValueError):
+                self._range(sealed, offset, length)
+        with self.assertRaises(exceptions.WrongKeyError):
+            self._range(sealed, 0, key=os.urandom(32))
+        hsize = stream.read_header(io.BytesIO(sealed)).size
+        with self.assertRaises(exceptions.TruncatedDataError):
+            self._range(sealed[:hsize + 10], 0)     # inside the only tag
+        with self.assertRaises(exceptions.AuthenticationError):
+            self._range(sealed[:-20], 0)            # inside the only chunk
+        with self.assertRaises(exceptions.UnsupportedFormatError):
+            self._range(self.facility.encrypt(self.kek, b'record'), 0)
+        r, w = os.pipe()
+        self.addCleanup(os.close, w)
+        with os.fdopen(r, 'rb') as pipe, self.assertRaises(ValueError):
+            self.facility.decrypt_file_range(self.kek, pipe, io.BytesIO(), 0)
+
+    def test_decrypt_file_range_w_oid_and_embedded_dek(self):
+        from zodbkmi.format import wrapped
+        oid = b'\0' * 7 + b'\x07'
+        out = io.BytesIO()
+        self.facility.encrypt_file(self.kek, io.BytesIO(b'blob data'), out,
+                                   oid=oid)
+        self.assertEqual(self._range(out.getvalue(), 5, oid=oid), b'data')
+        with self.assertRaises(exceptions.AuthenticationError):
+            self._range(out.getvalue(), 5)          # the oid is missing
+        dek, dek_id = os.urandom(32), os.urandom(16)
+        blob = wrapped.wrap(AESKeyEncryptingKey(self.kek), dek_id, dek)
+        out = io.BytesIO()
+        stream.encrypt(io.BytesIO(b'self-contained'), out, dek,
+                       stream.build_header(wrapped=blob))
+        self.assertEqual(self._range(out.getvalue(), 5), b'contained')
+
     def test_testing_facility(self):
         from zodbkmi.testing import KeyEncryptingKey
         from zodbkmi.testing import TestingKeyManagementFacility

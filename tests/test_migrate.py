@@ -513,6 +513,231 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
         self.assertIn(' 50.0%', half)
 
 
+class BlobMigrationTests(_TempDir, unittest.TestCase):
+    """Storage-level migrations carry each blob file along with its
+    record: a new revision of a blob object needs a file of its own."""
+
+    def setUp(self):
+        super().setUp()
+        import transaction
+        import ZODB
+        import ZODB.blob
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        self.facility = KeyManagementFacility(self.path('keys'))
+        self.kek1 = AESKeyEncryptingKey.generate()
+        self.kek2 = AESKeyEncryptingKey.generate()
+        self.payloads = {'b%d' % i: b'blob secret %d ' % i * (i * 7000 + 1)
+                         for i in range(4)}
+        db = ZODB.DB(self._storage())
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        for name, payload in self.payloads.items():
+            root[name] = ZODB.blob.Blob(payload)
+            tm.commit()
+        db.close()
+
+    def _storage(self):
+        import ZODB.FileStorage
+        return ZODB.FileStorage.FileStorage(self.path('Data.fs'),
+                                            blob_dir=self.path('blobs'))
+
+    def _run(self, mode, new=None, old=()):
+        from zodbkmi.migrate import Migration
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        storage = self._storage()
+        try:
+            keys = MigrationKeys(self.facility, new, old)
+            return Migration(storage, RecordTransformer(keys), mode,
+                             chunk_size=2).run()
+        finally:
+            storage.close()
+
+    def _read(self, key=None, previous=()):
+        """{name: payload} read through EncryptingStorage (strict) with
+        ``key``, or through the plain storage."""
+        import ZODB
+        from zodbkmi.storage import EncryptingStorage
+        storage = self._storage()
+        if key is not None:
+            storage = EncryptingStorage(storage, self.facility, key,
+                                        previous_keys=previous)
+        db = ZODB.DB(storage)
+        try:
+            root = db.open().root()
+            out = {}
+            for name in self.payloads:
+                with root[name].open() as f:
+                    out[name] = f.read()
+            return out
+        finally:
+            db.close()
+
+    def _blob_files(self):
+        for dirpath, _, names in os.walk(self.path('blobs')):
+            for name in names:
+                if name.endswith('.blob'):
+                    yield os.path.join(dirpath, name)
+
+    def _current_blob_files(self):
+        import ZODB.POSException
+        from zodbkmi.migrate import iter_records
+        storage = self._storage()
+        try:
+            out = []
+            for oid, tid, _ in iter_records(storage):
+                try:
+                    out.append(storage.loadBlob(oid, tid))
+                except ZODB.POSException.POSKeyError:
+                    pass    # the root: no blob
+            return out
+        finally:
+            storage.close()
+
+    def _current_blob_deks(self):
+        """The DEK id of each current blob file (None: plaintext)."""
+        from zodbkmi.format import stream
+        out = set()
+        for name in self._current_blob_files():
+            with open(name, 'rb') as f:
+                head = f.read(3)
+                f.seek(0)
+                out.add(stream.read_header(f).dek_id.hex()
+                        if head == stream.MAGIC else None)
+        return out
+
+    def test_encrypt_rekey_decrypt(self):
+        report = self._run('encrypt', self.kek1)
+        self.assertEqual(report.failed, 0)
+        self.assertEqual(self._read(self.kek1), self.payloads)
+        self.assertEqual(self._current_blob_deks(),
+                         {self.facility.ensure_key(self.kek1)})
+        # again: nothing to do
+        self.assertEqual(self._run('encrypt', self.kek1).rewritten, 0)
+        report = self._run('rekey', self.kek2, [self.kek1])
+        self.assertEqual(report.failed, 0)
+        self.assertEqual(self._current_blob_deks(),
+                         {self.facility.ensure_key(self.kek2)})
+        self.assertEqual(self._read(self.kek2), self.payloads)
+        report = self._run('decrypt', None, [self.kek2])
+        self.assertEqual(report.failed, 0)
+        self.assertEqual(self._current_blob_deks(), {None})
+        self.assertEqual(self._read(), self.payloads)
+
+    def test_pack_after_encrypt_leaves_no_plaintext_blob(self):
+        from zodbkmi.migrate import pack
+        self._run('encrypt', self.kek1)
+        storage = self._storage()
+        try:
+            pack(storage)
+        finally:
+            storage.close()
+        self.assertEqual(self._read(self.kek1), self.payloads)
+        files = list(self._blob_files())
+        self.assertEqual(len(files), len(self.payloads))
+        for name in files:
+            with open(name, 'rb') as f:
+                self.assertNotIn(b'blob secret', f.read())
+
+    def test_scan_counts_and_checks_blob_files(self):
+        report = self._run('scan')
+        self.assertEqual(report.blobs, {'plaintext': 4, 'encrypted': 0})
+        self._run('encrypt', self.kek1)
+        report = self._run('scan', None, [self.kek1])
+        self.assertEqual(report.blobs, {'plaintext': 0, 'encrypted': 4})
+        self.assertEqual(report.failed, 0)
+        self.assertIn('  blob files: 0 plaintext, 4 encrypted',
+                      report.format())
+        victim = sorted(self._current_blob_files())[1]
+        os.chmod(victim, 0o600)
+        with open(victim, 'r+b') as f:
+            f.seek(60)
+            f.write(b'X')
+        report = self._run('scan', None, [self.kek1])
+        self.assertEqual(report.failed, 1)
+        self.assertIn('blob file: ', report.failed_oids[0][1])
+
+    def test_command_w_blob_dir(self):
+        environ = dict(os.environ)
+        self.addCleanup(lambda: (os.environ.clear(),
+                                 os.environ.update(environ)))
+        key = base64.b64encode(os.urandom(32)).decode()
+        args = ['encrypt', self.path('Data.fs'), '--key-dir',
+                self.path('keys'), '--no-progress']
+        # without its blob directory the blob records are refused, and
+        # nothing of them is written
+        before = current_records(self.path('Data.fs'))
+        code, out, err = call_migrate(*args, new=key)
+        self.assertEqual(code, 2, out + err)
+        self.assertIn('is a blob, and the storage was opened without its '
+                      'blob directory: give --blob-dir', err)
+        self.assertEqual(self._read(), self.payloads)
+        self.assertEqual(
+            {o: d for o, d in current_records(self.path('Data.fs')).items()
+             if b'ZODB.blob' in d},
+            {o: d for o, d in before.items() if b'ZODB.blob' in d})
+        code, out, err = call_migrate(*args + ['--blob-dir',
+                                               self.path('blobs')], new=key)
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(self._current_blob_deks(), {
+            self.facility.key_id_of(
+                self.facility.encrypt(base64.b64decode(key), b''))})
+
+    def test_blob_of_legacy_record_is_not_imported(self):
+        import shutil as sh
+        from ZODB.Connection import TransactionMetaData
+        from zodbkmi.migrate import Migration
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        from zodbkmi.migrate import iter_records
+        storage = self._storage()
+        self.addCleanup(storage.close)
+        from ZODB.utils import get_pickle_metadata
+        oid, tid, plain = [r for r in iter_records(storage)
+                           if get_pickle_metadata(r[2])[1] == 'Blob'][0]
+        copy = os.path.join(storage.temporaryDirectory(), 'copy.blob')
+        sh.copyfile(storage.loadBlob(oid, tid), copy)
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        storage.storeBlob(oid, tid, b'.e legacy', copy, '', txn)
+        storage.tpc_vote(txn)
+        storage.tpc_finish(txn)
+
+        class Reader:   # what zodbkmi.legacy's readers provide
+            def decrypt_record(self, data):
+                assert data == b'.e legacy'
+                return plain
+
+        keys = MigrationKeys(self.facility, self.kek1)
+        report = Migration(storage, RecordTransformer(keys, Reader()),
+                           'encrypt').run()
+        self.assertEqual(report.kinds['legacy'], 1)
+        self.assertEqual(report.failed, 1)
+        self.assertIn('not imported', report.failed_oids[0][1])
+        self.assertEqual(storage.load(oid)[0], b'.e legacy')
+        self.assertEqual(report.rewritten, report.records - 1)
+
+    def test_blob_that_does_not_open_is_reported_and_left_alone(self):
+        self._run('encrypt', self.kek1)
+        # alter one current blob file: its record must stay as it was
+        victim = sorted(self._current_blob_files())[0]
+        os.chmod(victim, 0o600)
+        with open(victim, 'r+b') as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+        report = self._run('rekey', self.kek2, [self.kek1])
+        self.assertEqual(report.failed, 1)
+        self.assertIn('blob file', report.failed_oids[0][1])
+        self.assertEqual(report.rewritten, report.records - 1)
+        self.assertEqual(
+            self._current_blob_deks(),
+            {self.facility.ensure_key(self.kek1),
+             self.facility.ensure_key(self.kek2)})
+
+
 class RotateKekTests(_TempDir, unittest.TestCase):
 
     def _callFUT(self, *args):
@@ -538,6 +763,23 @@ class RotateKekTests(_TempDir, unittest.TestCase):
         self.assertEqual(self._callFUT(facility, old, new), 0)
 
 
+def call_migrate(*argv, old='', new='', algorithm='aes256-gcm'):
+    """Run ``zodbkmi migrate *argv`` with the key environment variables
+    set (the caller restores os.environ); return (exit code, stdout,
+    stderr)."""
+    from zodbkmi.cli import main
+    os.environ.update(OLD_ENCRYPTION_KEY=old, NEW_ENCRYPTION_KEY=new,
+                      ENCRYPTION_ALGORITHM=algorithm)
+    out, err = io.StringIO(), io.StringIO()
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        code = main(['migrate'] + list(argv))
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+    return code, out.getvalue(), err.getvalue()
+
+
 class CommandTests(_TempDir, unittest.TestCase):
 
     def setUp(self):
@@ -554,17 +796,7 @@ class CommandTests(_TempDir, unittest.TestCase):
         os.environ.update(self.environ)
 
     def _callFUT(self, *argv, old='', new='', algorithm='aes256-gcm'):
-        from zodbkmi.cli import main
-        os.environ.update(OLD_ENCRYPTION_KEY=old, NEW_ENCRYPTION_KEY=new,
-                          ENCRYPTION_ALGORITHM=algorithm)
-        out, err = io.StringIO(), io.StringIO()
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = out, err
-        try:
-            code = main(['migrate'] + list(argv))
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-        return code, out.getvalue(), err.getvalue()
+        return call_migrate(*argv, old=old, new=new, algorithm=algorithm)
 
     def _args(self, mode):
         return [mode, self.path('Data.fs'), '--key-dir', self.path('keys'),

@@ -32,8 +32,8 @@ _caches_lock = threading.Lock()
 
 class CachedKey:
     """One cached DEK: ``dek_id`` (hex), ``raw_id`` (16 bytes), ``kek_id``,
-    ``sealer``,
-    ``expires`` (monotonic seconds).
+    ``sealer``, ``expires`` (monotonic seconds; an evicted entry expires
+    at minus infinity, so that hot paths test ``expires`` alone).
 
     ``_dek`` holds the DEK bytes for the formats that derive keys from it
     (the stream format); it is never shown.
@@ -57,7 +57,11 @@ class CachedKey:
         return '<CachedKey %s by KEK %s>' % (self.dek_id, self.kek_id)
 
     def alive(self):
-        return not self.evicted and _monotonic() < self.expires
+        return _monotonic() < self.expires
+
+    def evict(self):
+        self.evicted = True
+        self.expires = float('-inf')
 
     def count_use(self):
         """Count one encryption; raise KeyStateError past the limit."""
@@ -105,7 +109,7 @@ class DEKCache:
         entry = self._data.get(raw_id)
         if entry is None:
             return None
-        if not entry.evicted and _monotonic() < entry.expires:
+        if _monotonic() < entry.expires:
             return entry
         with self._lock:
             if self._data.get(raw_id) is entry:
@@ -128,22 +132,22 @@ class DEKCache:
     def _shrink(self):
         now = _monotonic()
         for k in [k for k, e in self._data.items() if e.expires <= now]:
-            self._data.pop(k).evicted = True
+            self._data.pop(k).evict()
         while len(self._data) >= self.maxsize:
             oldest = min(self._data, key=lambda k: self._data[k].expires)
-            self._data.pop(oldest).evicted = True
+            self._data.pop(oldest).evict()
 
     def evict(self, dek_id):
         """Evict the key of hex id ``dek_id``."""
         with self._lock:
             entry = self._data.pop(bytes.fromhex(dek_id), None)
             if entry is not None:
-                entry.evicted = True
+                entry.evict()
 
     def clear(self):
         with self._lock:
             for entry in self._data.values():
-                entry.evicted = True
+                entry.evict()
             self._data.clear()
 
 

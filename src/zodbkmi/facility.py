@@ -33,6 +33,9 @@ from zodbkmi.kek import as_kek
 _CONTEXT_DATA = envelope.CONTEXT_DATA
 _CONTEXT_RECORD = envelope.CONTEXT_RECORD
 _monotonic = time.monotonic
+_read_dek_id = envelope.read_dek_id
+_KEYED_SIZE = envelope.KEYED_PREFIX_SIZE
+_OVERHEAD = envelope.OVERHEAD
 
 
 def _file_aad(oid):
@@ -64,7 +67,10 @@ class EncryptionService:
         # stands for.  Keeps as_kek() and id lookups off the hot path.
         self._active = {}
         self._owners = {}
-        self._opened = {}   # (key, raw DEK id) -> entry checked against key
+        # key -> {envelope prefix naming a DEK -> entry checked against
+        # key}, one table per context: a hit both validates the header and
+        # finds the DEK in one lookup.
+        self._opened = ({}, {})
         self._load_lock = threading.Lock()
 
     @property
@@ -80,7 +86,8 @@ class EncryptionService:
     def clear_cache(self):
         """Forget every unwrapped DEK (they are fetched again when needed)."""
         self._cache.clear()
-        self._opened.clear()
+        for table in self._opened:
+            table.clear()
         self._forget_active()
 
     def _forget_active(self):
@@ -187,32 +194,43 @@ class EncryptionService:
         except (KeyError, TypeError):
             entry = self._encryption_entry(key)
         else:
-            if entry.evicted or _monotonic() >= entry.expires:
+            if _monotonic() >= entry.expires:     # expired or evicted
                 entry = self._encryption_entry(key)
         if next(entry._uses) > entry._limit:
             entry.over_limit()
         if oid is None:
-            return entry.sealer.seal(data)
+            return entry.sealer.seal_data(data)
         return entry.sealer.seal(data, _CONTEXT_RECORD, oid)
 
     def decrypt(self, key, data, oid=None):
         """Open the envelope ``data``; see :meth:`encrypt` for ``oid``."""
-        if oid is None:
-            raw_id = envelope.read_dek_id(data)
-        else:
-            raw_id = envelope.read_dek_id(data, _CONTEXT_RECORD)
         try:
-            entry = self._opened[key, raw_id]
+            entry = self._opened[oid is not None][key][data[:_KEYED_SIZE]]
         except (KeyError, TypeError):
-            entry = self._decryption_entry(key, raw_id)
-            self._remember(self._opened, (key, raw_id), entry)
+            entry = self._opened_entry(key, data, oid)
         else:
-            if entry.evicted or _monotonic() >= entry.expires:
-                entry = self._decryption_entry(key, raw_id)
-                self._remember(self._opened, (key, raw_id), entry)
+            if _monotonic() >= entry.expires or len(data) < _OVERHEAD:
+                entry = self._opened_entry(key, data, oid)
         if oid is None:
-            return entry.sealer.open(data)
+            return entry.sealer.open_data(data)
         return entry.sealer.open(data, _CONTEXT_RECORD, oid)
+
+    def _opened_entry(self, key, data, oid):
+        """The slow path of :meth:`decrypt`: validate the header (raising
+        its documented errors), find the DEK, remember it for ``key``."""
+        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
+        raw_id = _read_dek_id(data, context)
+        entry = self._decryption_entry(key, raw_id)
+        tables = self._opened[context]
+        try:
+            table = tables[key]
+        except KeyError:
+            table = {}
+            self._remember(tables, key, table)
+        except TypeError:   # an unhashable key (a list): not remembered
+            return entry
+        self._remember(table, entry.sealer.prefix(context), entry)
+        return entry
 
     def key_id_of(self, data, oid=None):
         """Return the DEK id (hex) named by the envelope ``data``."""
@@ -242,17 +260,38 @@ class EncryptionService:
         the errors and for what was written when one is raised.
         """
         header = stream.read_header(fsrc)
-        if header.wrapped is not None:
-            kek_id = wrapped.parse(header.wrapped).kek_id
-            kek = self._keks(key).get(kek_id)
-            if kek is None:
-                raise WrongKeyError(
-                    'stream DEK %s is wrapped by KEK %s, which was not given'
-                    % (header.dek_id.hex(), kek_id))
-            _, dek = wrapped.unwrap(kek, header.wrapped)
-        else:
-            dek = self._decryption_entry(key, header.dek_id)._dek
-        return stream.decrypt(fsrc, fdst, dek, header, _file_aad(oid))
+        return stream.decrypt(fsrc, fdst, self._stream_dek(key, header),
+                              header, _file_aad(oid))
+
+    def decrypt_file_range(self, key, fsrc, fdst, offset, length=None,
+                           oid=None):
+        """Decrypt ``length`` bytes from ``offset`` of the stream in the
+        seekable file ``fsrc`` (see
+        :meth:`~zodbkmi.interfaces.IExtendedKeyManagementFacility.decrypt_file_range`);
+        ``oid``: see :meth:`encrypt_file`."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError('offset and length must be >= 0')
+        if not fsrc.seekable():
+            raise ValueError('decrypt_file_range needs a seekable source; '
+                             'use decrypt_file for pipes')
+        fsrc.seek(0)
+        header = stream.read_header(fsrc)
+        return stream.decrypt_range(fsrc, fdst, self._stream_dek(key, header),
+                                    header, offset, length, _file_aad(oid))
+
+    def _stream_dek(self, key, header):
+        """The DEK of a stream: embedded (self-contained stream, unwrapped
+        with the KEK of ``key`` that wrapped it) or found by id."""
+        if header.wrapped is None:
+            return self._decryption_entry(key, header.dek_id)._dek
+        kek_id = wrapped.parse(header.wrapped).kek_id
+        kek = self._keks(key).get(kek_id)
+        if kek is None:
+            raise WrongKeyError(
+                'stream DEK %s is wrapped by KEK %s, which was not given'
+                % (header.dek_id.hex(), kek_id))
+        _, dek = wrapped.unwrap(kek, header.wrapped)
+        return dek
 
 
 @implementer(IExtendedKeyManagementFacility)

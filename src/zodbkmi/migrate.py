@@ -27,11 +27,15 @@ Keys come from :class:`MigrationKeys`: an encryption service (usually a
 """
 import io
 import os
+import shutil
 import sys
+import tempfile
+import threading
 import time
 
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
+from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
@@ -40,6 +44,7 @@ from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.format import envelope
+from zodbkmi.format import stream
 from zodbkmi.kek import AESKeyEncryptingKey
 from zodbkmi.sources.local import decode_key
 from zodbkmi.kek import as_kek
@@ -234,6 +239,7 @@ class Report:
         self.dry_run = dry_run
         self.records = 0
         self.kinds = {PLAINTEXT: 0, ENCRYPTED: 0, LEGACY: 0, INVALID: 0}
+        self.blobs = {PLAINTEXT: 0, ENCRYPTED: 0}   # blob files seen (scan)
         self.by_dek = {}
         self.by_kek = {}
         self.rewritten = 0
@@ -261,6 +267,9 @@ class Report:
             lines.append('    DEK %s: %d' % (dek_id, n))
         for kek_id, n in sorted(self.by_kek.items()):
             lines.append('    KEK %s: %d' % (kek_id or '(unknown)', n))
+        if any(self.blobs.values()):
+            lines.append('  blob files: %d plaintext, %d encrypted'
+                         % (self.blobs[PLAINTEXT], self.blobs[ENCRYPTED]))
         if self.mode != SCAN:
             lines.append('  %s %d in %d transactions (%d conflicts retried)'
                          % ('would rewrite' if self.dry_run else 'rewritten',
@@ -349,6 +358,8 @@ class RecordTransformer:
     def __init__(self, keys, legacy=None):
         self.keys = keys
         self.legacy = legacy
+        self._blob_support = None    # known once records() is called
+        self._legacy_oids = set()    # of records imported (blobs are not)
 
     def check(self, mode):
         """Refuse a mode the keys cannot carry out."""
@@ -408,6 +419,14 @@ class RecordTransformer:
     def rewrite(self, mode, oid, data, kind):
         """The new form of a record that needs work."""
         plain = self.plaintext(oid, data, kind)
+        if self._blob_support is False and _is_blob_record(plain):
+            # rewriting it without its file would lose the blob
+            raise MigrationError(
+                'oid %s is a blob, and the storage was opened without its '
+                'blob directory: give --blob-dir (or a ZConfig file or URI '
+                'naming it)' % oid_repr(oid))
+        if kind == LEGACY:
+            self._legacy_oids.add(oid)
         if mode == DECRYPT:
             return plain
         return self.keys.service.encrypt(self.keys.new, plain, oid=oid)
@@ -415,6 +434,7 @@ class RecordTransformer:
     def records(self, storage, start=None):
         """Yield ``(oid, tid, data)`` of current records from oid
         ``start`` on."""
+        self._blob_support = IBlobStorage.providedBy(storage)
         return iter_records(storage, start)
 
     def reload(self, storage, oid):
@@ -423,18 +443,172 @@ class RecordTransformer:
         return tid, data
 
     def write(self, storage, items, description):
-        """Write ``[(oid, tid_read, new_data)]`` as one transaction."""
+        """Write ``[(oid, tid_read, new_data)]`` as one transaction; return
+        ``[(oid, reason)]`` of the records left alone because their blob
+        file did not open.
+
+        A record that has a blob file gets a new blob file with it,
+        transformed like the record (see :meth:`rewrite_blob`): the new
+        revision of a blob object needs a file of its own.
+        """
+        blobs = IBlobStorage.providedBy(storage)
+        failed = []
         txn = TransactionMetaData(
             user='zodbkmi migrate', description=description)
         storage.tpc_begin(txn)
         try:
             for oid, serial, data in items:
-                storage.store(oid, serial, data, '', txn)
+                legacy = oid in self._legacy_oids
+                self._legacy_oids.discard(oid)
+                source = _blob_file(storage, oid, serial) if blobs else None
+                if source is None:
+                    storage.store(oid, serial, data, '', txn)
+                    continue
+                if legacy:
+                    failed.append((oid, 'the blob file of a '
+                                        'cipher.encryptingstorage record is '
+                                        'not imported'))
+                    continue
+                try:
+                    name = self.rewrite_blob(storage, oid, source)
+                except DecryptionError as e:
+                    failed.append((oid, 'blob file: %s' % e))
+                    continue
+                storage.storeBlob(oid, serial, data, name, '', txn)
             storage.tpc_vote(txn)
         except BaseException:
             storage.tpc_abort(txn)
             raise
         storage.tpc_finish(txn)
+        return failed
+
+    def verify_blob(self, storage, oid, serial, report):
+        """Count the blob file of ``oid`` (if any) in ``report.blobs`` and
+        check that it opens when the keys to open it were given (scan);
+        raise DecryptionError."""
+        if not IBlobStorage.providedBy(storage):
+            return
+        source = _blob_file(storage, oid, serial)
+        if source is None:
+            return
+        with open(source, 'rb') as src:
+            encrypted = src.read(len(stream.MAGIC)) == stream.MAGIC
+            report.blobs[ENCRYPTED if encrypted else PLAINTEXT] += 1
+            if encrypted and self.keys.can_decrypt:
+                src.seek(0)
+                try:
+                    self.keys.service.decrypt_file(
+                        self.keys.decrypt_keys, src, _Discard(), oid=oid)
+                except DecryptionError as e:
+                    raise type(e)('blob file: %s' % e) from None
+
+    def rewrite_blob(self, storage, oid, source):
+        """Write the new form of the blob file ``source`` of ``oid`` into a
+        new file of the storage's temporary directory; return its name.
+
+        ``encrypt`` encrypts a plaintext file, ``rekey`` moves a file under
+        another DEK to the target DEK (decryption feeding encryption
+        through a pipe: no plaintext touches the disk), ``decrypt``
+        decrypts; any other file is copied as it is.  Files are bound to
+        their oid as ``EncryptingStorage`` binds them.
+        """
+        service = self.keys.service
+        fd, name = tempfile.mkstemp(suffix='.blob',
+                                    dir=storage.temporaryDirectory())
+        try:
+            with open(source, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+                encrypted = src.read(len(stream.MAGIC)) == stream.MAGIC
+                src.seek(0)
+                if encrypted:
+                    dek_id = stream.read_header(src).dek_id.hex()
+                    src.seek(0)
+                if self._mode == ENCRYPT and not encrypted:
+                    service.encrypt_file(self.keys.new, src, dst, oid=oid)
+                elif self._mode == DECRYPT and encrypted:
+                    service.decrypt_file(self.keys.decrypt_keys, src, dst,
+                                         oid=oid)
+                elif (self._mode == REKEY and encrypted and
+                        dek_id != self.keys.target_dek_id):
+                    self._reencrypt_blob(oid, src, dst)
+                elif self._mode == REKEY and not encrypted:
+                    service.encrypt_file(self.keys.new, src, dst, oid=oid)
+                else:
+                    shutil.copyfileobj(src, dst)
+        except BaseException:
+            os.remove(name)
+            raise
+        return name
+
+    def _reencrypt_blob(self, oid, src, dst):
+        """Decrypt ``src`` into a pipe in a thread while encrypting what
+        comes out of the pipe into ``dst``."""
+        service = self.keys.service
+        r, w = os.pipe()
+        failure = []
+
+        def decrypt():
+            try:
+                with os.fdopen(w, 'wb') as out:
+                    service.decrypt_file(self.keys.decrypt_keys, src, out,
+                                         oid=oid)
+            except BaseException as e:   # reported to the caller below
+                failure.append(e)
+
+        thread = threading.Thread(target=decrypt, daemon=True)
+        thread.start()
+        try:
+            with os.fdopen(r, 'rb') as plain:
+                service.encrypt_file(self.keys.new, plain, dst, oid=oid)
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]
+
+
+def _is_blob_record(data, _known={}):
+    """Tell whether the plaintext record ``data`` is the state of a blob
+    (``ZODB.blob.Blob`` or a subclass), without unpickling the state.
+
+    The answer is remembered per record prefix up to the second newline:
+    in the protocol 3 pickles ZODB writes, that is the class pickle's
+    GLOBAL opcode with module and class name; in any case two records
+    with the same prefix start with the same class pickle.
+    """
+    end = data.find(b'\n', data.find(b'\n') + 1)
+    key = data[:end] if 0 < end <= 300 else None
+    found = _known.get(key)
+    if found is not None:
+        return found
+    from ZODB.utils import get_pickle_metadata
+    try:
+        module, name = get_pickle_metadata(data)
+    except Exception:
+        return False
+    import ZODB.blob
+    try:
+        cls = getattr(__import__(module, fromlist=[name]), name)
+    except Exception:
+        found = name == 'Blob'
+    else:
+        found = isinstance(cls, type) and issubclass(cls, ZODB.blob.Blob)
+    if key is not None and len(_known) < 10000:
+        _known[key] = found
+    return found
+
+
+class _Discard:
+    """A binary sink that drops what it is given."""
+
+    def write(self, data):
+        return len(data)
+
+
+def _blob_file(storage, oid, serial):
+    """The name of the blob file of ``oid`` at ``serial``, or None."""
+    try:
+        return storage.loadBlob(oid, serial)
+    except POSKeyError:
+        return None
 
 
 def unwrap(storage):
@@ -846,14 +1020,11 @@ def _iter_filestorage(storage, start, batch_size=256):
         batch = []
         with storage._lock:
             f = storage._file
-            for _ in range(batch_size):
-                try:
-                    oid = index.minKey(nxt)
-                except ValueError:   # no oid left
-                    nxt = None
-                    break
-                nxt = _next_oid(oid)
-                f.seek(index[oid])
+            positions = _index_batch(index, nxt, batch_size)
+            nxt = (_next_oid(positions[-1][0])
+                   if len(positions) == batch_size else None)
+            for oid, pos in positions:
+                f.seek(pos)
                 h = DataHeaderFromString(f.read(DATA_HDR_LEN))
                 if h.oid != oid or not h.plen:
                     batch.append((oid, None, None))
@@ -867,6 +1038,42 @@ def _iter_filestorage(storage, start, batch_size=256):
                     continue
             if data:
                 yield oid, tid, data
+
+
+def _index_batch(index, start, n):
+    """Up to ``n`` ``(oid, position)`` of a FileStorage index, in oid order
+    from ``start`` on.  The caller holds the storage lock, so the index
+    does not change meanwhile.  An ``fsIndex`` is a tree of 6-byte oid
+    prefixes to buckets of 2-byte suffixes: walking them once costs much
+    less than a ``minKey`` per oid, which other indexes fall back to."""
+    data = getattr(index, '_data', None)
+    out = []
+    if data is None or not hasattr(data, 'items'):
+        nxt = start
+        while len(out) < n:
+            try:
+                oid = index.minKey(nxt)
+            except ValueError:   # no oid left
+                break
+            out.append((oid, index[oid]))
+            nxt = _next_oid(oid)
+        return out
+    from ZODB.fsIndex import str2num
+    prefix = start[:6]
+    for p, bucket in data.items(min=prefix):
+        lo = int.from_bytes(start[6:], 'big') if p == prefix else 0
+        last = int.from_bytes(bucket.maxKey(), 'big')
+        while lo <= last:
+            # a bucket's items() builds a list: ask for a range that
+            # holds at most the oids still wanted
+            hi = min(last, lo + n - len(out) - 1)
+            for s, pos in bucket.items(min=lo.to_bytes(2, 'big'),
+                                       max=hi.to_bytes(2, 'big')):
+                out.append((p + s, str2num(pos)))
+            if len(out) == n:
+                return out
+            lo = hi + 1
+    return out
 
 
 def _next_oid(oid):
@@ -927,6 +1134,9 @@ class Migration:
         if self.mode == SCAN:
             try:
                 t.verify(oid, data, kind)
+                verify_blob = getattr(t, 'verify_blob', None)
+                if verify_blob is not None:
+                    verify_blob(self.storage, oid, tid, self.report)
             except DecryptionError as e:
                 self.report.fail(oid, str(e))
             return None

@@ -35,6 +35,10 @@ def register(subparsers):
     parser.add_argument('database', nargs='?',
                         help='a ZConfig file, a zodburi URI or a '
                              'FileStorage file (not for rotate-kek)')
+    parser.add_argument('--blob-dir',
+                        help='the blob directory of a FileStorage file '
+                             'given by path (blob files are migrated with '
+                             'their records)')
     parser.add_argument('--level', choices=('storage', 'object'),
                         default='storage',
                         help='storage records (EncryptingStorage, default) '
@@ -142,10 +146,12 @@ def _provide_keys(facility, new, old):
     zope.component.provideUtility(facility, IEncryptionService)
 
 
-def open_storage(spec):
+def open_storage(spec, blob_dir=None):
     """Open the storage named by ``spec``: a zodburi URI, a ZConfig file
-    (``<filestorage>`` ...) or the path of a FileStorage file."""
+    (``<filestorage>`` ...) or the path of a FileStorage file (with its
+    ``blob_dir``, if it has blobs)."""
     if '://' in spec:
+        _no_blob_dir(blob_dir)
         try:
             import zodburi
         except ImportError:
@@ -158,11 +164,19 @@ def open_storage(spec):
     with open(spec, 'rb') as f:
         head = f.read(64).lstrip()
     if head.startswith(b'<') or head.startswith(b'%'):
+        _no_blob_dir(blob_dir)
         import ZODB.config
         with open(spec) as f:
             return ZODB.config.storageFromFile(f)
     import ZODB.FileStorage
-    return ZODB.FileStorage.FileStorage(spec)
+    return ZODB.FileStorage.FileStorage(spec, blob_dir=blob_dir)
+
+
+def _no_blob_dir(blob_dir):
+    if blob_dir is not None:
+        raise ZodbKmiError('--blob-dir goes with a FileStorage path; a '
+                           'ZConfig file or URI names its blob directory '
+                           'itself')
 
 
 def run(args, stdout=None, stderr=None):
@@ -193,7 +207,7 @@ def run(args, stdout=None, stderr=None):
     for path in reversed(args.python_path):
         sys.path.insert(0, os.path.abspath(path))
     writes = args.mode != migrate.SCAN and not args.dry_run
-    storage = open_storage(args.database)
+    storage = open_storage(args.database, args.blob_dir)
     db = None
     try:
         wrapped = migrate.unwrap(storage)[1] is not None

@@ -16,9 +16,7 @@ Layout, version 1 (all of it specified in ``docs/format.rst``)::
 
 Overhead: 50 bytes.  This module is pure: bytes in, bytes out.
 """
-import itertools
 import os
-import threading
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -40,6 +38,9 @@ TAG_SIZE = 16
 HEADER_SIZE = len(MAGIC) + 3 + DEK_ID_SIZE + NONCE_SIZE    # 34
 OVERHEAD = HEADER_SIZE + TAG_SIZE                          # 50
 OID_SIZE = 8
+# The part of a header before the nonce: it names the format, the context
+# and the DEK.  Callers may use it as a dictionary key (Sealer.prefix).
+KEYED_PREFIX_SIZE = HEADER_SIZE - NONCE_SIZE               # 22
 
 _PREFIX = MAGIC + bytes([VERSION, SUITE_AES256_GCM])
 _PREFIX_SIZE = len(_PREFIX)
@@ -52,36 +53,37 @@ class _NoncePool:
     """Random 96-bit nonces from the OS, fetched 1024 at a time.
 
     One ``os.urandom`` call costs about as much as the AES-GCM call itself
-    on a small record, so nonces are drawn in batches.  Each batch is paired
-    with its own counter in one tuple that is replaced as a whole, so every
-    slot of a batch is handed out at most once, whatever the threads do
-    (``next()`` on ``itertools.count`` is atomic).  A child process forgets
-    the parent's batch at fork, so parent and child never share a nonce.
+    on a small record, so nonces are drawn in batches: a batch is split
+    into nonces and handed out through one list iterator, ``it``.  Taking a
+    nonce is ``next(it)``, which is atomic, so every nonce of a batch is
+    handed out at most once, whatever the threads do; a new batch replaces
+    the iterator as a whole (two threads that both find it exhausted each
+    start their own batch, and the one replaced is dropped, never reused).
+    A child process forgets the parent's batch at fork, so parent and child
+    never share a nonce.
     """
 
     BATCH = 1024
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._state = (b'', itertools.count(self.BATCH))
+        self.it = iter(())
         if hasattr(os, 'register_at_fork'):
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self):
-        self._lock = threading.Lock()
-        self._state = (b'', itertools.count(self.BATCH))
+        self.it = iter(())
+
+    def refill(self):
+        """Start a new batch; return its first nonce."""
+        buf = os.urandom(NONCE_SIZE * self.BATCH)
+        it = iter([buf[i:i + NONCE_SIZE]
+                   for i in range(0, len(buf), NONCE_SIZE)])
+        first = next(it)
+        self.it = it
+        return first
 
     def __call__(self):
-        buf, counter = self._state
-        i = next(counter)
-        if i < self.BATCH:
-            i *= NONCE_SIZE
-            return buf[i:i + NONCE_SIZE]
-        with self._lock:
-            if self._state[0] is buf:
-                self._state = (os.urandom(NONCE_SIZE * self.BATCH),
-                               itertools.count())
-        return self()
+        return next(self.it, None) or self.refill()
 
 
 new_nonce = _NoncePool()
@@ -182,26 +184,46 @@ class Sealer:
         ``_nonce`` is a private seam for the fixed test vectors; never pass
         it in real code.
         """
-        nonce = _nonce or new_nonce()
-        if context == CONTEXT_DATA and oid is None:
-            header = self._head0 + nonce
-            return header + self._aead.encrypt(nonce, plaintext, header)
+        if context == CONTEXT_DATA and oid is None and _nonce is None:
+            return self.seal_data(plaintext)
+        nonce = _nonce or next(new_nonce.it, None) or new_nonce.refill()
         bound = _check_oid(context, oid)
         header = self._heads[context] + nonce
         return header + self._aead.encrypt(nonce, plaintext, header + bound)
+
+    def seal_data(self, plaintext):
+        """:meth:`seal` for the data context (the hot path of object
+        states)."""
+        nonce = next(new_nonce.it, None) or new_nonce.refill()
+        header = self._head0 + nonce
+        return header + self._aead.encrypt(nonce, plaintext, header)
+
+    def prefix(self, context=CONTEXT_DATA):
+        """The first ``KEYED_PREFIX_SIZE`` bytes of every envelope this
+        sealer makes in ``context``."""
+        return self._heads[context]
+
+    def open_data(self, data):
+        """:meth:`open` for the data context (the hot path of object
+        states)."""
+        try:
+            return self._aead.decrypt(data[KEYED_PREFIX_SIZE:HEADER_SIZE],
+                                      data[HEADER_SIZE:], data[:HEADER_SIZE])
+        except InvalidTag:
+            raise AuthenticationError(
+                'ciphertext under DEK %s did not authenticate (altered or '
+                'wrong key)' % self.dek_id.hex()) from None
 
     def open(self, data, context=CONTEXT_DATA, oid=None):
         """Return the plaintext of ``data``, sealed under this DEK.
 
         The caller validated the header with :func:`read_dek_id`.
         """
+        if context == CONTEXT_DATA and oid is None:
+            return self.open_data(data)
         try:
-            if context == CONTEXT_DATA and oid is None:
-                return self._aead.decrypt(
-                    data[22:HEADER_SIZE], data[HEADER_SIZE:],
-                    data[:HEADER_SIZE])
             return self._aead.decrypt(
-                data[22:HEADER_SIZE], data[HEADER_SIZE:],
+                data[KEYED_PREFIX_SIZE:HEADER_SIZE], data[HEADER_SIZE:],
                 data[:HEADER_SIZE] + _check_oid(context, oid))
         except InvalidTag:
             if context == CONTEXT_RECORD:
