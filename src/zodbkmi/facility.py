@@ -382,10 +382,11 @@ class KeyManagementFacility(EncryptionService):
         entry = vaultmod.VaultEntry(raw_id.hex(), kek.key_id,
                                     wrapped.wrap(kek, raw_id, dek))
         with self._write_lock:
-            previous = self.vault.active_for(kek.key_id)
+            # all of them: a crash between add and retire may have left two
+            previous = vaultmod.active_entries(self.vault, kek.key_id)
             self.vault.add(entry)
-            if previous is not None:
-                self._retire_entry(previous)
+            for old in previous:
+                self._retire_entry(old)
             self._forget_active()
         return entry.dek_id
 
@@ -442,7 +443,7 @@ class KeyManagementFacility(EncryptionService):
         if old.key_id == new.key_id:
             raise KeyStateError('old and new KEK are the same key (%s)'
                                 % old.key_id)
-        count = 0
+        rewrapped = []
         with self._write_lock:
             for entry in self.vault.entries():
                 if entry.kek_id != old.key_id:
@@ -452,9 +453,13 @@ class KeyManagementFacility(EncryptionService):
                     entry.dek_id, new.key_id, wrapped.wrap(new, raw_id, dek),
                     entry.state, entry.created))
                 evict_everywhere(entry.dek_id)
-                count += 1
+                rewrapped.append(entry.dek_id)
             self._forget_active()
-        return count
+            # copies wrapped by the old KEK that killed writers left behind
+            sweep = getattr(self.vault, 'sweep', None)
+            if sweep is not None:
+                sweep(rewrapped)
+        return len(rewrapped)
 
 
 @implementer(IExtendedKeyManagementFacility)

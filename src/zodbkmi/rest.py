@@ -17,12 +17,14 @@ wrap new DEKs themselves and upload the wrapped form; the server checks its
 format and ids and stores it.  Uploading a new DEK for a KEK retires the
 previous active DEK of that KEK (DEK rotation).
 
-Every error is a 4xx answer ``{"error": "<short message>"}``; messages name
+Every error is an answer ``{"error": "<short message>"}`` (4xx; 503 or 507
+when the key directory fails); messages name
 key ids, never tokens or key bytes.  Every key operation is written to the
 audit log as one JSON line.
 """
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import json
@@ -67,7 +69,10 @@ _REASONS = {
     405: 'Method Not Allowed', 409: 'Conflict', 411: 'Length Required',
     413: 'Content Too Large', 415: 'Unsupported Media Type',
     500: 'Internal Server Error', 503: 'Service Unavailable',
+    507: 'Insufficient Storage',
 }
+# errno values of a key store that is full (answered with 507)
+_STORAGE_FULL = frozenset((errno.ENOSPC, errno.EDQUOT))
 
 
 def hash_token(token):
@@ -212,8 +217,11 @@ class KeyServerApp:
             logger.error('key store error on %s %s: %s',
                          environ.get('REQUEST_METHOD'),
                          environ.get('PATH_INFO'), e)
-            status, headers = 503, []
-            body = b'{"error": "key store unavailable"}'
+            headers = []
+            if e.errno in _STORAGE_FULL:
+                status, body = 507, b'{"error": "key store full"}'
+            else:
+                status, body = 503, b'{"error": "key store unavailable"}'
         except Exception:   # never a traceback to the client
             logger.exception('internal error on %s %s',
                              environ.get('REQUEST_METHOD'),
@@ -369,16 +377,18 @@ class KeyServerApp:
         entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data)
         vault = self.facility.vault
         with self._lock:
-            previous = vault.active_for(parsed.kek_id)
+            # all of them: a server killed between add and retire may
+            # have left two active keys of one KEK
+            previous = vaultmod.active_entries(vault, parsed.kek_id)
             try:
                 vault.add(entry)
             except ValueError:
                 self.audit.write(client, 'create', dek_id, 'exists')
                 raise HTTPError(409, 'key %s exists already'
                                 % dek_id) from None
-            if previous is not None:
-                self.facility.retire(previous.dek_id)
-                self.audit.write(client, 'retire', previous.dek_id, 'ok')
+            for old in previous:
+                self.facility.retire(old.dek_id)
+                self.audit.write(client, 'retire', old.dek_id, 'ok')
         self.audit.write(client, 'create', dek_id, 'ok')
         return 201, _metadata(entry), [
             ('Location', '%s/keys/%s' % (API_PREFIX, dek_id))]

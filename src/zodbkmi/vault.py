@@ -10,6 +10,9 @@ Each entry is a small JSON document ``<dek id>.dek`` (specified in
 Files are written atomically (temporary file, fsync, rename, fsync of the
 directory) with mode 0600 in a directory of mode 0700, so a crash leaves an
 entry complete or absent, and several processes can share the directory.
+A process killed before its rename leaves its temporary file
+(``.tmp-*.part``): never taken for an entry, and removed by
+:meth:`DirectoryVault.sweep` when its key is destroyed or rewrapped.
 The vault holds no unwrapped key; the lifecycle state is not secret and not
 authenticated (the wrapped DEK is).
 """
@@ -35,6 +38,9 @@ STATES = (ACTIVE, RETIRED)
 SUFFIX = '.dek'
 ENTRY_FORMAT = 'zodbkmi-vault-entry'
 ENTRY_VERSION = 1
+# the temporary files of write_atomic (never taken for entries)
+TEMP_PREFIX = '.tmp-'
+TEMP_SUFFIX = '.part'
 
 
 def check_dek_id(dek_id):
@@ -97,6 +103,18 @@ class VaultEntry:
         return entry
 
 
+def active_entries(vault, kek_id):
+    """Return every active entry of ``kek_id`` in ``vault``, oldest first.
+
+    Normally at most one; more when a process was killed between adding
+    a new key and retiring the previous one.  Key creation retires them
+    all, so the next rotation heals such a vault.
+    """
+    return sorted((e for e in vault.entries()
+                   if e.kek_id == kek_id and e.state == ACTIVE),
+                  key=lambda e: (e.created, e.dek_id))
+
+
 def write_atomic(path, data, mode=0o600):
     """Write ``data`` to ``path`` atomically with ``mode``.
 
@@ -104,8 +122,8 @@ def write_atomic(path, data, mode=0o600):
     directory.  Key files everywhere in zodbkmi are written this way.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-',
-                               suffix='.part')
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX,
+                               suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as f:
@@ -207,9 +225,11 @@ class DirectoryVault:
         try:
             write_atomic(self._file(entry.dek_id), entry.to_json())
         except OSError as e:
-            raise KeyStoreError('cannot write key %s to %s: %s'
-                                % (entry.dek_id, self.path,
-                                   e.strerror or e)) from None
+            error = KeyStoreError('cannot write key %s to %s: %s'
+                                  % (entry.dek_id, self.path,
+                                     e.strerror or e))
+            error.errno = e.errno   # ENOSPC, EDQUOT, EACCES, ...
+            raise error from None
 
     def add(self, entry):
         with self._lock:
@@ -253,6 +273,42 @@ class DirectoryVault:
                                     % (dek_id, e.strerror)) from None
             self._entries.pop(dek_id, None)
             self._mtime = None
+            self.sweep([dek_id])
+
+    def sweep(self, dek_ids):
+        """Remove the temporary files of writers killed before their
+        rename that hold an entry of one of ``dek_ids``; return how many.
+
+        Such a file is ignored by the vault, but it keeps a wrapped copy of
+        the DEK: it must not outlive the destruction of the key
+        (:meth:`remove` sweeps) nor a KEK rotation (``rewrap`` sweeps).
+        """
+        wanted = [b'"dek_id": "%s"' % check_dek_id(i).encode('ascii')
+                  for i in dek_ids]
+        if not wanted:
+            return 0
+        try:
+            names = [e.name for e in os.scandir(self.path)
+                     if e.name.startswith(TEMP_PREFIX)
+                     and e.name.endswith(TEMP_SUFFIX)]
+        except OSError as e:
+            raise KeyStoreError('cannot read key directory %s: %s'
+                                % (self.path, e.strerror)) from None
+        removed = 0
+        for name in names:
+            path = os.path.join(self.path, name)
+            try:
+                with open(path, 'rb') as f:
+                    data = f.read(1 << 16)
+                if any(w in data for w in wanted):
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:   # renamed by a live writer
+                continue
+            except OSError as e:
+                raise KeyStoreError('cannot remove %s: %s'
+                                    % (path, e.strerror)) from None
+        return removed
 
     def ids(self):
         self._refresh()
