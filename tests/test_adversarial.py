@@ -26,7 +26,6 @@ change of behaviour shows.
 Each test collects its mismatches and reports the first ones, so one run
 shows the extent of a regression.
 """
-import atexit
 import base64
 import importlib.util
 import io
@@ -242,28 +241,30 @@ class World:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-_world = None
+class WorldLayer:
+    """Builds the world once for the tests of this module."""
 
+    __name__ = 'AdversarialWorld'
+    __bases__ = ()
+    __module__ = __name__
+    world = None
 
-def world():
-    global _world
-    if _world is None:
-        _world = World()
-        atexit.register(_world.cleanup)   # if tearDownModule is not run
-    return _world
+    @classmethod
+    def setUp(cls):
+        cls.world = World()
 
-
-def tearDownModule():
-    global _world
-    if _world is not None:
-        _world.cleanup()
-        _world = None
+    @classmethod
+    def tearDown(cls):
+        cls.world.cleanup()
+        cls.world = None
 
 
 class AdversarialBase(unittest.TestCase):
 
+    layer = WorldLayer
+
     def setUp(self):
-        self.w = world()
+        self.w = WorldLayer.world
         self.tmp = tempfile.mkdtemp(prefix='zodbkmi-adv-')
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.addCleanup(transaction.abort)
