@@ -32,16 +32,18 @@ fi
 # TMPDIR: every temporary file and directory of the suite (tempfile, the
 # key servers, ZEO, PostgreSQL and OpenBao that tests start, the CLI runs)
 # goes to a private directory made fresh for each run (ZODBKMI_TEST_TMP,
-# default var/test-tmp, mode 0700).  Tests remove what they create; after
+# default var/test-tmp).  Tests remove what they create; after
 # the run, scripts/leakscan.py scans what is left there for the public keys
 # of zodbkmi.testing and for the canary marker tests put in plaintext
 # (scripts/leakscan.py, CANARY).  A leak fails the run even when every test
 # passed; otherwise the exit code is the test runner's.  The directory is
-# kept for inspection until the next run.
+# kept for inspection until the next run.  Mode 0711: others cannot list
+# it, but the PostgreSQL tests' initdb, run as the postgres user, must
+# traverse it to reach the (0700, random-named) directory made for it.
 TEST_TMP=${ZODBKMI_TEST_TMP:-$PWD/var/test-tmp}
 rm -rf "$TEST_TMP"
 mkdir -p "$TEST_TMP"
-chmod 700 "$TEST_TMP"
+chmod 711 "$TEST_TMP"
 TMPDIR=$TEST_TMP
 export TMPDIR
 
