@@ -29,4 +29,37 @@ if [ "${ZODBKMI_SKIP_SETUP:-0}" != 1 ]; then
     "$VENV/bin/python" -m pip install -q -e '.[test]'
 fi
 
-exec "$VENV/bin/zope-testrunner" --path=. --tests-pattern='^tests$' "$@"
+# TMPDIR: every temporary file and directory of the suite (tempfile, the
+# key servers, ZEO, PostgreSQL and OpenBao that tests start, the CLI runs)
+# goes to a private directory made fresh for each run (ZODBKMI_TEST_TMP,
+# default var/test-tmp).  Tests remove what they create; after
+# the run, scripts/leakscan.py scans what is left there for the public keys
+# of zodbkmi.testing and for the canary marker tests put in plaintext
+# (scripts/leakscan.py, CANARY).  A leak fails the run even when every test
+# passed; otherwise the exit code is the test runner's.  The directory is
+# kept for inspection until the next run.  Mode 0711: others cannot list
+# it, but the PostgreSQL tests' initdb, run as the postgres user, must
+# traverse it to reach the (0700, random-named) directory made for it.
+TEST_TMP=${ZODBKMI_TEST_TMP:-$PWD/var/test-tmp}
+rm -rf "$TEST_TMP"
+mkdir -p "$TEST_TMP"
+chmod 711 "$TEST_TMP"
+TMPDIR=$TEST_TMP
+export TMPDIR
+
+rc=0
+"$VENV/bin/zope-testrunner" --path=. --tests-pattern='^tests$' "$@" || rc=$?
+
+scan_rc=0
+"$VENV/bin/python" scripts/leakscan.py --testing "$TEST_TMP" >&2 || scan_rc=$?
+if [ "$scan_rc" = 1 ]; then
+    echo "LEAK SCAN FAILED: the test suite left key material or canary" \
+         "plaintext in $TEST_TMP (see the LEAK lines above)" >&2
+elif [ "$scan_rc" != 0 ]; then
+    echo "LEAK SCAN FAILED: scripts/leakscan.py could not scan" \
+         "$TEST_TMP (exit code $scan_rc)" >&2
+fi
+if [ "$scan_rc" != 0 ] && [ "$rc" = 0 ]; then
+    rc=3
+fi
+exit "$rc"
