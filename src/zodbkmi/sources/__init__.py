@@ -4,7 +4,8 @@
 :class:`~zodbkmi.interfaces.IKeyEncryptingKey`; :class:`SettingsKeyHolder`
 turns whole encryption settings (current key + previous keys) into the
 application's :class:`~zodbkmi.interfaces.IKeyHolder`, and
-:func:`register_keyholder` registers it as a utility.
+:func:`register_keyholder` registers it as a utility (the ``keyHolder``
+ZCML directive of :mod:`zodbkmi.zcml` too).
 """
 import zope.component
 from zope.interface import implementer
@@ -107,6 +108,9 @@ class EnvironmentKeyHolder(SettingsKeyHolder):
 
         <utility factory="zodbkmi.sources.EnvironmentKeyHolder"
                  provides="zodbkmi.interfaces.IKeyHolder" />
+
+    (``<kmi:keyHolder />`` of :mod:`zodbkmi.zcml` does the same, and
+    registers nothing for disabled settings.)
     """
 
     def __init__(self, environ=None):
