@@ -12,11 +12,11 @@ import transaction
 import zope.component
 import zope.component.testing
 
-from zodbkmi.persistent import EncryptedPersistent
 from zodbkmi.interfaces import IEncryptionService
 from zodbkmi.interfaces import IKeyGenerationService
 from zodbkmi.interfaces import IKeyHolder
 from zodbkmi.interfaces import IKeyManagementFacility
+from zodbkmi.persistent import EncryptedPersistent
 
 NS = 'http://namespaces.zodbkmi.org/zodbkmi'
 
@@ -274,6 +274,17 @@ class KeyHolderTests(ZCMLTestBase):
             self.load('<kmi:keyHolder key="%s" />' % b64(self.key))
 
 
+class NamespaceTests(unittest.TestCase):
+
+    def test_meta_zcml_uses_the_documented_namespace(self):
+        import zodbkmi.zcml
+        self.assertEqual(zodbkmi.zcml.NAMESPACE, NS)
+        path = os.path.join(os.path.dirname(zodbkmi.zcml.__file__),
+                            'meta.zcml')
+        with open(path) as f:
+            self.assertIn('namespace="%s"' % NS, f.read())
+
+
 class UtilitySnippetTests(ZCMLTestBase):
     """The ``<utility>`` registration of EnvironmentKeyHolder that the
     docstring of zodbkmi.sources.EnvironmentKeyHolder shows."""
@@ -382,6 +393,27 @@ class FacilityTests(ZCMLTestBase):
                 'url="http://127.0.0.1:1" tokenEnv="ZODBKMI_TEST_TOKEN"'))
         self.assertIn("url 'ftp://x' must start with https://",
                       self._local_error('url="ftp://x" tokenEnv="T"'))
+
+    def test_local_bad_urls(self):
+        self.assertIn("url 'https://127.0.0.1:x' is not a URL",
+                      self._local_error('url="https://127.0.0.1:x"'
+                                        ' tokenEnv="T"'))
+        self.assertIn("url 'https:///v1' has no host",
+                      self._local_error('url="https:///v1" tokenEnv="T"'))
+
+    def test_local_client_key_needs_client_cert(self):
+        self.write('client.key', 'x')
+        self.assertIn('clientKey needs clientCert', self._local_error(
+            'url="https://127.0.0.1:1" tokenEnv="T" clientKey="client.key"'))
+
+    def test_invalid_numbers(self):
+        from zope.configuration.exceptions import ConfigurationError
+        for attributes in ('cacheSize="0"', 'cacheTimeout="-1"',
+                           'cacheSize="many"'):
+            with self.assertRaises(ConfigurationError):
+                self.load('<kmi:keyManagementFacility storageDir="keys" %s />'
+                          % attributes)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, 'keys')))
 
     def test_local_allow_http(self):
         from zodbkmi.facility import LocalKeyManagementFacility

@@ -25,7 +25,8 @@ up), :class:`~zodbkmi.interfaces.IKeyGenerationService` and
 :class:`~zodbkmi.interfaces.IKeyManagementFacility` utility.  With
 ``ensureKey="true"`` the facility creates the active data key of the
 registered key holder's current key when it has none, once everything is
-registered.
+registered (nothing happens when no key holder is registered: disabled
+settings still switch encryption off).
 
 The settings are read and checked while the configuration is parsed; keys
 are fetched and facilities made when its actions run.  Registrations use
@@ -63,7 +64,8 @@ FACILITY_INTERFACES = (IEncryptionService, IKeyGenerationService,
 # ensureKey runs after the registrations of the whole configuration.
 _ENSURE_KEY_ORDER = 1000
 
-_ENVIRONMENT = 'the environment ($ZODBKMI_ENCRYPTION, $ZODBKMI_ENCRYPTION_FILE)'
+_ENVIRONMENT = ('the environment ($ZODBKMI_ENCRYPTION, '
+                '$ZODBKMI_ENCRYPTION_FILE)')
 
 
 def _fail(directive, message):
