@@ -213,7 +213,7 @@ class EncryptionService:
                 entry = self._opened_entry(key, data, oid)
         if oid is None:
             return entry.sealer.open_data(data)
-        return entry.sealer.open(data, _CONTEXT_RECORD, oid)
+        return entry.sealer.open_record(data, oid)
 
     def _opened_entry(self, key, data, oid):
         """The slow path of :meth:`decrypt`: validate the header (raising

@@ -219,21 +219,24 @@ class Sealer:
 
         The caller validated the header with :func:`read_dek_id`.
         """
-        if context == CONTEXT_DATA and oid is None:
-            return self.open_data(data)
+        if context == CONTEXT_RECORD:
+            return self.open_record(data, oid)
+        _check_oid(context, oid)    # an unknown context, an oid: ValueError
+        return self.open_data(data)
+
+    def open_record(self, data, oid):
+        """:meth:`open` for a storage record of ``oid`` (8 bytes)."""
+        if type(oid) is not bytes or len(oid) != OID_SIZE:
+            _check_oid(CONTEXT_RECORD, oid)
         try:
-            return self._aead.decrypt(
-                data[KEYED_PREFIX_SIZE:HEADER_SIZE], data[HEADER_SIZE:],
-                data[:HEADER_SIZE] + _check_oid(context, oid))
+            return self._aead.decrypt(data[KEYED_PREFIX_SIZE:HEADER_SIZE],
+                                      data[HEADER_SIZE:],
+                                      data[:HEADER_SIZE] + oid)
         except InvalidTag:
-            if context == CONTEXT_RECORD:
-                raise AuthenticationError(
-                    'record of oid 0x%s under DEK %s did not authenticate '
-                    '(altered, moved from another oid, or wrong key)'
-                    % (oid.hex(), self.dek_id.hex())) from None
             raise AuthenticationError(
-                'ciphertext under DEK %s did not authenticate (altered or '
-                'wrong key)' % self.dek_id.hex()) from None
+                'record of oid 0x%s under DEK %s did not authenticate '
+                '(altered, moved from another oid, or wrong key)'
+                % (oid.hex(), self.dek_id.hex())) from None
 
 
 def seal(dek_id, dek, plaintext, context=CONTEXT_DATA, oid=None):
