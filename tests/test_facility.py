@@ -87,6 +87,17 @@ class KeyManagementFacilityTests(unittest.TestCase):
         with self.assertRaises(exceptions.UnsupportedFormatError):
             facility.decrypt(kek, facility.encrypt(kek, b'x'), oid=oid)
 
+    def test_encrypt_decrypt_w_bad_oid(self):
+        facility, kek, _ = self._makeWithKey()
+        oid = b'\0' * 7 + b'\x05'
+        record = facility.encrypt(kek, b'state', oid=oid)
+        facility.decrypt(kek, record, oid=oid)      # now on the fast path
+        for bad in (b'\0' * 7, b'\0' * 9, '\0' * 8, bytearray(8), 5):
+            with self.assertRaises(ValueError):
+                facility.encrypt(kek, b'state', oid=bad)
+            with self.assertRaises(ValueError):
+                facility.decrypt(kek, record, oid=bad)
+
     def test_encrypt_w_non_bytes(self):
         facility, kek, _ = self._makeWithKey()
         with self.assertRaises(TypeError):

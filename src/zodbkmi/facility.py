@@ -200,7 +200,7 @@ class EncryptionService:
             entry.over_limit()
         if oid is None:
             return entry.sealer.seal_data(data)
-        return entry.sealer.seal(data, _CONTEXT_RECORD, oid)
+        return entry.sealer.seal_record(data, oid)
 
     def decrypt(self, key, data, oid=None):
         """Open the envelope ``data``; see :meth:`encrypt` for ``oid``."""

@@ -198,6 +198,14 @@ class Sealer:
         header = self._head0 + nonce
         return header + self._aead.encrypt(nonce, plaintext, header)
 
+    def seal_record(self, plaintext, oid):
+        """:meth:`seal` for a storage record of ``oid`` (8 bytes)."""
+        if type(oid) is not bytes or len(oid) != OID_SIZE:
+            _check_oid(CONTEXT_RECORD, oid)
+        nonce = next(new_nonce.it, None) or new_nonce.refill()
+        header = self._heads[CONTEXT_RECORD] + nonce
+        return header + self._aead.encrypt(nonce, plaintext, header + oid)
+
     def prefix(self, context=CONTEXT_DATA):
         """The first ``KEYED_PREFIX_SIZE`` bytes of every envelope this
         sealer makes in ``context``."""
