@@ -1055,9 +1055,10 @@ class KillAtSeveralPointsTests(_KillTests, unittest.TestCase):
 
     def test_encrypt_killed_at_several_points(self):
         # after the first commit, between vote and finish, in the middle
-        # of reading (store of the 3rd chunk), late in the run
+        # of writing the 3rd chunk (its records are written with
+        # FileStorage.restore, see RecordTransformer.write), late in the run
         proc = self._kill_and_resume(
-            'encrypt', ['tpc_finish:2', 'tpc_vote:2', 'store:1200',
+            'encrypt', ['tpc_finish:2', 'tpc_vote:2', 'restore:1200',
                         'tpc_finish:20'])
         plain, kinds = self._plaintexts(self.env['NEW_ENCRYPTION_KEY'])
         self.assertEqual(kinds, {True})

@@ -360,6 +360,7 @@ class RecordTransformer:
         self.legacy = legacy
         self._blob_support = None    # known once records() is called
         self._legacy_oids = set()    # of records imported (blobs are not)
+        self._positions = None       # FileStorage: oid -> position read
 
     def check(self, mode):
         """Refuse a mode the keys cannot carry out."""
@@ -435,6 +436,10 @@ class RecordTransformer:
         """Yield ``(oid, tid, data)`` of current records from oid
         ``start`` on."""
         self._blob_support = IBlobStorage.providedBy(storage)
+        if _is_filestorage(storage):
+            self._positions = {}
+            return _iter_filestorage(storage, start, seen=self._positions)
+        self._positions = None
         return iter_records(storage, start)
 
     def reload(self, storage, oid):
@@ -452,6 +457,7 @@ class RecordTransformer:
         revision of a blob object needs a file of its own.
         """
         blobs = IBlobStorage.providedBy(storage)
+        positions = self._positions if _is_filestorage(storage) else None
         failed = []
         txn = TransactionMetaData(
             user='zodbkmi migrate', description=description)
@@ -462,7 +468,11 @@ class RecordTransformer:
                 self._legacy_oids.discard(oid)
                 source = _blob_file(storage, oid, serial) if blobs else None
                 if source is None:
-                    storage.store(oid, serial, data, '', txn)
+                    pos = positions.pop(oid, None) if positions else None
+                    if pos is None:
+                        storage.store(oid, serial, data, '', txn)
+                    else:
+                        self._restore_unchanged(storage, oid, pos, data, txn)
                     continue
                 if legacy:
                     failed.append((oid, 'the blob file of a '
@@ -481,6 +491,18 @@ class RecordTransformer:
             raise
         storage.tpc_finish(txn)
         return failed
+
+    @staticmethod
+    def _restore_unchanged(storage, oid, pos, data, txn):
+        """FileStorage: write ``data`` as the new record of ``oid`` if the
+        record read at ``pos`` is still its current one, else raise
+        ConflictError (the chunk is read again).  The commit lock, held
+        from ``tpc_begin`` to ``tpc_finish``, keeps the index as it is
+        meanwhile, so comparing positions is the serial check ``store``
+        makes, without reading the record's header from the file again."""
+        if storage._index.get(oid) != pos:
+            raise ConflictError(oid=oid)
+        storage.restore(oid, storage._tid, data, '', None, txn)
 
     def verify_blob(self, storage, oid, serial, report):
         """Count the blob file of ``oid`` (if any) in ``report.blobs`` and
@@ -1007,17 +1029,27 @@ def _is_filestorage(storage):
             all(hasattr(storage, a) for a in ('_index', '_file', '_lock')))
 
 
-def _iter_filestorage(storage, start, batch_size=256):
+#: At most this many record positions are remembered (see
+#: ``_iter_filestorage``); a chunk whose positions were dropped is written
+#: with ``store``.
+MAX_POSITIONS = 8192
+
+
+def _iter_filestorage(storage, start, batch_size=256, seen=None):
     """record_iternext for FileStorage without its per-record overhead:
     the index gives the position of the current record of each oid, read
     under the storage lock, ``batch_size`` oids at a time.  Records that
-    point back to older data (undo) are loaded with ``load``."""
+    point back to older data (undo) are loaded with ``load``.  ``seen``, a
+    dict, gets the position of each record read (the most recent
+    ``MAX_POSITIONS`` or more)."""
     from ZODB.FileStorage.format import DATA_HDR_LEN
     from ZODB.FileStorage.format import DataHeaderFromString
     index = storage._index
     nxt = start if start is not None else b'\0' * 8
     while nxt is not None:
         batch = []
+        if seen is not None and len(seen) >= MAX_POSITIONS:
+            seen.clear()
         with storage._lock:
             f = storage._file
             positions = _index_batch(index, nxt, batch_size)
@@ -1030,6 +1062,8 @@ def _iter_filestorage(storage, start, batch_size=256):
                     batch.append((oid, None, None))
                 else:
                     batch.append((oid, h.tid, f.read(h.plen)))
+                    if seen is not None:
+                        seen[oid] = pos
         for oid, tid, data in batch:
             if data is None:
                 try:
