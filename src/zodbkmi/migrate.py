@@ -101,12 +101,18 @@ class MigrationKeys:
         self.new = new
         self.old = tuple(old)
         self._target = None
+        self._decrypt_keys = None
         self.create = True
 
     @property
     def decrypt_keys(self):
+        """The KEK, or the tuple of KEKs, that may decrypt (the same object
+        each time, which the facility's per-key lookups need)."""
         keys = ((self.new,) if self.new is not None else ()) + self.old
-        return keys[0] if len(keys) == 1 else keys
+        keys = keys[0] if len(keys) == 1 else keys
+        if keys != self._decrypt_keys:
+            self._decrypt_keys = keys
+        return self._decrypt_keys
 
     @property
     def can_decrypt(self):
