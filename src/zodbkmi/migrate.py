@@ -17,7 +17,9 @@ Transformers say how a chunk is read and written:
   under the wrapper and writes them back with ``tpc_begin`` / ``store`` /
   ``tpc_vote`` / ``tpc_finish``, with the serial it read, so a concurrent
   write by the application makes the chunk conflict; the chunk is then
-  read again and retried.
+  read again and retried.  On FileStorage, ``restore`` takes the place of
+  ``store`` after the same check, made on the index under the commit lock
+  (see :meth:`RecordTransformer._restore_unchanged`).
 
 Keys come from :class:`MigrationKeys`: an encryption service (usually a
 :class:`zodbkmi.facility.KeyManagementFacility`), the KEK that encrypts
