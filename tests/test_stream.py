@@ -554,6 +554,94 @@ class _SmallBatches:
         self.addCleanup(setattr, stream, 'BATCH_SIZE', old)
 
 
+class _FailingWriter(io.RawIOBase):
+    """Accepts ``limit`` bytes, then raises OSError (a full disk)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(self.data) + len(b) > self.limit:
+            raise OSError(28, 'No space left on device')
+        self.data += b
+        return len(b)
+
+
+class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
+    """A stream longer than one batch is written by a thread of its own
+    while the next batch is read and sealed or opened."""
+
+    def test_only_streams_longer_than_a_batch_use_the_thread(self):
+        class Threads(io.BytesIO):
+            def write(self, b):
+                self.names = getattr(self, 'names', set())
+                self.names.add(threading.current_thread().name)
+                return super().write(b)
+        for size, expected in ((100, {'MainThread'}),
+                               (self.batch * 5, {'MainThread',
+                                                 'zodbkmi stream writer'})):
+            data = os.urandom(size)
+            out = Threads()
+            stream.encrypt(io.BytesIO(data), out, DEK,
+                           stream.build_header(DEK_ID, chunk_size=SMALL))
+            self.assertEqual(out.names, expected)   # the header: main
+            src = io.BytesIO(out.getvalue())
+            header = stream.read_header(src)
+            plain = Threads()
+            stream.decrypt(src, plain, DEK, header)
+            self.assertEqual(plain.getvalue(), data)
+            self.assertEqual(plain.names, expected - {'MainThread'}
+                             if size > self.batch else expected)
+
+    def test_roundtrip_many_batches(self):
+        for size in (self.batch * 3, self.batch * 40 + 17):
+            data = os.urandom(size)
+            sealed = seal(data)
+            self.assertEqual(stream.decrypt_bytes(DEK_ID, DEK, sealed),
+                             data)
+        # the writer threads are gone
+        self.assertFalse([t for t in threading.enumerate()
+                          if t.name == 'zodbkmi stream writer'])
+
+    def test_write_error_is_raised_and_stops_the_stream(self):
+        data = os.urandom(self.batch * 40)
+        sealed = seal(data)
+        header = stream.parse_header(sealed)
+        for limit in (0, self.batch, self.batch * 7 + 5):
+            out = _FailingWriter(limit)
+            src = io.BytesIO(sealed)
+            stream.read_header(src)
+            with self.assertRaises(OSError) as cm:
+                stream.decrypt(src, out, DEK, header)
+            self.assertEqual(cm.exception.errno, 28)
+            self.assertTrue(data.startswith(bytes(out.data)))
+            out = _FailingWriter(limit)
+            with self.assertRaises(OSError):
+                stream.encrypt(io.BytesIO(data), out, DEK,
+                               stream.build_header(DEK_ID, chunk_size=SMALL))
+            self.assertTrue(len(out.data) <= limit)
+        self.assertFalse([t for t in threading.enumerate()
+                          if t.name == 'zodbkmi stream writer'])
+
+    def test_failure_late_in_the_stream_keeps_what_authenticated(self):
+        data = os.urandom(self.batch * 20)
+        sealed = bytearray(seal(data))
+        sealed[-200] ^= 1
+        out = io.BytesIO()
+        src = io.BytesIO(bytes(sealed))
+        header = stream.read_header(src)
+        with self.assertRaises(exceptions.AuthenticationError):
+            stream.decrypt(src, out, DEK, header)
+        written = out.getvalue()
+        self.assertTrue(written)
+        self.assertTrue(data.startswith(written))
+        self.assertEqual(len(written) % SMALL, 0)   # whole chunks only
+
+
 class BadInputSmallBatchTests(_SmallBatches, BadInputTests):
     """Four chunks per batch."""
 

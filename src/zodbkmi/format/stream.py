@@ -179,6 +179,74 @@ def _writer(f):
     return writeall
 
 
+class _Output:
+    """Where the batches of chunks go, through :meth:`view` (the buffer to
+    fill next) and :meth:`put` (write its first ``n`` bytes).
+
+    The first batch is written at once.  When a stream proves longer than
+    one batch, :meth:`overlap` gives a second buffer and a thread of its
+    own writes each batch while the caller reads and seals or opens the
+    next one (the two buffers in turn): the write system calls release
+    the GIL, so copying to the page cache overlaps the cryptography.
+    :meth:`close` waits until everything put is written.
+    """
+
+    def __init__(self, write, buf):
+        self._write = write
+        self._view = memoryview(buf)
+        self._thread = None
+        self._error = None
+
+    def view(self):
+        if self._thread is None:
+            return self._view
+        view = self._free.get()
+        if self._error is not None:
+            raise self._error
+        return view
+
+    def put(self, view, n):
+        if self._thread is None:
+            self._write(view[:n])
+        else:
+            self._work.put((view, n))
+
+    def overlap(self, buf):
+        """From now on, write in a thread; ``buf`` is the second buffer."""
+        import queue
+        self._free = queue.SimpleQueue()
+        self._work = queue.SimpleQueue()
+        self._free.put(self._view)
+        self._free.put(memoryview(buf))
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='zodbkmi stream writer')
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            view, n = item
+            if self._error is None:
+                try:
+                    self._write(view[:n])
+                except BaseException as e:   # raised by view() or close()
+                    self._error = e
+            self._free.put(view)
+
+    def close(self, raise_error=True):
+        """Wait until all that was put is written (the caller may then
+        reuse the buffers); raise the writer's error, if any and if
+        ``raise_error``."""
+        if self._thread is not None:
+            self._work.put(None)
+            self._thread.join()
+            self._thread = None
+            if self._error is not None and raise_error:
+                raise self._error
+
+
 def _read_exact(f, size):
     buf = bytearray(size)
     n = _readinto(f)(buf)
@@ -323,18 +391,28 @@ def encrypt(fsrc, fdst, dek, header, aad=b''):
     write = _writer(fdst)
     write(header.raw)
     cur, nxt = _buffer(bsize), _buffer(bsize)
-    out = _buffer(per * (cs + TAG_SIZE))
+    osize = per * (cs + TAG_SIZE)
+    bufs = [cur, nxt, _buffer(osize)]
+    output = _Output(write, bufs[2])
     used = bsize        # plaintext bytes held by cur and nxt, at most
     try:
-        total = _encrypt_chunks(aead, cs, per, fill, write, cur, nxt,
-                                memoryview(out))
+        try:
+            total = _encrypt_chunks(aead, cs, per, fill, output, cur, nxt,
+                                    lambda: bufs.append(_buffer(osize))
+                                    or bufs[-1])
+        except BaseException:
+            output.close(raise_error=False)
+            raise
+        output.close()
         used = min(used, total)
         return total
     finally:
-        _give_back((cur, nxt, out), ((cur, used), (nxt, used)))
+        _give_back(bufs, ((cur, used), (nxt, used)))
 
 
-def _encrypt_chunks(aead, cs, per, fill, write, cur, nxt, outview):
+def _encrypt_chunks(aead, cs, per, fill, output, cur, nxt, more):
+    """Seal batches of chunks into ``output``; ``more()`` gives a second
+    output buffer when the stream is longer than one batch."""
     bsize = per * cs
     encrypt_into = aead.encrypt_into
     n = fill(cur)
@@ -346,7 +424,10 @@ def _encrypt_chunks(aead, cs, per, fill, write, cur, nxt, outview):
         else:
             m = fill(nxt)
             last = not m
+            if not last and counter == 0:
+                output.overlap(more())
         view = memoryview(cur)
+        outview = output.view()
         pos = opos = 0
         while True:
             k = min(cs, n - pos)
@@ -360,7 +441,7 @@ def _encrypt_chunks(aead, cs, per, fill, write, cur, nxt, outview):
             counter += 1
             if pos >= n:
                 break
-        write(outview[:opos])
+        output.put(outview, opos)
         total += n
         if last:
             return total
@@ -424,19 +505,31 @@ def decrypt(fsrc, fdst, dek, header, aad=b''):
     fill = _readinto(fsrc)
     write = _writer(fdst)
     cur, nxt = _buffer(bsize), _buffer(bsize)
-    out = _buffer(per * cs)
-    used = len(out)     # plaintext bytes held by out, at most
+    osize = per * cs
+    bufs = [cur, nxt, _buffer(osize)]
+    output = _Output(write, bufs[2])
+    used = osize        # plaintext bytes held by each output buffer, at most
     try:
-        total = _decrypt_chunks(aead, header, size, bsize, fill, write, cur,
-                                nxt, memoryview(out))
+        try:
+            total = _decrypt_chunks(aead, header, size, bsize, fill, output,
+                                    cur, nxt, lambda: bufs.append(
+                                        _buffer(osize)) or bufs[-1])
+        except BaseException:
+            # what authenticated before the failure is written, then the
+            # failure raised
+            output.close(raise_error=False)
+            raise
+        output.close()
         used = min(used, total)
         return total
     finally:
-        _give_back((cur, nxt, out), ((out, used),))
+        _give_back(bufs, [(b, used) for b in bufs[2:]])
 
 
-def _decrypt_chunks(aead, header, size, bsize, fill, write, cur, nxt,
-                    outview):
+def _decrypt_chunks(aead, header, size, bsize, fill, output, cur, nxt,
+                    more):
+    """Open batches of chunks into ``output``; ``more()`` gives a second
+    output buffer when the stream is longer than one batch."""
     decrypt_into = aead.decrypt_into
     n = fill(cur)
     if not n:
@@ -450,14 +543,17 @@ def _decrypt_chunks(aead, header, size, bsize, fill, write, cur, nxt,
         else:
             m = fill(nxt)
             last = not m
+            if not last and counter == 0:
+                output.overlap(more())
         view = memoryview(cur)
+        outview = output.view()
         pos = opos = 0
         while pos < n:
             k = min(size, n - pos)
             end = pos + k
             final = last and end >= n
             if final and k <= TAG_SIZE and (k < TAG_SIZE or counter):
-                write(outview[:opos])       # the chunks that authenticated
+                output.put(outview, opos)   # the chunks that authenticated
                 if k < TAG_SIZE:
                     raise TruncatedDataError(
                         'stream under DEK %s truncated inside the tag of '
@@ -469,12 +565,12 @@ def _decrypt_chunks(aead, header, size, bsize, fill, write, cur, nxt,
                 decrypt_into(nonce, view[pos:end], None,
                              outview[opos:opos + k - TAG_SIZE])
             except InvalidTag:
-                write(outview[:opos])       # the chunks that authenticated
+                output.put(outview, opos)   # the chunks that authenticated
                 _fail(aead, header, counter, final, view[pos:end])
             pos = end
             opos += k - TAG_SIZE
             counter += 1
-        write(outview[:opos])
+        output.put(outview, opos)
         total += opos
         if last:
             return total
