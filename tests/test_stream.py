@@ -573,7 +573,26 @@ class _FailingWriter(io.RawIOBase):
 
 class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
     """A stream longer than one batch is written by a thread of its own
-    while the next batch is read and sealed or opened."""
+    while the next batch is read and sealed or opened (forced here: the
+    destinations are in memory)."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(setattr, stream, 'OVERLAP_WRITES',
+                        stream.OVERLAP_WRITES)
+        stream.OVERLAP_WRITES = True
+
+    def test_overlap_decided_by_the_destination(self):
+        import tempfile
+        stream.OVERLAP_WRITES = None
+        self.assertFalse(stream._overlaps(io.BytesIO()))
+        with open(os.devnull, 'wb') as f:
+            self.assertFalse(stream._overlaps(f))
+        with tempfile.TemporaryFile() as f:
+            self.assertTrue(stream._overlaps(f))
+        r, w = os.pipe()
+        with os.fdopen(r, 'rb') as fr, os.fdopen(w, 'wb') as fw:
+            self.assertTrue(stream._overlaps(fw))
 
     def test_only_streams_longer_than_a_batch_use_the_thread(self):
         class Threads(io.BytesIO):
@@ -643,7 +662,13 @@ class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
 
 
 class BadInputSmallBatchTests(_SmallBatches, BadInputTests):
-    """Four chunks per batch."""
+    """Four chunks per batch, written by a thread of their own."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(setattr, stream, 'OVERLAP_WRITES',
+                        stream.OVERLAP_WRITES)
+        stream.OVERLAP_WRITES = True
 
 
 class BadInputChunkBatchTests(_SmallBatches, BadInputTests):

@@ -34,6 +34,7 @@ give it the DEK; it knows nothing of facilities or vaults.
 import io
 import mmap
 import os
+import stat
 import threading
 
 from cryptography.exceptions import InvalidTag
@@ -179,6 +180,23 @@ def _writer(f):
     return writeall
 
 
+#: Whether a stream longer than one batch is written by a thread of its
+#: own (see ``_Output``): None decides by the destination: yes for regular
+#: files, pipes and sockets, no for character devices such as /dev/null
+#: and for in-memory files, where writing costs too little to overlap.
+OVERLAP_WRITES = None
+
+
+def _overlaps(f):
+    if OVERLAP_WRITES is not None:
+        return OVERLAP_WRITES
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 class _Output:
     """Where the batches of chunks go, through :meth:`view` (the buffer to
     fill next) and :meth:`put` (write its first ``n`` bytes).
@@ -245,6 +263,18 @@ class _Output:
             self._thread = None
             if self._error is not None and raise_error:
                 raise self._error
+
+
+def _second(bufs, size, fdst):
+    """A function giving a second output buffer (appended to ``bufs``),
+    or None when writes to ``fdst`` are not overlapped."""
+    if not _overlaps(fdst):
+        return None
+
+    def more():
+        bufs.append(_buffer(size))
+        return bufs[-1]
+    return more
 
 
 def _read_exact(f, size):
@@ -398,8 +428,7 @@ def encrypt(fsrc, fdst, dek, header, aad=b''):
     try:
         try:
             total = _encrypt_chunks(aead, cs, per, fill, output, cur, nxt,
-                                    lambda: bufs.append(_buffer(osize))
-                                    or bufs[-1])
+                                    _second(bufs, osize, fdst))
         except BaseException:
             output.close(raise_error=False)
             raise
@@ -411,8 +440,8 @@ def encrypt(fsrc, fdst, dek, header, aad=b''):
 
 
 def _encrypt_chunks(aead, cs, per, fill, output, cur, nxt, more):
-    """Seal batches of chunks into ``output``; ``more()`` gives a second
-    output buffer when the stream is longer than one batch."""
+    """Seal batches of chunks into ``output``; ``more()``, if given, is a
+    second output buffer for a stream longer than one batch."""
     bsize = per * cs
     encrypt_into = aead.encrypt_into
     n = fill(cur)
@@ -424,7 +453,7 @@ def _encrypt_chunks(aead, cs, per, fill, output, cur, nxt, more):
         else:
             m = fill(nxt)
             last = not m
-            if not last and counter == 0:
+            if more is not None and not last and counter == 0:
                 output.overlap(more())
         view = memoryview(cur)
         outview = output.view()
@@ -512,8 +541,7 @@ def decrypt(fsrc, fdst, dek, header, aad=b''):
     try:
         try:
             total = _decrypt_chunks(aead, header, size, bsize, fill, output,
-                                    cur, nxt, lambda: bufs.append(
-                                        _buffer(osize)) or bufs[-1])
+                                    cur, nxt, _second(bufs, osize, fdst))
         except BaseException:
             # what authenticated before the failure is written, then the
             # failure raised
@@ -528,8 +556,8 @@ def decrypt(fsrc, fdst, dek, header, aad=b''):
 
 def _decrypt_chunks(aead, header, size, bsize, fill, output, cur, nxt,
                     more):
-    """Open batches of chunks into ``output``; ``more()`` gives a second
-    output buffer when the stream is longer than one batch."""
+    """Open batches of chunks into ``output``; ``more()``, if given, is a
+    second output buffer for a stream longer than one batch."""
     decrypt_into = aead.decrypt_into
     n = fill(cur)
     if not n:
@@ -543,7 +571,7 @@ def _decrypt_chunks(aead, header, size, bsize, fill, output, cur, nxt,
         else:
             m = fill(nxt)
             last = not m
-            if not last and counter == 0:
+            if more is not None and not last and counter == 0:
                 output.overlap(more())
         view = memoryview(cur)
         outview = output.view()
