@@ -476,11 +476,12 @@ class RecordTransformer:
                 self._legacy_oids.discard(oid)
                 source = _blob_file(storage, oid, serial) if blobs else None
                 if source is None:
-                    pos = positions.pop(oid, None) if positions else None
-                    if pos is None:
+                    seen = positions.pop(oid, None) if positions else None
+                    if seen is None:
                         storage.store(oid, serial, data, '', txn)
                     else:
-                        self._restore_unchanged(storage, oid, pos, data, txn)
+                        self._restore_unchanged(storage, oid, seen, data,
+                                                txn)
                     continue
                 if legacy:
                     failed.append((oid, 'the blob file of a '
@@ -501,14 +502,18 @@ class RecordTransformer:
         return failed
 
     @staticmethod
-    def _restore_unchanged(storage, oid, pos, data, txn):
+    def _restore_unchanged(storage, oid, seen, data, txn):
         """FileStorage: write ``data`` as the new record of ``oid`` if the
-        record read at ``pos`` is still its current one, else raise
-        ConflictError (the chunk is read again).  The commit lock, held
-        from ``tpc_begin`` to ``tpc_finish``, keeps the index as it is
-        meanwhile, so comparing positions is the serial check ``store``
-        makes, without reading the record's header from the file again."""
-        if storage._index.get(oid) != pos:
+        record read is still its current one, else raise ConflictError
+        (the chunk is read again).  ``seen`` is ``(position, last
+        transaction id)`` of the storage when the record was read.  The
+        commit lock, held from ``tpc_begin`` to ``tpc_finish``, keeps the
+        storage as it is meanwhile: if no transaction was committed since
+        the read, nothing changed; else the record's position in the index
+        tells.  That is the serial check ``store`` makes, without reading
+        the record's header from the file again."""
+        pos, ltid = seen
+        if ltid != storage._ltid and storage._index.get(oid) != pos:
             raise ConflictError(oid=oid)
         storage.restore(oid, storage._tid, data, '', None, txn)
 
@@ -1048,8 +1053,9 @@ def _iter_filestorage(storage, start, batch_size=256, seen=None):
     the index gives the position of the current record of each oid, read
     under the storage lock, ``batch_size`` oids at a time.  Records that
     point back to older data (undo) are loaded with ``load``.  ``seen``, a
-    dict, gets the position of each record read (the most recent
-    ``MAX_POSITIONS`` or more)."""
+    dict, gets the position of each record read and the last transaction
+    id of the storage when it was read (the most recent ``MAX_POSITIONS``
+    or more)."""
     from ZODB.FileStorage.format import DATA_HDR_LEN
     from ZODB.FileStorage.format import DataHeaderFromString
     index = storage._index
@@ -1060,6 +1066,7 @@ def _iter_filestorage(storage, start, batch_size=256, seen=None):
             seen.clear()
         with storage._lock:
             f = storage._file
+            ltid = storage._ltid
             positions = _index_batch(index, nxt, batch_size)
             nxt = (_next_oid(positions[-1][0])
                    if len(positions) == batch_size else None)
@@ -1071,7 +1078,7 @@ def _iter_filestorage(storage, start, batch_size=256, seen=None):
                 else:
                     batch.append((oid, h.tid, f.read(h.plen)))
                     if seen is not None:
-                        seen[oid] = pos
+                        seen[oid] = pos, ltid
         for oid, tid, data in batch:
             if data is None:
                 try:
