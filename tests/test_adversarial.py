@@ -27,7 +27,6 @@ Each test collects its mismatches and reports the first ones, so one run
 shows the extent of a regression.
 """
 import base64
-import importlib.util
 import io
 import json
 import logging
@@ -47,38 +46,21 @@ from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import POSKeyError
-from zope.interface import implementer
 
 from zodbkmi import exceptions as X
-from zodbkmi.interfaces import IKeyHolder
+from zodbkmi.testing import StaticKeyHolder as Holder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _leakscan():
-    spec = importlib.util.spec_from_file_location(
-        'leakscan', os.path.join(os.path.dirname(HERE), 'scripts',
-                                 'leakscan.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.test_leaks import load_leakscan
 
 
-CANARY = _leakscan().CANARY
+
+CANARY = load_leakscan().CANARY
 SMALL_BLOB = CANARY + b' small blob ' + bytes(range(256)) + CANARY
 LARGE_BLOB = (CANARY + bytes(range(256)) * 520)[:2 * 65536 + 1000]
 FILE_CHUNK = 64
 FILE_PLAIN = (CANARY + b' file ' + bytes(range(256)))[:300]
 OIDS = [bytes(7) + bytes([i]) for i in range(6)]   # root, m, small, large, n
 ROOT, MAPPING, SMALL, LARGE, OTHER = OIDS[:5]
-
-
-@implementer(IKeyHolder)
-class Holder:
-
-    def __init__(self, key):
-        self.key = key
-        self.previous_keys = ()
 
 
 def rejected_as(error):
@@ -936,7 +918,7 @@ class FileStreamTests(AdversarialBase):
                 f.write(flip(good, i, rng.randrange(8)))
             with self.assertRaises(X.AuthenticationError):
                 with transform(lambda s, d: self.w.facility.decrypt_file(
-                        self.w.kek_a, s, d), source, target) as n:
+                        self.w.kek_a, s, d), source, target):
                     pass
             self.assertEqual(sorted(os.listdir(self.tmp)), ['in.zks'])
 

@@ -29,19 +29,19 @@ import zope.component.testing
 import ZODB
 import ZODB.FileStorage
 from persistent.mapping import PersistentMapping
-from zope.interface import implementer
 
 import zodbkmi
 from zodbkmi import exceptions
 from zodbkmi.format import envelope
 from zodbkmi.format import wrapped
-from zodbkmi.interfaces import IKeyHolder
 from zodbkmi.kek import AESKeyEncryptingKey
+from zodbkmi.testing import ServerProcess
 from zodbkmi.testing import free_port
 from zodbkmi.vault import ACTIVE
 from zodbkmi.vault import RETIRED
 from zodbkmi.vault import SUFFIX
 from zodbkmi.vault import VaultEntry
+from zodbkmi.testing import StaticKeyHolder as Holder
 
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,80 +55,17 @@ def _env():
                                               if path else ''))
 
 
-class KillableServer:
+class KillableServer(ServerProcess):
     """``zodbkmi serve`` over TLS in ``base`` (kept across restarts), in a
-    process group of its own: :meth:`kill` sends SIGKILL to all of it."""
+    process group of its own: :meth:`kill` sends SIGKILL to all of it.
+    Started with :meth:`start`."""
 
     def __init__(self, base, port=None, args=()):
-        self.dir = base
-        self.args = list(args)
-        self.port = port or free_port()
-        self.url = 'https://127.0.0.1:%d' % self.port
-        self.proc = None
-        self.starts = 0
+        super().__init__('--access-log', 'off', *args, env=_env(),
+                         directory=base, port=port, new_session=True,
+                         start=False)
 
-    def start(self):
-        self.starts += 1
-        self.out = open(os.path.join(self.dir, 'out.txt'), 'a')
-        self.err = open(os.path.join(self.dir, 'err.txt'), 'a')
-        self.proc = subprocess.Popen(
-            ZODBKMI + ['serve', '--port', str(self.port),
-                       '--access-log', 'off'] + self.args,
-            cwd=self.dir, stdout=self.out, stderr=self.err, env=_env(),
-            start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError('key server exited: %s' % self.stderr())
-            try:
-                socket.create_connection(('127.0.0.1', self.port),
-                                         1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:   # pragma: no cover
-                    self.kill()
-                    raise RuntimeError('key server did not start')
-                time.sleep(0.02)
-        self.ca = os.path.join(self.dir, 'var', 'tls', 'cert.pem')
-        self.admin = self._read('var/admin.token')
-        return self
-
-    def _read(self, name):
-        with open(os.path.join(self.dir, name)) as f:
-            return f.read().strip()
-
-    def stderr(self):
-        self.err.flush()
-        return self._read('err.txt')
-
-    @property
-    def key_dir(self):
-        return os.path.join(self.dir, 'var', 'keys')
-
-    def kill(self):
-        """SIGKILL the whole process group (the server and its workers)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:   # pragma: no cover
-            pass
-        self.proc.wait()
-        self.proc = None
-        self.out.close()
-        self.err.close()
-
-    def stop(self):
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:   # pragma: no cover
-            pass
-        self.kill()
-
-    def client(self, **kw):
+    def facility(self, **kw):
         from zodbkmi.facility import LocalKeyManagementFacility
         kw.setdefault('token', self.admin)
         kw.setdefault('ca_file', self.ca)
@@ -295,7 +232,7 @@ class SigkillTests(unittest.TestCase):
         rng = random.Random()
 
         def hammer(kek, stop):
-            client = server.client(retries=0)
+            client = server.facility(retries=0)
             try:
                 while not stop.is_set():
                     # a create is a DEK rotation once the KEK has a key
@@ -312,7 +249,7 @@ class SigkillTests(unittest.TestCase):
         kills = 6
         for i in range(kills + 1):
             server.start()
-            check = server.client(token=server.admin)
+            check = server.facility(token=server.admin)
             # every key acknowledged before a kill is served after restart
             for dek_id, kek_id in sorted(acknowledged.items()):
                 entry = check.entry(dek_id)
@@ -518,7 +455,7 @@ class DiskFullTests(unittest.TestCase):
             self.tmp, args=['--key-dir', os.path.join(self.mnt, 'keys')])
         self.addCleanup(server.kill)
         server.start()
-        client = server.client(retries=0)
+        client = server.facility(retries=0)
         self.addCleanup(client.close)
         kek = AESKeyEncryptingKey(os.urandom(32))
         first = client.create_key(kek)
@@ -541,7 +478,7 @@ class DiskFullTests(unittest.TestCase):
         self.assertEqual(client.entry(first).state, RETIRED)
         self.assertEqual(client.entry(second).state, ACTIVE)
         server.stop()
-        err = server._read('err.txt')
+        err = server.read('err.txt')
         self.assertIn('No space left on device', err)
         self.assertNotIn('Traceback', err)
 
@@ -565,14 +502,6 @@ class DiskFullTests(unittest.TestCase):
 # -- 3. key server unreachable while an application commits ----------------
 
 CANARY = 'canary-plaintext-7f3b9c1e'
-
-
-@implementer(IKeyHolder)
-class Holder:
-    previous_keys = ()
-
-    def __init__(self, key):
-        self.key = key
 
 
 class HangingServer:

@@ -30,9 +30,8 @@ import zope.component
 import zope.component.testing
 from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
-from zope.interface import implementer
 
-from zodbkmi.interfaces import IKeyHolder
+from zodbkmi.testing import StaticKeyHolder as Holder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
@@ -48,14 +47,6 @@ def load_leakscan():
 
 
 leakscan = load_leakscan()
-
-
-@implementer(IKeyHolder)
-class Holder:
-
-    def __init__(self, key):
-        self.key = key
-        self.previous_keys = ()
 
 
 def canary(what):
@@ -128,7 +119,7 @@ class Scenario:
     @classmethod
     def _scenario(cls):
         from tests.test_persistent import Secret
-        from tests.test_server import ServerProcess
+        from zodbkmi.testing import ServerProcess
         from zodbkmi.facility import KeyManagementFacility
         from zodbkmi.facility import LocalKeyManagementFacility
         from zodbkmi.kek import RSAKeyEncryptingKey

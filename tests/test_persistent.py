@@ -15,22 +15,13 @@ import zope.component.testing
 from persistent.mapping import PersistentMapping
 from persistent.wref import WeakRef
 from zodbpickle import pickle
-from zope.interface import implementer
 
 from zodbkmi import exceptions
 from zodbkmi.interfaces import IKeyHolder
 from zodbkmi.persistent import EncryptedPersistent
+from zodbkmi.testing import StaticKeyHolder as Holder
 
 SECRET = 'S3cr3t-value-7d41'
-
-
-@implementer(IKeyHolder)
-class Holder:
-    """A key holder with an AES-256 KEK (and previous ones)."""
-
-    def __init__(self, key=None, previous_keys=()):
-        self.key = key or os.urandom(32)
-        self.previous_keys = tuple(previous_keys)
 
 
 class Secret(EncryptedPersistent):

@@ -14,7 +14,7 @@ import unittest
 import warnings
 
 from zodbkmi import exceptions
-from zodbkmi.testing import ServerProcess  # noqa: F401 (used by others)
+from zodbkmi.testing import ServerProcess
 from zodbkmi.testing import free_port
 
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']

@@ -591,7 +591,7 @@ class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
         with tempfile.TemporaryFile() as f:
             self.assertTrue(stream._overlaps(f))
         r, w = os.pipe()
-        with os.fdopen(r, 'rb') as fr, os.fdopen(w, 'wb') as fw:
+        with os.fdopen(r, 'rb'), os.fdopen(w, 'wb') as fw:
             self.assertTrue(stream._overlaps(fw))
 
     def test_only_streams_longer_than_a_batch_use_the_thread(self):

@@ -41,6 +41,21 @@ class TestingKeyManagementFacility(facility.KeyManagementFacility):
 
 
 @implementer(IKeyHolder)
+class StaticKeyHolder:
+    """A key holder of KEKs given in memory: ``key`` (a new random AES-256
+    KEK when not given) and ``previous_keys``.  For tests; applications
+    read their KEK from a key source (:mod:`zodbkmi.sources`) or a file
+    (:class:`zodbkmi.keyholder.KeyHolder`)."""
+
+    def __init__(self, key=None, previous_keys=()):
+        self.key = key or os.urandom(32)
+        self.previous_keys = tuple(previous_keys)
+
+    def __repr__(self):
+        return '<StaticKeyHolder (+%d previous)>' % len(self.previous_keys)
+
+
+@implementer(IKeyHolder)
 class TestingKeyHolder:
     """A key holder with the public testing KEK."""
 
@@ -87,45 +102,69 @@ def free_port(host='127.0.0.1'):
 
 
 class ServerProcess:
-    """``zodbkmi serve`` started for real, as a subprocess, in a temporary
-    directory of its own (embedded defaults: keys in ``var/keys``, a
-    generated certificate in ``var/tls``, tokens in ``var``), on a free
-    loopback port; for tests and benchmarks.  ``args`` are more command
-    line arguments, ``env`` more environment variables.  Stop it with
-    :meth:`stop`, then remove its directory with :meth:`cleanup`.
+    """``zodbkmi serve`` started for real, as a subprocess, on a free
+    loopback port, for tests and benchmarks.
+
+    It runs in ``directory`` (a new temporary directory by default) with
+    the embedded defaults: keys in ``var/keys``, a generated certificate
+    in ``var/tls``, tokens in ``var``.  ``args`` are more command line
+    arguments, ``env`` more environment variables.  With ``new_session``
+    the server and its workers form a process group of their own, which
+    :meth:`kill` ends with SIGKILL.  :meth:`start` starts it (again, on
+    the same directory and port: at once unless ``start`` is false);
+    :meth:`stop` ends it, :meth:`cleanup` removes its directory.
     """
 
-    def __init__(self, *args, env=None, timeout=30):
-        self.dir = tempfile.mkdtemp(prefix='zodbkmi-server-')
-        self.port = free_port()
+    def __init__(self, *args, env=None, timeout=30, directory=None,
+                 port=None, new_session=False, start=True):
+        self._own_dir = directory is None
+        self.dir = directory or tempfile.mkdtemp(prefix='zodbkmi-server-')
+        self.port = port or free_port()
         self.url = 'https://127.0.0.1:%d' % self.port
-        self.out = open(os.path.join(self.dir, 'out.txt'), 'w+')
-        self.err = open(os.path.join(self.dir, 'err.txt'), 'w+')
+        self.args = list(args)
+        self.env = env or {}
+        self.timeout = timeout
+        self.new_session = new_session
+        self.proc = None
+        self.starts = 0
+        self.ca = os.path.join(self.dir, 'var', 'tls', 'cert.pem')
+        self.key_dir = os.path.join(self.dir, 'var', 'keys')
+        if start:
+            self.start()
+
+    def start(self):
+        """Start the server; return when it accepts connections."""
+        self.starts += 1
+        self.out = open(os.path.join(self.dir, 'out.txt'), 'a+')
+        self.err = open(os.path.join(self.dir, 'err.txt'), 'a+')
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'zodbkmi.cli', 'serve',
-             '--port', str(self.port)] + list(args),
+             '--port', str(self.port)] + self.args,
             cwd=self.dir, stdout=self.out, stderr=self.err,
-            env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + timeout
+            env=dict(os.environ, **self.env),
+            start_new_session=self.new_session)
+        deadline = time.monotonic() + self.timeout
         while True:
             if self.proc.poll() is not None:
                 err = self.stderr()
-                self.stop()
-                self.cleanup()
+                self._failed()
                 raise RuntimeError('server exited: %s' % err)
             try:
                 socket.create_connection(('127.0.0.1', self.port), 1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    self.stop()
-                    self.cleanup()
+                    self._failed()
                     raise RuntimeError('server did not start')
-                time.sleep(0.05)
-        self.ca = os.path.join(self.dir, 'var', 'tls', 'cert.pem')
-        self.key_dir = os.path.join(self.dir, 'var', 'keys')
+                time.sleep(0.02)
         self.admin = self.read('var/admin.token')
         self.client = self.read('var/client.token')
+        return self
+
+    def _failed(self):
+        self.stop()
+        if self._own_dir and self.starts == 1:
+            self.cleanup()
 
     def read(self, name):
         """The text of the file ``name`` of the server's directory."""
@@ -168,18 +207,38 @@ class ServerProcess:
                 pass
         return total
 
+    def kill(self):
+        """SIGKILL the server (its process group, with ``new_session``)."""
+        if self.proc is None:
+            return
+        try:
+            if self.new_session:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
+        except ProcessLookupError:   # pragma: no cover
+            pass
+        self._reap()
+
     def stop(self):
         """SIGTERM (SIGKILL after 15 s); return the exit code."""
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:   # pragma: no cover
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
+                return None
+        return self._reap()
+
+    def _reap(self):
+        rc = self.proc.wait()
+        self.proc = None
         self.out.close()
         self.err.close()
-        return self.proc.returncode
+        return rc
 
     def cleanup(self):
         shutil.rmtree(self.dir, ignore_errors=True)

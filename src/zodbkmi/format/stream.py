@@ -424,11 +424,22 @@ def encrypt(fsrc, fdst, dek, header, aad=b''):
     osize = per * (cs + TAG_SIZE)
     bufs = [cur, nxt, _buffer(osize)]
     output = _Output(write, bufs[2])
-    used = bsize        # plaintext bytes held by cur and nxt, at most
+    return _pump(lambda: _encrypt_chunks(aead, cs, per, fill, output, cur,
+                                         nxt, _second(bufs, osize, fdst)),
+                 output, bufs, lambda: (cur, nxt), bsize)
+
+
+def _pump(work, output, bufs, plain, size):
+    """Return ``work()``, the number of plaintext bytes it sealed or
+    opened into ``output``, once all of it is written; on an error, what
+    was put into ``output`` before it (what authenticated) is written,
+    then the error raised.  Then give ``bufs`` back, the first ``size``
+    bytes (at most the plaintext's length) of the buffers ``plain()``
+    names overwritten."""
+    used = size
     try:
         try:
-            total = _encrypt_chunks(aead, cs, per, fill, output, cur, nxt,
-                                    _second(bufs, osize, fdst))
+            total = work()
         except BaseException:
             output.close(raise_error=False)
             raise
@@ -436,7 +447,7 @@ def encrypt(fsrc, fdst, dek, header, aad=b''):
         used = min(used, total)
         return total
     finally:
-        _give_back(bufs, ((cur, used), (nxt, used)))
+        _give_back(bufs, [(b, used) for b in plain()])
 
 
 def _encrypt_chunks(aead, cs, per, fill, output, cur, nxt, more):
@@ -537,21 +548,10 @@ def decrypt(fsrc, fdst, dek, header, aad=b''):
     osize = per * cs
     bufs = [cur, nxt, _buffer(osize)]
     output = _Output(write, bufs[2])
-    used = osize        # plaintext bytes held by each output buffer, at most
-    try:
-        try:
-            total = _decrypt_chunks(aead, header, size, bsize, fill, output,
-                                    cur, nxt, _second(bufs, osize, fdst))
-        except BaseException:
-            # what authenticated before the failure is written, then the
-            # failure raised
-            output.close(raise_error=False)
-            raise
-        output.close()
-        used = min(used, total)
-        return total
-    finally:
-        _give_back(bufs, [(b, used) for b in bufs[2:]])
+    return _pump(lambda: _decrypt_chunks(aead, header, size, bsize, fill,
+                                         output, cur, nxt,
+                                         _second(bufs, osize, fdst)),
+                 output, bufs, lambda: bufs[2:], osize)
 
 
 def _decrypt_chunks(aead, header, size, bsize, fill, output, cur, nxt,
