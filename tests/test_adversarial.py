@@ -52,8 +52,6 @@ from zodbkmi.testing import StaticKeyHolder as Holder
 
 from tests.test_leaks import load_leakscan
 
-
-
 CANARY = load_leakscan().CANARY
 SMALL_BLOB = CANARY + b' small blob ' + bytes(range(256)) + CANARY
 LARGE_BLOB = (CANARY + bytes(range(256)) * 520)[:2 * 65536 + 1000]
