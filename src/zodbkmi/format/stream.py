@@ -34,6 +34,7 @@ give it the DEK; it knows nothing of facilities or vaults.
 import io
 import mmap
 import os
+import queue
 import stat
 import threading
 
@@ -231,7 +232,6 @@ class _Output:
 
     def overlap(self, buf):
         """From now on, write in a thread; ``buf`` is the second buffer."""
-        import queue
         self._free = queue.SimpleQueue()
         self._work = queue.SimpleQueue()
         self._free.put(self._view)
