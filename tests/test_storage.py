@@ -535,6 +535,27 @@ class BlobTests(_TempDir, unittest.TestCase):
         self.assertTrue(raw.startswith(b'zks'))
         self.assertNotIn(SECRET.encode(), raw)
 
+    def test_blob_longer_than_a_batch(self):
+        # several batches of the stream format: written by the stream
+        # writer thread when sealed at commit and when opened at load
+        from zodbkmi.format import stream
+        data = os.urandom(3 * stream.BATCH_SIZE + 12345)
+        self._store(data).close()
+        files = self._blob_files()
+        self.assertEqual(len(files), 1)
+        with open(files[0], 'rb') as f:
+            header = stream.read_header(f)
+        chunks = -(-len(data) // header.chunk_size)
+        self.assertEqual(os.path.getsize(files[0]),
+                         header.size + len(data) + stream.TAG_SIZE * chunks)
+        db = ZODB.DB(self._makeOne())
+        try:
+            with db.transaction() as conn:
+                with conn.root()['blob'].open() as f:
+                    self.assertEqual(f.read(), data)
+        finally:
+            db.close()
+
     def test_reading_leaves_no_plaintext_file(self):
         self._store().close()
         storage = self._makeOne()
