@@ -30,6 +30,9 @@ _caches = weakref.WeakSet()
 _caches_lock = threading.Lock()
 
 
+_EVICTED = float('-inf')   # the expiry time of an evicted entry
+
+
 class CachedKey:
     """One cached DEK: ``dek_id`` (hex), ``raw_id`` (16 bytes), ``kek_id``,
     ``sealer``, ``expires`` (monotonic seconds; an evicted entry expires
@@ -40,7 +43,7 @@ class CachedKey:
     """
 
     __slots__ = ('dek_id', 'raw_id', 'kek_id', 'sealer', 'expires',
-                 'evicted', '_uses', '_limit', '_dek', '__weakref__')
+                 '_uses', '_limit', '_dek', '__weakref__')
 
     def __init__(self, raw_id, kek_id, sealer, expires, limit, dek=None):
         self._dek = dek
@@ -49,19 +52,21 @@ class CachedKey:
         self.kek_id = kek_id
         self.sealer = sealer
         self.expires = expires
-        self.evicted = False
         self._uses = itertools.count(1)
         self._limit = limit
 
     def __repr__(self):
         return '<CachedKey %s by KEK %s>' % (self.dek_id, self.kek_id)
 
+    @property
+    def evicted(self):
+        return self.expires == _EVICTED
+
     def alive(self):
         return _monotonic() < self.expires
 
     def evict(self):
-        self.evicted = True
-        self.expires = float('-inf')
+        self.expires = _EVICTED
 
     def count_use(self):
         """Count one encryption; raise KeyStateError past the limit."""

@@ -108,8 +108,9 @@ class IExtendedKeyManagementFacility(IKeyManagementFacility,
     def decrypt_file_range(key, fsrc, fdst, offset, length=None):
         """Decrypt ``length`` plaintext bytes from ``offset`` (to the end
         when None) of the stream that fills the *seekable* binary file
-        ``fsrc`` (from its first byte) into ``fdst``, reading only the chunks that hold them; return the
-        number of bytes written (fewer when the range passes the end).
+        ``fsrc`` (from its first byte) into ``fdst``, reading only the
+        chunks that hold them; return the number of bytes written (fewer
+        when the range passes the end).
 
         Every chunk read is authenticated; raises the errors of
         :meth:`decrypt_file`, and ``ValueError`` for a negative range or a

@@ -184,25 +184,23 @@ class Sealer:
         ``_nonce`` is a private seam for the fixed test vectors; never pass
         it in real code.
         """
-        if context == CONTEXT_DATA and oid is None and _nonce is None:
-            return self.seal_data(plaintext)
-        nonce = _nonce or next(new_nonce.it, None) or new_nonce.refill()
-        bound = _check_oid(context, oid)
-        header = self._heads[context] + nonce
-        return header + self._aead.encrypt(nonce, plaintext, header + bound)
+        if context == CONTEXT_RECORD:
+            return self.seal_record(plaintext, oid, _nonce)
+        _check_oid(context, oid)    # an unknown context, an oid: ValueError
+        return self.seal_data(plaintext, _nonce)
 
-    def seal_data(self, plaintext):
+    def seal_data(self, plaintext, _nonce=None):
         """:meth:`seal` for the data context (the hot path of object
         states)."""
-        nonce = next(new_nonce.it, None) or new_nonce.refill()
+        nonce = _nonce or next(new_nonce.it, None) or new_nonce.refill()
         header = self._head0 + nonce
         return header + self._aead.encrypt(nonce, plaintext, header)
 
-    def seal_record(self, plaintext, oid):
+    def seal_record(self, plaintext, oid, _nonce=None):
         """:meth:`seal` for a storage record of ``oid`` (8 bytes)."""
         if type(oid) is not bytes or len(oid) != OID_SIZE:
             _check_oid(CONTEXT_RECORD, oid)
-        nonce = next(new_nonce.it, None) or new_nonce.refill()
+        nonce = _nonce or next(new_nonce.it, None) or new_nonce.refill()
         header = self._heads[CONTEXT_RECORD] + nonce
         return header + self._aead.encrypt(nonce, plaintext, header + oid)
 

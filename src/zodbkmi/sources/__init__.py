@@ -26,9 +26,8 @@ from zodbkmi.sources.settings import settings_from_environ
 
 __all__ = ['EncryptionSettings', 'EnvironmentKeyHolder', 'MasterKey',
            'SettingsKeyHolder', 'environment_settings', 'kek_from_params',
-           'keks_from_settings',
-           'key_check_value', 'load_settings', 'parse_settings',
-           'register_keyholder', 'settings_from_environ']
+           'keks_from_settings', 'key_check_value', 'load_settings',
+           'parse_settings', 'register_keyholder', 'settings_from_environ']
 
 
 def kek_from_params(params, algorithm='aes256-gcm', environ=None):
