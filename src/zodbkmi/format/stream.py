@@ -231,7 +231,10 @@ class _Output:
             self._work.put((view, n))
 
     def overlap(self, buf):
-        """From now on, write in a thread; ``buf`` is the second buffer."""
+        """From now on, write in a thread; ``buf`` is the second buffer
+        (None: go on writing at once)."""
+        if buf is None:
+            return
         self._free = queue.SimpleQueue()
         self._work = queue.SimpleQueue()
         self._free.put(self._view)
@@ -266,12 +269,13 @@ class _Output:
 
 
 def _second(bufs, size, fdst):
-    """A function giving a second output buffer (appended to ``bufs``),
-    or None when writes to ``fdst`` are not overlapped."""
-    if not _overlaps(fdst):
-        return None
-
+    """A function that, called when a stream proves longer than one batch,
+    gives a second output buffer (appended to ``bufs``), or None when
+    writes to ``fdst`` are not overlapped (asked only then: one-batch
+    streams, most blobs, never look at their destination)."""
     def more():
+        if not _overlaps(fdst):
+            return None
         bufs.append(_buffer(size))
         return bufs[-1]
     return more
@@ -451,8 +455,8 @@ def _pump(work, output, bufs, plain, size):
 
 
 def _encrypt_chunks(aead, cs, per, fill, output, cur, nxt, more):
-    """Seal batches of chunks into ``output``; ``more()``, if given, is a
-    second output buffer for a stream longer than one batch."""
+    """Seal batches of chunks into ``output``; ``more()`` gives a second
+    output buffer (or None) for a stream longer than one batch."""
     bsize = per * cs
     encrypt_into = aead.encrypt_into
     n = fill(cur)
@@ -464,7 +468,7 @@ def _encrypt_chunks(aead, cs, per, fill, output, cur, nxt, more):
         else:
             m = fill(nxt)
             last = not m
-            if more is not None and not last and counter == 0:
+            if not last and counter == 0:
                 output.overlap(more())
         view = memoryview(cur)
         outview = output.view()
@@ -556,8 +560,8 @@ def decrypt(fsrc, fdst, dek, header, aad=b''):
 
 def _decrypt_chunks(aead, header, size, bsize, fill, output, cur, nxt,
                     more):
-    """Open batches of chunks into ``output``; ``more()``, if given, is a
-    second output buffer for a stream longer than one batch."""
+    """Open batches of chunks into ``output``; ``more()`` gives a second
+    output buffer (or None) for a stream longer than one batch."""
     decrypt_into = aead.decrypt_into
     n = fill(cur)
     if not n:
@@ -571,7 +575,7 @@ def _decrypt_chunks(aead, header, size, bsize, fill, output, cur, nxt,
         else:
             m = fill(nxt)
             last = not m
-            if more is not None and not last and counter == 0:
+            if not last and counter == 0:
                 output.overlap(more())
         view = memoryview(cur)
         outview = output.view()
