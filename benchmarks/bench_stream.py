@@ -3,8 +3,9 @@
 Usage: python benchmarks/bench_stream.py [--rounds 5] [--size-mib 1024]
                                          [--dir DIR]
 
-Variants, alternating within each round, all on the same source file (in
-the page cache after the first round):
+Variants, alternating within each round (the file-to-file ones in an
+order rotated from round to round), all on the same source file (random
+bytes, in the page cache after the first round):
 
 - ``AES-GCM alone``: ``encrypt_into`` of 64 KiB chunks from memory, the
   ceiling;
@@ -13,12 +14,17 @@ the page cache after the first round):
 - ``encrypt_file -> /dev/null`` and ``decrypt_file -> /dev/null``:
   ``facility.encrypt_file`` / ``decrypt_file`` (64 KiB chunks, and 1 MiB
   chunks for comparison);
-- file to file: ``encrypt_file`` and ``decrypt_file`` writing a new file
+- file to file: ``encrypt_file`` and ``decrypt_file`` writing a file
   (both files unbuffered, as ``zodbkmi encrypt-file`` opens them),
   next to a plain copy of the same file made in Python (``readinto`` and
   ``write`` of 64 KiB, a preallocated buffer) and by the kernel
-  (``shutil.copyfile``: ``copy_file_range`` / ``sendfile``, no copy
-  through user space).  Before each variant ``os.sync()`` writes the
+  (``copy_file_range``, no copy through user space).  Each of the four
+  runs twice: into a new file (removed afterwards), and over the pages of
+  an existing file as large, without truncating it ("overwrite"): that
+  one measures the copies and the cryptography without the allocation of
+  1 GiB of fresh page cache, whose cost varies from pass to pass on a
+  virtual machine that hands freed memory back to its host (see
+  docs/performance.rst).  Before each variant ``os.sync()`` writes the
   dirty pages of the previous one back (not timed).
 
 Throughput is plaintext bytes per second (GB = 10**9 bytes); the table
@@ -28,6 +34,7 @@ Then the peak resident memory of ``zodbkmi encrypt-file`` and
 process.
 """
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -43,6 +50,10 @@ from zodbkmi.keyholder import write_key_file
 
 MiB = 1 << 20
 CHUNK = 1 << 16
+COPY_PYTHON = 'plain copy, Python, %s'
+COPY_KERNEL = 'plain copy, kernel, %s'
+ENCRYPT_FILE = 'encrypt_file file -> %s'
+DECRYPT_FILE = 'decrypt_file file -> %s'
 
 MEASURE = """
 import os, sys
@@ -56,10 +67,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def make_source(path, size):
-    block = os.urandom(MiB)
     with open(path, 'wb') as f:
         for i in range(size // MiB):
-            f.write(i.to_bytes(8, 'big') + block[8:])
+            f.write(os.urandom(MiB))
 
 
 def peak_rss(args, stdin, cwd):
@@ -121,28 +131,36 @@ def main(argv=None):
             with open(path, 'rb') as f, open(os.devnull, 'wb') as g:
                 facility.decrypt_file(kek, f, g)
 
-        def copy_python():
+        over = os.path.join(tmp, 'overwritten')
+        shutil.copyfile(enc64, over)      # as large as the largest output
+
+        def target(overwrite):
+            if overwrite:
+                return open(over, 'r+b', buffering=0)
+            return open(out, 'wb', buffering=0)
+
+        def copy_python(overwrite):
             buf = bytearray(CHUNK)
             view = memoryview(buf)
-            with open(src, 'rb', buffering=0) as f, \
-                    open(out, 'wb', buffering=0) as g:
+            with open(src, 'rb', buffering=0) as f, target(overwrite) as g:
                 while True:
                     n = f.readinto(buf)
                     if not n:
                         break
                     g.write(view[:n])
 
-        def copy_kernel():
-            shutil.copyfile(src, out)
+        def copy_kernel(overwrite):
+            with open(src, 'rb', buffering=0) as f, target(overwrite) as g:
+                while os.copy_file_range(f.fileno(), g.fileno(), 1 << 30):
+                    pass
 
-        def enc_file():
-            with open(src, 'rb', buffering=0) as f, \
-                    open(out, 'wb', buffering=0) as g:
+        def enc_file(overwrite):
+            with open(src, 'rb', buffering=0) as f, target(overwrite) as g:
                 facility.encrypt_file(kek, f, g)
 
-        def dec_file():
+        def dec_file(overwrite):
             with open(enc64, 'rb', buffering=0) as f, \
-                    open(out, 'wb', buffering=0) as g:
+                    target(overwrite) as g:
                 facility.decrypt_file(kek, f, g)
 
         variants = [
@@ -154,14 +172,23 @@ def main(argv=None):
              lambda: enc_null(MiB)),
             ('decrypt_file -> /dev/null, 1 MiB chunks',
              lambda: dec_null(enc1m)),
-            ('plain copy, Python (readinto/write)', copy_python),
-            ('plain copy, kernel (copyfile)', copy_kernel),
-            ('encrypt_file file -> file', enc_file),
-            ('decrypt_file file -> file', dec_file),
         ]
+        for mode, overwrite in (('new file', False), ('overwrite', True)):
+            variants += [
+                (name % mode, functools.partial(fn, overwrite))
+                for name, fn in ((COPY_PYTHON, copy_python),
+                                 (COPY_KERNEL, copy_kernel),
+                                 (ENCRYPT_FILE, enc_file),
+                                 (DECRYPT_FILE, dec_file))]
         rates = {name: [] for name, _ in variants}
-        for _ in range(args.rounds):
-            for name, fn in variants:
+        fixed = len(variants) - 8
+        for r in range(args.rounds):
+            # the eight file-to-file variants start at another one each
+            # round, so that no variant always runs first or after the
+            # same other one
+            files = variants[fixed:]
+            k = (3 * r) % len(files)
+            for name, fn in variants[:fixed] + files[k:] + files[:k]:
                 os.sync()     # start each variant without dirty pages
                 t = time.perf_counter()
                 fn()
@@ -185,12 +212,13 @@ def main(argv=None):
                      'decrypt_file -> /dev/null'):
             print('%-42s %7.0f%% of the read + AES-GCM loop'
                   % (name, 100 * ratio(name, 'read + AES-GCM loop')))
-        for name in ('encrypt_file file -> file',
-                     'decrypt_file file -> file'):
-            for copy in ('plain copy, Python (readinto/write)',
-                         'plain copy, kernel (copyfile)'):
-                print('%-42s %7.0f%% of %s'
-                      % (name, 100 * ratio(name, copy), copy))
+        for mode in ('new file', 'overwrite'):
+            for name in (ENCRYPT_FILE, DECRYPT_FILE):
+                for copy in (COPY_PYTHON, COPY_KERNEL):
+                    print('%-42s %7.0f%% of %s'
+                          % (name % mode,
+                             100 * ratio(name % mode, copy % mode),
+                             copy % mode))
 
         print()
         small = os.path.join(tmp, 'small')

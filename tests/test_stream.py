@@ -571,16 +571,24 @@ class _FailingWriter(io.RawIOBase):
         return len(b)
 
 
-class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
-    """A stream longer than one batch is written by a thread of its own
-    while the next batch is read and sealed or opened (forced here: the
-    destinations are in memory)."""
+class _Overlapped(_SmallBatches):
+    """Writes overlapped from the third batch on, whatever the
+    destination."""
 
     def setUp(self):
         super().setUp()
         self.addCleanup(setattr, stream, 'OVERLAP_WRITES',
                         stream.OVERLAP_WRITES)
+        self.addCleanup(setattr, stream, 'OVERLAP_AFTER',
+                        stream.OVERLAP_AFTER)
         stream.OVERLAP_WRITES = True
+        stream.OVERLAP_AFTER = 2 * self.batch
+
+
+class OverlappedWriteTests(_Overlapped, unittest.TestCase):
+    """A stream longer than ``OVERLAP_AFTER`` is written by a thread of its
+    own from then on, while the next batch is read and sealed or opened
+    (forced here: the destinations are in memory)."""
 
     def test_overlap_decided_by_the_destination(self):
         import tempfile
@@ -594,15 +602,17 @@ class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
         with os.fdopen(r, 'rb'), os.fdopen(w, 'wb') as fw:
             self.assertTrue(stream._overlaps(fw))
 
-    def test_only_streams_longer_than_a_batch_use_the_thread(self):
+    def test_only_streams_longer_than_overlap_after_use_the_thread(self):
         class Threads(io.BytesIO):
             def write(self, b):
                 self.names = getattr(self, 'names', set())
                 self.names.add(threading.current_thread().name)
                 return super().write(b)
+        both = {'MainThread', 'zodbkmi stream writer'}
         for size, expected in ((100, {'MainThread'}),
-                               (self.batch * 5, {'MainThread',
-                                                 'zodbkmi stream writer'})):
+                               (self.batch * 3, {'MainThread'}),
+                               (self.batch * 3 + 1, both),
+                               (self.batch * 5, both)):
             data = os.urandom(size)
             out = Threads()
             stream.encrypt(io.BytesIO(data), out, DEK,
@@ -613,8 +623,7 @@ class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
             plain = Threads()
             stream.decrypt(src, plain, DEK, header)
             self.assertEqual(plain.getvalue(), data)
-            self.assertEqual(plain.names, expected - {'MainThread'}
-                             if size > self.batch else expected)
+            self.assertEqual(plain.names, expected)
 
     def test_roundtrip_many_batches(self):
         for size in (self.batch * 3, self.batch * 40 + 17):
@@ -661,14 +670,9 @@ class OverlappedWriteTests(_SmallBatches, unittest.TestCase):
         self.assertEqual(len(written) % SMALL, 0)   # whole chunks only
 
 
-class BadInputSmallBatchTests(_SmallBatches, BadInputTests):
-    """Four chunks per batch, written by a thread of their own."""
-
-    def setUp(self):
-        super().setUp()
-        self.addCleanup(setattr, stream, 'OVERLAP_WRITES',
-                        stream.OVERLAP_WRITES)
-        stream.OVERLAP_WRITES = True
+class BadInputSmallBatchTests(_Overlapped, BadInputTests):
+    """Four chunks per batch, written by a thread of their own from the
+    third batch on."""
 
 
 class BadInputChunkBatchTests(_SmallBatches, BadInputTests):

@@ -221,7 +221,7 @@ def transform(func, source=None, target=None, overwrite=False,
         if source in (None, '-'):
             fsrc, name = stdin, 'stdin'
         else:
-            # unbuffered: the stream format reads about 1 MiB at a time
+            # unbuffered: the stream format reads 256 KiB at a time
             fsrc = stack.enter_context(open(source, 'rb', buffering=0))
             name = os.path.basename(source)
         try:
