@@ -335,10 +335,15 @@ class EncryptingStorage:
             fd, name = tempfile.mkstemp(prefix=oid.hex() + '-' + serial.hex(),
                                         suffix='.blob',
                                         dir=self._private_dir())
+            os.fchmod(fd, stat.S_IRUSR)
         else:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # read-only for later opens; this descriptor may write
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         stat.S_IRUSR)
         try:
-            with open(source, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+            # unbuffered: the stream format reads and writes in batches
+            with open(source, 'rb', buffering=0) as src, \
+                    open(fd, 'wb', buffering=0) as dst:
                 if src.read(_STREAM_MAGIC_SIZE) == _STREAM_MAGIC:
                     src.seek(0)
                     try:
@@ -356,7 +361,6 @@ class EncryptingStorage:
         except BaseException:
             os.remove(name)
             raise
-        os.chmod(name, stat.S_IRUSR)
         return name
 
     def loadBlob(self, oid, serial):
