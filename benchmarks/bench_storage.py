@@ -5,7 +5,7 @@ alternating within each round; prints medians and ratios, and the floor
 of an encrypted blob load: the plain load plus decrypting every blob file
 into a new file, which ZODB's loadBlob contract makes every wrapper do.  Usage:
 python benchmarks/bench_storage.py [--rounds 9] [--objects 20000]
-[--blobs 200]
+[--blobs 200] [--plaintext-dir DIR]
 """
 import argparse
 import os
@@ -25,11 +25,15 @@ from zodbkmi.testing import KeyEncryptingKey
 from zodbkmi.testing import TestingKeyManagementFacility
 
 
+PLAINTEXT_DIR = None
+
+
 def open_storage(path, encrypted, facility):
     base = ZODB.FileStorage.FileStorage(
         os.path.join(path, 'Data.fs'), blob_dir=os.path.join(path, 'blobs'))
     if encrypted:
-        return EncryptingStorage(base, facility, KeyEncryptingKey)
+        return EncryptingStorage(base, facility, KeyEncryptingKey,
+                                 plaintext_dir=PLAINTEXT_DIR)
     return base
 
 
@@ -109,7 +113,12 @@ def main():
     parser.add_argument('--rounds', type=int, default=9)
     parser.add_argument('--objects', type=int, default=20000)
     parser.add_argument('--blobs', type=int, default=200)
+    parser.add_argument('--plaintext-dir', default=None,
+                        help="the wrapper's plaintext_dir (default: the "
+                             "system's temporary directory)")
     args = parser.parse_args()
+    global PLAINTEXT_DIR
+    PLAINTEXT_DIR = args.plaintext_dir
     payload = os.urandom(1 << 20)
     work = tempfile.mkdtemp(prefix='zodbkmi-bench-')
     facility = TestingKeyManagementFacility(os.path.join(work, 'keys'))

@@ -429,6 +429,31 @@ class ConfigTests(_TempDir, unittest.TestCase):
             self.assertEqual(conn.root()['secret'], SECRET)
         db.close()
 
+    def test_zconfig_plaintext_dir(self):
+        import ZConfig
+        import ZODB.config
+        self._write_keys()
+        os.mkdir('plain')
+        config = """
+        %%import zodbkmi
+        <zodb>
+          <encryptingstorage>
+            key-file %(tmp)s/kek
+            key-dir %(tmp)s/vault
+            plaintext-dir %(dir)s
+            <mappingstorage/>
+          </encryptingstorage>
+        </zodb>
+        """
+        db = ZODB.config.databaseFromString(
+            config % dict(tmp=self.tmp, dir=os.path.join(self.tmp, 'plain')))
+        self.assertEqual(db.storage._plaintext_dir,
+                         os.path.join(self.tmp, 'plain'))
+        db.close()
+        with self.assertRaises(ZConfig.DataConversionError):
+            ZODB.config.databaseFromString(
+                config % dict(tmp=self.tmp, dir=os.path.join(self.tmp, 'no')))
+
     def test_zconfig_bad_mode(self):
         import ZConfig
         import ZODB.config
@@ -460,6 +485,20 @@ class ConfigTests(_TempDir, unittest.TestCase):
         db.close()
         with open('Data.fs', 'rb') as f:
             self.assertNotIn(SECRET.encode(), f.read())
+
+    def test_zodburi_plaintext_dir(self):
+        import zodburi
+        self._write_keys()
+        os.mkdir('plain')
+        uri = ('zodbkmi+memory://?key_file=%s/kek&key_dir=%s/vault'
+               '&plaintext_dir=%s/plain' % (self.tmp, self.tmp, self.tmp))
+        factory, dbkw = zodburi.resolve_uri(uri)
+        storage = factory()
+        self.assertEqual(storage._plaintext_dir,
+                         os.path.join(self.tmp, 'plain'))
+        storage.close()
+        with self.assertRaisesRegex(ValueError, 'not a directory'):
+            zodburi.resolve_uri(uri.replace('/plain', '/no'))
 
     def test_zodburi_needs_keys(self):
         import zodburi
@@ -582,6 +621,72 @@ class BlobTests(_TempDir, unittest.TestCase):
         self.assertFalse(os.path.exists(name))
         conn.close()
         db.close()
+
+    def test_plaintext_dir(self):
+        from zodbkmi.storage import PRIVATE_PREFIX
+        os.mkdir('plain')
+        self._store().close()
+        db = ZODB.DB(self._makeOne(plaintext_dir='plain'))
+        conn = db.open()
+        name = conn.root()['blob'].committed()
+        private = os.path.dirname(name)
+        self.assertEqual(os.path.dirname(private), os.path.abspath('plain'))
+        self.assertTrue(os.path.basename(private).startswith(
+            '%s%d-' % (PRIVATE_PREFIX, os.getpid())))
+        self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+        with open(name, 'rb') as f:
+            self.assertEqual(f.read(9), SECRET.encode()[:9])
+        transaction.abort()
+        conn.close()
+        db.close()
+        self.assertEqual(os.listdir('plain'), [])
+
+    def _dead_pid(self):
+        import subprocess
+        import sys
+        p = subprocess.Popen([sys.executable, '-c', 'pass'])
+        p.wait()
+        return p.pid
+
+    def test_directories_of_killed_processes_are_swept(self):
+        # a process killed inside a transaction leaves its plaintext
+        # copies; the next storage opened over the same directory of this
+        # user removes them, and only those of processes that are gone
+        from zodbkmi.storage import PRIVATE_PREFIX
+        os.mkdir('plain')
+        dead = os.path.join('plain', '%s%d-abc' % (PRIVATE_PREFIX,
+                                                   self._dead_pid()))
+        alive = os.path.join('plain', '%s%d-abc' % (PRIVATE_PREFIX,
+                                                    os.getppid()))
+        other = os.path.join('plain', 'zodbkmi-blobs-x-abc')
+        for path in (dead, alive, other):
+            os.mkdir(path, 0o700)
+            with open(os.path.join(path, 'copy.blob'), 'wb') as f:
+                f.write(SECRET.encode())
+        self._store().close()
+        db = ZODB.DB(self._makeOne(plaintext_dir='plain'))
+        with db.transaction() as conn:
+            with conn.root()['blob'].open() as f:
+                self.assertEqual(f.read(9), SECRET.encode()[:9])
+        db.close()
+        self.assertFalse(os.path.exists(dead))
+        self.assertTrue(os.path.exists(alive))
+        self.assertTrue(os.path.exists(other))
+
+    def test_sweep_leaves_directories_of_other_users(self):
+        from zodbkmi.storage import PRIVATE_PREFIX
+        from zodbkmi.storage import sweep_plaintext_dirs
+        if os.getuid() != 0:
+            self.skipTest('needs root to make a directory of another user')
+        os.mkdir('plain')
+        path = os.path.join('plain', '%s%d-abc' % (PRIVATE_PREFIX,
+                                                   self._dead_pid()))
+        os.mkdir(path, 0o700)
+        os.chown(path, 65534, 65534)
+        self.assertEqual(sweep_plaintext_dirs('plain'), [])
+        self.assertTrue(os.path.exists(path))
+        os.chown(path, 0, 0)
+        self.assertEqual(sweep_plaintext_dirs('plain'), [path])
 
     def test_truncated_blob(self):
         from zodbkmi.exceptions import DecryptionError

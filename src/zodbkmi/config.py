@@ -46,7 +46,7 @@ class EncryptingStorageFactory:
         facility, key, previous = open_keys(
             c.key_file, c.key_dir, c.previous_key_files, c.mode)
         return self._factory(c.base.open(), facility, key, previous,
-                             mode=c.mode)
+                             mode=c.mode, plaintext_dir=c.plaintext_dir)
 
 
 class ServerEncryptingStorageFactory(EncryptingStorageFactory):
@@ -56,7 +56,8 @@ class ServerEncryptingStorageFactory(EncryptingStorageFactory):
 
 
 #: Query parameters of the zodburi scheme that belong to zodbkmi.
-URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode')
+URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode',
+                  'plaintext_dir')
 
 
 def uri_resolver(uri):
@@ -64,7 +65,8 @@ def uri_resolver(uri):
 
     The URI is the URI of the storage to wrap with ``zodbkmi+`` in front
     and the key settings in its query: ``key_file`` and ``key_dir``
-    (required), ``previous_key_file`` (repeatable) and ``mode``.  Returns
+    (required), ``previous_key_file`` (repeatable), ``mode`` and
+    ``plaintext_dir``.  Returns
     ``(factory, dbkw)`` as zodburi resolvers do.
     """
     import urllib.parse
@@ -91,6 +93,10 @@ def uri_resolver(uri):
         if not ours.get(name):
             raise ValueError('zodbkmi URI without %s' % name)
     wanted = mode(ours.get('mode', 'strict'))
+    plaintext_dir = ours.get('plaintext_dir') or None
+    if plaintext_dir is not None and not os.path.isdir(plaintext_dir):
+        raise ValueError('zodbkmi URI: plaintext_dir %r is not a directory'
+                         % plaintext_dir)
     inner = inner_scheme + ':' + path
     if others:
         inner += '?' + urllib.parse.urlencode(others)
@@ -101,5 +107,5 @@ def uri_resolver(uri):
         facility, key, prev = open_keys(ours['key_file'], ours['key_dir'],
                                         previous, wanted)
         return EncryptingStorage(base_factory(), facility, key, prev,
-                                 mode=wanted)
+                                 mode=wanted, plaintext_dir=plaintext_dir)
     return factory, dbkw

@@ -93,6 +93,44 @@ def _remove(name):
         pass
 
 
+#: Prefix of the private directories of plaintext blob copies, followed by
+#: the process id and a random suffix.
+PRIVATE_PREFIX = 'zodbkmi-blobs-'
+
+
+def sweep_plaintext_dirs(parent=None):
+    """Remove the private directories of plaintext blob copies that
+    processes of this user left in ``parent`` (default: the system's
+    temporary directory) when they were killed: those whose process no
+    longer runs.  Return the paths removed.  An ``EncryptingStorage``
+    calls it before it makes its own private directory."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        if not name.startswith(PRIVATE_PREFIX):
+            continue
+        pid = name[len(PRIVATE_PREFIX):].partition('-')[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (OSError, OverflowError):
+            continue     # alive under another user, or gone meanwhile
+    return removed
+
+
 def _annotate(error, oid):
     """Name ``oid`` in ``error`` (a zodbkmi error) and keep its type."""
     error.oid = oid
@@ -111,10 +149,13 @@ class EncryptingStorage:
     ``keyholder`` (an :class:`~zodbkmi.interfaces.IKeyHolder`) may be given
     instead of ``key`` and ``previous_keys``.  ``mode`` is one of
     :data:`STRICT`, :data:`MIGRATE` and :data:`DECRYPT_ONLY`.
+    ``plaintext_dir`` is the directory in which the storage makes its
+    private directory of plaintext blob copies (default: the system's
+    temporary directory; a RAM-backed file system keeps them off disks).
     """
 
     def __init__(self, base, facility, key=None, previous_keys=(),
-                 keyholder=None, mode=STRICT):
+                 keyholder=None, mode=STRICT, plaintext_dir=None):
         if keyholder is not None:
             if key is not None:
                 raise TypeError('give key or keyholder, not both')
@@ -144,6 +185,8 @@ class EncryptingStorage:
         self._in_pack = False
         self._local = threading.local()
         self._blob_tmp = None
+        self._plaintext_dir = (os.path.abspath(plaintext_dir)
+                               if plaintext_dir else None)
         self._loaded_blobs = []
         self.db = None
 
@@ -323,7 +366,11 @@ class EncryptingStorage:
     def _private_dir(self):
         path = self._blob_tmp
         if path is None or not os.path.isdir(path):
-            path = self._blob_tmp = tempfile.mkdtemp(prefix='zodbkmi-blobs-')
+            if path is None:
+                sweep_plaintext_dirs(self._plaintext_dir)
+            path = self._blob_tmp = tempfile.mkdtemp(
+                prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()),
+                dir=self._plaintext_dir)
         return path
 
     def _open_blob_plain(self, oid, serial, name=None):
@@ -585,7 +632,7 @@ class EncryptingStorage:
         """A wrapper of a new instance of an MVCC base storage."""
         other = type(self)(self.base.new_instance(*args, **kw),
                            self.facility, self._key, self._previous_keys,
-                           mode=self.mode)
+                           mode=self.mode, plaintext_dir=self._plaintext_dir)
         if self.db is not None:
             other.registerDB(self.db)
         return other
