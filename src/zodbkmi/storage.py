@@ -96,14 +96,16 @@ def _remove(name):
 #: Prefix of the private directories of plaintext blob copies, followed by
 #: the process id and a random suffix.
 PRIVATE_PREFIX = 'zodbkmi-blobs-'
+_swept = set()
 
 
 def sweep_plaintext_dirs(parent=None):
     """Remove the private directories of plaintext blob copies that
     processes of this user left in ``parent`` (default: the system's
     temporary directory) when they were killed: those whose process no
-    longer runs.  Return the paths removed.  An ``EncryptingStorage``
-    calls it before it makes its own private directory."""
+    longer runs.  Return the paths removed.  The first
+    ``EncryptingStorage`` of a process that makes its private directory in
+    ``parent`` calls it first."""
     parent = parent or tempfile.gettempdir()
     removed = []
     try:
@@ -366,8 +368,11 @@ class EncryptingStorage:
     def _private_dir(self):
         path = self._blob_tmp
         if path is None or not os.path.isdir(path):
-            if path is None:
-                sweep_plaintext_dirs(self._plaintext_dir)
+            parent = self._plaintext_dir or tempfile.gettempdir()
+            if parent not in _swept:
+                # once per directory and process (MVCC instances are many)
+                _swept.add(parent)
+                sweep_plaintext_dirs(parent)
             path = self._blob_tmp = tempfile.mkdtemp(
                 prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()),
                 dir=self._plaintext_dir)
