@@ -622,6 +622,31 @@ class BlobTests(_TempDir, unittest.TestCase):
         conn.close()
         db.close()
 
+    def test_one_pair_of_hooks_per_transaction(self):
+        # the copies of a transaction are removed by one pair of hooks,
+        # and forgotten: a long-running process keeps no list that grows
+        import ZODB.blob
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            for i in range(5):
+                conn.root()[i] = ZODB.blob.Blob(b'%d' % i)
+        storage = db.storage
+        conn = db.open()
+        txn = transaction.get()
+        commit_hooks = len(list(txn.getAfterCommitHooks()))
+        abort_hooks = len(list(txn.getAfterAbortHooks()))
+        names = [conn.root()[i].committed() for i in range(5)]
+        self.assertEqual(len(list(txn.getAfterCommitHooks())),
+                         commit_hooks + 1)
+        self.assertEqual(len(list(txn.getAfterAbortHooks())),
+                         abort_hooks + 1)
+        self.assertEqual(list(storage._loaded_blobs), names)
+        transaction.abort()
+        self.assertEqual(storage._loaded_blobs, {})
+        self.assertFalse([n for n in names if os.path.exists(n)])
+        conn.close()
+        db.close()
+
     def test_plaintext_dir(self):
         from zodbkmi.storage import PRIVATE_PREFIX
         os.mkdir('plain')

@@ -189,7 +189,7 @@ class EncryptingStorage:
         self._blob_tmp = None
         self._plaintext_dir = (os.path.abspath(plaintext_dir)
                                if plaintext_dir else None)
-        self._loaded_blobs = []
+        self._loaded_blobs = {}     # names of plaintext copies (ordered)
         self.db = None
 
         provided = [ZODB.interfaces.IStorageWrapper,
@@ -424,14 +424,27 @@ class EncryptingStorage:
         if os.path.exists(name):
             return name
         name = self._open_blob_plain(oid, serial, name)
-        self._loaded_blobs.append(name)
+        self._loaded_blobs[name] = None
         try:
             txn = transaction.get()
-            txn.addAfterCommitHook(lambda ok, n=name: _remove(n))
-            txn.addAfterAbortHook(lambda n=name: _remove(n))
         except Exception:
-            pass
+            return name     # an explicit manager between transactions
+        try:
+            names = txn.data(self)
+        except KeyError:
+            # one pair of hooks per transaction, however many blobs
+            names = []
+            txn.set_data(self, names)
+            txn.addAfterCommitHook(lambda ok: self._remove_copies(names))
+            txn.addAfterAbortHook(lambda: self._remove_copies(names))
+        names.append(name)
         return name
+
+    def _remove_copies(self, names):
+        for name in names:
+            self._loaded_blobs.pop(name, None)
+            _remove(name)
+        del names[:]
 
     def openCommittedBlobFile(self, oid, serial, blob=None):
         """An open file on the plaintext of the blob; its name is removed
@@ -457,9 +470,9 @@ class EncryptingStorage:
         try:
             return self.base.close()
         finally:
-            for name in self._loaded_blobs:
+            for name in list(self._loaded_blobs):
                 _remove(name)
-            del self._loaded_blobs[:]
+            self._loaded_blobs.clear()
             if self._blob_tmp is not None:
                 shutil.rmtree(self._blob_tmp, ignore_errors=True)
                 self._blob_tmp = None
