@@ -402,21 +402,25 @@ class ConfigTests(_TempDir, unittest.TestCase):
         os.mkdir('vault')
         write_key_file(os.path.join(self.tmp, 'kek'), KeyEncryptingKey)
 
-    def test_zconfig_section(self):
-        import ZODB.config
-        self._write_keys()
-        config = """
+    def _config(self, settings='', storage='<mappingstorage/>'):
+        """ZConfig text of an encryptingstorage with the test's keys."""
+        return """
         %%import zodbkmi
         <zodb>
           <encryptingstorage>
             key-file %(tmp)s/kek
             key-dir %(tmp)s/vault
-            <filestorage>
-              path %(tmp)s/Data.fs
-            </filestorage>
+            %(settings)s
+            %(storage)s
           </encryptingstorage>
         </zodb>
-        """ % dict(tmp=self.tmp)
+        """ % dict(tmp=self.tmp, settings=settings, storage=storage)
+
+    def test_zconfig_section(self):
+        import ZODB.config
+        self._write_keys()
+        config = self._config(storage='<filestorage>\n path %s/Data.fs\n'
+                                      '</filestorage>' % self.tmp)
         db = ZODB.config.databaseFromString(config)
         with db.transaction() as conn:
             conn.root()['secret'] = SECRET
@@ -434,41 +438,20 @@ class ConfigTests(_TempDir, unittest.TestCase):
         import ZODB.config
         self._write_keys()
         os.mkdir('plain')
-        config = """
-        %%import zodbkmi
-        <zodb>
-          <encryptingstorage>
-            key-file %(tmp)s/kek
-            key-dir %(tmp)s/vault
-            plaintext-dir %(dir)s
-            <mappingstorage/>
-          </encryptingstorage>
-        </zodb>
-        """
+        plain = os.path.join(self.tmp, 'plain')
         db = ZODB.config.databaseFromString(
-            config % dict(tmp=self.tmp, dir=os.path.join(self.tmp, 'plain')))
-        self.assertEqual(db.storage._plaintext_dir,
-                         os.path.join(self.tmp, 'plain'))
+            self._config('plaintext-dir %s' % plain))
+        self.assertEqual(db.storage._plaintext_dir, plain)
         db.close()
         with self.assertRaises(ZConfig.DataConversionError):
             ZODB.config.databaseFromString(
-                config % dict(tmp=self.tmp, dir=os.path.join(self.tmp, 'no')))
+                self._config('plaintext-dir %s/no' % self.tmp))
 
     def test_zconfig_bad_mode(self):
         import ZConfig
         import ZODB.config
         self._write_keys()
-        config = """
-        %%import zodbkmi
-        <zodb>
-          <encryptingstorage>
-            key-file %(tmp)s/kek
-            key-dir %(tmp)s/vault
-            mode lenient
-            <mappingstorage/>
-          </encryptingstorage>
-        </zodb>
-        """ % dict(tmp=self.tmp)
+        config = self._config('mode lenient')
         with self.assertRaises(ZConfig.DataConversionError):
             ZODB.config.databaseFromString(config)
 
