@@ -3,7 +3,8 @@
 Commit and load of N small objects and of B blobs of 1 MiB, variants
 alternating within each round; prints medians and ratios, and the floor
 of an encrypted blob load: the plain load plus decrypting every blob file
-into a new file, which ZODB's loadBlob contract makes every wrapper do.  Usage:
+into a new file, which ZODB's loadBlob contract makes every wrapper do.
+Usage:
 python benchmarks/bench_storage.py [--rounds 9] [--objects 20000]
 [--blobs 200] [--plaintext-dir DIR]
 """
@@ -93,7 +94,7 @@ def decrypt_only(path, facility, oids):
     plaintext file of every blob it loads: decrypt each blob file into a
     new file, then remove it (no ZODB)."""
     storage = open_storage(path, False, facility)
-    out = tempfile.mkdtemp(dir=path)
+    out = tempfile.mkdtemp(dir=PLAINTEXT_DIR or path)
     try:
         t0 = time.perf_counter()
         for oid, serial in oids:
@@ -106,6 +107,7 @@ def decrypt_only(path, facility, oids):
         return time.perf_counter() - t0
     finally:
         storage.close()
+        os.rmdir(out)
 
 
 def main():
