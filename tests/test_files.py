@@ -54,6 +54,29 @@ class FacilityFileTests(_TempDir):
             sealed = self._encrypt(data)
             self.assertEqual(self._decrypt(sealed), data)
 
+    def test_encrypt_file_in_place(self):
+        data = os.urandom(200000)
+        with open(self.path('blob'), 'wb') as f:
+            f.write(data)
+        fd = os.open(self.path('blob'), os.O_RDWR)
+        try:
+            n = self.facility.encrypt_file_in_place(self.kek, fd,
+                                                    oid=b'\0' * 8)
+        finally:
+            os.close(fd)
+        self.assertEqual(n, len(data))
+        with open(self.path('blob'), 'rb') as f:
+            sealed = f.read()
+        self.assertEqual(stream.parse_header(sealed).dek_id.hex(),
+                         self.dek_id)
+        out = io.BytesIO()
+        self.facility.decrypt_file(self.kek, io.BytesIO(sealed), out,
+                                   oid=b'\0' * 8)
+        self.assertEqual(out.getvalue(), data)
+        with self.assertRaises(exceptions.AuthenticationError):
+            self.facility.decrypt_file(self.kek, io.BytesIO(sealed),
+                                       io.BytesIO(), oid=b'\0' * 7 + b'1')
+
     def test_stream_names_the_active_dek(self):
         sealed = self._encrypt(b'data')
         self.assertEqual(sealed[:3], b'zks')

@@ -1,4 +1,5 @@
 """Tests of zodbkmi.storage (EncryptingStorage on FileStorage)."""
+import io
 import os
 import shutil
 import tempfile
@@ -8,6 +9,7 @@ import zlib
 import transaction
 import ZODB
 import ZODB.FileStorage
+import ZODB.MappingStorage
 import ZODB.interfaces
 from persistent.mapping import PersistentMapping
 from ZODB.utils import p64
@@ -604,6 +606,93 @@ class BlobTests(_TempDir, unittest.TestCase):
         self.assertFalse(os.path.exists(name))
         conn.close()
         db.close()
+
+    def _uncommitted(self, data=SECRET.encode() * 100):
+        with open('upload', 'wb') as f:
+            f.write(data)
+        return 'upload'
+
+    def _sealed_ok(self, name, data=SECRET.encode() * 100):
+        from zodbkmi.testing import KeyEncryptingKey
+        with open(name, 'rb') as f:
+            sealed = f.read()
+        self.assertNotIn(SECRET.encode(), sealed)
+        out = io.BytesIO()
+        self.facility.decrypt_file(KeyEncryptingKey, io.BytesIO(sealed),
+                                   out, oid=p64(7))
+        self.assertEqual(out.getvalue(), data)
+
+    def test_blob_sealed_in_place(self):
+        storage = self._makeOne()
+        self.addCleanup(storage.close)
+        name = self._uncommitted()
+        ino = os.stat(name).st_ino
+        self.assertEqual(storage._seal_blob(name, p64(7)), name)
+        self.assertEqual(os.stat(name).st_ino, ino)    # the same file
+        self._sealed_ok(name)
+
+    def test_blob_with_other_names_sealed_into_a_new_file(self):
+        # another hard link of the file keeps its plaintext
+        storage = self._makeOne()
+        self.addCleanup(storage.close)
+        name = self._uncommitted()
+        os.link(name, 'mine')
+        sealed = storage._seal_blob(name, p64(7))
+        self.assertNotEqual(sealed, name)
+        self.assertFalse(os.path.exists(name))
+        self._sealed_ok(sealed)
+        with open('mine', 'rb') as f:
+            self.assertEqual(f.read(), SECRET.encode() * 100)
+
+    def test_read_only_blob_sealed_into_a_new_file(self):
+        if os.getuid() == 0:
+            self.skipTest('root may write read-only files')
+        storage = self._makeOne()
+        self.addCleanup(storage.close)
+        name = self._uncommitted()
+        os.chmod(name, 0o400)
+        sealed = storage._seal_blob(name, p64(7))
+        self.assertNotEqual(sealed, name)
+        self._sealed_ok(sealed)
+
+    def test_symbolic_link_sealed_into_a_new_file(self):
+        # the file it points to is not the storage's to change
+        storage = self._makeOne()
+        self.addCleanup(storage.close)
+        os.symlink(os.path.abspath(self._uncommitted()), 'link')
+        sealed = storage._seal_blob('link', p64(7))
+        self.assertNotEqual(sealed, 'link')
+        self._sealed_ok(sealed)
+        with open('upload', 'rb') as f:
+            self.assertEqual(f.read(), SECRET.encode() * 100)
+
+    def test_facility_without_in_place_sealing(self):
+        from zodbkmi.storage import EncryptingStorage
+        from zodbkmi.testing import KeyEncryptingKey
+
+        class Facility:
+            encrypt_file = self.facility.encrypt_file
+            decrypt_file = self.facility.decrypt_file
+            encrypt = self.facility.encrypt
+            decrypt = self.facility.decrypt
+
+        storage = EncryptingStorage(ZODB.MappingStorage.MappingStorage(),
+                                    Facility(), KeyEncryptingKey)
+        self.addCleanup(storage.close)
+        sealed = storage._seal_blob(self._uncommitted(), p64(7))
+        self.assertNotEqual(sealed, 'upload')
+        self._sealed_ok(sealed)
+
+    def test_failed_in_place_sealing_removes_the_file(self):
+        import unittest.mock
+        storage = self._makeOne()
+        self.addCleanup(storage.close)
+        name = self._uncommitted()
+        with unittest.mock.patch('os.pwrite',
+                                 side_effect=OSError(28, 'disk full')):
+            with self.assertRaises(OSError):
+                storage._seal_blob(name, p64(7))
+        self.assertFalse(os.path.exists(name))
 
     def test_one_pair_of_hooks_per_transaction(self):
         # the copies of a transaction are removed by one pair of hooks,

@@ -541,6 +541,78 @@ class VectorTests(unittest.TestCase):
             self.assertIs(type(cm.exception), error, v['name'])
 
 
+class InPlaceTests(unittest.TestCase):
+    """encrypt_in_place writes, over the file, what encrypt writes."""
+
+    def setUp(self):
+        import tempfile
+        fd, self.name = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.remove, self.name)
+
+    def _in_place(self, data, header, aad=b''):
+        with open(self.name, 'wb') as f:
+            f.write(data)
+        fd = os.open(self.name, os.O_RDWR)
+        try:
+            self.assertEqual(stream.encrypt_in_place(fd, DEK, header, aad),
+                             len(data))
+        finally:
+            os.close(fd)
+        with open(self.name, 'rb') as f:
+            return f.read()
+
+    def test_same_bytes_as_encrypt(self):
+        for cs in (SMALL, stream.DEFAULT_CHUNK_SIZE):
+            per = stream._per_batch(cs)
+            for size in (0, 1, cs - 1, cs, cs + 1, per * cs - 1, per * cs,
+                         per * cs + 1, 3 * per * cs + 7, 1 << 20):
+                data = os.urandom(size)
+                header = stream.build_header(DEK_ID, chunk_size=cs)
+                out = io.BytesIO()
+                stream.encrypt(io.BytesIO(data), out, DEK, header, b'aad')
+                self.assertEqual(self._in_place(data, header, b'aad'),
+                                 out.getvalue(), (cs, size))
+                self.assertEqual(stream.decrypt_bytes(
+                    DEK_ID, DEK, self._in_place(data, header)), data)
+
+    def test_vectors(self):
+        with open(VECTORS) as f:
+            doc = json.load(f)
+        valid = [v for v in doc['vectors']
+                 if 'plaintext' in v and 'wrapped' not in v]
+        self.assertGreaterEqual(len(valid), 3)
+        for v in valid:
+            header = stream.build_header(
+                bytes.fromhex(v['dek_id']), chunk_size=v['chunk_size'],
+                _salt=bytes.fromhex(v['salt']))
+            with open(self.name, 'wb') as f:
+                f.write(bytes.fromhex(v['plaintext']))
+            fd = os.open(self.name, os.O_RDWR)
+            try:
+                stream.encrypt_in_place(fd, bytes.fromhex(v['dek']), header)
+            finally:
+                os.close(fd)
+            with open(self.name, 'rb') as f:
+                self.assertEqual(f.read().hex(), v['stream'], v['name'])
+
+    def test_buffers_hold_no_plaintext_after(self):
+        marker = b'plaintext marker ' * 5000
+        self._in_place(marker, stream.build_header(DEK_ID))
+        for buf in stream._pool.buffers:
+            self.assertEqual(buf.find(b'plaintext marker'), -1)
+
+    def test_file_shrinking_meanwhile_is_an_error(self):
+        import unittest.mock
+        with open(self.name, 'wb') as f:
+            f.write(os.urandom(5000))
+        fd = os.open(self.name, os.O_RDWR)
+        self.addCleanup(os.close, fd)
+        with unittest.mock.patch('os.preadv', return_value=0):
+            with self.assertRaisesRegex(OSError, 'shrank'):
+                stream.encrypt_in_place(fd, DEK, stream.build_header(DEK_ID))
+
+
 class _SmallBatches:
     """Run a test class with batches of ``batch`` bytes, so that small
     inputs cross many batch boundaries."""

@@ -252,6 +252,19 @@ class EncryptionService:
         return stream.encrypt(fsrc, fdst, entry._dek, header,
                               _file_aad(oid))
 
+    def encrypt_file_in_place(self, key, fd, chunk_size=None, oid=None):
+        """Encrypt the regular file open for reading and writing on the
+        file descriptor ``fd`` into itself, as :meth:`encrypt_file` would
+        into another file (see
+        :func:`zodbkmi.format.stream.encrypt_in_place` for what an error
+        leaves); return the number of plaintext bytes."""
+        entry = self._encryption_entry(key)
+        entry.count_use()
+        header = stream.build_header(
+            entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
+        return stream.encrypt_in_place(fd, entry._dek, header,
+                                       _file_aad(oid))
+
     def decrypt_file(self, key, fsrc, fdst, oid=None):
         """Decrypt the stream ``fsrc`` into ``fdst``; return the number of
         plaintext bytes.  A self-contained stream (its wrapped DEK embedded)

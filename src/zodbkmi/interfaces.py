@@ -117,6 +117,14 @@ class IExtendedKeyManagementFacility(IKeyManagementFacility,
         source that cannot seek.
         """
 
+    def encrypt_file_in_place(key, fd, chunk_size=None, oid=None):
+        """Encrypt the regular file open for reading and writing on the
+        file descriptor ``fd`` into itself, byte for byte as
+        :meth:`encrypt_file` would into another file; return the number
+        of plaintext bytes.  On an error the file holds a mix of plaintext
+        and ciphertext and must be discarded.
+        """
+
 
 class IKeyHolder(zope.interface.Interface):
     """Holds the application's key encrypting key.

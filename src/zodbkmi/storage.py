@@ -350,9 +350,13 @@ class EncryptingStorage:
 
     def _seal_blob(self, filename, oid):
         """Encrypt the blob file ``filename`` of ``oid`` (which the storage
-        owns from now on) into a new file next to it, bound to the oid;
-        remove the plaintext."""
+        owns from now on), bound to the oid: in place when it is a regular
+        file of one name that the facility can encrypt in place (its
+        plaintext pages are overwritten), else into a new file next to it
+        (the plaintext removed).  Return the name of the encrypted file."""
         if self._write_plaintext or filename is None:
+            return filename
+        if self._seal_blob_in_place(filename, oid):
             return filename
         fd, sealed = tempfile.mkstemp(
             suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
@@ -364,6 +368,27 @@ class EncryptingStorage:
             raise
         ZODB.blob.remove_committed(filename)
         return sealed
+
+    def _seal_blob_in_place(self, filename, oid):
+        in_place = getattr(self.facility, 'encrypt_file_in_place', None)
+        if in_place is None:
+            return False
+        try:
+            fd = os.open(filename, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return False          # read-only, or a symbolic link
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return False      # another name may expect the plaintext
+            try:
+                in_place(self._key, fd, oid=oid)
+            except BaseException:
+                _remove(filename)     # half encrypted: useless
+                raise
+            return True
+        finally:
+            os.close(fd)
 
     def _private_dir(self):
         path = self._blob_tmp

@@ -439,6 +439,68 @@ def encrypt(fsrc, fdst, dek, header, aad=b''):
                  output, bufs, lambda: (cur, nxt), bsize)
 
 
+def encrypt_in_place(fd, dek, header, aad=b''):
+    """Encrypt the regular file open for reading and writing on the file
+    descriptor ``fd`` into itself: the file then holds exactly what
+    :func:`encrypt` would write for its content (same ``header`` and
+    ``aad``).  Return the number of plaintext bytes.
+
+    A chunk's ciphertext never starts before its plaintext (each chunk
+    before it grows by its tag, the header comes first), so the batches
+    are processed from the end of the file to its start: a batch is read
+    whole before its ciphertext is written over it and over batches
+    already done.  The plaintext's pages are overwritten rather than
+    freed, and no second file is made.  On an error the file holds a mix
+    of plaintext and ciphertext: discard it.  The file must not change
+    meanwhile, nor have other names (hard links) that expect plaintext.
+    """
+    aead = AESGCM(payload_key(header, dek, aad))
+    cs = header.chunk_size
+    per = _per_batch(cs)
+    bsize = per * cs
+    size = os.fstat(fd).st_size
+    count = max(1, -(-size // cs))       # an empty file: one empty chunk
+    if count > _MAX_COUNTER:   # pragma: no cover (2**88 chunks)
+        raise OverflowError('stream too long')
+    buf, out = _buffer(bsize), _buffer(per * (cs + TAG_SIZE))
+    view, outview = memoryview(buf), memoryview(out)
+    encrypt_into = aead.encrypt_into
+    try:
+        b = count
+        while b > 0:
+            a = max(0, b - per)
+            start, end = a * cs, min(size, b * cs)
+            n = 0
+            while n < end - start:
+                k = os.preadv(fd, [view[n:end - start]], start + n)
+                if not k:
+                    raise OSError('file %d shrank while it was encrypted '
+                                  'in place' % fd)
+                n += k
+            pos = opos = 0
+            for i in range(a, b):
+                k = min(cs, n - pos)
+                nonce = i.to_bytes(11, 'big') + (
+                    _LAST if i == count - 1 else _NOT_LAST)
+                encrypt_into(nonce, view[pos:pos + k], None,
+                             outview[opos:opos + k + TAG_SIZE])
+                pos += k
+                opos += k + TAG_SIZE
+            _pwrite_all(fd, outview[:opos],
+                        header.size + a * (cs + TAG_SIZE))
+            b = a
+        _pwrite_all(fd, memoryview(header.raw), 0)
+    finally:
+        _give_back([buf, out], [(buf, min(bsize, size))])
+    return size
+
+
+def _pwrite_all(fd, view, offset):
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def _pump(work, output, bufs, plain, size):
     """Return ``work()``, the number of plaintext bytes it sealed or
     opened into ``output``, once all of it is written; on an error, what
