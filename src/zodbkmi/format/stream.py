@@ -460,8 +460,6 @@ def encrypt_in_place(fd, dek, header, aad=b''):
     bsize = per * cs
     size = os.fstat(fd).st_size
     count = max(1, -(-size // cs))       # an empty file: one empty chunk
-    if count > _MAX_COUNTER:   # pragma: no cover (2**88 chunks)
-        raise OverflowError('stream too long')
     buf, out = _buffer(bsize), _buffer(per * (cs + TAG_SIZE))
     view, outview = memoryview(buf), memoryview(out)
     encrypt_into = aead.encrypt_into
@@ -480,10 +478,8 @@ def encrypt_in_place(fd, dek, header, aad=b''):
             pos = opos = 0
             for i in range(a, b):
                 k = min(cs, n - pos)
-                nonce = i.to_bytes(11, 'big') + (
-                    _LAST if i == count - 1 else _NOT_LAST)
-                encrypt_into(nonce, view[pos:pos + k], None,
-                             outview[opos:opos + k + TAG_SIZE])
+                encrypt_into(_nonce(i, i == count - 1), view[pos:pos + k],
+                             None, outview[opos:opos + k + TAG_SIZE])
                 pos += k
                 opos += k + TAG_SIZE
             _pwrite_all(fd, outview[:opos],
