@@ -822,7 +822,7 @@ class BlobFileTests(AdversarialBase):
                 storage.loadBlob(SMALL, serial)
             with self.assertRaises(X.AuthenticationError):
                 storage.openCommittedBlobFile(SMALL, serial)
-        private = storage._blob_tmp
+        private = storage._copies.path
         self.assertEqual(os.listdir(private) if private else [], [])
 
 

@@ -587,7 +587,7 @@ class BlobTests(_TempDir, unittest.TestCase):
             serial = storage.base.load(p64(1))[1]
             with storage.openCommittedBlobFile(p64(1), serial) as f:
                 self.assertEqual(f.read(9), SECRET.encode()[:9])
-                private = storage._blob_tmp
+                private = storage._copies.path
                 self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
                 self.assertEqual(os.listdir(private), [])   # unlinked
         finally:
@@ -695,27 +695,160 @@ class BlobTests(_TempDir, unittest.TestCase):
         self.assertFalse(os.path.exists(name))
 
     def test_one_pair_of_hooks_per_transaction(self):
-        # the copies of a transaction are removed by one pair of hooks,
-        # and forgotten: a long-running process keeps no list that grows
+        # used without a connection, the storage removes its copies at
+        # the end of the thread's transaction, with one pair of hooks, and
+        # forgets them: a long-running process keeps no list that grows
         import ZODB.blob
         db = ZODB.DB(self._makeOne())
         with db.transaction() as conn:
             for i in range(5):
                 conn.root()[i] = ZODB.blob.Blob(b'%d' % i)
+        with db.transaction() as conn:
+            oids = [conn.root()[i]._p_oid for i in range(5)]
         storage = db.storage
-        conn = db.open()
         txn = transaction.get()
         commit_hooks = len(list(txn.getAfterCommitHooks()))
         abort_hooks = len(list(txn.getAfterAbortHooks()))
-        names = [conn.root()[i].committed() for i in range(5)]
+        names = [storage.loadBlob(oid, storage.load(oid)[1]) for oid in oids]
         self.assertEqual(len(list(txn.getAfterCommitHooks())),
                          commit_hooks + 1)
         self.assertEqual(len(list(txn.getAfterAbortHooks())),
                          abort_hooks + 1)
-        self.assertEqual(list(storage._loaded_blobs), names)
+        self.assertEqual(list(storage._copies.names), names)
         transaction.abort()
-        self.assertEqual(storage._loaded_blobs, {})
+        self.assertEqual(storage._copies.names, {})
         self.assertFalse([n for n in names if os.path.exists(n)])
+        db.close()
+
+    def _five_blobs(self):
+        import ZODB.blob
+        db = ZODB.DB(self._makeOne())
+        with db.transaction() as conn:
+            for i in range(5):
+                conn.root()[i] = ZODB.blob.Blob(b'blob %d' % i)
+        return db
+
+    def test_connection_copies_need_no_transaction_hooks(self):
+        db = self._five_blobs()
+        conn = db.open()
+        txn = transaction.get()
+        hooks = len(list(txn.getAfterCommitHooks()))
+        names = [conn.root()[i].committed() for i in range(5)]
+        self.assertEqual(len(list(txn.getAfterCommitHooks())), hooks)
+        self.assertEqual(db.storage._copies.names, {})
+        private = os.path.dirname(names[0])
+        self.assertEqual(os.path.dirname(private), db.storage._copies.path)
+        self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+        transaction.commit()
+        self.assertFalse([n for n in names if os.path.exists(n)])
+        conn.close()
+        db.close()
+
+    def test_copies_removed_at_end_of_explicit_transaction(self):
+        # a connection with a transaction manager of its own (pyramid_tm's
+        # explicit mode): its copies go when its transaction ends, not
+        # with the thread's default transaction
+        db = self._five_blobs()
+        for explicit in (True, False):
+            tm = transaction.TransactionManager(explicit=explicit)
+            tm.begin()
+            conn = db.open(tm)
+            names = [conn.root()[i].committed() for i in range(5)]
+            with conn.root()[0].open() as f:
+                self.assertEqual(f.read(), b'blob 0')
+            self.assertTrue(all(os.path.exists(n) for n in names))
+            transaction.abort()     # the thread's default transaction
+            self.assertTrue(all(os.path.exists(n) for n in names))
+            tm.abort()
+            self.assertFalse([n for n in names if os.path.exists(n)])
+            tm.begin()
+            with conn.root()[0].open() as f:     # decrypted again
+                self.assertEqual(f.read(), b'blob 0')
+            tm.commit()
+            conn.close()
+        db.close()
+
+    def test_copies_of_two_connections_are_apart(self):
+        # one connection's transaction end does not remove the copy the
+        # other connection still uses ('r+' opens it by name)
+        db = self._five_blobs()
+        tm1 = transaction.TransactionManager()
+        tm2 = transaction.TransactionManager()
+        c1 = db.open(tm1)
+        c2 = db.open(tm2)
+        n1 = c1.root()[1].committed()
+        n2 = c2.root()[1].committed()
+        self.assertNotEqual(n1, n2)
+        tm1.abort()
+        self.assertFalse(os.path.exists(n1))
+        with c2.root()[1].open('r+') as f:
+            self.assertEqual(f.read(), b'blob 1')
+            f.write(b' changed')
+        tm2.commit()
+        self.assertFalse(os.path.exists(n2))
+        tm1.begin()
+        with c1.root()[1].open() as f:
+            self.assertEqual(f.read(), b'blob 1 changed')
+        tm1.abort()
+        c1.close()
+        c2.close()
+        db.close()
+
+    def test_copies_removed_when_connection_closes(self):
+        db = self._five_blobs()
+        tm = transaction.TransactionManager(explicit=True)
+        tm.begin()
+        conn = db.open(tm)
+        name = conn.root()[2].committed()
+        conn.close()      # inside the transaction, nothing changed
+        self.assertFalse(os.path.exists(name))
+        tm.abort()
+        db.close()
+        self.assertFalse(os.path.exists(os.path.dirname(name)))
+
+    def test_historical_connection(self):
+        import ZODB.blob
+        db = self._five_blobs()
+        with db.transaction() as conn:
+            conn.root()[3] = ZODB.blob.Blob(b'new blob 3')
+        before = db.storage.lastTransaction()
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()[3].open().read(), b'new blob 3')
+        tm = transaction.TransactionManager(explicit=True)
+        tm.begin()
+        conn = db.open(tm, before=before)
+        name = conn.root()[3].committed()
+        with conn.root()[3].open() as f:
+            self.assertEqual(f.read(), b'blob 3')
+        tm.abort()
+        self.assertFalse(os.path.exists(name))
+        conn.close()
+        db.close()
+
+    def test_stacked_wrapper_reads_through_connection_storages(self):
+        # a wrapper above (zc.zlibstorage) copies the interfaces and
+        # new_instance of the wrapper below: connections read through it
+        import zc.zlibstorage
+        import ZODB.blob
+        storage = zc.zlibstorage.ZlibStorage(self._makeOne())
+        db = ZODB.DB(storage)
+        with db.transaction() as conn:
+            conn.root()['text'] = 'x' * 1000       # compressed
+            conn.root()['blob'] = ZODB.blob.Blob(b'stacked')
+        db.close()
+        base = self._makeOne()
+        self.assertTrue(base.unseal(base.base.load(p64(0))[0],
+                                    p64(0)).startswith(b'.z'))
+        base.close()
+        db = ZODB.DB(zc.zlibstorage.ZlibStorage(self._makeOne()))
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        self.assertEqual(conn.root()['text'], 'x' * 1000)
+        name = conn.root()['blob'].committed()
+        with open(name, 'rb') as f:
+            self.assertEqual(f.read(), b'stacked')
+        tm.abort()
+        self.assertFalse(os.path.exists(name))
         conn.close()
         db.close()
 
@@ -726,7 +859,8 @@ class BlobTests(_TempDir, unittest.TestCase):
         db = ZODB.DB(self._makeOne(plaintext_dir='plain'))
         conn = db.open()
         name = conn.root()['blob'].committed()
-        private = os.path.dirname(name)
+        # the connection's directory in the storage's
+        private = os.path.dirname(os.path.dirname(name))
         self.assertEqual(os.path.dirname(private), os.path.abspath('plain'))
         self.assertTrue(os.path.basename(private).startswith(
             '%s%d-' % (PRIVATE_PREFIX, os.getpid())))
@@ -801,7 +935,7 @@ class BlobTests(_TempDir, unittest.TestCase):
             with self.assertRaises(DecryptionError) as cm:
                 conn.root()['blob'].open().read()
             self.assertIn('0x01', str(cm.exception))
-            self.assertEqual(os.listdir(storage._blob_tmp), [])
+            self.assertEqual(_files_under(storage._copies.path), [])
         db.close()
 
     def test_blob_file_moved_to_another_oid(self):
@@ -833,7 +967,7 @@ class BlobTests(_TempDir, unittest.TestCase):
                 with self.assertRaises(AuthenticationError):
                     storage.openCommittedBlobFile(
                         oid, storage.base.load(oid)[1])
-            self.assertEqual(os.listdir(storage._blob_tmp), [])
+            self.assertEqual(os.listdir(storage._copies.path), [])
         finally:
             storage.close()
 
@@ -872,6 +1006,10 @@ class BlobTests(_TempDir, unittest.TestCase):
         sealed = [p for p in self._blob_files()
                   if open_read(p).startswith(b'zks')]
         self.assertEqual(len(sealed), 1)
+
+
+def _files_under(path):
+    return [n for _, _, names in os.walk(path) for n in names]
 
 
 def open_read(path):

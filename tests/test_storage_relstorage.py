@@ -156,6 +156,39 @@ class RelStorageTests(unittest.TestCase):
             with conn.root()['blob'].open() as f:
                 self.assertEqual(f.read(), b'BLOB-' + SECRET.encode())
 
+    def test_blob_copies_removed_at_end_of_explicit_transaction(self):
+        db = self._db()
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'BLOB-' + SECRET.encode())
+        tm = transaction.TransactionManager(explicit=True)
+        tm.begin()
+        conn = db.open(tm)
+        name = conn.root()['blob'].committed()
+        with open(name, 'rb') as f:
+            self.assertEqual(f.read(), b'BLOB-' + SECRET.encode())
+        transaction.abort()     # the thread's default transaction
+        self.assertTrue(os.path.exists(name))
+        tm.abort()
+        self.assertFalse(os.path.exists(name))
+        conn.close()
+
+    def test_historical_connection_reads_plaintext(self):
+        db = self._db(keep_history=True)
+        self._fill(db)
+        with db.transaction() as conn:
+            conn.root()['child']['value'] = 'changed'
+        before = db.storage.lastTransaction()     # state before the change
+        tm = transaction.TransactionManager()
+        conn = db.open(tm, before=before)
+        try:
+            self.assertEqual(conn.root()['child']['value'],
+                             SECRET + '-child')
+            self.assertIsInstance(conn._storage._storage, EncryptingStorage)
+            self.assertTrue(conn._storage.isReadOnly())
+        finally:
+            tm.abort()
+            conn.close()
+
 
 def _doc_setUp(test):
     from tests import test_docs

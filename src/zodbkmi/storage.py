@@ -31,6 +31,9 @@ import transaction
 import ZODB.blob
 import ZODB.interfaces
 import zope.interface
+from ZODB.mvccadapter import HistoricalStorageAdapter
+from ZODB.mvccadapter import MVCCAdapter
+from ZODB.mvccadapter import MVCCAdapterInstance
 from ZODB.utils import oid_repr
 
 from zodbkmi.exceptions import DecryptionError
@@ -77,8 +80,7 @@ PASS_THROUGH = frozenset((
     'close', 'getName', 'getSize', 'history', 'isReadOnly',
     'lastTransaction', 'new_oid', 'sortKey', 'tpc_begin', 'tpc_vote',
     'supportsUndo', 'undoLog', 'undoInfo', 'checkCurrentSerialInTransaction',
-    'deleteObject', 'prefetch', 'temporaryDirectory', 'release',
-    'poll_invalidations', 'sync', 'afterCompletion',
+    'deleteObject', 'prefetch', 'temporaryDirectory', 'afterCompletion',
 ))
 
 
@@ -142,6 +144,85 @@ def _annotate(error, oid):
     return error
 
 
+class _PlaintextCopies:
+    """The plaintext copies of blob files made for one storage, or for one
+    connection, in a private directory (mode 0700) of their own.
+
+    The storage's directory is made in its ``plaintext_dir`` (named
+    ``PRIVATE_PREFIX`` + process id, so that :func:`sweep_plaintext_dirs`
+    finds it after a crash); a connection's directory is made inside the
+    storage's (``parent``).  A copy is named by oid and serial: loading a
+    blob twice in one scope decrypts it once.
+    """
+
+    def __init__(self, storage, parent=None):
+        self.storage = storage      # the EncryptingStorage that decrypts
+        self.parent = parent
+        self.path = None
+        self.names = {}             # the copies made (an ordered set)
+
+    def directory(self):
+        path = self.path
+        if path is None or not os.path.isdir(path):
+            if self.parent is not None:
+                path = tempfile.mkdtemp(prefix='connection-',
+                                        dir=self.parent.directory())
+            else:
+                where = self.storage._plaintext_dir
+                parent = where or tempfile.gettempdir()
+                if parent not in _swept:
+                    # once per directory and process
+                    _swept.add(parent)
+                    sweep_plaintext_dirs(parent)
+                path = tempfile.mkdtemp(
+                    prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()), dir=where)
+            self.path = path
+        return path
+
+    def _name(self, oid, serial):
+        return os.path.join(self.directory(),
+                            '%s-%s.blob' % (oid.hex(), serial.hex()))
+
+    def load(self, oid, serial):
+        """Return the name of the copy of the blob and whether it was made
+        by this call."""
+        name = self._name(oid, serial)
+        if os.path.exists(name):
+            return name, False
+        self.storage._open_blob_plain(oid, serial, None, name)
+        self.names[name] = None
+        return name, True
+
+    def open(self, oid, serial, blob=None):
+        """An open file on the plaintext of the blob: the copy when there
+        is one, else a new copy whose name is removed at once."""
+        name = self._name(oid, serial)
+        if os.path.exists(name):
+            if blob is None:
+                return open(name, 'rb')
+            return ZODB.blob.BlobFile(name, 'r', blob)
+        name = self.storage._open_blob_plain(oid, serial, self.directory())
+        try:
+            if blob is None:
+                return open(name, 'rb')
+            return ZODB.blob.BlobFile(name, 'r', blob)
+        finally:
+            _remove(name)
+
+    def remove(self, names=None):
+        """Remove the copies ``names`` (default: all)."""
+        for name in list(self.names) if names is None else names:
+            self.names.pop(name, None)
+            _remove(name)
+
+    def close(self):
+        """Remove every copy and the directory."""
+        self.remove()
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
 class EncryptingStorage:
     """Encrypt every record of ``base`` with keys found through ``facility``.
 
@@ -155,6 +236,9 @@ class EncryptingStorage:
     private directory of plaintext blob copies (default: the system's
     temporary directory; a RAM-backed file system keeps them off disks).
     """
+
+    # the MVCC layer for a base without one (ServerEncryptingStorage: no)
+    _own_mvcc = True
 
     def __init__(self, base, facility, key=None, previous_keys=(),
                  keyholder=None, mode=STRICT, plaintext_dir=None):
@@ -186,16 +270,21 @@ class EncryptingStorage:
         self._pack_index = None
         self._in_pack = False
         self._local = threading.local()
-        self._blob_tmp = None
         self._plaintext_dir = (os.path.abspath(plaintext_dir)
                                if plaintext_dir else None)
-        self._loaded_blobs = {}     # names of plaintext copies (ordered)
+        self._copies = _PlaintextCopies(self)
         self.db = None
+
+        self._base_mvcc = ZODB.interfaces.IMVCCStorage.providedBy(base)
+        self._mvcc = None
+        self._adapter_lock = threading.Lock()
 
         provided = [ZODB.interfaces.IStorageWrapper,
                     ZODB.interfaces.IStorage]
         provided.extend(i for i in CONDITIONAL_INTERFACES
                         if i.providedBy(base))
+        if self._own_mvcc and not self._base_mvcc:
+            provided.append(ZODB.interfaces.IMVCCStorage)
         zope.interface.directlyProvides(self, *provided)
         base.registerDB(self)
 
@@ -390,28 +479,14 @@ class EncryptingStorage:
         finally:
             os.close(fd)
 
-    def _private_dir(self):
-        path = self._blob_tmp
-        if path is None or not os.path.isdir(path):
-            parent = self._plaintext_dir or tempfile.gettempdir()
-            if parent not in _swept:
-                # once per directory and process (MVCC instances are many)
-                _swept.add(parent)
-                sweep_plaintext_dirs(parent)
-            path = self._blob_tmp = tempfile.mkdtemp(
-                prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()),
-                dir=self._plaintext_dir)
-        return path
-
-    def _open_blob_plain(self, oid, serial, name=None):
-        """Decrypt the blob of ``oid``/``serial`` into a new file of the
-        private temporary directory; return its name.  Nothing is left
+    def _open_blob_plain(self, oid, serial, directory, name=None):
+        """Decrypt the blob of ``oid``/``serial`` into a new file (``name``
+        or a new name in ``directory``); return its name.  Nothing is left
         behind when decryption fails."""
         source = self.base.loadBlob(oid, serial)
         if name is None:
             fd, name = tempfile.mkstemp(prefix=oid.hex() + '-' + serial.hex(),
-                                        suffix='.blob',
-                                        dir=self._private_dir())
+                                        suffix='.blob', dir=directory)
             os.fchmod(fd, stat.S_IRUSR)
         else:
             # read-only for later opens; this descriptor may write
@@ -442,14 +517,17 @@ class EncryptingStorage:
 
     def loadBlob(self, oid, serial):
         """The name of a plaintext copy of the blob, in a private
-        temporary directory (mode 0700); removed at the end of the current
-        transaction and when the storage is closed."""
-        name = os.path.join(self._private_dir(),
-                            '%s-%s.blob' % (oid.hex(), serial.hex()))
-        if os.path.exists(name):
+        temporary directory (mode 0700).
+
+        A connection's storage (see :meth:`new_instance`) removes its
+        copies when the connection's transaction ends.  Called on the
+        storage itself, the copy is removed at the end of the current
+        transaction of the thread's default transaction manager, and when
+        the storage is closed.
+        """
+        name, made = self._copies.load(oid, serial)
+        if not made:
             return name
-        name = self._open_blob_plain(oid, serial, name)
-        self._loaded_blobs[name] = None
         try:
             txn = transaction.get()
         except Exception:
@@ -466,41 +544,19 @@ class EncryptingStorage:
         return name
 
     def _remove_copies(self, names):
-        for name in names:
-            self._loaded_blobs.pop(name, None)
-            _remove(name)
+        self._copies.remove(names)
         del names[:]
 
     def openCommittedBlobFile(self, oid, serial, blob=None):
         """An open file on the plaintext of the blob; its name is removed
         at once, so no plaintext file stays behind when it is closed."""
-        loaded = os.path.join(self._private_dir(),
-                              '%s-%s.blob' % (oid.hex(), serial.hex()))
-        if os.path.exists(loaded):
-            # decrypted by loadBlob in this transaction: reuse it
-            if blob is None:
-                return open(loaded, 'rb')
-            return ZODB.blob.BlobFile(loaded, 'r', blob)
-        name = self._open_blob_plain(oid, serial)
-        try:
-            if blob is None:
-                f = open(name, 'rb')
-            else:
-                f = ZODB.blob.BlobFile(name, 'r', blob)
-        finally:
-            _remove(name)
-        return f
+        return self._copies.open(oid, serial, blob)
 
     def close(self):
         try:
             return self.base.close()
         finally:
-            for name in list(self._loaded_blobs):
-                _remove(name)
-            self._loaded_blobs.clear()
-            if self._blob_tmp is not None:
-                shutil.rmtree(self._blob_tmp, ignore_errors=True)
-                self._blob_tmp = None
+            self._copies.close()
 
     def tpc_finish(self, transaction, func=lambda tid: None):
         try:
@@ -670,15 +726,184 @@ class EncryptingStorage:
         raise error
 
     # -- IMVCCStorage ----------------------------------------------------
+    #
+    # Each connection gets a storage of its own from new_instance(), which
+    # removes the connection's plaintext blob copies when its transaction
+    # ends, whatever its transaction manager.  Over an MVCC base
+    # (RelStorage) that is a wrapper of a new base instance; over any
+    # other base, the wrapper is the MVCC layer itself, with ZODB's
+    # MVCCAdapter reading through the outermost wrapper stacked on it.
 
     def new_instance(self, *args, **kw):
-        """A wrapper of a new instance of an MVCC base storage."""
-        other = type(self)(self.base.new_instance(*args, **kw),
-                           self.facility, self._key, self._previous_keys,
-                           mode=self.mode, plaintext_dir=self._plaintext_dir)
+        """The storage of a new connection (see above)."""
+        if self._base_mvcc:
+            return self._instance(self.base.new_instance(*args, **kw))
+        return self._adapter().new_instance()
+
+    def before_instance(self, before=None):
+        """The storage of a historical connection reading the state
+        before the transaction id ``before``."""
+        if not self._base_mvcc:
+            return self._adapter().before_instance(before)
+        if getattr(self.base, 'before_instance', None) is None:
+            instance = self.new_instance()
+        else:
+            # what RelStorage's before_instance wraps (a read-only
+            # instance), here wrapped by this storage first
+            instance = self.new_instance(before=before)
+        return _HistoricalInstance(instance, before)
+
+    def undo_instance(self):
+        """The storage ``DB.undo`` commits with."""
+        if self._base_mvcc:
+            return self.new_instance()
+        return self._adapter().undo_instance()
+
+    def _instance(self, base_instance):
+        other = _InstanceStorage(
+            base_instance, self.facility, self._key, self._previous_keys,
+            mode=self.mode, plaintext_dir=self._plaintext_dir)
+        other._copies.parent = self._copies
         if self.db is not None:
             other.registerDB(self.db)
         return other
+
+    def _adapter(self):
+        with self._adapter_lock:
+            if self._mvcc is None:
+                # the outermost wrapper registered above this one (each
+                # wrapper calls registerDB on the one below it)
+                top = self
+                seen = {id(self)}
+                while True:
+                    above = vars(top).get('db')
+                    if (above is None or id(above) in seen
+                            or not hasattr(above, 'loadBefore')):
+                        break
+                    seen.add(id(above))
+                    top = above
+                self._mvcc = _MVCCAdapter(top, self)
+            return self._mvcc
+
+    def sync(self, force=True):
+        if self._base_mvcc:
+            return self.base.sync(force)
+        sync = getattr(self.base, 'sync', None)    # ZEO's ClientStorage
+        if sync is not None:
+            sync()
+
+    def poll_invalidations(self):
+        if self._base_mvcc:
+            return self.base.poll_invalidations()
+        return []       # the storage itself always reads the newest data
+
+    def release(self):
+        if self._base_mvcc:
+            return self.base.release()
+
+
+class _InstanceStorage(EncryptingStorage):
+    """The wrapper of an instance of an MVCC base storage (RelStorage): the
+    storage of one connection.  Its plaintext blob copies are removed when
+    the connection's transaction ends (``afterCompletion``, called by the
+    connection whatever its transaction manager, and when it is closed),
+    when it syncs and when it is released."""
+
+    def loadBlob(self, oid, serial):
+        return self._copies.load(oid, serial)[0]
+
+    def afterCompletion(self):
+        self._copies.remove()
+        after = getattr(self.base, 'afterCompletion', None)
+        if after is not None:
+            after()
+
+    def sync(self, force=True):
+        self._copies.remove()
+        return self.base.sync(force)
+
+    def release(self):
+        self._copies.close()
+        return self.base.release()
+
+
+class _HistoricalInstance(HistoricalStorageAdapter):
+    """ZODB's historical adapter around an :class:`_InstanceStorage`,
+    passing on the end of each transaction."""
+
+    def afterCompletion(self):
+        self._storage.afterCompletion()
+
+
+class _MVCCAdapter(MVCCAdapter):
+    """ZODB's MVCC layer over a wrapper whose base has none; its
+    connection storages keep their plaintext blob copies apart."""
+
+    def __init__(self, top, storage):
+        self._encrypting = storage
+        MVCCAdapter.__init__(self, top)
+
+    def new_instance(self):
+        instance = _ConnectionStorage(self)
+        with self._lock:
+            self._instances.add(instance)
+        return instance
+
+    def before_instance(self, before=None):
+        return _HistoricalConnectionStorage(self, before)
+
+
+class _CopiesOfConnection:
+    """Blob methods of a connection's storage: plaintext copies in the
+    connection's own directory, removed when its transaction ends."""
+
+    def loadBlob(self, oid, serial):
+        return self._copies.load(oid, serial)[0]
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        return self._copies.open(oid, serial, blob)
+
+    def afterCompletion(self):
+        # called by the connection at the end of each transaction of its
+        # transaction manager, and when it is closed
+        self._copies.remove()
+
+
+class _ConnectionStorage(_CopiesOfConnection, MVCCAdapterInstance):
+    """The storage of one connection: ZODB's MVCC instance, with its
+    plaintext blob copies (see :class:`_CopiesOfConnection`)."""
+
+    def __init__(self, adapter):
+        MVCCAdapterInstance.__init__(self, adapter)
+        storage = adapter._encrypting
+        self._copies = _PlaintextCopies(storage, storage._copies)
+
+    def sync(self, force=True):
+        self._copies.remove()
+        MVCCAdapterInstance.sync(self, force)
+
+    def release(self):
+        self._copies.close()
+        MVCCAdapterInstance.release(self)
+
+    close = release
+
+
+class _HistoricalConnectionStorage(_CopiesOfConnection,
+                                   HistoricalStorageAdapter):
+    """The storage of a historical connection, with its plaintext blob
+    copies (see :class:`_CopiesOfConnection`)."""
+
+    def __init__(self, adapter, before):
+        HistoricalStorageAdapter.__init__(self, adapter._storage, before)
+        storage = adapter._encrypting
+        self._copies = _PlaintextCopies(storage, storage._copies)
+
+    def release(self):
+        self._copies.close()
+        HistoricalStorageAdapter.release(self)
+
+    close = release
 
 
 class _Iterator:
@@ -735,6 +960,8 @@ class ServerEncryptingStorage(EncryptingStorage):
     Use it only where the server may hold the keys; otherwise configure the
     server storage with ``pack-gc false`` (see ``docs/storage.rst``).
     """
+
+    _own_mvcc = False      # the ZEO server reads the storage itself
 
     def load(self, oid, version=''):
         return self.base.load(oid, version)
