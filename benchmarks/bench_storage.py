@@ -1,9 +1,11 @@
 """Benchmark: plain FileStorage vs EncryptingStorage around it.
 
 Commit and load of N small objects and of B blobs of 1 MiB, variants
-alternating within each round; prints medians and ratios, and the floor
-of an encrypted blob load: the plain load plus decrypting every blob file
-into a new file, which ZODB's loadBlob contract makes every wrapper do.
+alternating within each round; prints medians and ratios, and two floors:
+for records, a wrapper that is nothing but one AES-256-GCM call per record
+(no format, no key management; what any AES-GCM wrapper pays), and for
+blobs the plain load plus decrypting every blob file into a new file,
+which ZODB's loadBlob contract makes every wrapper do.
 Usage:
 python benchmarks/bench_storage.py [--rounds 9] [--objects 20000]
 [--blobs 200] [--plaintext-dir DIR]
@@ -15,10 +17,14 @@ import statistics
 import tempfile
 import time
 
+import itertools
+
 import transaction
 import ZODB
 import ZODB.blob
 import ZODB.FileStorage
+import zope.interface
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from persistent.mapping import PersistentMapping
 
 from zodbkmi.storage import EncryptingStorage
@@ -27,11 +33,53 @@ from zodbkmi.testing import TestingKeyManagementFacility
 
 
 PLAINTEXT_DIR = None
+FLOOR_KEY = AESGCM.generate_key(256)
+
+
+class AESGCMFloorStorage:
+    """The least an AES-GCM record wrapper does: a record is a 12 byte
+    nonce and AES-256-GCM(state) bound to the oid; one AEAD call per store
+    and per load, nothing else (benchmark only: no format, no key ids)."""
+
+    _counter = itertools.count(1)
+
+    def __init__(self, base):
+        self.base = base
+        self._aead = AESGCM(FLOOR_KEY)
+        zope.interface.directlyProvides(
+            self, zope.interface.providedBy(base))
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def _open(self, data, oid):
+        return self._aead.decrypt(data[:12], data[12:], oid)
+
+    def load(self, oid, version=''):
+        data, serial = self.base.load(oid)
+        return self._open(data, oid), serial
+
+    def loadBefore(self, oid, tid):
+        r = self.base.loadBefore(oid, tid)
+        if r is None:
+            return r
+        return self._open(r[0], oid), r[1], r[2]
+
+    def loadSerial(self, oid, serial):
+        return self._open(self.base.loadSerial(oid, serial), oid)
+
+    def store(self, oid, serial, data, version, transaction):
+        nonce = next(self._counter).to_bytes(12, 'big')
+        return self.base.store(
+            oid, serial, nonce + self._aead.encrypt(nonce, data, oid),
+            version, transaction)
 
 
 def open_storage(path, encrypted, facility):
     base = ZODB.FileStorage.FileStorage(
         os.path.join(path, 'Data.fs'), blob_dir=os.path.join(path, 'blobs'))
+    if encrypted == 'floor':
+        return AESGCMFloorStorage(base)
     if encrypted:
         return EncryptingStorage(base, facility, KeyEncryptingKey,
                                  plaintext_dir=PLAINTEXT_DIR)
@@ -110,6 +158,23 @@ def decrypt_only(path, facility, oids):
         os.rmdir(out)
 
 
+def cipher_only(payload, n, chunk=256 << 10):
+    """Seconds to AES-256-GCM-decrypt ``n`` blobs like ``payload`` in
+    memory, in 256 KiB chunks as the stream format does (median of 5)."""
+    aead = AESGCM(FLOOR_KEY)
+    nonce = bytes(12)
+    sealed = [aead.encrypt(nonce, payload[i:i + chunk], None)
+              for i in range(0, len(payload), chunk)]
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for c in sealed:
+                aead.decrypt(nonce, c, None)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--rounds', type=int, default=9)
@@ -128,9 +193,12 @@ def main():
     decrypts = []
     try:
         for r in range(args.rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
+            order = ((False, 'floor', True) if r % 2 == 0
+                     else (True, 'floor', False))
             for encrypted in order:
                 for kind in ('records', 'blobs'):
+                    if encrypted == 'floor' and kind == 'blobs':
+                        continue
                     path = tempfile.mkdtemp(dir=work)
                     if kind == 'records':
                         c, l = run_records(path, encrypted, facility,
@@ -155,8 +223,18 @@ def main():
             enc = statistics.median(results[kind, op, True])
             print('%-16s %10.3f %10.3f %6.2fx' % ('%s %s' % (kind, op),
                                                    plain, enc, enc / plain))
+    for op in ('commit', 'load'):
+        plain = statistics.median(results['records', op, False])
+        floor = statistics.median(results['records', op, 'floor'])
+        enc = statistics.median(results['records', op, True])
+        print('records %s floor: one AES-GCM call per record, %.3f s '
+              '(%.2fx plain); the wrapper is at %.2fx that floor'
+              % (op, floor, floor / plain, enc / floor))
     plain = statistics.median(results['blobs', 'load', False])
     enc = statistics.median(results['blobs', 'load', True])
+    cipher = plain + cipher_only(payload, args.blobs)
+    print('blob load cipher floor: plain load + AES-GCM of every blob in '
+          'memory, %.3f s (%.2fx plain)' % (cipher, cipher / plain))
     floor = plain + statistics.median(decrypts)
     print('blob load floor: plain load + decrypting each blob into a new '
           'file, %.3f s (%.2fx plain); the wrapper is at %.2fx that floor'
