@@ -197,17 +197,17 @@ class _PlaintextCopies:
         """An open file on the plaintext of the blob: the copy when there
         is one, else a new copy whose name is removed at once."""
         name = self._name(oid, serial)
-        if os.path.exists(name):
-            if blob is None:
-                return open(name, 'rb')
-            return ZODB.blob.BlobFile(name, 'r', blob)
-        name = self.storage._open_blob_plain(oid, serial, self.directory())
+        temporary = not os.path.exists(name)
+        if temporary:
+            name = self.storage._open_blob_plain(oid, serial,
+                                                 self.directory())
         try:
             if blob is None:
                 return open(name, 'rb')
             return ZODB.blob.BlobFile(name, 'r', blob)
         finally:
-            _remove(name)
+            if temporary:
+                _remove(name)
 
     def remove(self, names=None):
         """Remove the copies ``names`` (default: all)."""
