@@ -245,12 +245,8 @@ class EncryptionService:
         ``oid`` (8 bytes: blob files) the stream is bound to that oid and
         :meth:`decrypt_file` needs the same one.
         """
-        entry = self._encryption_entry(key)
-        entry.count_use()
-        header = stream.build_header(
-            entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
-        return stream.encrypt(fsrc, fdst, entry._dek, header,
-                              _file_aad(oid))
+        dek, header = self._new_stream(key, chunk_size)
+        return stream.encrypt(fsrc, fdst, dek, header, _file_aad(oid))
 
     def encrypt_file_in_place(self, key, fd, chunk_size=None, oid=None):
         """Encrypt the regular file open for reading and writing on the
@@ -258,12 +254,16 @@ class EncryptionService:
         into another file (see
         :func:`zodbkmi.format.stream.encrypt_in_place` for what an error
         leaves); return the number of plaintext bytes."""
+        dek, header = self._new_stream(key, chunk_size)
+        return stream.encrypt_in_place(fd, dek, header, _file_aad(oid))
+
+    def _new_stream(self, key, chunk_size):
+        """The DEK and header of a new stream under the active DEK of
+        ``key`` (one use of it)."""
         entry = self._encryption_entry(key)
         entry.count_use()
-        header = stream.build_header(
+        return entry._dek, stream.build_header(
             entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
-        return stream.encrypt_in_place(fd, entry._dek, header,
-                                       _file_aad(oid))
 
     def decrypt_file(self, key, fsrc, fdst, oid=None):
         """Decrypt the stream ``fsrc`` into ``fdst``; return the number of
