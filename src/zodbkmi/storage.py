@@ -802,18 +802,31 @@ class EncryptingStorage:
             return self.base.release()
 
 
-class _InstanceStorage(EncryptingStorage):
+class _CopiesOfConnection:
+    """Blob methods of a connection's storage: plaintext copies in the
+    connection's own directory, removed when its transaction ends."""
+
+    def loadBlob(self, oid, serial):
+        return self._copies.load(oid, serial)[0]
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        return self._copies.open(oid, serial, blob)
+
+    def afterCompletion(self):
+        # called by the connection at the end of each transaction of its
+        # transaction manager, and when it is closed
+        self._copies.remove()
+
+
+class _InstanceStorage(_CopiesOfConnection, EncryptingStorage):
     """The wrapper of an instance of an MVCC base storage (RelStorage): the
     storage of one connection.  Its plaintext blob copies are removed when
     the connection's transaction ends (``afterCompletion``, called by the
     connection whatever its transaction manager, and when it is closed),
     when it syncs and when it is released."""
 
-    def loadBlob(self, oid, serial):
-        return self._copies.load(oid, serial)[0]
-
     def afterCompletion(self):
-        self._copies.remove()
+        _CopiesOfConnection.afterCompletion(self)
         after = getattr(self.base, 'afterCompletion', None)
         if after is not None:
             after()
@@ -851,22 +864,6 @@ class _MVCCAdapter(MVCCAdapter):
 
     def before_instance(self, before=None):
         return _HistoricalConnectionStorage(self, before)
-
-
-class _CopiesOfConnection:
-    """Blob methods of a connection's storage: plaintext copies in the
-    connection's own directory, removed when its transaction ends."""
-
-    def loadBlob(self, oid, serial):
-        return self._copies.load(oid, serial)[0]
-
-    def openCommittedBlobFile(self, oid, serial, blob=None):
-        return self._copies.open(oid, serial, blob)
-
-    def afterCompletion(self):
-        # called by the connection at the end of each transaction of its
-        # transaction manager, and when it is closed
-        self._copies.remove()
 
 
 class _ConnectionStorage(_CopiesOfConnection, MVCCAdapterInstance):
