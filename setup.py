@@ -67,7 +67,7 @@ setup(
     package_data={'zodbkmi': ['*.zcml', '*.xml', '*.json', '*.yaml']},
     zip_safe=False,
     install_requires=[
-        'cryptography >= 42',
+        'cryptography >= 47',   # AESGCM.encrypt_into, decrypt_into
         'persistent >= 5',
         'zodbpickle >= 3',
         'ZODB >= 5.8',
