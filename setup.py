@@ -73,6 +73,8 @@ setup(
         'ZODB >= 5.8',
         'zope.component >= 5',
         'zope.interface >= 6',
+        # server configuration files; tomllib is in the library from 3.11
+        'tomli >= 1.1; python_version < "3.11"',
     ],
     extras_require={
         'test': TESTS_REQUIRE,

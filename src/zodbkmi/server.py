@@ -13,6 +13,11 @@ import os
 import ssl
 import sys
 
+try:
+    import tomllib
+except ImportError:     # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
+
 from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.vault import write_atomic
 
@@ -108,7 +113,6 @@ def read_config_file(path):
         if path.endswith('.json'):
             doc = json.loads(data)
         else:
-            import tomllib
             doc = tomllib.loads(data.decode('utf-8'))
     except Exception as e:
         raise SettingsError('cannot parse %s: %s'
