@@ -19,9 +19,9 @@ RELSTORAGE_REQUIRE = [
     'psycopg2-binary',
 ]
 VAULT_REQUIRE = ['urllib3 >= 2']
-PKCS11_REQUIRE = ['python-pkcs11 >= 0.7']
+PKCS11_REQUIRE = ['python-pkcs11 >= 0.9'   # GCMParams]
 SERVER_REQUIRE = [
-    'granian >= 2.5',
+    'granian >= 2.8',   # SSLProtocols; no TLS handshake log noise
 ]
 # The ZCML directives (zodbkmi/meta.zcml) and zope.component's <utility>.
 ZCML_REQUIRE = [
@@ -70,7 +70,7 @@ setup(
         'cryptography >= 47',   # AESGCM.encrypt_into, decrypt_into
         'persistent >= 5',
         'zodbpickle >= 3',
-        'ZODB >= 5.8',
+        'ZODB >= 6',
         'zope.component >= 5',
         'zope.interface >= 6',
         # server configuration files; tomllib is in the library from 3.11

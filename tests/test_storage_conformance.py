@@ -6,8 +6,11 @@ that wraps the storage under test.
 import os
 import unittest
 
+import transaction
 import ZEO.tests.testZEO
+import ZODB
 import ZODB.FileStorage
+import ZODB.POSException
 import ZODB.tests.StorageTestBase
 import ZODB.tests.testblob
 import ZODB.tests.testFileStorage
@@ -70,12 +73,50 @@ class ZEOFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
         </filestorage>
         """
 
+    # the client is a wrapper, as in ZEO's FileStorageClientHexTests
+    use_extension_bytes = True
+
     def _wrap_client(self, client):
         return wrap(client, facility=facility(os.path.abspath('keys')))
 
     # conflict resolution runs on the server, which has no keys here;
     # ZEOServerKeysFileStorageTests runs these
-    def checkResolve(self):
+    def checkResolve(self, resolvable=True):
+        """Needs the keys on the server."""
+
+    def testUnresolvable(self):
+        # ZODB's version expects the class in the error; a server without
+        # keys cannot read it from the encrypted record
+        from ZODB.tests.ConflictResolution import PCounter2
+        db = ZODB.DB(self._storage)
+        try:
+            t1 = transaction.TransactionManager()
+            c1 = db.open(t1)
+            o1 = c1.root()['p'] = PCounter2()
+            o1.inc()
+            t1.commit()
+            t2 = transaction.TransactionManager()
+            o2 = db.open(t2).root()['p']
+            o2.inc(2)
+            t2.commit()
+            o1.inc(3)
+            with self.assertRaises(ZODB.POSException.ConflictError) as e:
+                t1.commit()
+            self.assertIn('oid 0x01', str(e.exception))
+            self.assertNotIn('PCounter2', str(e.exception))
+            t1.abort()
+            t2.begin()
+            self.assertEqual(o2._value, 3)
+        finally:
+            db.close()
+
+    def testUndoConflictResolution(self):
+        """Needs the keys on the server."""
+
+    def testUndoMultipleConflictResolution(self, reverse=False):
+        """Needs the keys on the server."""
+
+    def testUndoMultipleConflictResolutionReversed(self):
         """Needs the keys on the server."""
 
     def checkZClassesArentResolved(self):
@@ -94,6 +135,22 @@ class ZEOFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
     def checkPackUndoLog(self):
         """Needs pack GC."""
 
+    # These fail the same way on a plain ZEO server over a FileStorage
+    # with pack-gc false, without zodbkmi (ZODB 6.4): they expect GC or
+    # hit FileStorage's pack of undone deletions without GC (an
+    # AssertionError, "Invalid backpointer transaction id").
+    def testPackAllRevisions(self):
+        """Needs pack GC."""
+
+    def testPackWithMultiDatabaseReferences(self):
+        """Needs pack GC."""
+
+    def testPackAfterUndoDeletion(self):
+        """FileStorage without pack GC fails it, wrapped or not."""
+
+    def testPackAfterUndoManyTimes(self):
+        """FileStorage without pack GC fails it, wrapped or not."""
+
 
 def _write_key_files():
     os.mkdir('keys')
@@ -103,6 +160,8 @@ def _write_key_files():
 class ZEOServerKeysFileStorageTests(ZEO.tests.testZEO.FileStorageTests):
     """Clients encrypt; the server holds the keys for pack GC and conflict
     resolution only (``<serverencryptingstorage>``)."""
+
+    use_extension_bytes = True
 
     # what the server's storage (the wrapper) declares
     _expected_interfaces = (
@@ -143,14 +202,19 @@ def _blob_storage(name, blob_dir):
 
 def test_suite():
     suite = unittest.TestSuite()
-    for klass, prefix in ((FileStorageTests, 'test'),
-                          (FileStorageTestsWithBlobsEnabled, 'test'),
-                          (FileStorageRecoveryTest, 'test'),
-                          (ZEOFileStorageTests, 'check'),
-                          (ZEOServerKeysFileStorageTests, 'check')):
-        loader = unittest.TestLoader()
-        loader.testMethodPrefix = prefix
-        s = loader.loadTestsFromTestCase(klass)
+    # ZODB 6 named its generic storage tests test*; ZEO's own are still
+    # check* (ZEO's test_suite loads both, and so do we)
+    for klass, prefixes in ((FileStorageTests, ('test',)),
+                            (FileStorageTestsWithBlobsEnabled, ('test',)),
+                            (FileStorageRecoveryTest, ('test',)),
+                            (ZEOFileStorageTests, ('check', 'test')),
+                            (ZEOServerKeysFileStorageTests,
+                             ('check', 'test'))):
+        s = unittest.TestSuite()
+        for prefix in prefixes:
+            loader = unittest.TestLoader()
+            loader.testMethodPrefix = prefix
+            s.addTest(loader.loadTestsFromTestCase(klass))
         s.layer = ZODB.tests.util.MininalTestLayer(
             'zodbkmi.storage.%s' % klass.__name__)
         suite.addTest(s)

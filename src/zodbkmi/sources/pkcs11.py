@@ -42,8 +42,8 @@ _logins = {}   # (library, token label) -> SHA-256 of the PIN that logged in
 
 def _require():
     if _p11 is None:   # pragma: no cover
-        raise KeySourceError('PKCS#11 sources need python-pkcs11: install '
-                             'zodbkmi[pkcs11]')
+        raise KeySourceError('PKCS#11 sources need python-pkcs11 >= 0.9: '
+                             'install zodbkmi[pkcs11]')
 
 
 def read_pin(params, environ=None):
