@@ -3,9 +3,10 @@
 Commit and load of N small objects and of B blobs of 1 MiB, variants
 alternating within each round; prints medians and ratios, and two floors:
 for records, a wrapper that is nothing but one AES-256-GCM call per record
-(no format, no key management; what any AES-GCM wrapper pays), and for
-blobs the plain load plus decrypting every blob file into a new file,
-which ZODB's loadBlob contract makes every wrapper do.
+(no format, no key management; what any AES-GCM wrapper pays), also run
+without its cipher; for blobs, the plain load plus decrypting every blob
+file into a new file, which ZODB's loadBlob contract makes every wrapper
+do.
 Usage:
 python benchmarks/bench_storage.py [--rounds 9] [--objects 20000]
 [--blobs 200] [--plaintext-dir DIR]
@@ -75,11 +76,26 @@ class AESGCMFloorStorage:
             version, transaction)
 
 
+class FramesOnlyStorage(AESGCMFloorStorage):
+    """The floor storage without its cipher: the same Python frames and
+    slices, the record stored as a zero nonce and the plaintext (what the
+    wrapping costs apart from AES-GCM)."""
+
+    def _open(self, data, oid):
+        return data[12:]
+
+    def store(self, oid, serial, data, version, transaction):
+        return self.base.store(oid, serial, bytes(12) + data, version,
+                               transaction)
+
+
 def open_storage(path, encrypted, facility):
     base = ZODB.FileStorage.FileStorage(
         os.path.join(path, 'Data.fs'), blob_dir=os.path.join(path, 'blobs'))
     if encrypted == 'floor':
         return AESGCMFloorStorage(base)
+    if encrypted == 'frames':
+        return FramesOnlyStorage(base)
     if encrypted:
         return EncryptingStorage(base, facility, KeyEncryptingKey,
                                  plaintext_dir=PLAINTEXT_DIR)
@@ -193,11 +209,11 @@ def main():
     decrypts = []
     try:
         for r in range(args.rounds):
-            order = ((False, 'floor', True) if r % 2 == 0
-                     else (True, 'floor', False))
+            order = ((False, 'frames', 'floor', True) if r % 2 == 0
+                     else (True, 'floor', 'frames', False))
             for encrypted in order:
                 for kind in ('records', 'blobs'):
-                    if encrypted == 'floor' and kind == 'blobs':
+                    if encrypted in ('floor', 'frames') and kind == 'blobs':
                         continue
                     path = tempfile.mkdtemp(dir=work)
                     if kind == 'records':
@@ -225,8 +241,11 @@ def main():
                                                    plain, enc, enc / plain))
     for op in ('commit', 'load'):
         plain = statistics.median(results['records', op, False])
+        frames = statistics.median(results['records', op, 'frames'])
         floor = statistics.median(results['records', op, 'floor'])
         enc = statistics.median(results['records', op, True])
+        print('records %s, the floor storage without its cipher: %.3f s '
+              '(%.2fx plain)' % (op, frames, frames / plain))
         print('records %s floor: one AES-GCM call per record, %.3f s '
               '(%.2fx plain); the wrapper is at %.2fx that floor'
               % (op, floor, floor / plain, enc / floor))
