@@ -19,7 +19,7 @@ RELSTORAGE_REQUIRE = [
     'psycopg2-binary',
 ]
 VAULT_REQUIRE = ['urllib3 >= 2']
-PKCS11_REQUIRE = ['python-pkcs11 >= 0.9'   # GCMParams]
+PKCS11_REQUIRE = ['python-pkcs11 >= 0.9']   # GCMParams
 SERVER_REQUIRE = [
     'granian >= 2.8',   # SSLProtocols; no TLS handshake log noise
 ]
