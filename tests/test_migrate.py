@@ -652,8 +652,12 @@ class BlobMigrationTests(_TempDir, unittest.TestCase):
         victim = sorted(self._current_blob_files())[1]
         os.chmod(victim, 0o600)
         with open(victim, 'r+b') as f:
+            # flip bits of a ciphertext byte (writing a fixed byte would
+            # leave the file unchanged when the byte is already that one)
             f.seek(60)
-            f.write(b'X')
+            byte = f.read(1)[0]
+            f.seek(60)
+            f.write(bytes([byte ^ 0xFF]))
         report = self._run('scan', None, [self.kek1])
         self.assertEqual(report.failed, 1)
         self.assertIn('blob file: ', report.failed_oids[0][1])
