@@ -244,6 +244,51 @@ class KeyManagementFacilityTests(unittest.TestCase):
         with self.assertRaises(exceptions.UnknownKeyError):
             facility.delete(dek_id)
 
+    def test_record_fast_path_hits_only_what_decrypt_checked(self):
+        facility, kek, dek_id = self._makeWithKey()
+        oid, other_oid = b'\0' * 7 + b'\x05', b'\0' * 7 + b'\x06'
+        record = facility.encrypt(kek, b'state', oid)
+        open_fast = facility.record_fast_path(kek)
+        self.assertIsNone(open_fast(record, oid))    # decrypt() not run yet
+        self.assertEqual(facility.decrypt(kek, record, oid), b'state')
+        self.assertEqual(open_fast(record, oid), b'state')
+        # what it leaves to decrypt(), which raises
+        self.assertIsNone(open_fast(record, other_oid))
+        flipped = record[:-1] + bytes([record[-1] ^ 1])
+        self.assertIsNone(open_fast(flipped, oid))
+        self.assertIsNone(open_fast(record[:40], oid))
+        self.assertIsNone(open_fast(memoryview(record), oid))
+        self.assertIsNone(open_fast(facility.encrypt(kek, b'state'), oid))
+        # another key's table is not this one's
+        other_kek = self._makeOne().generate()
+        self.assertIsNone(facility.record_fast_path(other_kek)(record, oid))
+        # a table replaced by clear_cache() is found again after decrypt()
+        facility.clear_cache()
+        self.assertIsNone(open_fast(record, oid))
+        self.assertEqual(facility.decrypt(kek, record, oid), b'state')
+        self.assertEqual(open_fast(record, oid), b'state')
+        # deleting the DEK evicts it: no more hits, decrypt() raises
+        facility.delete(dek_id)
+        self.assertIsNone(open_fast(record, oid))
+        with self.assertRaises(exceptions.UnknownKeyError):
+            facility.decrypt(kek, record, oid)
+
+    def test_record_fast_path_after_expiry_and_w_key_lists(self):
+        facility, kek, _ = self._makeWithKey(timeout=0)
+        oid = b'\0' * 8
+        record = facility.encrypt(kek, b'state', oid)
+        open_fast = facility.record_fast_path(kek)
+        self.assertEqual(facility.decrypt(kek, record, oid), b'state')
+        self.assertIsNone(open_fast(record, oid))     # expired at once
+        self.assertEqual(facility.decrypt([kek], record, oid), b'state')
+        self.assertIsNone(facility.record_fast_path([kek])(record, oid))
+        keys = (kek,)
+        self.assertEqual(facility.decrypt(keys, record, oid), b'state')
+        facility.timeout = 60
+        self.assertEqual(facility.decrypt(keys, record, oid), b'state')
+        self.assertEqual(facility.record_fast_path(keys)(record, oid),
+                         b'state')
+
     def test_entry_w_unknown_id(self):
         facility = self._makeOne()
         with self.assertRaises(exceptions.UnknownKeyError):

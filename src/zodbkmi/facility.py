@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+from cryptography.exceptions import InvalidTag
 from zope.interface import implementer
 
 from zodbkmi import vault as vaultmod
@@ -36,6 +37,11 @@ _monotonic = time.monotonic
 _read_dek_id = envelope.read_dek_id
 _KEYED_SIZE = envelope.KEYED_PREFIX_SIZE
 _OVERHEAD = envelope.OVERHEAD
+_HEADER_SIZE = envelope.HEADER_SIZE
+
+
+def _no_fast_path(data, oid):
+    return None
 
 
 def _file_aad(oid):
@@ -214,6 +220,55 @@ class EncryptionService:
         if oid is None:
             return entry.sealer.open_data(data)
         return entry.sealer.open_record(data, oid)
+
+    def record_fast_path(self, key):
+        """Return ``open_fast(data, oid)``: the plaintext of the storage
+        record ``data`` of ``oid`` when it is a hit of the table that
+        :meth:`decrypt` keeps for ``key``, else None (then call
+        :meth:`decrypt`, which validates, raises the documented errors and
+        fills the table).
+
+        For :class:`~zodbkmi.storage.EncryptingStorage`, which opens every
+        record it loads: no frame besides the AEAD call, and no lookup of
+        ``key``.  What a hit checks is what :meth:`decrypt` checks on a
+        hit: the envelope prefix names a DEK already checked against
+        ``key``, its entry has not expired nor been evicted, the record is
+        long enough; the AEAD call authenticates the rest, and a record
+        that does not authenticate returns None (:meth:`decrypt` then
+        raises).
+        """
+        tables = self._opened[_CONTEXT_RECORD]
+        try:
+            hash(key)
+        except TypeError:     # a list of keys: decrypt() keeps no table
+            return _no_fast_path
+        keyed, head, overhead = _KEYED_SIZE, _HEADER_SIZE, _OVERHEAD
+        monotonic = _monotonic
+        # the table's get, refreshed on a miss: clear_cache() and the size
+        # bound of decrypt()'s tables replace the table of ``key``, and an
+        # entry left in an old one has expired when its DEK was evicted
+        current = [{}.get]
+
+        def open_fast(data, oid):
+            if type(data) is not bytes or len(data) < overhead:
+                return None
+            prefix = data[:keyed]
+            entry = current[0](prefix)
+            if entry is None or monotonic() >= entry.expires:
+                table = tables.get(key)
+                if table is None:
+                    return None
+                current[0] = table.get
+                entry = table.get(prefix)
+                if entry is None or monotonic() >= entry.expires:
+                    return None
+            try:
+                return entry.sealer._aead.decrypt(
+                    data[keyed:head], data[head:], data[:head] + oid)
+            except (InvalidTag, TypeError):
+                return None
+
+        return open_fast
 
     def _opened_entry(self, key, data, oid):
         """The slow path of :meth:`decrypt`: validate the header (raising

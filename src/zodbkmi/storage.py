@@ -135,6 +135,10 @@ def sweep_plaintext_dirs(parent=None):
     return removed
 
 
+def _no_fast_path(data, oid):
+    return None
+
+
 def _annotate(error, oid):
     """Name ``oid`` in ``error`` (a zodbkmi error) and keep its type."""
     error.oid = oid
@@ -261,6 +265,9 @@ class EncryptingStorage:
                               if self._previous_keys else key)
         self._seal = facility.encrypt
         self._unseal = facility.decrypt
+        fast = getattr(facility, 'record_fast_path', None)
+        self._open_fast = (fast(self._decrypt_keys) if fast is not None
+                           else _no_fast_path)
         self._write_plaintext = mode == DECRYPT_ONLY
         self._read_plaintext = mode != STRICT
         # oid hints for the paths that get no oid (conflict resolution,
@@ -316,6 +323,9 @@ class EncryptingStorage:
         oid (``NotEncryptedError`` for plaintext in strict mode) or
         :class:`~zodbkmi.exceptions.UnknownKeyError` for a missing key.
         """
+        plaintext = self._open_fast(data, oid)
+        if plaintext is not None:
+            return plaintext
         if not data:
             return data   # deletion or undone creation: no state
         if type(data) is not bytes:
