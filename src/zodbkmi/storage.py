@@ -323,13 +323,13 @@ class EncryptingStorage:
         oid (``NotEncryptedError`` for plaintext in strict mode) or
         :class:`~zodbkmi.exceptions.UnknownKeyError` for a missing key.
         """
-        plaintext = self._open_fast(data, oid)
-        if plaintext is not None:
-            return plaintext
         if not data:
             return data   # deletion or undone creation: no state
         if type(data) is not bytes:
             data = bytes(data)   # RelStorage hands out memoryviews
+        plaintext = self._open_fast(data, oid)
+        if plaintext is not None:
+            return plaintext
         if data[:_MAGIC_SIZE] == _MAGIC:
             try:
                 return self._unseal(self._decrypt_keys, data, oid)
