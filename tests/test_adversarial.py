@@ -923,6 +923,12 @@ class FileStreamTests(AdversarialBase):
 
 # -- wrapped DEKs in vault entries -------------------------------------------
 
+def _wrapped_header_size(data):
+    """The size of the header of the wrapped DEK ``data`` (any version)."""
+    from zodbkmi.format import wrapped
+    return len(wrapped.parse(data).header)
+
+
 class VaultEntryTests(AdversarialBase):
     """Vault entries (JSON files) and the wrapped DEKs inside them, read
     by a fresh facility on a copy of the key directory."""
@@ -959,7 +965,7 @@ class VaultEntryTests(AdversarialBase):
 
     def test_every_bit_flip_of_the_wrapped_dek(self):
         w = self.wrapped
-        header = 22 + w[21]
+        header = _wrapped_header_size(w)
         cases = Cases(self)
         for i in range(len(w)):
             for bit in range(8):
@@ -977,7 +983,7 @@ class VaultEntryTests(AdversarialBase):
 
     def test_wrapped_dek_truncated_and_extended(self):
         w = self.wrapped
-        header = 22 + w[21]
+        header = _wrapped_header_size(w)
         cases = Cases(self)
         for n in range(len(w)):
             self.write_doc(wrapped=base64.b64encode(w[:n]).decode())
@@ -990,11 +996,10 @@ class VaultEntryTests(AdversarialBase):
         cases.done(len(w))
 
     def test_every_bit_flip_of_the_entry_file(self):
-        # Any change to the JSON is refused (KeyStoreError), except to the
-        # fields that are not authenticated (created; docs/format.rst,
-        # "What is authenticated") and changes that leave the wrapped DEK
-        # as it was (white space, the unused bits of the base64): those
-        # decrypt correctly.  A change of the wrapped DEK is judged by the
+        # Any change to the JSON is refused (KeyStoreError), except changes
+        # that leave the wrapped DEK as it was (white space, the unused
+        # bits of the base64): those decrypt correctly.  (The state is not
+        # authenticated but a flipped bit makes it an unknown state.)  A change of the wrapped DEK is judged by the
         # rules of the previous test.
         e = self.entry
         plain = self.plain()
@@ -1021,7 +1026,9 @@ class VaultEntryTests(AdversarialBase):
         if not changed:
             return plain
         if changed == {'created'}:
-            return plain if type(doc['created']) is int else X.KeyStoreError
+            # version 2: the wrapped DEK authenticates the creation time,
+            # and the entry's must be the same
+            return X.KeyStoreError
         if changed != {'wrapped'}:
             return X.KeyStoreError
         try:
@@ -1034,7 +1041,7 @@ class VaultEntryTests(AdversarialBase):
             return None
         first = min(k for k in range(len(decoded))
                     if decoded[k] != self.wrapped[k])
-        if first >= 22 + self.wrapped[21]:
+        if first >= _wrapped_header_size(self.wrapped):
             return X.AuthenticationError
         return None
 
@@ -1055,7 +1062,8 @@ class VaultEntryTests(AdversarialBase):
                  X.KeyStoreError),
                 ('unknown state', {'state': 'destroyed'}, None,
                  X.KeyStoreError),
-                ('version 2', {'version': 2}, None, X.KeyStoreError),
+                ('version 1', {'version': 1}, None, X.KeyStoreError),
+                ('version 3', {'version': 3}, None, X.KeyStoreError),
                 ('other format', {'format': 'x'}, None, X.KeyStoreError),
                 ('created not a number', {'created': 'now'}, None,
                  X.KeyStoreError),
@@ -1070,14 +1078,14 @@ class VaultEntryTests(AdversarialBase):
         forged = (b_wrapped[:5] + bytes.fromhex(self.w.dek_a)
                   + b_wrapped[21:])
         self.write_doc(wrapped=base64.b64encode(forged).decode(),
-                       kek_id=b_entry['kek_id'])
+                       kek_id=b_entry['kek_id'], created=b_entry['created'])
         cases.check('b moved to DEK a, KEK a', X.WrongKeyError, self.decrypt)
         cases.check('b moved to DEK a, KEK b', X.AuthenticationError,
                     self.decrypt, self.w.kek_b)
         # the wrapping of DEK a under a header naming KEK b
         kb = b_entry['kek_id'].encode()
-        forged = (self.wrapped[:21] + bytes([len(kb)]) + kb
-                  + self.wrapped[22 + self.wrapped[21]:])
+        forged = (self.wrapped[:29] + bytes([len(kb)]) + kb
+                  + self.wrapped[_wrapped_header_size(self.wrapped):])
         self.write_doc(wrapped=base64.b64encode(forged).decode(),
                        kek_id=b_entry['kek_id'])
         cases.check('a relabelled KEK b, KEK b', X.AuthenticationError,

@@ -185,7 +185,13 @@ class EncryptFileTests(_Base):
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        # wait with standard input still open: closing it first (as
+        # communicate() does) could end the stream before the signal is
+        # handled, and the run would fail on a cut stream instead
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+        proc.stdin.close()
+        proc.stderr.close()
         self.assertEqual(proc.returncode, 130, err)
         self.assertIn(b'interrupted', err)
         self.assertEqual(sorted(n for n in os.listdir('.')

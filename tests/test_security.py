@@ -55,10 +55,19 @@ class CoreWeaknessTests(unittest.TestCase):
         blob = self.facility[self.dek_id]
         parsed = wrapped.parse(blob)
         self.assertEqual(parsed.suite, wrapped.SUITE_RSA_OAEP_SHA256)
-        # a v1.5 wrapping of a DEK is refused
+        # a v1.5 wrapping of a DEK is refused, in version 1 and in version
+        # 2 (even with a valid signature over it)
         v15 = kek._public.encrypt(os.urandom(32), padding.PKCS1v15())
+        v1_header = wrapped.build_header(parsed.suite, parsed.dek_id,
+                                         parsed.kek_id, wrapped.VERSION_1)
         with self.assertRaises(exceptions.AuthenticationError):
-            wrapped.unwrap(kek, parsed.header + v15)
+            wrapped.unwrap(kek, v1_header + v15)
+        from cryptography.hazmat.primitives import hashes
+        from zodbkmi.kek import _PSS
+        signature = kek._private.sign(parsed.header + v15, _PSS,
+                                      hashes.SHA256())
+        with self.assertRaises(exceptions.AuthenticationError):
+            wrapped.unwrap(kek, parsed.header + v15 + signature)
 
     def test_rsa_kek_at_least_3072_bits(self):
         from cryptography.hazmat.primitives import serialization
@@ -87,9 +96,8 @@ class CoreWeaknessTests(unittest.TestCase):
         from zodbkmi.keyholder import KeyHolder
         from zodbkmi.keyholder import write_key_file
         kek = as_kek(self.kek)
-        entry = self.facility._cache.get(bytes.fromhex(self.dek_id)) or \
-            self.facility._unwrap_into_cache(bytes.fromhex(self.dek_id),
-                                             {kek.key_id: kek})
+        entry = self.facility._decryption_entry(
+            kek, bytes.fromhex(self.dek_id))
         dek = entry._dek
         path = os.path.join(self.tmp, 'kek.pem')
         write_key_file(path, self.kek)

@@ -245,7 +245,7 @@ class Suite34HeaderVectorTests(unittest.TestCase):
         for v in load_vectors()['suite3']:
             header = wrapped.build_header(
                 wrapped.SUITE_VAULT_TRANSIT, bytes.fromhex(v['dek_id']),
-                v['kek_id'])
+                v['kek_id'], wrapped.VERSION_1)
             self.assertEqual(header.hex(), v['header'])
             self.assertEqual(base64.b64encode(header).decode(), v['context'])
 

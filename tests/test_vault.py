@@ -14,14 +14,16 @@ DEK = bytes(range(200, 232))
 
 
 def make_entry(dek_id=None, kek=None, state='active', created=None,
-               dek=DEK):
+               dek=DEK, version=2):
     from zodbkmi.format import wrapped
     from zodbkmi.kek import AESKeyEncryptingKey
     from zodbkmi.vault import VaultEntry
     kek = kek or AESKeyEncryptingKey(b'V' * 32)
     raw_id = os.urandom(16) if dek_id is None else bytes.fromhex(dek_id)
     return VaultEntry(raw_id.hex(), kek.key_id,
-                      wrapped.wrap(kek, raw_id, dek), state, created)
+                      wrapped.wrap(kek, raw_id, dek, version=version,
+                                   created=created if version == 2 else None),
+                      state, created)
 
 
 class TempDirMixin:
@@ -72,7 +74,7 @@ class VaultEntryTests(unittest.TestCase):
                                        'kek_id', 'state', 'version',
                                        'wrapped'])
         self.assertEqual((doc['format'], doc['version']),
-                         ('zodbkmi-vault-entry', 1))
+                         ('zodbkmi-vault-entry', 2))
         self.assertEqual(base64.b64decode(doc['wrapped']), entry.wrapped)
         back = self._getTargetClass().from_json(entry.to_json())
         self.assertEqual(
@@ -291,10 +293,41 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         foreign = make_entry(kek=other, created=4)
         for entry in (new, old, retired, foreign):
             vault.add(entry)
-        self.assertEqual(vault.active_for(kek.key_id).dek_id, new.dek_id)
+        # the newest entry of a KEK is the active one, if not retired
+        self.assertIsNone(vault.active_for(kek.key_id))
         self.assertEqual(vault.active_for(other.key_id).dek_id,
                          foreign.dek_id)
         self.assertIsNone(vault.active_for('aes-none'))
+        vault.remove(retired.dek_id)
+        self.assertEqual(vault.active_for(kek.key_id).dek_id, new.dek_id)
+
+    def test_active_for_never_a_version_1_entry(self):
+        # its creation time is not authenticated: never the active key
+        from zodbkmi.kek import AESKeyEncryptingKey
+        kek = AESKeyEncryptingKey(b'V' * 32)
+        vault = self._makeOne()
+        legacy = make_entry(kek=kek, created=2 ** 62, version=1)
+        vault.add(legacy)
+        self.assertIsNone(vault.active_for(kek.key_id))
+        current = make_entry(kek=kek, created=1)
+        vault.add(current)
+        self.assertEqual(vault.active_for(kek.key_id).dek_id,
+                         current.dek_id)
+        self.assertEqual(vault.get(legacy.dek_id).version, 1)
+
+    def test_marking_an_older_entry_active_changes_nothing(self):
+        # the state is not authenticated, so it can only restrict
+        from zodbkmi.kek import AESKeyEncryptingKey
+        from zodbkmi.vault import VaultEntry
+        kek = AESKeyEncryptingKey(b'V' * 32)
+        vault = self._makeOne()
+        old = make_entry(kek=kek, created=1, state='retired')
+        new = make_entry(kek=kek, created=2, state='retired')
+        vault.add(old)
+        vault.add(new)
+        vault.update(VaultEntry(old.dek_id, old.kek_id, old.wrapped,
+                                'active', old.created))
+        self.assertIsNone(vault.active_for(kek.key_id))
 
     def test_shared_between_instances(self):
         a = self._makeOne()

@@ -37,17 +37,33 @@ class ExplodingKEK:
 
 class BuildHeaderTests(unittest.TestCase):
 
-    def _callFUT(self, suite, dek_id, kek_id):
+    def _callFUT(self, suite, dek_id, kek_id, version=2, created=None):
         from zodbkmi.format.wrapped import build_header
-        return build_header(suite, dek_id, kek_id)
+        return build_header(suite, dek_id, kek_id, version, created)
 
     def test_layout(self):
-        header = self._callFUT(2, DEK_ID, 'aes-x')
+        header = self._callFUT(2, DEK_ID, 'aes-x', created=0x0102)
+        self.assertEqual(header, b'zkw\x02\x02' + DEK_ID
+                         + bytes(6) + b'\x01\x02' + b'\x05aes-x')
+
+    def test_layout_version_1(self):
+        header = self._callFUT(2, DEK_ID, 'aes-x', 1)
         self.assertEqual(header, b'zkw\x01\x02' + DEK_ID + b'\x05aes-x')
+
+    def test_created_defaults_to_now(self):
+        import time
+        before = time.time_ns()
+        header = self._callFUT(2, DEK_ID, 'aes-x')
+        self.assertLessEqual(before, int.from_bytes(header[21:29], 'big'))
+
+    def test_w_bad_created(self):
+        for version, created in ((2, -1), (2, 2 ** 64), (2, 1.5), (1, 5)):
+            with self.assertRaises(ValueError):
+                self._callFUT(2, DEK_ID, 'k', version, created)
 
     def test_longest_kek_id(self):
         header = self._callFUT(1, DEK_ID, 'k' * 255)
-        self.assertEqual(len(header), 22 + 255)
+        self.assertEqual(len(header), 30 + 255)
 
     def test_w_unknown_suite(self):
         for suite in (0, 5, 255):
@@ -75,15 +91,22 @@ class WrapTests(unittest.TestCase):
         from zodbkmi.format.wrapped import build_header
         kek = aes_kek()
         data = self._callFUT(kek)
-        header = build_header(2, DEK_ID, kek.key_id)
+        header = build_header(2, DEK_ID, kek.key_id,
+                              created=int.from_bytes(data[21:29], 'big'))
         self.assertTrue(data.startswith(header))
         self.assertEqual(len(data), len(header) + 12 + 32 + 16)
 
     def test_rsa_layout(self):
         kek = rsa_kek()
         data = self._callFUT(kek)
-        self.assertEqual(data[4], 1)
-        self.assertEqual(len(data), 22 + len(kek.key_id) + 384)
+        self.assertEqual(data[3:5], b'\x02\x01')
+        # OAEP ciphertext and RSA-PSS signature, 384 bytes each
+        self.assertEqual(len(data), 30 + len(kek.key_id) + 2 * 384)
+
+    def test_rsa_public_half_cannot_make_version_2(self):
+        # only the private key signs: a public key cannot make a DEK
+        with self.assertRaises(exceptions.InvalidKeyError):
+            self._callFUT(rsa_kek().public())
 
     def test_randomized(self):
         kek = aes_kek()
@@ -113,14 +136,16 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(wk.suite, 2)
         self.assertEqual(wk.dek_id, DEK_ID)
         self.assertEqual(wk.kek_id, kek.key_id)
-        self.assertEqual(wk.header, data[:22 + len(kek.key_id)])
-        self.assertEqual(wk.blob, data[22 + len(kek.key_id):])
+        self.assertEqual(wk.version, 2)
+        self.assertEqual(wk.created, int.from_bytes(data[21:29], 'big'))
+        self.assertEqual(wk.header, data[:30 + len(kek.key_id)])
+        self.assertEqual(wk.blob, data[30 + len(kek.key_id):])
 
     def test_repr_names_ids_only(self):
         from zodbkmi.format.wrapped import wrap
         kek = aes_kek()
         wk = self._callFUT(wrap(kek, DEK_ID, DEK))
-        self.assertEqual(repr(wk), '<WrappedKey DEK %s by KEK %s '
+        self.assertEqual(repr(wk), '<WrappedKey v2 DEK %s by KEK %s '
                          '(AES-256-GCM)>' % (DEK_ID.hex(), kek.key_id))
 
     def test_reserved_suites_parse(self):
@@ -141,12 +166,13 @@ class ParseTests(unittest.TestCase):
         from zodbkmi.format.wrapped import wrap
         kek = aes_kek()
         data = wrap(kek, DEK_ID, DEK)
-        for n in range(22 + len(kek.key_id) + 1):
+        for n in range(30 + len(kek.key_id) + 1):
             with self.assertRaises(exceptions.TruncatedDataError):
                 self._callFUT(data[:n])
 
     def test_version_before_length(self):
-        for data in (b'zkw\x02', b'zkw\x00\x02', b'zkw\x01\x00'):
+        for data in (b'zkw\x03', b'zkw\x00\x02', b'zkw\x01\x00',
+                     b'zkw\x02\x09'):
             with self.assertRaises(exceptions.UnsupportedFormatError):
                 self._callFUT(data)
 
@@ -175,8 +201,10 @@ class UnwrapTests(unittest.TestCase):
         self.assertEqual(self._callFUT(kek, self._wrap(kek)), (DEK_ID, DEK))
 
     def test_rsa_public_half_wraps_for_the_private_half(self):
+        # version 1 only (self-contained streams)
+        from zodbkmi.format.wrapped import wrap
         kek = rsa_kek()
-        data = self._wrap(kek.public())
+        data = wrap(kek.public(), DEK_ID, DEK, version=1)
         self.assertEqual(self._callFUT(kek, data), (DEK_ID, DEK))
         with self.assertRaises(exceptions.InvalidKeyError):
             self._callFUT(kek.public(), data)
@@ -211,10 +239,17 @@ class UnwrapTests(unittest.TestCase):
             with self.assertRaises(exceptions.AuthenticationError):
                 self._callFUT(kek, moved)
 
+    def test_created_changed(self):
+        for kek in (aes_kek(), rsa_kek()):
+            data = self._wrap(kek)
+            moved = data[:21] + b'\x7f' + data[22:]
+            with self.assertRaises(exceptions.AuthenticationError):
+                self._callFUT(kek, moved)
+
     def test_truncated_wrapping(self):
         for kek in (aes_kek(), rsa_kek()):
             data = self._wrap(kek)
-            for cut in (1, 16, len(data) - 23 - len(kek.key_id)):
+            for cut in (1, 16, len(data) - 31 - len(kek.key_id)):
                 with self.assertRaises(exceptions.TruncatedDataError):
                     self._callFUT(kek, data[:-cut])
 

@@ -13,6 +13,13 @@ limited.
 
 Every cache registers itself, so that :func:`evict_everywhere` (called when
 a key is retired or destroyed) reaches all caches of the process.
+
+Eviction (retirement, destruction, KEK rotation, the size bound, the end
+of the time to live) drops the entry's AES context and DEK bytes, so that
+no table that still refers to the entry keeps key material; the callbacks
+of :meth:`DEKCache.on_evict` let the facilities drop their own references.
+Expired entries are evicted by a reaper thread at their expiry time
+(:func:`_reaper`), not only when they are next looked up.
 """
 import itertools
 import threading
@@ -33,17 +40,44 @@ _caches_lock = threading.Lock()
 _EVICTED = float('-inf')   # the expiry time of an evicted entry
 
 
+class EvictedKeyError(KeyStateError):
+    """Raised by the sealer of an evicted entry: its key material is gone.
+
+    A caller that read an entry just before another thread evicted it
+    meets this; the facilities look the key up again."""
+
+
+class _EvictedSealer:
+    """Stands in for the sealer of an evicted entry; holds no key."""
+
+    __slots__ = ('dek_id',)
+
+    def __init__(self, dek_id):
+        self.dek_id = dek_id
+
+    def __getattr__(self, name):
+        raise EvictedKeyError('DEK %s was evicted from the cache' % self.dek_id)
+
+    def __repr__(self):
+        return '<evicted sealer of DEK %s>' % self.dek_id
+
+
 class CachedKey:
     """One cached DEK: ``dek_id`` (hex), ``raw_id`` (16 bytes), ``kek_id``,
     ``sealer``, ``expires`` (monotonic seconds; an evicted entry expires
     at minus infinity, so that hot paths test ``expires`` alone).
 
     ``_dek`` holds the DEK bytes for the formats that derive keys from it
-    (the stream format); it is never shown.
+    (the stream format); it is never shown.  ``authorized`` holds the KEK
+    objects that unwrapped this DEK themselves: a caller may use the entry
+    only through one of them (an object that merely carries the same KEK
+    id, or the public half of an RSA KEK, must unwrap first, and cannot).
+
+    :meth:`evict` drops the sealer, the DEK bytes and the KEK objects.
     """
 
     __slots__ = ('dek_id', 'raw_id', 'kek_id', 'sealer', 'expires',
-                 '_uses', '_limit', '_dek', '__weakref__')
+                 'authorized', '_uses', '_limit', '_dek', '__weakref__')
 
     def __init__(self, raw_id, kek_id, sealer, expires, limit, dek=None):
         self._dek = dek
@@ -52,6 +86,7 @@ class CachedKey:
         self.kek_id = kek_id
         self.sealer = sealer
         self.expires = expires
+        self.authorized = ()
         self._uses = itertools.count(1)
         self._limit = limit
 
@@ -65,8 +100,26 @@ class CachedKey:
     def alive(self):
         return _monotonic() < self.expires
 
+    def authorizes(self, kek):
+        """Whether the KEK object ``kek`` unwrapped this DEK itself."""
+        for k in self.authorized:
+            if k is kek:
+                return True
+        return False
+
+    def authorize(self, kek):
+        """Record that ``kek`` unwrapped this DEK (the caller checked)."""
+        if not self.authorizes(kek):
+            self.authorized += (kek,)
+
     def evict(self):
+        """Make the entry unusable and drop its key material.  The expiry
+        goes first: a reader that finds the dead sealer finds the entry
+        expired too."""
         self.expires = _EVICTED
+        self.sealer = _EvictedSealer(self.dek_id)
+        self._dek = None
+        self.authorized = ()
 
     def count_use(self):
         """Count one encryption; raise KeyStateError past the limit."""
@@ -99,8 +152,22 @@ class DEKCache:
         # does not restart its count
         self._counters = {}
         self._lock = threading.Lock()
+        self._on_evict = []
         with _caches_lock:
             _caches.add(self)
+
+    def on_evict(self, callback):
+        """Call ``callback(entry)`` after an entry is evicted (its key
+        material already dropped), so that the owner drops its own
+        references to it.  Called without the cache's lock held."""
+        self._on_evict.append(callback)
+
+    def _evicted(self, entries):
+        for entry in entries:
+            entry.evict()
+        for entry in entries:
+            for callback in self._on_evict:
+                callback(entry)
 
     def __repr__(self):
         return '<DEKCache %d keys, ttl %ss>' % (len(self._data), self.ttl)
@@ -119,41 +186,118 @@ class DEKCache:
         with self._lock:
             if self._data.get(raw_id) is entry:
                 del self._data[raw_id]
+        self._evicted([entry])
         return None
+
+    def sweep(self):
+        """Evict every expired entry; return how many."""
+        now = _monotonic()
+        with self._lock:
+            dead = [e for e in self._data.values() if e.expires <= now]
+            for entry in dead:
+                del self._data[entry.raw_id]
+        self._evicted(dead)
+        return len(dead)
+
+    def next_expiry(self):
+        """The earliest expiry time of the entries (monotonic seconds), or
+        None."""
+        with self._lock:
+            return min((e.expires for e in self._data.values()),
+                       default=None)
 
     def put(self, raw_id, kek_id, sealer, dek=None):
         entry = CachedKey(raw_id, kek_id, sealer,
                           _monotonic() + self.ttl, self.use_limit, dek)
         with self._lock:
+            dropped = []
             if raw_id not in self._data and len(self._data) >= self.maxsize:
-                self._shrink()
+                dropped = self._shrink()
             counter = self._counters.get(raw_id)
             if counter is None:
                 counter = self._counters[raw_id] = entry._uses
             entry._uses = counter           # keep counting the same key
+            previous = self._data.get(raw_id)
+            if previous is not None:
+                dropped.append(previous)
             self._data[raw_id] = entry
+        self._evicted(dropped)
+        _reaper.wake(entry.expires)
         return entry
 
     def _shrink(self):
+        """Remove expired entries, then the oldest, until one more fits;
+        return them (the caller evicts them outside the lock)."""
         now = _monotonic()
-        for k in [k for k, e in self._data.items() if e.expires <= now]:
-            self._data.pop(k).evict()
+        dropped = [self._data.pop(k) for k in
+                   [k for k, e in self._data.items() if e.expires <= now]]
         while len(self._data) >= self.maxsize:
             oldest = min(self._data, key=lambda k: self._data[k].expires)
-            self._data.pop(oldest).evict()
+            dropped.append(self._data.pop(oldest))
+        return dropped
 
     def evict(self, dek_id):
         """Evict the key of hex id ``dek_id``."""
         with self._lock:
             entry = self._data.pop(bytes.fromhex(dek_id), None)
-            if entry is not None:
-                entry.evict()
+        if entry is not None:
+            self._evicted([entry])
 
     def clear(self):
         with self._lock:
-            for entry in self._data.values():
-                entry.evict()
+            entries = list(self._data.values())
             self._data.clear()
+        self._evicted(entries)
+
+
+class _Reaper:
+    """One daemon thread per process that evicts expired entries of every
+    cache at their expiry time, so that an idle process does not keep a
+    DEK past its time to live.  Started on the first :meth:`DEKCache.put`
+    of a process (and again in a forked child, where threads do not
+    survive)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._due = None
+        self._thread = None
+
+    def wake(self, due):
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name='zodbkmi-dek-reaper', daemon=True)
+                self._due = due
+                self._thread.start()
+            elif self._due is None or due < self._due:
+                self._due = due
+                self._cond.notify()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while self._due is None:
+                    self._cond.wait()
+                delay = self._due - _monotonic()
+                if delay > 0:
+                    self._cond.wait(min(delay, 3600))
+                    continue
+                self._due = None
+            with _caches_lock:
+                caches = list(_caches)
+            due = None
+            for cache in caches:
+                cache.sweep()
+                when = cache.next_expiry()
+                if when is not None and (due is None or when < due):
+                    due = when
+            if due is not None:
+                with self._cond:
+                    if self._due is None or due < self._due:
+                        self._due = due
+
+
+_reaper = _Reaper()
 
 
 def evict_everywhere(dek_id):

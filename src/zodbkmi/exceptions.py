@@ -68,6 +68,22 @@ class WrongKeyError(AuthenticationError):
     """
 
 
+class UnauthenticatedKeyError(AuthenticationError):
+    """A data key's origin cannot be proven, so it is never used.
+
+    Raised for a vault entry whose wrapped data key is in version 1 of the
+    format with the RSA suite: anyone holding the public half of the RSA
+    KEK can make one (a planted key).  ``zodbkmi upgrade-keys`` (or
+    ``migrate rotate-kek``), run by the holder of the private key, rewrites
+    the entries of a vault it trusts in version 2, which only the private
+    key can make.  ``key_id`` holds the DEK id.
+    """
+
+    def __init__(self, message, key_id=None):
+        super().__init__(message)
+        self.key_id = key_id
+
+
 class TruncatedDataError(DecryptionError):
     """The ciphertext is shorter than its format requires.
 

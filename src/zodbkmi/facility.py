@@ -7,6 +7,7 @@ the KEK; ``encrypt(key, data)`` / ``decrypt(key, data)`` unwrap the DEK with
 the caller's KEK (once, then from the cache) and seal or open a record
 envelope.
 """
+import hmac
 import os
 import threading
 import time
@@ -19,8 +20,10 @@ from zodbkmi.cache import DEFAULT_MAXSIZE
 from zodbkmi.cache import DEFAULT_TTL
 from zodbkmi.cache import DEFAULT_USE_LIMIT
 from zodbkmi.cache import DEKCache
+from zodbkmi.cache import EvictedKeyError
 from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import KeyStateError
+from zodbkmi.exceptions import UnauthenticatedKeyError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import WrongKeyError
 from zodbkmi.format import envelope
@@ -53,6 +56,18 @@ def _file_aad(oid):
     return oid
 
 
+def _entry_and_dek(lookup, *args):
+    """``lookup(*args)`` and the DEK bytes of the entry it returns, looked
+    up once more if another thread evicted the entry in between."""
+    for _ in range(3):
+        entry = lookup(*args)
+        dek = entry._dek
+        if dek is not None:
+            return entry, dek
+    raise EvictedKeyError('DEK %s keeps being evicted while in use'
+                          % entry.dek_id)
+
+
 class EncryptionService:
     """Encryption and decryption with DEKs found through the caller's KEK.
 
@@ -78,6 +93,7 @@ class EncryptionService:
         # finds the DEK in one lookup.
         self._opened = ({}, {})
         self._load_lock = threading.Lock()
+        self._cache.on_evict(self._drop_entry)
 
     @property
     def timeout(self):
@@ -114,7 +130,14 @@ class EncryptionService:
 
     # -- key lookup ------------------------------------------------------
 
-    def _unwrap_into_cache(self, raw_id, keks):
+    def _unwrap(self, raw_id, keks):
+        """Fetch and unwrap the DEK ``raw_id`` with the KEK of ``keks``
+        ({KEK id: KEK object}) that wrapped it; return ``(kek, dek)``.
+
+        Refuses, before any use of the DEK, a wrapped DEK stored under
+        another id, one that does not prove its maker held the KEK's
+        secret (:class:`UnauthenticatedKeyError`), one wrapped by a KEK not
+        given, and one that does not authenticate under it."""
         dek_id = raw_id.hex()
         data = self._wrapped_key(dek_id)
         parsed = wrapped.parse(data)
@@ -122,14 +145,56 @@ class EncryptionService:
             raise UnknownKeyError(
                 'wrapped DEK stored as %s names DEK %s'
                 % (dek_id, parsed.dek_id.hex()), dek_id)
+        if not parsed.proves_maker:
+            raise UnauthenticatedKeyError(
+                'DEK %s is a version 1 RSA-wrapped key, which anyone holding '
+                'the public key of KEK %s can make: it is not used.  If this '
+                'key store is yours, rewrite it with "zodbkmi upgrade-keys" '
+                '(docs/keys.rst)' % (dek_id, parsed.kek_id), dek_id)
         kek = keks.get(parsed.kek_id)
         if kek is None:
             raise WrongKeyError(
                 'DEK %s is wrapped by KEK %s, which was not given (given: '
                 '%s)' % (dek_id, parsed.kek_id, ', '.join(sorted(keks))))
         _, dek = wrapped.unwrap(kek, data)
-        return self._cache.put(
-            raw_id, parsed.kek_id, envelope.Sealer(raw_id, dek), dek)
+        return kek, dek
+
+    def _authorized_entry(self, raw_id, keks):
+        """The cache entry of the DEK ``raw_id`` for a caller holding
+        ``keks`` ({KEK id: KEK object}).
+
+        A cached DEK is handed only to a KEK object that unwrapped it
+        itself.  Any other object, even one that names the same KEK id,
+        unwraps it first: the public half of an RSA KEK cannot, nor can an
+        AES KEK with other bytes, so neither gets the cached DEK."""
+        entry = self._cache.get(raw_id)
+        if entry is not None:
+            kek = keks.get(entry.kek_id)
+            if kek is not None and entry.authorizes(kek):
+                return entry
+        kek, dek = self._unwrap(raw_id, keks)
+        if entry is not None and entry.kek_id == kek.key_id:
+            cached = entry._dek
+            if cached is not None and hmac.compare_digest(cached, dek):
+                entry.authorize(kek)
+                if _monotonic() < entry.expires:
+                    return entry
+        entry = self._cache.put(
+            raw_id, kek.key_id, envelope.Sealer(raw_id, dek), dek)
+        entry.authorize(kek)
+        return entry
+
+    def _drop_entry(self, entry):
+        """Forget every reference to the evicted ``entry`` (called by the
+        cache); it holds no key material any more, this drops the rest."""
+        for k, e in list(self._active.items()):
+            if e is entry:
+                self._active.pop(k, None)
+        for tables in self._opened:
+            for table in list(tables.values()):
+                for prefix, e in list(table.items()):
+                    if e is entry:
+                        table.pop(prefix, None)
 
     def _keks(self, key):
         if isinstance(key, (list, tuple)):
@@ -157,35 +222,28 @@ class EncryptionService:
             if dek_id is None:
                 raise UnknownKeyError(
                     'KEK %s has no active data key: create one first '
-                    '(generate() or create_key(kek))' % kek.key_id)
-            raw_id = bytes.fromhex(dek_id)
-            entry = self._cache.get(raw_id)
-            if entry is None or entry.kek_id != kek.key_id:
-                entry = self._unwrap_into_cache(raw_id, {kek.key_id: kek})
+                    '(generate() or create_key(kek)); keys made before '
+                    'wrapped-DEK format 2 become active again after '
+                    '"zodbkmi upgrade-keys"' % kek.key_id)
+            entry = self._authorized_entry(bytes.fromhex(dek_id),
+                                           {kek.key_id: kek})
             self._remember(self._active, key, entry)
             return entry
 
-    def _owned_kek_ids(self, key):
+    def _owned_keks(self, key):
+        """{KEK id: KEK object} for ``key`` (remembered per key object)."""
         try:
-            ids = self._owners.get(key)
+            keks = self._owners.get(key)
         except TypeError:
-            ids = None
-        if ids is None:
-            ids = frozenset(self._keks(key))
-            self._remember(self._owners, key, ids)
-        return ids
+            keks = None
+        if keks is None:
+            keks = self._keks(key)
+            self._remember(self._owners, key, keks)
+        return keks
 
     def _decryption_entry(self, key, raw_id):
         """The cache entry of ``raw_id``, checked against ``key``."""
-        entry = self._cache.get(raw_id)
-        if entry is None:
-            return self._unwrap_into_cache(raw_id, self._keks(key))
-        ids = self._owned_kek_ids(key)
-        if entry.kek_id not in ids:
-            raise WrongKeyError(
-                'DEK %s is wrapped by KEK %s, which was not given (given: '
-                '%s)' % (entry.dek_id, entry.kek_id, ', '.join(sorted(ids))))
-        return entry
+        return self._authorized_entry(raw_id, self._owned_keks(key))
 
     # -- IEncryptionService ----------------------------------------------
 
@@ -315,9 +373,9 @@ class EncryptionService:
     def _new_stream(self, key, chunk_size):
         """The DEK and header of a new stream under the active DEK of
         ``key`` (one use of it)."""
-        entry = self._encryption_entry(key)
+        entry, dek = _entry_and_dek(self._encryption_entry, key)
         entry.count_use()
-        return entry._dek, stream.build_header(
+        return dek, stream.build_header(
             entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
 
     def decrypt_file(self, key, fsrc, fdst, oid=None):
@@ -351,7 +409,8 @@ class EncryptionService:
         """The DEK of a stream: embedded (self-contained stream, unwrapped
         with the KEK of ``key`` that wrapped it) or found by id."""
         if header.wrapped is None:
-            return self._decryption_entry(key, header.dek_id)._dek
+            return _entry_and_dek(self._decryption_entry, key,
+                                  header.dek_id)[1]
         kek_id = wrapped.parse(header.wrapped).kek_id
         kek = self._keks(key).get(kek_id)
         if kek is None:
@@ -443,13 +502,19 @@ class KeyManagementFacility(EncryptionService):
     def create_key(self, key, _dek=None, _dek_id=None):
         """Create a new DEK wrapped by ``key`` and make it the active DEK
         of ``key``; the previous active DEK becomes retired.  Return the new
-        DEK id.  ``key`` may be a public-only KEK."""
+        DEK id.
+
+        ``key`` must hold the KEK's secret: the wrapped DEK (format version
+        2) proves that its maker held it, and the public half of an RSA KEK
+        raises :class:`~zodbkmi.exceptions.InvalidKeyError`."""
         kek = as_kek(key)
         dek = _dek or os.urandom(32)
         raw_id = _dek_id or os.urandom(16)
-        entry = vaultmod.VaultEntry(raw_id.hex(), kek.key_id,
-                                    wrapped.wrap(kek, raw_id, dek))
         with self._write_lock:
+            created = vaultmod.next_created(self.vault.entries(), kek.key_id)
+            entry = vaultmod.VaultEntry(
+                raw_id.hex(), kek.key_id,
+                wrapped.wrap(kek, raw_id, dek, created=created))
             # all of them: a crash between add and retire may have left two
             previous = vaultmod.active_entries(self.vault, kek.key_id)
             self.vault.add(entry)
@@ -511,14 +576,34 @@ class KeyManagementFacility(EncryptionService):
         if old.key_id == new.key_id:
             raise KeyStateError('old and new KEK are the same key (%s)'
                                 % old.key_id)
+        return self._rewrite(old, new, lambda entry: True)
+
+    def upgrade(self, key):
+        """Rewrite every version 1 entry of the KEK ``key`` in version 2
+        (same DEK, id, state and creation time); return how many.
+
+        A version 1 RSA-wrapped DEK can be made by anyone holding the public
+        key, so it is refused (:class:`UnauthenticatedKeyError`) until the
+        holder of the private key runs this, vouching for the entries the
+        vault holds at that moment (``docs/keys.rst``, "Upgrading a key
+        store").  Running it twice is harmless.  :meth:`rewrap` upgrades
+        too."""
+        kek = as_kek(key)
+        return self._rewrite(
+            kek, kek, lambda entry: entry.version == wrapped.VERSION_1)
+
+    def _rewrite(self, old, new, wanted):
+        """Rewrap the ``wanted`` entries of ``old`` under ``new`` (format
+        version 2, creation time kept); return how many."""
         rewrapped = []
         with self._write_lock:
             for entry in self.vault.entries():
-                if entry.kek_id != old.key_id:
+                if entry.kek_id != old.key_id or not wanted(entry):
                     continue
                 raw_id, dek = wrapped.unwrap(old, entry.wrapped)
                 self.vault.update(vaultmod.VaultEntry(
-                    entry.dek_id, new.key_id, wrapped.wrap(new, raw_id, dek),
+                    entry.dek_id, new.key_id,
+                    wrapped.wrap(new, raw_id, dek, created=entry.created),
                     entry.state, entry.created))
                 evict_everywhere(entry.dek_id)
                 rewrapped.append(entry.dek_id)
@@ -725,11 +810,35 @@ class LocalKeyManagementFacility(EncryptionService):
         import base64
         kek = as_kek(key)
         raw_id = os.urandom(16)
-        data = wrapped.wrap(kek, raw_id, os.urandom(32))
+        created = vaultmod.created_after(max(
+            (m['created'] for m in self.metadata()
+             if m['kek_id'] == kek.key_id and m.get('version') == 2),
+            default=None))
+        data = wrapped.wrap(kek, raw_id, os.urandom(32), created=created)
         answer = self._request('POST', '/v1/keys', {
             'wrapped': base64.b64encode(data).decode('ascii')})
         self._forget_active()
         return answer['dek_id']
+
+    def upgrade(self, key):
+        """Rewrite every version 1 entry of the KEK ``key`` on the server
+        in version 2 (see :meth:`KeyManagementFacility.upgrade`); return
+        how many.  The DEKs are unwrapped and wrapped again here; the
+        server only stores the result."""
+        import base64
+        kek = as_kek(key)
+        done = 0
+        for m in self.metadata():
+            if m['kek_id'] != kek.key_id or m.get('version') != 1:
+                continue
+            raw_id, dek = wrapped.unwrap(kek, self._wrapped_key(m['dek_id']))
+            data = wrapped.wrap(kek, raw_id, dek, created=m['created'])
+            self._request('PUT', '/v1/keys/' + m['dek_id'], {
+                'wrapped': base64.b64encode(data).decode('ascii')})
+            evict_everywhere(m['dek_id'])
+            done += 1
+        self._forget_active()
+        return done
 
     def rotate(self, key):
         """DEK rotation: new writes go to a new DEK; return its id."""

@@ -71,8 +71,11 @@ def encrypt_to_recipient(recipient, fsrc, fdst,
     """
     kek = recipient_kek(recipient)
     dek, dek_id = os.urandom(stream.DEK_SIZE), os.urandom(stream.DEK_ID_SIZE)
-    header = stream.build_header(wrapped=wrapped.wrap(kek, dek_id, dek),
-                                 chunk_size=chunk_size)
+    # version 1: the writer holds the public key only (a self-contained
+    # stream proves who can read it, not who wrote it)
+    header = stream.build_header(
+        wrapped=wrapped.wrap(kek, dek_id, dek, version=wrapped.VERSION_1),
+        chunk_size=chunk_size)
     return stream.encrypt(fsrc, fdst, dek, header)
 
 

@@ -8,6 +8,7 @@ import hmac
 import os
 import threading
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
@@ -33,6 +34,12 @@ KEK_ID_LABEL = b'zodbkmi/kek-id/v1'
 def _oaep(label):
     return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()),
                         algorithm=hashes.SHA256(), label=label)
+
+
+# RSA-PSS with SHA-256, MGF1-SHA-256 and a 32 byte salt (RFC 8017, 8.1):
+# the signature of a version 2 wrapped DEK
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                   salt_length=padding.PSS.DIGEST_LENGTH)
 
 
 def rsa_public_key_id(public_key):
@@ -85,6 +92,28 @@ class RSAPublicKeyEncryptingKey:
             'KEK %s is a public key: it wraps, it cannot unwrap'
             % self.key_id)
 
+    def wrap_signed(self, dek, aad):
+        raise InvalidKeyError(
+            'KEK %s is a public key: only the holder of its private key can '
+            'create data keys (a public key can only wrap self-contained '
+            'streams)' % self.key_id)
+
+    unwrap_signed = unwrap
+
+    @property
+    def _size(self):
+        return (self._public.key_size + 7) // 8
+
+    def _verify(self, signed, signature):
+        """Check the RSA-PSS ``signature`` of ``signed``; raise
+        AuthenticationError."""
+        try:
+            self._public.verify(signature, signed, _PSS, hashes.SHA256())
+        except InvalidSignature:
+            raise AuthenticationError(
+                'wrapped DEK is not signed by KEK %s (made without its '
+                'private key, or altered)' % self.key_id) from None
+
     def __repr__(self):
         return '<%s %s>' % (type(self).__name__, self.key_id)
 
@@ -131,8 +160,29 @@ class RSAKeyEncryptingKey(RSAPublicKeyEncryptingKey):
     def public(self):
         return RSAPublicKeyEncryptingKey(self._public)
 
+    def wrap_signed(self, dek, aad):
+        """The version 2 wrapping: the OAEP ciphertext of ``dek`` (label
+        ``aad``, the header) followed by the RSA-PSS signature of ``aad ||
+        ciphertext``, which only the private key can make."""
+        ciphertext = self.wrap(dek, aad)
+        return ciphertext + self._private.sign(aad + ciphertext, _PSS,
+                                               hashes.SHA256())
+
+    def unwrap_signed(self, blob, aad):
+        """Check the signature of a version 2 wrapping, then unwrap it."""
+        size = self._size
+        if len(blob) < 2 * size:
+            raise TruncatedDataError(
+                'wrapped DEK truncated: %d of %d bytes of signed RSA-OAEP '
+                'for KEK %s' % (len(blob), 2 * size, self.key_id))
+        if len(blob) != 2 * size:
+            raise AuthenticationError(
+                'wrapped DEK has a wrong size for KEK %s' % self.key_id)
+        self._verify(aad + blob[:size], blob[size:])
+        return self.unwrap(blob[:size], aad)
+
     def unwrap(self, blob, aad):
-        size = (self._private.key_size + 7) // 8
+        size = self._size
         if len(blob) < size:
             raise TruncatedDataError(
                 'wrapped DEK truncated: %d of %d bytes of RSA-OAEP for KEK %s'

@@ -8,6 +8,7 @@ Routes (all JSON, versioned under ``/v1``; see ``openapi.json``)::
     GET    /v1/keys                     client     metadata of every key
     POST   /v1/keys                     admin      upload a wrapped DEK
     GET    /v1/keys/{dek_id}            client     metadata + wrapped DEK
+    PUT    /v1/keys/{dek_id}            admin      store a new wrapping of it
     DELETE /v1/keys/{dek_id}            admin      destroy a key
     POST   /v1/keys/{dek_id}/retire     admin      make a key decrypt-only
     GET    /v1/keks/{kek_id}/active     client     the active DEK of a KEK
@@ -15,7 +16,10 @@ Routes (all JSON, versioned under ``/v1``; see ``openapi.json``)::
 The server never sees a key encrypting key nor a plaintext data key: clients
 wrap new DEKs themselves and upload the wrapped form; the server checks its
 format and ids and stores it.  Uploading a new DEK for a KEK retires the
-previous active DEK of that KEK (DEK rotation).
+previous active DEK of that KEK (DEK rotation).  Only version 2 wrapped
+DEKs are accepted: the server cannot check them (it holds no KEK), its
+clients do, and refuse a key whose wrapping does not prove that the KEK's
+holder made it.
 
 Every error is an answer ``{"error": "<short message>"}`` (4xx; 503 or 507
 when the key directory fails); messages name
@@ -36,6 +40,7 @@ import threading
 import time
 
 from zodbkmi import vault as vaultmod
+from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import UnknownKeyError
@@ -184,7 +189,8 @@ class AuditLog:
 
 def _metadata(entry):
     return {'dek_id': entry.dek_id, 'kek_id': entry.kek_id,
-            'state': entry.state, 'created': entry.created}
+            'state': entry.state, 'created': entry.created,
+            'version': entry.version}
 
 
 class KeyServerApp:
@@ -357,7 +363,9 @@ class KeyServerApp:
         self.audit.write(client, 'active', entry.dek_id, 'ok')
         return 200, _metadata(entry), []
 
-    def create_key(self, environ, client):
+    def _wrapped_from_body(self, environ, client, operation):
+        """The version 2 wrapped DEK of a request body ``{"wrapped":
+        base64}`` and its parsed header; 400 for anything else."""
         doc = self._read_json(environ)
         if set(doc) - {'wrapped'}:
             raise HTTPError(400, 'unknown field in body (only "wrapped")')
@@ -368,12 +376,23 @@ class KeyServerApp:
             data = base64.b64decode(raw, validate=True)
             parsed = wrappedmod.parse(data)
         except (binascii.Error, ValueError, DecryptionError) as e:
-            self.audit.write(client, 'create', None, 'invalid')
+            self.audit.write(client, operation, None, 'invalid')
             raise HTTPError(400, 'invalid wrapped DEK: %s'
                             % str(e)[:80]) from None
-        dek_id = parsed.dek_id.hex()
+        if parsed.version != wrappedmod.VERSION_2:
+            # a version 1 RSA wrapping proves nothing about its maker
+            self.audit.write(client, operation, parsed.dek_id.hex(),
+                             'invalid')
+            raise HTTPError(400, 'wrapped DEK version %d is no longer '
+                                 'accepted: upgrade the client (version 2 '
+                                 'proves who made the key)' % parsed.version)
         if not _KEK_ID.match(parsed.kek_id):
             raise HTTPError(400, 'invalid KEK id in wrapped DEK')
+        return data, parsed
+
+    def create_key(self, environ, client):
+        data, parsed = self._wrapped_from_body(environ, client, 'create')
+        dek_id = parsed.dek_id.hex()
         entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data)
         vault = self.facility.vault
         with self._lock:
@@ -392,6 +411,27 @@ class KeyServerApp:
         self.audit.write(client, 'create', dek_id, 'ok')
         return 201, _metadata(entry), [
             ('Location', '%s/keys/%s' % (API_PREFIX, dek_id))]
+
+    def replace_key(self, environ, client, dek_id):
+        """Store a new wrapping of an existing DEK (KEK rotation, upgrade
+        to format version 2, done by a client that holds the KEK); the
+        state and the id stay."""
+        data, parsed = self._wrapped_from_body(environ, client, 'rewrap')
+        if parsed.dek_id.hex() != dek_id:
+            self.audit.write(client, 'rewrap', dek_id, 'invalid')
+            raise HTTPError(400, 'the wrapped DEK names another key')
+        vault = self.facility.vault
+        with self._lock:
+            old = vault.get(dek_id)
+            if old is None:
+                self.audit.write(client, 'rewrap', dek_id, 'not found')
+                raise HTTPError(404, 'no key %s' % dek_id)
+            entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data,
+                                        old.state)
+            vault.update(entry)
+        evict_everywhere(dek_id)
+        self.audit.write(client, 'rewrap', dek_id, 'ok')
+        return 200, _metadata(entry), []
 
     def retire_key(self, environ, client, dek_id):
         try:
@@ -418,6 +458,7 @@ class KeyServerApp:
         'keys': {'GET': (list_keys, 'client'),
                  'POST': (create_key, 'admin')},
         'key': {'GET': (get_key, 'client'),
+                'PUT': (replace_key, 'admin'),
                 'DELETE': (delete_key, 'admin')},
         'retire': {'POST': (retire_key, 'admin')},
         'active': {'GET': (active, 'client')},

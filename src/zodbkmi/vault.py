@@ -13,8 +13,13 @@ entry complete or absent, and several processes can share the directory.
 A process killed before its rename leaves its temporary file
 (``.tmp-*.part``): never taken for an entry, and removed by
 :meth:`DirectoryVault.sweep` when its key is destroyed or rewrapped.
-The vault holds no unwrapped key; the lifecycle state is not secret and not
-authenticated (the wrapped DEK is).
+The vault holds no unwrapped key.  What proves an entry genuine is its
+wrapped DEK: a version 2 wrapped DEK can only be made with the KEK's
+secret, and it authenticates the DEK id, the KEK id and the creation time.
+The lifecycle state is not authenticated, so it only ever restricts: the
+active DEK of a KEK is its newest version 2 entry, and none when that one
+is retired (:meth:`DirectoryVault.active_for`); retiring an older entry, or
+marking one active, changes nothing.
 """
 import base64
 import binascii
@@ -29,7 +34,7 @@ from zope.interface import implementer
 from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import UnknownKeyError
-from zodbkmi.format import wrapped
+from zodbkmi.format import wrapped as wrappedmod
 from zodbkmi.interfaces import IKeyVault
 
 ACTIVE = 'active'
@@ -37,7 +42,8 @@ RETIRED = 'retired'
 STATES = (ACTIVE, RETIRED)
 SUFFIX = '.dek'
 ENTRY_FORMAT = 'zodbkmi-vault-entry'
-ENTRY_VERSION = 1
+# an entry has the version of its wrapped DEK: 1 (legacy, read only) or 2
+ENTRY_VERSIONS = wrappedmod.VERSIONS
 # the temporary files of write_atomic (never taken for entries)
 TEMP_PREFIX = '.tmp-'
 TEMP_SUFFIX = '.part'
@@ -55,9 +61,14 @@ def check_dek_id(dek_id):
 
 class VaultEntry:
     """One wrapped DEK with its metadata; ``wrapped`` is the binary
-    wrapped-DEK format, ``dek_id`` 32 hex digits."""
+    wrapped-DEK format, ``dek_id`` 32 hex digits.
 
-    __slots__ = ('dek_id', 'kek_id', 'state', 'created', 'wrapped')
+    ``version`` is the version of the wrapped DEK; for version 2,
+    ``created`` is the creation time its header authenticates (given or
+    not, it must be that one)."""
+
+    __slots__ = ('dek_id', 'kek_id', 'state', 'created', 'wrapped',
+                 'version')
 
     def __init__(self, dek_id, kek_id, wrapped, state=ACTIVE, created=None):
         if state not in STATES:
@@ -65,8 +76,15 @@ class VaultEntry:
         self.dek_id = dek_id
         self.kek_id = kek_id
         self.state = state
-        self.created = time.time_ns() if created is None else created
         self.wrapped = wrapped
+        self.version = wrapped[3] if len(wrapped) > 3 else None
+        if self.version == wrappedmod.VERSION_2:
+            made = wrappedmod.parse(wrapped).created
+            if created is not None and created != made:
+                raise ValueError('created %r differs from the creation time '
+                                 'of the wrapped DEK' % (created,))
+            created = made
+        self.created = time.time_ns() if created is None else created
 
     def __repr__(self):
         return '<VaultEntry %s by KEK %s, %s>' % (
@@ -74,7 +92,7 @@ class VaultEntry:
 
     def to_json(self):
         return json.dumps({
-            'format': ENTRY_FORMAT, 'version': ENTRY_VERSION,
+            'format': ENTRY_FORMAT, 'version': self.version,
             'dek_id': self.dek_id, 'kek_id': self.kek_id,
             'state': self.state, 'created': self.created,
             'wrapped': base64.b64encode(self.wrapped).decode('ascii'),
@@ -86,10 +104,14 @@ class VaultEntry:
             doc = json.loads(data)
             if doc.get('format') != ENTRY_FORMAT:
                 raise ValueError('not a vault entry')
-            if doc.get('version') != ENTRY_VERSION:
-                raise ValueError('unsupported version %r' % doc.get('version'))
+            version = doc.get('version')
+            if type(version) is not int or version not in ENTRY_VERSIONS:
+                raise ValueError('unsupported version %r' % (version,))
             raw = base64.b64decode(doc['wrapped'], validate=True)
-            parsed = wrapped.parse(raw)
+            parsed = wrappedmod.parse(raw)
+            if parsed.version != version:
+                raise ValueError('a version %d entry holds a version %d '
+                                 'wrapped DEK' % (version, parsed.version))
             entry = cls(check_dek_id(doc['dek_id']), doc['kek_id'], raw,
                         doc['state'], int(doc['created']))
         except (ValueError, KeyError, TypeError, AttributeError,
@@ -101,6 +123,32 @@ class VaultEntry:
             raise KeyStoreError('corrupt vault entry %s: ids do not match '
                                 'its wrapped DEK' % name)
         return entry
+
+
+def newest_entry(entries, kek_id):
+    """The newest version 2 entry of ``kek_id`` among ``entries`` (by
+    authenticated creation time, then id), or None."""
+    best = None
+    for entry in entries:
+        if entry.kek_id == kek_id and entry.version == wrappedmod.VERSION_2:
+            if best is None or (entry.created, entry.dek_id) > (
+                    best.created, best.dek_id):
+                best = entry
+    return best
+
+
+def next_created(entries, kek_id):
+    """The creation time for a new DEK of ``kek_id``: now, or just after
+    the newest entry of ``kek_id`` when a clock ahead of ours made it, so
+    that the new DEK is the newest one whatever the clocks say."""
+    newest = newest_entry(entries, kek_id)
+    return created_after(None if newest is None else newest.created)
+
+
+def created_after(newest):
+    """Now in ns since the epoch, or ``newest + 1`` if that is later."""
+    now = time.time_ns()
+    return now if newest is None or newest < now else newest + 1
 
 
 def active_entries(vault, kek_id):
@@ -319,11 +367,13 @@ class DirectoryVault:
         return [self._entries[i] for i in sorted(self._entries)]
 
     def active_for(self, kek_id):
+        """The active entry of ``kek_id``: its newest version 2 entry, or
+        None when there is none or that one is retired.
+
+        The state is not authenticated, so it can only take the active
+        role away: an entry marked active that is not the newest one of
+        its KEK is never chosen, and version 1 entries (whose creation time
+        is not authenticated) never are."""
         self._refresh()
-        best = None
-        for entry in self._entries.values():
-            if entry.kek_id == kek_id and entry.state == ACTIVE:
-                if best is None or (entry.created, entry.dek_id) > (
-                        best.created, best.dek_id):
-                    best = entry
-        return best
+        best = newest_entry(self._entries.values(), kek_id)
+        return best if best is not None and best.state == ACTIVE else None

@@ -8,6 +8,8 @@ once per new vector file and refuses to overwrite a file that exists::
     python tests/vectors/generate.py            # writes missing files only
     python tests/vectors/generate.py --out DIR  # to look at fresh output
 
+These files hold wrapped-DEK format version 1 (what this script writes);
+version 2 has its own files and generator (``generate_wrapped_v2.py``).
 A new vector is added by adding a new file (or, before the format is
 released, by deleting the file and running this again), never by editing a
 released one.
@@ -235,7 +237,8 @@ def wrapped_vectors(rsa_key):
 
     def add_aes(name, comment, kek, kek_name, dek_id, dek):
         nonce = label('wrap nonce ' + name, 12)
-        header = wrapped.build_header(kek.suite, dek_id, kek.key_id)
+        header = wrapped.build_header(kek.suite, dek_id, kek.key_id,
+                                      wrapped.VERSION_1)
         data = header + kek.wrap(dek, header, _nonce=nonce)
         valid.append({'name': name, 'comment': comment, 'kek': kek_name,
                       'suite': kek.suite, 'dek_id': dek_id.hex(),
@@ -244,7 +247,7 @@ def wrapped_vectors(rsa_key):
         return data
 
     def add_rsa(name, comment, dek_id, dek):
-        data = wrapped.wrap(rsa_kek, dek_id, dek)
+        data = wrapped.wrap(rsa_kek, dek_id, dek, version=wrapped.VERSION_1)
         valid.append({'name': name, 'comment': comment, 'kek': 'rsa',
                       'suite': rsa_kek.suite, 'dek_id': dek_id.hex(),
                       'dek': dek.hex(), 'kek_id': rsa_kek.key_id,

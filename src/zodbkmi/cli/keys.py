@@ -92,6 +92,23 @@ def register(subparsers):
     _common(p, admin=True)
     p.set_defaults(func=cmd_delete)
 
+    p = subparsers.add_parser(
+        'upgrade-keys',
+        help='rewrite the data keys of a KEK in wrapped-DEK format 2',
+        description='Rewrite every data key of the KEK in KEK_FILE that is '
+                    'still in wrapped-DEK format version 1 in version 2, '
+                    'which only the holder of the KEK can make; same keys, '
+                    'ids, states and creation times.  Run it once, as the '
+                    'holder of the KEK, on a key store you trust: it vouches '
+                    'for the version 1 keys it finds (docs/keys.rst).  '
+                    'Works on a key directory (--key-dir) or the key '
+                    'server.')
+    p.add_argument('kek_file')
+    p.add_argument('--key-dir', default=None,
+                   help='a local key directory instead of the key server')
+    _common(p, admin=True)
+    p.set_defaults(func=cmd_upgrade_keys)
+
 
 def facility(args, environ=None):
     """The LocalKeyManagementFacility the arguments describe."""
@@ -179,4 +196,19 @@ def cmd_delete(args):
                          % args.dek_id)
     facility(args).delete(args.dek_id)
     print('deleted %s' % args.dek_id)
+    return 0
+
+
+def cmd_upgrade_keys(args):
+    kek = _read_kek(args.kek_file)
+    if args.key_dir is not None:
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.vault import DirectoryVault
+        DirectoryVault(args.key_dir, create=False)   # must exist
+        target = KeyManagementFacility(args.key_dir)
+    else:
+        target = facility(args)
+    n = target.upgrade(kek)
+    print('upgraded %d data key%s to wrapped-DEK format 2'
+          % (n, '' if n == 1 else 's'))
     return 0

@@ -1,6 +1,25 @@
 """The wrapped-DEK format: a data key sealed by a key encrypting key.
 
-Layout, version 1 (specified in ``docs/format.rst``)::
+Version 2 (written since the review of 2026-12-04) proves who made it: its
+header carries the creation time, and every suite's wrapping can only be
+made with the KEK's secret (AES-GCM, Transit and PKCS#11 authenticate the
+header with the KEK; an RSA wrapping adds an RSA-PSS signature by the
+private key over the header and the OAEP ciphertext)::
+
+    offset  size  field
+    0       3     magic   b"zkw"
+    3       1     version 0x02
+    4       1     suite   the KEK's wrapping suite (see SUITES)
+    5       16    DEK id
+    21      8     created, ns since the epoch, unsigned big endian
+    29      1     n = length of the KEK id (1..255)
+    30      n     KEK id, ASCII
+    30+n    ...   the KEK's wrapping of the 32 byte DEK; for suite 1 the
+                  OAEP ciphertext followed by the RSA-PSS signature of
+                  header || OAEP ciphertext (each as long as the modulus)
+
+Version 1, still read (anyone holding the public half of an RSA KEK can make
+a version 1 suite 1 wrapping; self-contained streams use it)::
 
     offset  size  field
     0       3     magic   b"zkw"
@@ -17,12 +36,17 @@ The header is the associated data of the wrapping (the OAEP label for RSA,
 the GCM associated data for AES), so a wrapped DEK cannot be moved to
 another DEK id or presented as the work of another KEK.
 """
+import time
+
 from zodbkmi.exceptions import TruncatedDataError
 from zodbkmi.exceptions import UnsupportedFormatError
 from zodbkmi.exceptions import WrongKeyError
 
 MAGIC = b'zkw'
-VERSION = 1
+VERSION_1 = 1
+VERSION_2 = 2
+VERSION = VERSION_2     # the version writers write
+VERSIONS = (VERSION_1, VERSION_2)
 DEK_SIZE = 32
 DEK_ID_SIZE = 16
 
@@ -38,41 +62,87 @@ SUITES = {
 }
 
 
+_CREATED_SIZE = 8
+_MAX_CREATED = 2 ** 64 - 1
+# the offset of the KEK id length byte in each version
+_KEK_ID_LENGTH_AT = {VERSION_1: 21, VERSION_2: 29}
+
+
 class WrappedKey:
-    """A parsed wrapped DEK: ``suite``, ``dek_id``, ``kek_id``, ``header``
-    (the associated data) and ``blob`` (the KEK's output)."""
+    """A parsed wrapped DEK: ``version``, ``suite``, ``dek_id``, ``kek_id``,
+    ``created`` (ns since the epoch, authenticated; None in version 1),
+    ``header`` (the associated data) and ``blob`` (the KEK's output)."""
 
-    __slots__ = ('suite', 'dek_id', 'kek_id', 'header', 'blob')
+    __slots__ = ('version', 'suite', 'dek_id', 'kek_id', 'created',
+                 'header', 'blob')
 
-    def __init__(self, suite, dek_id, kek_id, header, blob):
+    def __init__(self, suite, dek_id, kek_id, header, blob,
+                 version=VERSION_1, created=None):
+        self.version = version
         self.suite = suite
         self.dek_id = dek_id
         self.kek_id = kek_id
+        self.created = created
         self.header = header
         self.blob = blob
 
+    @property
+    def proves_maker(self):
+        """True when only the holder of the KEK's secret can have made this
+        wrapped DEK: every version 2 wrapping, and version 1 wrappings of
+        the suites that authenticate with a secret key (2, 3, 4).  A
+        version 1 RSA wrapping (suite 1) can be made by anyone holding the
+        public key."""
+        return self.version == VERSION_2 or self.suite != SUITE_RSA_OAEP_SHA256
+
     def __repr__(self):
-        return '<WrappedKey DEK %s by KEK %s (%s)>' % (
-            self.dek_id.hex(), self.kek_id, SUITES[self.suite])
+        return '<WrappedKey v%d DEK %s by KEK %s (%s)>' % (
+            self.version, self.dek_id.hex(), self.kek_id, SUITES[self.suite])
 
 
-def build_header(suite, dek_id, kek_id):
-    """Return the header (and associated data) of a wrapped DEK."""
+def build_header(suite, dek_id, kek_id, version=VERSION, created=None):
+    """Return the header (and associated data) of a wrapped DEK.
+
+    ``created`` (version 2 only; default now) is the creation time in
+    nanoseconds since the epoch."""
     if suite not in SUITES:
         raise ValueError('unknown wrapping suite %r' % (suite,))
+    if version not in VERSIONS:
+        raise ValueError('unknown wrapped DEK version %r' % (version,))
     if not isinstance(dek_id, bytes) or len(dek_id) != DEK_ID_SIZE:
         raise ValueError('a DEK id has %d bytes' % DEK_ID_SIZE)
     raw = kek_id.encode('ascii')
     if not 0 < len(raw) < 256:
         raise ValueError('a KEK id has 1 to 255 ASCII characters')
-    return MAGIC + bytes([VERSION, suite]) + dek_id + bytes([len(raw)]) + raw
+    head = MAGIC + bytes([version, suite]) + dek_id
+    if version == VERSION_2:
+        if created is None:
+            created = time.time_ns()
+        if not isinstance(created, int) or not 0 <= created <= _MAX_CREATED:
+            raise ValueError('created is a 64-bit count of nanoseconds')
+        head += created.to_bytes(_CREATED_SIZE, 'big')
+    elif created is not None:
+        raise ValueError('a version 1 wrapped DEK has no creation time')
+    return head + bytes([len(raw)]) + raw
 
 
-def wrap(kek, dek_id, dek):
-    """Wrap ``dek`` under ``kek`` (an IKeyEncryptingKey); return bytes."""
+def _signed(header):
+    """Whether the wrapping of ``header`` carries a signature by the KEK."""
+    return header[3] == VERSION_2 and header[4] == SUITE_RSA_OAEP_SHA256
+
+
+def wrap(kek, dek_id, dek, created=None, version=VERSION):
+    """Wrap ``dek`` under ``kek`` (an IKeyEncryptingKey); return bytes.
+
+    Version 2 (the default) needs the KEK's secret for every suite: the
+    public half of an RSA KEK raises :class:`InvalidKeyError`.  Version 1
+    is written only for self-contained streams (``encrypt-file
+    --recipient``), where the public key is all the writer has."""
     if not isinstance(dek, bytes) or len(dek) != DEK_SIZE:
         raise ValueError('a data encrypting key has %d bytes' % DEK_SIZE)
-    header = build_header(kek.suite, dek_id, kek.key_id)
+    header = build_header(kek.suite, dek_id, kek.key_id, version, created)
+    if _signed(header):
+        return header + kek.wrap_signed(dek, header)
     return header + kek.wrap(dek, header)
 
 
@@ -92,30 +162,34 @@ def parse(data):
             raise TruncatedDataError('wrapped DEK truncated inside its magic')
         raise UnsupportedFormatError('not a zodbkmi wrapped DEK (bad magic)')
     # the version and the suite are checked as soon as they are present:
-    # another version may have a shorter header
-    if len(data) > 3 and data[3] != VERSION:
+    # versions have headers of different sizes
+    if len(data) > 3 and data[3] not in VERSIONS:
         raise UnsupportedFormatError(
-            'unsupported wrapped DEK version %d (this zodbkmi reads version '
-            '%d)' % (data[3], VERSION))
+            'unsupported wrapped DEK version %d (this zodbkmi reads versions '
+            '1 and 2)' % data[3])
     if len(data) > 4 and data[4] not in SUITES:
         raise UnsupportedFormatError('unknown wrapping suite %d' % data[4])
-    if len(data) < 22:
+    at = _KEK_ID_LENGTH_AT[data[3]] if len(data) > 3 else 21
+    if len(data) <= at:
         raise TruncatedDataError(
             'wrapped DEK truncated inside its header (%d bytes)' % len(data))
-    suite = data[4]
-    n = data[21]
-    end = 22 + n
+    version, suite = data[3], data[4]
+    n = data[at]
+    end = at + 1 + n
     if n == 0:
         raise UnsupportedFormatError('wrapped DEK has an empty KEK id')
     if len(data) <= end:
         raise TruncatedDataError('wrapped DEK truncated (%d bytes)'
                                  % len(data))
     try:
-        kek_id = data[22:end].decode('ascii')
+        kek_id = data[at + 1:end].decode('ascii')
     except UnicodeDecodeError:
         raise UnsupportedFormatError('wrapped DEK KEK id is not ASCII') \
             from None
-    return WrappedKey(suite, data[5:21], kek_id, data[:end], data[end:])
+    created = (int.from_bytes(data[21:29], 'big')
+               if version == VERSION_2 else None)
+    return WrappedKey(suite, data[5:21], kek_id, data[:end], data[end:],
+                      version, created)
 
 
 def unwrap(kek, data):
@@ -123,14 +197,19 @@ def unwrap(kek, data):
 
     Raises :class:`WrongKeyError` when ``data`` names another KEK (before
     any cryptographic work), the KEK's :class:`AuthenticationError` when it
-    does not authenticate, and the errors of :func:`parse`.
+    does not authenticate (for a version 2 RSA wrapping: when its signature
+    does not verify, before the private key decrypts), and the errors of
+    :func:`parse`.
     """
     wk = parse(data)
     if wk.kek_id != kek.key_id or wk.suite != kek.suite:
         raise WrongKeyError(
             'DEK %s is wrapped by KEK %s, not by KEK %s'
             % (wk.dek_id.hex(), wk.kek_id, kek.key_id))
-    dek = kek.unwrap(wk.blob, wk.header)
+    if _signed(wk.header):
+        dek = kek.unwrap_signed(wk.blob, wk.header)
+    else:
+        dek = kek.unwrap(wk.blob, wk.header)
     if len(dek) != DEK_SIZE:   # pragma: no cover (authenticated input)
         raise UnsupportedFormatError('unwrapped DEK has a wrong size')
     return wk.dek_id, dek
