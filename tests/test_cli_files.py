@@ -176,7 +176,10 @@ class EncryptFileTests(_Base):
             [sys.executable, '-m', 'zodbkmi.cli', 'decrypt-file', '-k',
              'kek.key', '-d', 'keys', '-o', 'plain'],
             stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+            # a shell ignores SIGINT in the jobs it puts in the
+            # background, and the child would inherit that
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         # the first chunks, then nothing more: the process waits for input
         proc.stdin.write(sealed[:39 + 2 * 65552 + 100])
         proc.stdin.flush()

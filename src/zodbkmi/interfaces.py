@@ -144,6 +144,13 @@ class IKeyEncryptingKey(zope.interface.Interface):
 
     Implementations keep the key material private: their ``repr`` shows the
     id only, and keys held by a KMS or an HSM never enter the process.
+
+    :meth:`wrap` must need the key's secret (an AEAD under the key), so
+    that a wrapped DEK proves who made it (wrapped-DEK format version 2,
+    ``docs/format.rst``).  RSA, whose encryption is public, adds
+    ``wrap_signed(dek, aad)`` and ``unwrap_signed(blob, aad)``: the OAEP
+    wrapping followed by an RSA-PSS signature of the private key, used by
+    :func:`zodbkmi.format.wrapped.wrap` for suite 1 in version 2.
     """
 
     key_id = zope.interface.Attribute(
