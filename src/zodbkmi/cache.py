@@ -22,6 +22,7 @@ Expired entries are evicted by a reaper thread at their expiry time
 (:func:`_reaper`), not only when they are next looked up.
 """
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -258,11 +259,19 @@ class _Reaper:
     survive)."""
 
     def __init__(self):
+        self._start()
+
+    def _start(self):
+        self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
         self._due = None
         self._thread = None
 
     def wake(self, due):
+        if self._pid != os.getpid():
+            # a forked child (however it was forked): the parent's thread
+            # is gone, and its lock may have been held at the fork
+            self._start()
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -283,8 +292,7 @@ class _Reaper:
                     self._cond.wait(min(delay, 3600))
                     continue
                 self._due = None
-            with _caches_lock:
-                caches = list(_caches)
+            caches = _all_caches()
             due = None
             for cache in caches:
                 cache.sweep()
@@ -295,6 +303,16 @@ class _Reaper:
                 with self._cond:
                     if self._due is None or due < self._due:
                         self._due = due
+
+
+def _all_caches():
+    """The live caches, without taking ``_caches_lock`` (the reaper must
+    not hold a module lock that a fork could copy held)."""
+    while True:
+        try:
+            return list(_caches)
+        except RuntimeError:    # the set changed during the copy
+            continue
 
 
 _reaper = _Reaper()
