@@ -1162,11 +1162,15 @@ class KeyFileTests(AdversarialBase):
     def test_key_file_readable_by_others_is_refused(self):
         self.write(self.good)
         cases = Cases(self)
+        # SecretFileError: the one secret file reader's error, both a
+        # KeyStoreError (key holders) and a KeySourceError (key sources)
+        self.assertTrue(issubclass(X.SecretFileError, X.KeyStoreError))
+        self.assertTrue(issubclass(X.SecretFileError, X.KeySourceError))
         for mode in (0o640, 0o604, 0o620, 0o610, 0o602):
             os.chmod(self.path, mode)
-            cases.check('holder %o' % mode, X.KeyStoreError,
+            cases.check('holder %o' % mode, X.SecretFileError,
                         self.use_holder)
-            cases.check('source %o' % mode, X.KeySourceError,
+            cases.check('source %o' % mode, X.SecretFileError,
                         self.use_source)
         cases.done(10)
 

@@ -304,9 +304,15 @@ class AsKekTests(unittest.TestCase):
         self.assertEqual(self._callFUT(b'\n  ' + rsa_pem()).key_id,
                          kek.key_id)
 
-    def test_pem_as_text(self):
-        kek = self._callFUT(rsa_pem().decode('ascii'))
-        self.assertEqual(kek.key_id, vector_key('rsa')['kek_id'])
+    def test_pem_as_text_refused(self):
+        # text is no key (review of issue 16, finding 7): the caller
+        # encodes PEM text itself
+        from zodbkmi.exceptions import InvalidKeyError
+        with self.assertRaisesRegex(InvalidKeyError, 'pass bytes'):
+            self._callFUT(rsa_pem().decode('ascii'))
+        self.assertEqual(
+            self._callFUT(rsa_pem().decode('ascii').encode('ascii')).key_id,
+            vector_key('rsa')['kek_id'])
 
     def test_aes_bytes(self):
         from zodbkmi.kek import AESKeyEncryptingKey

@@ -91,6 +91,8 @@ class _KeasTest:
             shutil.copy(os.path.join(KeasLayer.data, name), self.tmp)
         shutil.copytree(os.path.join(KeasLayer.data, 'keys'),
                         self.path('keas-keys'))
+        # a key file: read only when group and others have no access
+        os.chmod(self.path('kek.pem'), 0o600)
         sys.path.insert(0, self.tmp)
         self.addCleanup(self._unimport)
 

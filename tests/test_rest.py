@@ -320,6 +320,7 @@ class TokenTableTests(unittest.TestCase):
         path = os.path.join(tmp, 'tokens.json')
         with open(path, 'wb') as f:
             f.write(table.to_json())
+        os.chmod(path, 0o600)   # a token table is read as a secret file
         self.assertEqual(self._getTargetClass().load(path).lookup('t'),
                          ('c', 'client'))
         for bad in (b'{', b'{"tokens": [{"name": "x"}]}',

@@ -356,8 +356,12 @@ class ServeTests(unittest.TestCase):
             self.assertIn('WARNING: plain HTTP, for development only',
                           server.stdout())
             self.assertFalse(os.path.exists(server.ca))
-            local = LocalKeyManagementFacility(
-                'http://127.0.0.1:%d' % server.port, token=server.client)
+            url = 'http://127.0.0.1:%d' % server.port
+            # the client asks too: loopback is no exception
+            with self.assertRaisesRegex(ValueError, 'allow_http'):
+                LocalKeyManagementFacility(url, token=server.client)
+            local = LocalKeyManagementFacility(url, token=server.client,
+                                               allow_http=True)
             self.addCleanup(local.close)
             self.assertEqual(local.status()['keys'], 0)
         finally:

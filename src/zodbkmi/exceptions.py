@@ -113,7 +113,10 @@ class KeyStoreError(ZodbKmiError, OSError):
     """The key vault cannot be read or written.
 
     Raised when the storage directory is missing and cannot be created, is
-    not writable, or holds an entry that cannot be parsed.
+    not writable, holds an entry that cannot be parsed, or is an existing
+    directory that group or others can write or that another user owns;
+    and (as :class:`SecretFileError`) for a key, PIN or token file that
+    cannot be read or that group or others can access.
     """
 
 
@@ -148,8 +151,10 @@ class SettingsError(ZodbKmiError, ValueError):
 
     Raised by :mod:`zodbkmi.sources.settings` for an unknown or missing
     setting, a value of the wrong type, an unknown key source or algorithm,
-    and a settings file or environment variable that is not JSON.  The
-    message is one line naming the setting, never its secret value.
+    and a settings file or environment variable that is not JSON; and by
+    :class:`zodbkmi.facility.LocalKeyManagementFacility` for a key server
+    URL that is not ``https://`` (``http://`` needs ``allow_http=True``).
+    The message is one line naming the setting, never its secret value.
     """
 
 
@@ -157,7 +162,7 @@ class KeySourceError(ZodbKmiError):
     """A key source or an external KMS/HSM cannot deliver its service.
 
     Raised when a key file or environment variable is missing or readable
-    by others, when Vault/OpenBao is down, sealed, times out, refuses the
+    by others (for files: :class:`SecretFileError`), when Vault/OpenBao is down, sealed, times out, refuses the
     token (403), has no such secret or Transit key (404 and kin), and when
     a PKCS#11 library, token or key is missing or the PIN is wrong.
     ``source`` names the source (a URL and path, a file name, a token
@@ -167,3 +172,20 @@ class KeySourceError(ZodbKmiError):
     def __init__(self, message, source=None):
         super().__init__(message)
         self.source = source
+
+
+class SecretFileError(KeyStoreError, KeySourceError):
+    """A key, PIN, token or password file cannot be used.
+
+    Raised by :func:`zodbkmi.keyholder.read_secret_file`, the one reader of
+    such files, when the file cannot be read, is larger than 1 MiB, or when
+    group or others have any access to it (any bit of ``0o077`` in its
+    mode); the message names the file, its role, its mode and the
+    ``chmod`` that fixes it, never its content.  Both a
+    :class:`KeyStoreError` and a :class:`KeySourceError`, so each caller's
+    documented exception still catches it.  ``source`` is the path.
+    """
+
+    def __init__(self, message, source=None):
+        # Not OSError's (errno, strerror) form: one message.
+        KeySourceError.__init__(self, message, source)

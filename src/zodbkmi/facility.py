@@ -630,6 +630,12 @@ class LocalKeyManagementFacility(EncryptionService):
     ``backoff``, ``2 * backoff``, ... seconds.  When the server cannot be
     reached or refuses, :class:`zodbkmi.exceptions.KeyServerError` is
     raised.
+
+    The token file is read by :func:`zodbkmi.keyholder.read_secret_file`
+    (refused when group or others can access it).  An ``http://`` URL is
+    refused with :class:`zodbkmi.exceptions.SettingsError` unless
+    ``allow_http=True`` is given (development only: the bearer token and
+    the wrapped keys would travel in clear; loopback is no exception).
     """
 
     rsa_bits = RSA_DEFAULT_BITS
@@ -638,19 +644,22 @@ class LocalKeyManagementFacility(EncryptionService):
                  timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
                  use_limit=DEFAULT_USE_LIMIT, request_timeout=5.0,
                  retries=3, backoff=0.05, client_cert=None,
-                 client_key=None, transport=None):
-        super().__init__(timeout, cache_size, use_limit)
+                 client_key=None, transport=None, allow_http=False):
         from zodbkmi.rest import HTTPTransport
-        self.url = url
+        from zodbkmi.rest import check_url
+        check_url(url, allow_http)
         if token is None and token_file is not None:
-            with open(token_file, 'rb') as f:
-                token = f.read().decode('ascii').strip()
+            from zodbkmi.keyholder import read_secret_text
+            token = read_secret_text(token_file, 'token')
+        super().__init__(timeout, cache_size, use_limit)
+        self.url = url
         self._token = token
         self.retries = retries
         self.backoff = backoff
         self._transport = transport or HTTPTransport(
             url, ca_file=ca_file, timeout=request_timeout,
-            client_cert=client_cert, client_key=client_key)
+            client_cert=client_cert, client_key=client_key,
+            allow_http=allow_http)
 
     def __repr__(self):
         return '<%s %s>' % (type(self).__name__, self.url)

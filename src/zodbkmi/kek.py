@@ -260,6 +260,12 @@ def as_kek(key):
     private key or 32 bytes of an AES-256 master key.  Parsed keys are
     cached per process (parsing an RSA key checks it and costs
     milliseconds; this is on the path of every encryption).
+
+    A ``str`` is refused with :class:`InvalidKeyError`: text is no key.
+    Encoding it would make different non-ASCII texts one key, and would
+    turn a 32 character passphrase into an AES KEK whose public key id
+    lets anyone test guesses offline.  PEM text read as ``str`` must be
+    encoded by its reader (``pem.encode('ascii')``).
     """
     kek = _kek_cache.get(key) if type(key) is bytes else None
     if kek is not None:
@@ -267,7 +273,11 @@ def as_kek(key):
     if IKeyEncryptingKey.providedBy(key):
         return key
     if isinstance(key, str):
-        key = key.encode('ascii', 'replace')
+        raise InvalidKeyError(
+            'a key encrypting key given as text (str) is refused: pass '
+            'bytes (32 random AES bytes or the PEM of an RSA private key, '
+            'e.g. read from a key file in binary mode) or a key holder\'s '
+            'key (IKeyEncryptingKey)')
     if not isinstance(key, bytes):
         raise InvalidKeyError('a key encrypting key is PEM bytes, 32 AES '
                               'bytes or an IKeyEncryptingKey, not %s'

@@ -119,12 +119,16 @@ class TokenTable:
 
     @classmethod
     def load(cls, path):
+        """Read the table in ``path``, through
+        :func:`zodbkmi.keyholder.read_secret_file`: a table that others can
+        write would let them add an admin token."""
+        from zodbkmi.keyholder import read_secret_file
+        data = read_secret_file(path, 'token table')
         try:
-            with open(path, 'rb') as f:
-                doc = json.load(f)
+            doc = json.loads(data)
             return cls((t['name'], t['role'], t['sha256'])
                        for t in doc['tokens'])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise KeyStoreError('invalid token file %s: %s'
                                 % (path, str(e)[:100])) from None
 
@@ -321,7 +325,9 @@ class KeyServerApp:
         data = environ['wsgi.input'].read(length)
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: arrays or objects nested thousands deep (a
+            # few KB of '[') exhaust the parser's recursion limit
             raise HTTPError(400, 'malformed JSON') from None
         if not isinstance(doc, dict):
             raise HTTPError(400, 'a JSON object expected')
@@ -472,22 +478,47 @@ def make_app(facility, tokens, **kw):
 
 # -- client side: transports ---------------------------------------------------
 
+def check_url(url, allow_http=False):
+    """Check the key server URL ``url``; return its ``urlsplit`` parts.
+
+    It must be ``https://host[:port][/path]``; ``http://`` only with
+    ``allow_http`` (development only: the bearer token and the wrapped
+    keys would travel in clear, so loopback is no exception).  Raises
+    :class:`zodbkmi.exceptions.SettingsError` (a ``ValueError``).
+    """
+    from urllib.parse import urlsplit
+
+    from zodbkmi.exceptions import SettingsError
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except (ValueError, TypeError, AttributeError):
+        raise SettingsError('key server URL %r is not a URL'
+                            % (url,)) from None
+    if parts.scheme not in ('https', 'http') or not parts.hostname:
+        raise SettingsError('key server URL must be https://host:port, '
+                            'not %r' % (url,))
+    if parts.scheme == 'http' and not allow_http:
+        raise SettingsError(
+            'key server URL %s is plain HTTP: the bearer token and the '
+            'wrapped keys would travel in clear; use https://, or pass '
+            'allow_http=True (development only)' % url)
+    return parts
+
+
 class HTTPTransport:
-    """HTTPS (or, if asked for, HTTP) requests to a key server.
+    """HTTPS (or, with ``allow_http``, HTTP) requests to a key server.
 
     One keep-alive connection per thread.  The server certificate is
     verified against ``ca_file`` (or the system store); TLS 1.2 minimum.
     ``request`` returns ``(status, body)`` or raises ``OSError`` for a
-    connection that failed (the caller retries).
+    connection that failed (the caller retries).  The URL is checked by
+    :func:`check_url`.
     """
 
     def __init__(self, url, ca_file=None, timeout=5.0, client_cert=None,
-                 client_key=None):
-        from urllib.parse import urlsplit
-        parts = urlsplit(url)
-        if parts.scheme not in ('https', 'http') or not parts.hostname:
-            raise ValueError('key server URL must be https://host:port, '
-                             'not %r' % (url,))
+                 client_key=None, allow_http=False):
+        parts = check_url(url, allow_http)
         self.url = url
         self.scheme = parts.scheme
         self.host = parts.hostname

@@ -157,8 +157,11 @@ class ServerProcess:
                     self._failed()
                     raise RuntimeError('server did not start')
                 time.sleep(0.02)
-        self.admin = self.read('var/admin.token')
-        self.client = self.read('var/client.token')
+        from zodbkmi.keyholder import read_secret_text
+        self.admin = read_secret_text(
+            os.path.join(self.dir, 'var', 'admin.token'), 'token')
+        self.client = read_secret_text(
+            os.path.join(self.dir, 'var', 'client.token'), 'token')
         return self
 
     def _failed(self):

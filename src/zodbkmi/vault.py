@@ -25,6 +25,7 @@ import base64
 import binascii
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -115,7 +116,8 @@ class VaultEntry:
             entry = cls(check_dek_id(doc['dek_id']), doc['kek_id'], raw,
                         doc['state'], int(doc['created']))
         except (ValueError, KeyError, TypeError, AttributeError,
-                binascii.Error, UnknownKeyError, DecryptionError) as e:
+                RecursionError, binascii.Error, UnknownKeyError,
+                DecryptionError) as e:
             raise KeyStoreError('corrupt vault entry %s: %s'
                                 % (name, str(e)[:100])) from None
         if parsed.dek_id.hex() != entry.dek_id or \
@@ -192,9 +194,35 @@ def write_atomic(path, data, mode=0o600):
         os.close(dfd)
 
 
+def check_key_directory(path):
+    """Refuse the key directory ``path`` when group or others can write
+    it (``mode & 0o022``: they could plant, swap or delete entries) or
+    when it belongs to another user; raise :class:`KeyStoreError` naming
+    the path and the command that fixes it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise KeyStoreError('cannot read key directory %s: %s'
+                            % (path, e.strerror)) from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise KeyStoreError(
+            'key directory %s is writable by group or others (mode %04o); '
+            'run: chmod 700 %s' % (path, mode, path))
+    if hasattr(os, 'geteuid') and st.st_uid != os.geteuid():
+        raise KeyStoreError(
+            'key directory %s belongs to user id %d, not to this user (%d); '
+            'run: chown %d %s && chmod 700 %s'
+            % (path, st.st_uid, os.geteuid(), os.geteuid(), path, path))
+
+
 @implementer(IKeyVault)
 class DirectoryVault:
     """Wrapped DEKs in a directory, created with mode 0700.
+
+    An existing directory is refused (:class:`KeyStoreError`) when group or
+    others can write it or when another user owns it (see
+    :func:`check_key_directory`).
 
     Thread-safe.  Entries are cached in memory after the first read; the
     directory listing is read again when its modification time changes, so
@@ -213,6 +241,7 @@ class DirectoryVault:
             except OSError as e:
                 raise KeyStoreError('cannot create key directory %s: %s'
                                     % (self.path, e.strerror)) from None
+        check_key_directory(self.path)
         self._lock = threading.RLock()
         self._entries = {}
         self._inodes = {}

@@ -154,7 +154,8 @@ class IKeyManagementFacilityDirective(_IFacilityDirective):
     storageDir = Path(
         title='Key directory',
         description=('The directory of the wrapped data keys, relative to '
-                     'the ZCML file (created with mode 0700 if missing).'),
+                     'the ZCML file (created with mode 0700 if missing; '
+                     'refused if group or others can write it).'),
         required=True)
 
 
@@ -174,7 +175,8 @@ class ILocalKeyManagementFacilityDirective(_IFacilityDirective):
 
     tokenFile = Path(
         title='Token file',
-        description=('A file holding the bearer token, mode 0600 (give '
+        description=('A file holding the bearer token, mode 0600: '
+                     'refused when group or others have any access (give '
                      'tokenFile or tokenEnv).'),
         required=False)
 
@@ -306,19 +308,19 @@ def localKeyManagementFacility(_context, url, caFile=None, tokenFile=None,
         kw['request_timeout'] = requestTimeout
     factory = _Facility(directive, _make_local, url=url, ca_file=caFile,
                         token_file=tokenFile, token_env=tokenEnv,
-                        client_cert=clientCert, client_key=clientKey, **kw)
+                        client_cert=clientCert, client_key=clientKey,
+                        allow_http=bool(allowHttp), **kw)
     _facility_actions(_context, factory, ensureKey)
 
 
 def _make_local(directive, url, ca_file, token_file, token_env, client_cert,
-                client_key, **kw):
+                client_key, allow_http=False, **kw):
     from zodbkmi.facility import LocalKeyManagementFacility
-    from zodbkmi.sources.local import read_secret_file
+    from zodbkmi.keyholder import read_secret_text
     where = '%s (%s)' % (directive, url)
     try:
         if token_file is not None:
-            token = read_secret_file(token_file, 'token').decode(
-                'ascii', 'replace')
+            token = read_secret_text(token_file, 'token')
         else:
             token = os.environ.get(token_env, '').strip()
             if not token:
@@ -340,7 +342,7 @@ def _make_local(directive, url, ca_file, token_file, token_env, client_cert,
     try:
         return LocalKeyManagementFacility(
             url, token=token, ca_file=ca_file, client_cert=client_cert,
-            client_key=client_key, **kw)
+            client_key=client_key, allow_http=allow_http, **kw)
     except (OSError, ValueError) as e:
         # ssl.SSLError (an OSError): a file that is not PEM, a key that
         # does not match its certificate.  Its text names no key material.

@@ -29,7 +29,8 @@ def _common(parser):
     parser.add_argument(
         '-o', '--output', default='-', metavar='OUTPUT',
         help='file to write, atomically: it appears only when complete '
-             '(default or "-": standard output)')
+             '(default or "-": standard output, written as the chunks '
+             'come, so not atomic)')
     parser.add_argument(
         '-f', '--force', action='store_true',
         help='overwrite OUTPUT if it exists')
@@ -75,9 +76,16 @@ def register(subparsers):
         description='Decrypt INPUT into OUTPUT in one pass.  A stream that '
                     'names its DEK needs --key-file and --key-dir; a '
                     'self-contained one (encrypt-file --recipient) needs '
-                    'the private key only (--identity).  Nothing is written '
-                    'before it authenticated; OUTPUT appears only when the '
-                    'whole stream authenticated.')
+                    'the private key only (--identity).  No byte of a '
+                    'chunk is written before that chunk authenticated, '
+                    'and each chunk is released as soon as it did: to '
+                    'standard output, a stream that turns out cut or '
+                    'altered has already written its earlier chunks when '
+                    'the error comes (only the exit status, 2, and the '
+                    'error on standard error tell).  With -o OUTPUT the '
+                    'output is atomic: OUTPUT appears only when the whole '
+                    'stream authenticated, and nothing is left otherwise.  '
+                    'Use -o wherever a partial result must not be used.')
     _common(p)
     p.set_defaults(func=decrypt_file)
 

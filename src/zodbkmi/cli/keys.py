@@ -3,8 +3,9 @@
 
 The server is named by ``--url`` (or ``ZODBKMI_URL``), its CA by
 ``--ca-file`` (``ZODBKMI_CA_FILE``), the bearer token by ``--token-file``
-(``ZODBKMI_TOKEN_FILE``) or ``ZODBKMI_TOKEN``.  Defaults fit ``zodbkmi
-serve`` started in the same directory.
+(``ZODBKMI_TOKEN_FILE``, mode 0600) or ``ZODBKMI_TOKEN``; an ``http://``
+URL needs ``--allow-http``.  Defaults fit ``zodbkmi serve`` started in the
+same directory.
 """
 import json
 import os
@@ -28,11 +29,16 @@ def _common(p, admin=False):
                    help='CA of the server certificate (ZODBKMI_CA_FILE; '
                         'default var/tls/cert.pem if it exists)')
     g.add_argument('--token-file', default=None,
-                   help='file holding a bearer token (ZODBKMI_TOKEN_FILE; '
+                   help='file holding a bearer token, mode 0600 '
+                        '(ZODBKMI_TOKEN_FILE; '
                         'default var/%s.token if it exists)'
                         % ('admin' if admin else 'client'))
     g.add_argument('--timeout', type=float, default=5.0,
                    help='seconds per request attempt (default 5)')
+    g.add_argument('--allow-http', action='store_true',
+                   help='accept an http:// URL (development only: the '
+                        'bearer token and the wrapped keys then travel in '
+                        'clear)')
     p.set_defaults(admin=admin)
 
 
@@ -71,7 +77,9 @@ def register(subparsers):
         'rotate', help='give a KEK a new active data key',
         description='Create a new data key wrapped by the KEK in KEK_FILE '
                     '(locally) and upload it; the previous one becomes '
-                    'decrypt-only.  Print the new id.')
+                    'decrypt-only.  Print the new id.  KEK_FILE is read '
+                    'as the key holder reads it: the PEM of an RSA private '
+                    'key or one base64 line of an AES-256 key, mode 0600.')
     p.add_argument('kek_file')
     _common(p, admin=True)
     p.set_defaults(func=cmd_rotate)
@@ -129,17 +137,18 @@ def facility(args, environ=None):
     if token is None and token_file is None:
         raise UsageError('no credentials: give --token-file or set '
                          'ZODBKMI_TOKEN')
+    allow_http = getattr(args, 'allow_http', False)
+    if url.lower().startswith('http://') and not allow_http:
+        raise UsageError('key server URL %s is plain HTTP: the bearer token '
+                         'and the wrapped keys would travel in clear; use '
+                         'https://, or add --allow-http (development only)'
+                         % url)
     try:
         return LocalKeyManagementFacility(
             url, token=token, token_file=token_file, ca_file=ca,
-            request_timeout=args.timeout, retries=1)
+            request_timeout=args.timeout, retries=1, allow_http=allow_http)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def _read_kek(path):
-    with open(path, 'rb') as f:
-        return f.read()
 
 
 def cmd_new(args):
@@ -180,7 +189,10 @@ def cmd_list(args):
 
 
 def cmd_rotate(args):
-    print(facility(args).rotate(_read_kek(args.kek_file)))
+    from zodbkmi.keyholder import read_key_file
+    # the key holder's reader: mode checked, PEM or base64 AES
+    kek = read_key_file(args.kek_file)
+    print(facility(args).rotate(kek))
     return 0
 
 

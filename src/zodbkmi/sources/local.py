@@ -9,12 +9,12 @@ import binascii
 import hashlib
 import hmac
 import os
-import stat
 
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import KeySourceError
 from zodbkmi.kek import AES_KEY_SIZE
 from zodbkmi.kek import AESKeyEncryptingKey
+from zodbkmi.keyholder import read_secret_file
 
 CHECK_VALUE_LABEL = b'zodbkmi/key-check/v1'
 
@@ -85,24 +85,6 @@ class MasterKey(AESKeyEncryptingKey):
                 % (source, expected_check_value[:32], self.check_value))
 
 
-def read_secret_file(path, what='key'):
-    """Return the stripped contents of ``path``, refusing a file that group
-    or others can access."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise KeySourceError('%s file %s cannot be read: %s'
-                             % (what, path, e.strerror), path) from None
-    with os.fdopen(fd, 'rb') as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeySourceError(
-                '%s file %s is accessible by group or others (mode %04o); '
-                'run: chmod 600 %s' % (what, path, stat.S_IMODE(mode), path),
-                path)
-        return f.read(1 << 16).strip()
-
-
 def raw_key(params, algorithm='aes256-gcm'):
     """The master key given as base64 in ``params['key']``."""
     key = decode_key(params['key'], 'key source raw')
@@ -111,10 +93,11 @@ def raw_key(params, algorithm='aes256-gcm'):
 
 
 def file_key(params, algorithm='aes256-gcm'):
-    """The master key in the file ``params['path']`` (base64, mode 0600)."""
+    """The master key in the file ``params['path']`` (base64, mode 0600),
+    read by :func:`zodbkmi.keyholder.read_secret_file`."""
     path = params['path']
     source = 'key source file %s' % path
-    key = decode_key(read_secret_file(path), source)
+    key = decode_key(read_secret_file(path, 'key').strip(), source)
     return MasterKey(key, params.get('keyId'), 'file %s' % path, algorithm,
                      expected_check_value=params.get('checkValue'))
 

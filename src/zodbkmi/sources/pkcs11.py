@@ -22,7 +22,7 @@ from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import KeySourceError
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
-from zodbkmi.sources.local import read_secret_file
+from zodbkmi.keyholder import read_secret_text
 
 try:
     import pkcs11 as _p11
@@ -50,8 +50,7 @@ def read_pin(params, environ=None):
     """The user PIN from ``pinFile`` or ``pinEnv``."""
     environ = os.environ if environ is None else environ
     if params.get('pinFile'):
-        return read_secret_file(params['pinFile'], 'PIN').decode(
-            'utf-8', 'replace')
+        return read_secret_text(params['pinFile'], 'PIN', 'utf-8')
     name = params.get('pinEnv')
     if name and environ.get(name):
         return environ[name].strip()

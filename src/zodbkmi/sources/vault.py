@@ -34,7 +34,7 @@ from zodbkmi.interfaces import IKeyEncryptingKey
 from zodbkmi.kek import as_kek
 from zodbkmi.sources.local import MasterKey
 from zodbkmi.sources.local import decode_key
-from zodbkmi.sources.local import read_secret_file
+from zodbkmi.keyholder import read_secret_text
 from zodbkmi.sources.settings import DEFAULT_TIMEOUT
 
 try:
@@ -71,8 +71,7 @@ def read_token(params, environ=None):
     if params.get('token'):
         return params['token']
     if params.get('tokenFile'):
-        token = read_secret_file(params['tokenFile'], 'token')
-        return token.decode('ascii', 'replace')
+        return read_secret_text(params['tokenFile'], 'token')
     name = params.get('tokenEnv')
     if name:
         token = environ.get(name)
@@ -152,7 +151,7 @@ class VaultClient:
         status = resp.status
         try:
             payload = json.loads(resp.data) if resp.data else {}
-        except ValueError:
+        except (ValueError, RecursionError):   # not JSON, or nested deeply
             payload = None
         if not isinstance(payload, dict):
             payload = None
