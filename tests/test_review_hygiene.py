@@ -527,6 +527,24 @@ class NestedJSONTests(_TmpDir):
         self.assertEqual(status, 400)
         self.assertEqual(json.loads(data), {'error': 'malformed JSON'})
 
+    def test_key_server_answer_nested_deeply(self):
+        # a key server (or something in its place) answering nested JSON:
+        # the client raises KeyServerError, not RecursionError
+        from zodbkmi.exceptions import KeyServerError
+        from zodbkmi.facility import LocalKeyManagementFacility
+
+        class Answers:
+            def request(self, method, path, body=None, headers=None):
+                return 200, DEEP_ARRAY
+
+            def close(self):
+                pass
+
+        local = LocalKeyManagementFacility('https://127.0.0.1:1',
+                                           token='t', transport=Answers())
+        with self.assertRaises(KeyServerError):
+            local.status()
+
     def test_planted_nested_vault_entry_is_a_key_store_error(self):
         # someone who can write the key directory plants an entry that
         # would crash every reader with RecursionError

@@ -712,7 +712,7 @@ class LocalKeyManagementFacility(EncryptionService):
             return None
         try:
             answer = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):   # not JSON, or nested too deep
             answer = None
         if not 200 <= status < 300 or not isinstance(answer, dict):
             reason = None

@@ -212,7 +212,8 @@ def cmd_delete(args):
 
 
 def cmd_upgrade_keys(args):
-    kek = _read_kek(args.kek_file)
+    from zodbkmi.keyholder import read_key_file
+    kek = read_key_file(args.kek_file)
     if args.key_dir is not None:
         from zodbkmi.facility import KeyManagementFacility
         from zodbkmi.vault import DirectoryVault
