@@ -359,15 +359,15 @@ class EncryptionService:
         """The DEK of a stream: found by id in the vault, or embedded (a
         self-contained stream, unwrapped with the KEK of ``key`` that
         wrapped it) when ``self_contained`` allows it."""
-        if header.wrapped is None:
-            return self._decryption_entry(key, header.dek_id)._dek
-        if not self_contained:
+        if header.wrapped is not None and not self_contained:
             from zodbkmi.exceptions import SelfContainedStreamError
             raise SelfContainedStreamError(
                 'stream embeds its wrapped DEK %s (a self-contained stream, '
                 'which anyone holding the public key can make): only a '
                 'stream naming a DEK of the key vault opens here'
                 % header.dek_id.hex())
+        if header.wrapped is None:
+            return self._decryption_entry(key, header.dek_id)._dek
         kek_id = wrapped.parse(header.wrapped).kek_id
         kek = self._keks(key).get(kek_id)
         if kek is None:
