@@ -92,7 +92,12 @@ class BlobForgeryTests(_TempDir, unittest.TestCase):
         from zodbkmi.kek import RSAPublicKeyEncryptingKey
         public = RSAPublicKeyEncryptingKey.from_pem(public_key_pem(self.kek))
         dek, dek_id = os.urandom(32), os.urandom(16)
-        header = stream.build_header(wrapped=wrapped.wrap(public, dek_id, dek))
+        # wrapped as encrypt_to_recipient (encrypt-file --recipient) wraps:
+        # the wrapped-DEK version a public key can make
+        version = getattr(wrapped, 'VERSION_1', None)
+        header = stream.build_header(wrapped=wrapped.wrap(
+            public, dek_id, dek,
+            **({} if version is None else {'version': version})))
         out = io.BytesIO()
         # the storage binds a blob file to its oid as associated data
         stream.encrypt(io.BytesIO(FORGED), out, dek, header, self.oid)
