@@ -21,6 +21,8 @@ import unittest
 import transaction
 import ZODB
 import ZODB.FileStorage
+import ZODB.MappingStorage
+import ZODB.serialize
 from persistent.mapping import PersistentMapping
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64
@@ -362,7 +364,7 @@ class DowngradeOverEncryptedTests(_MigrateBase, unittest.TestCase):
                 lambda: storage.loadBefore(z64, p64(u64(self.attack) + 1)),
                 lambda: storage.loadSerial(z64, self.attack),
                 lambda: storage.record_iternext(),
-                lambda: [r for t in storage.iterator() for r in t],
+                lambda: self._iterate(storage),
             ]
             for path in paths:
                 with self.assertRaises(exceptions.NotEncryptedError):
@@ -372,6 +374,14 @@ class DowngradeOverEncryptedTests(_MigrateBase, unittest.TestCase):
             self.assertIn(b'5 mg', r[0])
         finally:
             storage.close()
+
+    @staticmethod
+    def _iterate(storage):
+        it = storage.iterator()
+        try:
+            return [r for t in it for r in t]
+        finally:
+            it.close()
 
     def test_a_restart_does_not_help_the_attacker(self):
         # the check does not depend on the start: opened again later (and
@@ -473,16 +483,15 @@ class PlaintextAfterStartTests(_MigrateBase, unittest.TestCase):
         finally:
             attacker.close()
         self.assertGreater(tid, app.migrate_since)
+        # a round trip to the server: the invalidation sent before its
+        # answer has arrived
+        app.base.history(z64)
+        self.assertEqual(app.base.lastTransaction(), tid)
         tm = transaction.TransactionManager()
         conn = db.open(tm)
         try:
-            # the invalidation arrives asynchronously: the old state until
-            # then, never the attacker's
             with self.assertRaises(exceptions.NotEncryptedError) as cm:
-                while True:
-                    tm.begin()
-                    self.assertEqual(conn.root()['dose'], '5 mg')
-                    tm.abort()
+                conn.root()['dose']
         finally:
             tm.abort()
             conn.close()
@@ -588,6 +597,177 @@ class ConflictResolutionTests(_MigrateBase, unittest.TestCase):
             self.storage.untransform_record_data(length_record(5))
 
 
+class GenericStorageTests(_MigrateBase, unittest.TestCase):
+    """Storages other than FileStorage: the history is read with
+    loadBefore (here MappingStorage)."""
+
+    def setUp(self):
+        super().setUp()
+        from ZODB.MappingStorage import MappingStorage
+        self.base = MappingStorage()
+        db = ZODB.DB(self.base)
+        for i in range(3):
+            with db.transaction() as conn:
+                conn.root()['dose'] = '%d mg' % i
+        self.calls = 0
+        load_before = self.base.loadBefore
+
+        def counting(oid, tid):
+            self.calls += 1
+            return load_before(oid, tid)
+        self.base.loadBefore = counting
+
+    def test_clean_plaintext_is_read_and_checked_once(self):
+        from zodbkmi.storage import MIGRATE
+        storage = self._wrap(self.base, mode=MIGRATE)
+        self.base.load(z64)
+        own = self.calls            # what the base's load costs itself
+        self.calls = 0
+        self.assertEqual(storage.load(z64)[0], self.base.load(z64)[0])
+        # back to the first of the 4 revisions (the root's creation, 3
+        # changes), then once more for nothing before it
+        self.assertEqual(self.calls, 2 * own + 4)
+        self.calls = 0
+        storage.load(z64)
+        self.assertEqual(self.calls, own)     # remembered: no walk
+
+    def test_downgrade_is_refused(self):
+        from zodbkmi.storage import MIGRATE
+        db = ZODB.DB(self._wrap(self.base, mode=MIGRATE))
+        with db.transaction() as conn:
+            conn.root()['dose'] = '5 mg'      # encrypted
+        write_raw(self.base, z64, plain_record({'dose': '500 mg'}))
+        for kw in ({}, {'migrate_since': 'f' * 16}):
+            storage = self._wrap(self.base, mode=MIGRATE, **kw)
+            with self.assertRaises(exceptions.NotEncryptedError) as cm:
+                storage.load(z64)
+            self.assertIn('over an encrypted revision', str(cm.exception))
+
+
+class PackTests(_MigrateBase, unittest.TestCase):
+
+    def test_pack_reads_references_and_removes_the_evidence(self):
+        # Pack's garbage collection reads the references of plaintext
+        # records unchecked; once the encrypted revision under the
+        # attacker's record is packed away, only a start recorded before
+        # the attack refuses it (documented).
+        import time
+        from zodbkmi.storage import MIGRATE
+        self._commit(ZODB.FileStorage.FileStorage('Data.fs'),
+                     dose='5 mg', child=PersistentMapping(v='plain'))
+        fs = ZODB.FileStorage.FileStorage('Data.fs', read_only=True)
+        plain_root = fs.load(z64)[0]      # with the reference to the child
+        fs.close()
+        storage = self._storage(mode=MIGRATE)
+        since = storage.migrate_since
+        self._commit(storage, dose='6 mg')          # the root is encrypted
+        # the attacker's record keeps the reference to the child
+        self._attacker(plain_root.replace(b'5 mg', b'9 mg'))
+        storage = self._storage(mode=MIGRATE)
+        with self.assertRaises(exceptions.NotEncryptedError):
+            storage.load(z64)
+        time.sleep(0.01)
+        storage.pack(time.time(), ZODB.serialize.referencesf)
+        # the child survived (its reference was read)
+        self.assertIn(b'plain', storage.load(p64(1))[0])
+        storage.close()
+        with self.assertRaises(exceptions.NotEncryptedError):
+            self._read(self._storage(mode=MIGRATE, migrate_since=since))
+        self.assertEqual(self._read(self._storage(mode=MIGRATE)), '9 mg')
+
+
+class DecryptedDatabaseTests(_MigrateBase, unittest.TestCase):
+
+    def test_decrypted_without_pack_is_refused_until_packed(self):
+        from zodbkmi import migrate
+        from zodbkmi.storage import MIGRATE
+        from zodbkmi.testing import KeyEncryptingKey
+        self._commit(self._storage(), dose='5 mg')
+        raw = ZODB.FileStorage.FileStorage('Data.fs')
+        keys = migrate.MigrationKeys(self.facility, old=(KeyEncryptingKey,))
+        report = migrate.Migration(raw, migrate.RecordTransformer(keys),
+                                   'decrypt').run()
+        self.assertEqual(report.rewritten, 1)
+        raw.close()
+        with self.assertRaises(exceptions.NotEncryptedError):
+            self._read(self._storage(mode=MIGRATE))
+        raw = ZODB.FileStorage.FileStorage('Data.fs')
+        migrate.pack(raw)
+        raw.close()
+        self.assertEqual(self._read(self._storage(mode=MIGRATE)), '5 mg')
+
+
+class SettingsTests(_MigrateBase, unittest.TestCase):
+
+    def _write_keys(self):
+        from zodbkmi.keyholder import write_key_file
+        from zodbkmi.testing import KeyEncryptingKey
+        os.mkdir('vault')
+        write_key_file(os.path.join(self.tmp, 'kek'), KeyEncryptingKey)
+
+    def _zconfig(self, settings):
+        import ZODB.config
+        return ZODB.config.storageFromString("""
+        %%import zodbkmi
+        <encryptingstorage>
+          key-file %(tmp)s/kek
+          key-dir %(tmp)s/vault
+          %(settings)s
+          <filestorage>
+            path %(tmp)s/Data.fs
+          </filestorage>
+        </encryptingstorage>
+        """ % dict(tmp=self.tmp, settings=settings))
+
+    def test_zconfig(self):
+        import ZConfig
+        self._write_keys()
+        storage = self._zconfig('mode migrate\nmigrate-since 03e0c0ffee000000')
+        try:
+            self.assertEqual(storage.migrate_since,
+                             bytes.fromhex('03e0c0ffee000000'))
+        finally:
+            storage.close()
+        storage = self._zconfig('mode migrate\nmigrate-since unchecked')
+        try:
+            self.assertIsNone(storage.migrate_since)
+        finally:
+            storage.close()
+        with self.assertRaises(ZConfig.ConfigurationError):
+            self._zconfig('mode migrate\nmigrate-since yesterday')
+
+    def test_zodburi(self):
+        try:
+            import zodburi
+        except ImportError:   # pragma: no cover
+            self.skipTest('zodburi is not installed')
+        self._write_keys()
+        factory, _ = zodburi.resolve_uri(
+            'zodbkmi+file://%s/Data.fs?key_file=%s/kek&key_dir=%s/vault'
+            '&mode=migrate&migrate_since=0x3e0c0ffee000000'
+            % (self.tmp, self.tmp, self.tmp))
+        storage = factory()
+        try:
+            self.assertEqual(storage.migrate_since,
+                             bytes.fromhex('03e0c0ffee000000'))
+        finally:
+            storage.close()
+        with self.assertRaises(ValueError):
+            zodburi.resolve_uri(
+                'zodbkmi+file://%s/Data.fs?key_file=%s/kek&key_dir=%s/vault'
+                '&mode=migrate&migrate_since=soon'
+                % (self.tmp, self.tmp, self.tmp))
+
+    def test_the_start_is_logged(self):
+        from zodbkmi.storage import MIGRATE
+        self._commit(ZODB.FileStorage.FileStorage('Data.fs'), dose='5 mg')
+        with self.assertLogs('zodbkmi.storage', 'INFO') as logs:
+            storage = self._storage(mode=MIGRATE)
+        storage.close()
+        self.assertIn('migrate-since %s' % storage.migrate_since.hex(),
+                      logs.output[0])
+
+
 class MigrationToolTests(_MigrateBase, unittest.TestCase):
     """zodbkmi migrate opens the storage through its configuration in
     migrate mode and still works, resumably."""
@@ -610,11 +790,82 @@ class MigrationToolTests(_MigrateBase, unittest.TestCase):
                              '5 mg')
 
     def test_migrate_since_is_a_migrate_mode_setting(self):
-        with self.assertRaises(ValueError):
-            self._storage(migrate_since='00' * 8)
         from zodbkmi.storage import MIGRATE
+        from zodbkmi.storage import parse_migrate_since
+        base = ZODB.MappingStorage.MappingStorage()
         with self.assertRaises(ValueError):
-            self._storage(mode=MIGRATE, migrate_since='not a tid')
+            self._wrap(base, migrate_since='00' * 8)
+        for bad in ('not a tid', '1' * 17, '', b'short', 3):
+            with self.assertRaises(ValueError):
+                self._wrap(base, mode=MIGRATE, migrate_since=bad)
+        self.assertEqual(parse_migrate_since('0x3E8'), p64(1000))
+        self.assertEqual(parse_migrate_since(p64(7)), p64(7))
+        self.assertEqual(parse_migrate_since(' Unchecked '), 'unchecked')
+
+
+class RelStorageTests(_MigrateBase, unittest.TestCase):
+    """RelStorage (history preserving) on PostgreSQL: every connection has
+    a storage of its own, with the start and the rules of the first."""
+
+    from tests.postgres import PostgresLayer as layer
+
+    def setUp(self):
+        import uuid
+        from tests.postgres import needs_postgres
+        needs_postgres(self)
+        super().setUp()
+        self.dsn = self.layer.server.createdb(
+            'review_' + uuid.uuid4().hex[:12])
+
+    def _base(self):
+        from relstorage.adapters.postgresql import PostgreSQLAdapter
+        from relstorage.options import Options
+        from relstorage.storage import RelStorage
+        options = Options(keep_history=True, cache_local_mb=0)
+        return RelStorage(PostgreSQLAdapter(dsn=self.dsn, options=options),
+                          options=options)
+
+    def _attack(self, state):
+        base = self._base()
+        try:
+            return write_raw(base, z64, plain_record(state))
+        finally:
+            base.close()
+
+    def test_plaintext_after_the_start_and_downgrades(self):
+        from zodbkmi.storage import MIGRATE
+        self._commit(self._base(), dose='5 mg')        # before encryption
+        db = ZODB.DB(self._wrap(self._base(), mode=MIGRATE))
+        try:
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['dose'], '5 mg')
+            attack = self._attack({'dose': '500 mg'})
+            self.assertGreater(attack, db.storage.migrate_since)
+            with self.assertRaises(exceptions.NotEncryptedError) as cm:
+                with db.transaction() as conn:
+                    conn.root()['dose']
+            self.assertIn('after the start', str(cm.exception))
+        finally:
+            db.close()
+        # opened again, the start moves: the plaintext is now taken for a
+        # record from before the migration, as the documentation says
+        db = ZODB.DB(self._wrap(self._base(), mode=MIGRATE))
+        try:
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['dose'], '500 mg')
+                conn.root()['dose'] = '6 mg'            # encrypted
+        finally:
+            db.close()
+        # once the object was encrypted, a downgrade is refused whatever
+        # the start
+        self._attack({'dose': '600 mg'})
+        storage = self._wrap(self._base(), mode=MIGRATE)
+        try:
+            with self.assertRaises(exceptions.NotEncryptedError) as cm:
+                storage.load(z64)
+            self.assertIn('over an encrypted revision', str(cm.exception))
+        finally:
+            storage.close()
 
 
 if __name__ == '__main__':   # pragma: no cover
