@@ -15,7 +15,9 @@ Three modes (see ``docs/storage.rst``):
     Records are written encrypted; a record that is not an envelope is
     refused with :class:`~zodbkmi.exceptions.NotEncryptedError`.
 ``migrate``
-    Records are written encrypted; plaintext records are read as they are.
+    Records are written encrypted; plaintext records written before the
+    migration started are read as they are, but not plaintext newer than
+    the start or than an encrypted revision of its object (a downgrade).
 ``decrypt-only``
     Records are written in plaintext; both plaintext and encrypted records
     are read.  The first step of a rolling upgrade of several clients.
@@ -408,7 +410,8 @@ class EncryptingStorage:
         self._filestorage = _is_filestorage(base)
         if mode == MIGRATE and migrate_since != UNCHECKED:
             if migrate_since is None:
-                migrate_since = base.lastTransaction()
+                # None: a ZEO client that has not reached its server yet
+                migrate_since = base.lastTransaction() or b'\0' * 8
                 _logger.info(
                     'migrate mode: plaintext records written after '
                     'transaction %s are refused (to keep this start when '
