@@ -193,7 +193,7 @@ def _is_filestorage(base):
         return False
     return isinstance(base, FileStorage) and all(
         hasattr(base, name) for name in (
-            '_lock', '_file', '_lookup_pos', '_read_data_header',
+            '_lock', '_file', '_index', '_lookup_pos', '_read_data_header',
             '_loadBack_impl'))
 
 
@@ -511,6 +511,9 @@ class EncryptingStorage:
             raise self._after_start(oid, serial)
         if self._filestorage:
             fs = self.base
+            if serial is not None and (
+                    oid, (fs._index.get(oid), serial)) in self._checked:
+                return      # the current record, found clean before
             with fs._lock:
                 self._check_history(oid, serial, data, _filestorage_revisions(
                     fs, oid, serial is None))
