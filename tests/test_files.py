@@ -41,10 +41,10 @@ class FacilityFileTests(_TempDir):
         self.assertEqual(n, len(data))
         return out.getvalue()
 
-    def _decrypt(self, sealed, key=None):
+    def _decrypt(self, sealed, key=None, **kw):
         out = io.BytesIO()
         n = self.facility.decrypt_file(key or self.kek, io.BytesIO(sealed),
-                                       out)
+                                       out, **kw)
         self.assertEqual(n, len(out.getvalue()))
         return out.getvalue()
 
@@ -138,18 +138,25 @@ class FacilityFileTests(_TempDir):
         out = io.BytesIO()
         stream.encrypt(io.BytesIO(b'self-contained'), out, dek,
                        stream.build_header(wrapped=blob))
-        self.assertEqual(self._decrypt(out.getvalue()), b'self-contained')
+        # refused unless asked for (see tests.test_review_storage)
+        with self.assertRaises(exceptions.SelfContainedStreamError):
+            self._decrypt(out.getvalue())
+        self.assertEqual(self._decrypt(out.getvalue(), self_contained=True),
+                         b'self-contained')
         self.assertEqual(self._decrypt(out.getvalue(),
-                                       key=[os.urandom(32), self.kek]),
+                                       key=[os.urandom(32), self.kek],
+                                       self_contained=True),
                          b'self-contained')
         with self.assertRaises(exceptions.WrongKeyError):
-            self._decrypt(out.getvalue(), key=os.urandom(32))
+            self._decrypt(out.getvalue(), key=os.urandom(32),
+                          self_contained=True)
 
-    def _range(self, sealed, offset, length=None, key=None, oid=None):
+    def _range(self, sealed, offset, length=None, key=None, oid=None,
+               **kw):
         out = io.BytesIO()
         n = self.facility.decrypt_file_range(
             key or self.kek, io.BytesIO(sealed), out, offset, length,
-            oid=oid)
+            oid=oid, **kw)
         self.assertEqual(n, len(out.getvalue()))
         return out.getvalue()
 
@@ -213,7 +220,10 @@ class FacilityFileTests(_TempDir):
         out = io.BytesIO()
         stream.encrypt(io.BytesIO(b'self-contained'), out, dek,
                        stream.build_header(wrapped=blob))
-        self.assertEqual(self._range(out.getvalue(), 5), b'contained')
+        with self.assertRaises(exceptions.SelfContainedStreamError):
+            self._range(out.getvalue(), 5)
+        self.assertEqual(self._range(out.getvalue(), 5, self_contained=True),
+                         b'contained')
 
     def test_testing_facility(self):
         from zodbkmi.testing import KeyEncryptingKey

@@ -7,6 +7,7 @@ from zodbkmi.storage import DECRYPT_ONLY
 from zodbkmi.storage import MODES
 from zodbkmi.storage import EncryptingStorage
 from zodbkmi.storage import ServerEncryptingStorage
+from zodbkmi.storage import parse_migrate_since
 
 
 def mode(value):
@@ -16,6 +17,13 @@ def mode(value):
         raise ValueError('mode must be one of %s, not %r'
                          % (', '.join(MODES), value))
     return value
+
+
+def migrate_since(value):
+    """ZConfig datatype of the ``migrate-since`` key: a transaction id (16
+    hex digits) or ``unchecked``."""
+    parse_migrate_since(value)      # ValueError for anything else
+    return value.strip()
 
 
 def open_keys(key_file, key_dir, previous_key_files=(), mode='strict'):
@@ -46,7 +54,8 @@ class EncryptingStorageFactory:
         facility, key, previous = open_keys(
             c.key_file, c.key_dir, c.previous_key_files, c.mode)
         return self._factory(c.base.open(), facility, key, previous,
-                             mode=c.mode, plaintext_dir=c.plaintext_dir)
+                             mode=c.mode, plaintext_dir=c.plaintext_dir,
+                             migrate_since=c.migrate_since)
 
 
 class ServerEncryptingStorageFactory(EncryptingStorageFactory):
@@ -57,7 +66,7 @@ class ServerEncryptingStorageFactory(EncryptingStorageFactory):
 
 #: Query parameters of the zodburi scheme that belong to zodbkmi.
 URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode',
-                  'plaintext_dir')
+                  'plaintext_dir', 'migrate_since')
 
 
 def uri_resolver(uri):
@@ -65,8 +74,8 @@ def uri_resolver(uri):
 
     The URI is the URI of the storage to wrap with ``zodbkmi+`` in front
     and the key settings in its query: ``key_file`` and ``key_dir``
-    (required), ``previous_key_file`` (repeatable), ``mode`` and
-    ``plaintext_dir``.  Returns
+    (required), ``previous_key_file`` (repeatable), ``mode``,
+    ``plaintext_dir`` and ``migrate_since``.  Returns
     ``(factory, dbkw)`` as zodburi resolvers do.
     """
     import urllib.parse
@@ -94,6 +103,9 @@ def uri_resolver(uri):
             raise ValueError('zodbkmi URI without %s' % name)
     wanted = mode(ours.get('mode', 'strict'))
     plaintext_dir = ours.get('plaintext_dir') or None
+    since = ours.get('migrate_since') or None
+    if since is not None:
+        migrate_since(since)
     if plaintext_dir is not None and not os.path.isdir(plaintext_dir):
         raise ValueError('zodbkmi URI: plaintext_dir %r is not a directory'
                          % plaintext_dir)
@@ -107,5 +119,6 @@ def uri_resolver(uri):
         facility, key, prev = open_keys(ours['key_file'], ours['key_dir'],
                                         previous, wanted)
         return EncryptingStorage(base_factory(), facility, key, prev,
-                                 mode=wanted, plaintext_dir=plaintext_dir)
+                                 mode=wanted, plaintext_dir=plaintext_dir,
+                                 migrate_since=since)
     return factory, dbkw

@@ -101,6 +101,22 @@ class UnsupportedFormatError(DecryptionError):
     """
 
 
+class SelfContainedStreamError(UnsupportedFormatError):
+    """A self-contained stream was given where only a stream naming a DEK
+    of the key vault may open.
+
+    A self-contained stream embeds its wrapped DEK (``encrypt-file
+    --recipient``); anyone holding the public half of an RSA KEK can make
+    one, so it proves nothing about who wrote it.  Blob files of the
+    storage wrapper and the blob files a migration reads must name their
+    DEK by id; ``decrypt_file(..., self_contained=True)``,
+    :func:`zodbkmi.files.decrypt_with_private_key` and ``zodbkmi
+    decrypt-file`` open self-contained streams.  Raised before any
+    plaintext is written.  An :class:`UnsupportedFormatError`: the stream
+    is well formed, but of a kind the caller does not accept.
+    """
+
+
 class NotEncryptedError(DecryptionError):
     """Plaintext was found where ciphertext is required.
 

@@ -378,23 +378,30 @@ class EncryptionService:
         return dek, stream.build_header(
             entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
 
-    def decrypt_file(self, key, fsrc, fdst, oid=None):
+    def decrypt_file(self, key, fsrc, fdst, oid=None, self_contained=False):
         """Decrypt the stream ``fsrc`` into ``fdst``; return the number of
-        plaintext bytes.  A self-contained stream (its wrapped DEK embedded)
-        opens with the KEK that wrapped it.  ``oid``: see
-        :meth:`encrypt_file`.  See :func:`zodbkmi.format.stream.decrypt` for
-        the errors and for what was written when one is raised.
+        plaintext bytes.  ``oid``: see :meth:`encrypt_file`.  See
+        :func:`zodbkmi.format.stream.decrypt` for the errors and for what
+        was written when one is raised.
+
+        Only a stream that names a DEK of this facility's vault opens,
+        unless ``self_contained`` is true: a self-contained stream (its
+        wrapped DEK embedded, ``encrypt-file --recipient``), which anyone
+        holding the public half of an RSA KEK can make, is refused with
+        :class:`~zodbkmi.exceptions.SelfContainedStreamError` before
+        anything is written.  With ``self_contained`` it opens with the KEK
+        of ``key`` that wrapped it.
         """
         header = stream.read_header(fsrc)
-        return stream.decrypt(fsrc, fdst, self._stream_dek(key, header),
-                              header, _file_aad(oid))
+        dek = self._stream_dek(key, header, self_contained)
+        return stream.decrypt(fsrc, fdst, dek, header, _file_aad(oid))
 
     def decrypt_file_range(self, key, fsrc, fdst, offset, length=None,
-                           oid=None):
+                           oid=None, self_contained=False):
         """Decrypt ``length`` bytes from ``offset`` of the stream in the
         seekable file ``fsrc`` (see
         :meth:`~zodbkmi.interfaces.IExtendedKeyManagementFacility.decrypt_file_range`);
-        ``oid``: see :meth:`encrypt_file`."""
+        ``oid`` and ``self_contained``: see :meth:`decrypt_file`."""
         if offset < 0 or (length is not None and length < 0):
             raise ValueError('offset and length must be >= 0')
         if not fsrc.seekable():
@@ -402,12 +409,21 @@ class EncryptionService:
                              'use decrypt_file for pipes')
         fsrc.seek(0)
         header = stream.read_header(fsrc)
-        return stream.decrypt_range(fsrc, fdst, self._stream_dek(key, header),
-                                    header, offset, length, _file_aad(oid))
+        dek = self._stream_dek(key, header, self_contained)
+        return stream.decrypt_range(fsrc, fdst, dek, header, offset, length,
+                                    _file_aad(oid))
 
-    def _stream_dek(self, key, header):
-        """The DEK of a stream: embedded (self-contained stream, unwrapped
-        with the KEK of ``key`` that wrapped it) or found by id."""
+    def _stream_dek(self, key, header, self_contained=False):
+        """The DEK of a stream: found by id in the vault, or embedded (a
+        self-contained stream, unwrapped with the KEK of ``key`` that
+        wrapped it) when ``self_contained`` allows it."""
+        if header.wrapped is not None and not self_contained:
+            from zodbkmi.exceptions import SelfContainedStreamError
+            raise SelfContainedStreamError(
+                'stream embeds its wrapped DEK %s (a self-contained stream, '
+                'which anyone holding the public key can make): only a '
+                'stream naming a DEK of the key vault opens here'
+                % header.dek_id.hex())
         if header.wrapped is None:
             return _entry_and_dek(self._decryption_entry, key,
                                   header.dek_id)[1]

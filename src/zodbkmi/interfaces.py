@@ -72,8 +72,16 @@ class IEncryptionService(zope.interface.Interface):
         ``docs/format.rst``.
         """
 
-    def decrypt_file(key, fsrc, fdst):
+    def decrypt_file(key, fsrc, fdst, oid=None, self_contained=False):
         """Decrypt the binary file object ``fsrc`` into ``fdst``.
+
+        ``oid`` (8 bytes) is the oid a blob file is bound to.  Only a
+        stream that names its DEK by id (a DEK of the service's vault)
+        opens, unless ``self_contained`` is true: a self-contained stream
+        (its wrapped DEK embedded, which anyone holding the public half of
+        an RSA KEK can make) is refused with
+        :class:`~zodbkmi.exceptions.SelfContainedStreamError`.  Storages
+        and migrations never pass ``self_contained``.
 
         Raises the errors of :meth:`decrypt`; no plaintext of a chunk that
         did not authenticate is written.
@@ -105,16 +113,17 @@ class IExtendedKeyManagementFacility(IKeyManagementFacility,
     without the KEK that wrapped them.
     """
 
-    def decrypt_file_range(key, fsrc, fdst, offset, length=None):
+    def decrypt_file_range(key, fsrc, fdst, offset, length=None, oid=None,
+                           self_contained=False):
         """Decrypt ``length`` plaintext bytes from ``offset`` (to the end
         when None) of the stream that fills the *seekable* binary file
         ``fsrc`` (from its first byte) into ``fdst``, reading only the
         chunks that hold them; return the number of bytes written (fewer
         when the range passes the end).
 
-        Every chunk read is authenticated; raises the errors of
-        :meth:`decrypt_file`, and ``ValueError`` for a negative range or a
-        source that cannot seek.
+        Every chunk read is authenticated; ``oid`` and ``self_contained``
+        as for :meth:`decrypt_file`, whose errors it raises, and
+        ``ValueError`` for a negative range or a source that cannot seek.
         """
 
     def encrypt_file_in_place(key, fd, chunk_size=None, oid=None):

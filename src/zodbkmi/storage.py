@@ -15,11 +15,15 @@ Three modes (see ``docs/storage.rst``):
     Records are written encrypted; a record that is not an envelope is
     refused with :class:`~zodbkmi.exceptions.NotEncryptedError`.
 ``migrate``
-    Records are written encrypted; plaintext records are read as they are.
+    Records are written encrypted; plaintext records written before the
+    migration started are read as they are, but not plaintext newer than
+    the start or than an encrypted revision of its object (a downgrade).
 ``decrypt-only``
     Records are written in plaintext; both plaintext and encrypted records
     are read.  The first step of a rolling upgrade of several clients.
 """
+import itertools
+import logging
 import os
 import shutil
 import stat
@@ -148,6 +152,118 @@ def _annotate(error, oid):
     return error
 
 
+# -- migrate mode: plaintext that may be a downgrade is refused ---------------
+
+#: ``migrate_since`` value that switches the downgrade checks of migrate
+#: mode off (the window of a rolling upgrade, see ``docs/storage.rst``).
+UNCHECKED = 'unchecked'
+#: Revisions searched for a plaintext record given without its transaction
+#: id (conflict resolution) before it is refused.
+MAX_SEARCHED_REVISIONS = 100
+#: Revisions found to be clean that a storage remembers (then it forgets
+#: them all and starts again).
+MAX_CHECKED = 65536
+
+_logger = logging.getLogger(__name__)
+
+
+def parse_migrate_since(value):
+    """The start of a migration from a setting: None (the storage's last
+    transaction when it is opened), :data:`UNCHECKED`, a transaction id of
+    8 bytes or its 16 hex digits (``0x`` and leading zeros may be left
+    out).  Raise ValueError for anything else."""
+    if value is None or isinstance(value, bytes) and len(value) == 8:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == UNCHECKED:
+            return UNCHECKED
+        digits = text[2:] if text.startswith('0x') else text
+        if 0 < len(digits) <= 16 and all(
+                c in '0123456789abcdef' for c in digits):
+            return bytes.fromhex(digits.rjust(16, '0'))
+    raise ValueError('migrate_since is a transaction id (16 hex digits) or '
+                     '%r, not %r' % (UNCHECKED, value))
+
+
+def _is_filestorage(base):
+    try:
+        from ZODB.FileStorage import FileStorage
+    except ImportError:   # pragma: no cover
+        return False
+    return isinstance(base, FileStorage) and all(
+        hasattr(base, name) for name in (
+            '_lock', '_file', '_index', '_lookup_pos', '_read_data_header',
+            '_loadBack_impl'))
+
+
+def _filestorage_revisions(fs, oid, full):
+    """``(key, tid, data)`` of the revisions of ``oid`` in the FileStorage
+    ``fs``, from the current one back, in the order of the file (whatever
+    their transaction ids say); ``data`` is the first bytes of the record
+    unless ``full``, ``b''`` for a deletion.  The caller holds ``fs._lock``
+    (``loadSerial`` reads the same way)."""
+    from ZODB.POSException import POSKeyError
+    try:
+        pos = fs._lookup_pos(oid)
+    except POSKeyError:
+        return
+    while pos:
+        h = fs._read_data_header(pos, oid)
+        if h.plen:
+            data = fs._file.read(h.plen if full else
+                                 min(h.plen, _MAGIC_SIZE))
+        elif h.back:
+            try:
+                data = fs._loadBack_impl(oid, h.back)[0]
+            except POSKeyError:
+                data = b''
+        else:
+            data = b''
+        yield (pos, h.tid), h.tid, data
+        pos = h.prev
+
+
+def _revisions_before(base, oid, tid):
+    """``(key, tid, data)`` of the revisions of ``oid`` older than ``tid``
+    in any storage, newest first, through ``loadBefore``."""
+    from ZODB.POSException import POSKeyError
+    while True:
+        try:
+            r = base.loadBefore(oid, tid)
+        except POSKeyError:
+            return
+        if r is None or r[1] >= tid:
+            return
+        data, tid, _ = r
+        yield tid, tid, data or b''
+
+
+def _revisions(base, oid):
+    """``(key, tid, data)`` of every revision of ``oid``, newest first."""
+    from ZODB.POSException import POSKeyError
+    try:
+        data, tid = base.load(oid)
+    except POSKeyError:
+        return
+    yield tid, tid, data
+    yield from _revisions_before(base, oid, tid)
+
+
+def _tid_text(tid):
+    return tid.hex() if isinstance(tid, bytes) else repr(tid)
+
+
+def _refused(oid, message):
+    """The NotEncryptedError of a plaintext record refused in migrate
+    mode."""
+    if oid is not None:
+        message = 'oid %s: %s' % (_oid_text(oid), message)
+    error = NotEncryptedError(message)
+    error.oid = oid
+    return error
+
+
 class _PlaintextCopies:
     """The plaintext copies of blob files made for one storage, or for one
     connection, in a private directory (mode 0700) of their own.
@@ -239,13 +355,27 @@ class EncryptingStorage:
     ``plaintext_dir`` is the directory in which the storage makes its
     private directory of plaintext blob copies (default: the system's
     temporary directory; a RAM-backed file system keeps them off disks).
+
+    ``migrate_since`` (migrate mode only) is the start of the migration:
+    the transaction id (8 bytes or 16 hex digits) after which plaintext
+    records are refused, default the storage's last transaction when it
+    is opened (see :func:`parse_migrate_since`, and :data:`UNCHECKED`).
+    In migrate mode a plaintext record is read only when it is not newer
+    than the start nor than an encrypted revision of its object; else
+    :class:`~zodbkmi.exceptions.NotEncryptedError` (see
+    ``docs/storage.rst``).  The start in effect is :attr:`migrate_since`.
     """
+
+    #: The start of the migration in migrate mode (a transaction id), or
+    #: None when plaintext records are not checked.
+    migrate_since = None
 
     # the MVCC layer for a base without one (ServerEncryptingStorage: no)
     _own_mvcc = True
 
     def __init__(self, base, facility, key=None, previous_keys=(),
-                 keyholder=None, mode=STRICT, plaintext_dir=None):
+                 keyholder=None, mode=STRICT, plaintext_dir=None,
+                 migrate_since=None):
         if keyholder is not None:
             if key is not None:
                 raise TypeError('give key or keyholder, not both')
@@ -256,6 +386,10 @@ class EncryptingStorage:
         if mode not in MODES:
             raise ValueError('unknown mode %r (one of %s)'
                              % (mode, ', '.join(MODES)))
+        migrate_since = parse_migrate_since(migrate_since)
+        if migrate_since is not None and mode != MIGRATE:
+            raise ValueError('migrate_since is a setting of migrate mode '
+                             '(the mode is %s)' % mode)
         self.base = base
         self.facility = facility
         self.mode = mode
@@ -270,6 +404,20 @@ class EncryptingStorage:
                            else _no_fast_path)
         self._write_plaintext = mode == DECRYPT_ONLY
         self._read_plaintext = mode != STRICT
+        # migrate mode: (oid, revision) pairs found clean, and the layout
+        # the history of an oid is read in
+        self._checked = {}
+        self._filestorage = _is_filestorage(base)
+        if mode == MIGRATE and migrate_since != UNCHECKED:
+            if migrate_since is None:
+                # None: a ZEO client that has not reached its server yet
+                migrate_since = base.lastTransaction() or b'\0' * 8
+                _logger.info(
+                    'migrate mode: plaintext records written after '
+                    'transaction %s are refused (to keep this start when '
+                    'the storage is opened again, set migrate-since %s)',
+                    migrate_since.hex(), migrate_since.hex())
+            self.migrate_since = migrate_since
         # oid hints for the paths that get no oid (conflict resolution,
         # pack): nonce -> oid of records sealed in running transactions
         self._pending = {}
@@ -316,11 +464,13 @@ class EncryptingStorage:
             return data
         return self._seal(self._key, data, oid)
 
-    def unseal(self, data, oid):
-        """Return the plaintext of the stored record ``data`` of ``oid``.
+    def unseal(self, data, oid, serial=None):
+        """Return the plaintext of the stored record ``data`` of ``oid``
+        (its revision ``serial``, the transaction id, when known).
 
         Raises a :class:`~zodbkmi.exceptions.DecryptionError` naming the
-        oid (``NotEncryptedError`` for plaintext in strict mode) or
+        oid (``NotEncryptedError`` for plaintext in strict mode, and for
+        plaintext that may be a downgrade in migrate mode) or
         :class:`~zodbkmi.exceptions.UnknownKeyError` for a missing key.
         """
         if not data:
@@ -336,11 +486,94 @@ class EncryptingStorage:
             except (DecryptionError, UnknownKeyError) as e:
                 raise _annotate(e, oid)
         if self._read_plaintext:
+            if (self.migrate_since is not None and
+                    not getattr(self._local, 'references_only', False)):
+                self._check_plaintext(oid, serial, data)
             return data
         raise NotEncryptedError(
             'oid %s: the record is not encrypted (strict mode; open the '
             'storage in migrate mode to read plaintext records)'
             % _oid_text(oid))
+
+    def _check_plaintext(self, oid, serial, data):
+        """Migrate mode: refuse the plaintext revision ``serial`` (None:
+        unknown, found by its bytes ``data``) of ``oid`` when it is newer
+        than the start of the migration, or than an encrypted revision of
+        ``oid``; else return.  The history is read in the storage's own
+        order (for FileStorage the order of the file, which transaction
+        ids written by someone else cannot change) and only back to a
+        revision found clean before."""
+        if oid is None:
+            raise _refused(oid, 'a plaintext record given without its oid '
+                                '(conflict resolution, undo) cannot be '
+                                'checked in migrate mode: refused')
+        if serial is not None and serial > self.migrate_since:
+            raise self._after_start(oid, serial)
+        if self._filestorage:
+            fs = self.base
+            if serial is not None and (
+                    oid, (fs._index.get(oid), serial)) in self._checked:
+                return      # the current record, found clean before
+            with fs._lock:
+                self._check_history(oid, serial, data, _filestorage_revisions(
+                    fs, oid, serial is None))
+        elif serial is None:
+            self._check_history(oid, None, data, _revisions(self.base, oid))
+        else:
+            self._check_history(oid, serial, data, itertools.chain(
+                ((serial, serial, data),),
+                _revisions_before(self.base, oid, serial)))
+
+    def _after_start(self, oid, serial):
+        return _refused(
+            oid, 'plaintext record of transaction %s, after the start of the '
+                 'migration (transaction %s): refused (migrate mode reads '
+                 'plaintext written before it started only)'
+                 % (_tid_text(serial), _tid_text(self.migrate_since)))
+
+    def _check_history(self, oid, serial, data, revisions):
+        checked = self._checked
+        found = found_tid = None
+        n = 0
+        for key, tid, head in revisions:
+            if found is None:
+                n += 1
+                if (tid == serial if serial is not None else head == data):
+                    found, found_tid = (oid, key), tid
+                    if tid > self.migrate_since:
+                        raise self._after_start(oid, tid)
+                    if found in checked:
+                        return
+                elif serial is None and n >= MAX_SEARCHED_REVISIONS:
+                    break
+                continue
+            if (oid, key) in checked:
+                break           # it and everything before it is clean
+            if head[:_MAGIC_SIZE] == _MAGIC:
+                raise _refused(
+                    oid, 'plaintext record of transaction %s over an '
+                         'encrypted revision (transaction %s): refused (a '
+                         'downgrade)' % (_tid_text(found_tid), _tid_text(tid)))
+        if found is None:
+            raise _refused(oid, 'plaintext record %s not found in the history '
+                                'of the object: it cannot be checked in '
+                                'migrate mode; refused' % (
+                                    'of transaction %s' % _tid_text(serial)
+                                    if serial is not None else
+                                    'given without its transaction id'))
+        if len(checked) >= MAX_CHECKED:
+            checked.clear()
+        checked[found] = None
+
+    def _check_plaintext_blob(self, oid, serial):
+        """Migrate mode: a plaintext blob file is read only with a plaintext
+        record of the same revision that passes :meth:`_check_plaintext`."""
+        record = self.base.loadSerial(oid, serial)
+        if record[:_MAGIC_SIZE] == _MAGIC:
+            raise _refused(oid, 'the blob file of transaction %s is not '
+                                'encrypted, but its record is: refused'
+                                % _tid_text(serial))
+        self._check_plaintext(oid, serial, record)
 
     def _sealed(self, data, oid, transaction):
         sealed = self.seal(data, oid)
@@ -361,17 +594,17 @@ class EncryptingStorage:
 
     def load(self, oid, version=''):
         data, serial = self.base.load(oid, version)
-        return self.unseal(data, oid), serial
+        return self.unseal(data, oid, serial), serial
 
     def loadBefore(self, oid, tid):
         r = self.base.loadBefore(oid, tid)
         if r is None:
             return r
         data, serial, after = r
-        return self.unseal(data, oid), serial, after
+        return self.unseal(data, oid, serial), serial, after
 
     def loadSerial(self, oid, serial):
-        return self.unseal(self.base.loadSerial(oid, serial), oid)
+        return self.unseal(self.base.loadSerial(oid, serial), oid, serial)
 
     # -- IStorage: writing -----------------------------------------------
 
@@ -395,7 +628,7 @@ class EncryptingStorage:
             return None
         try:
             old = self.base.loadSerial(oid, prev_txn)
-            if self.unseal(old, oid) == data:
+            if self.unseal(old, oid, prev_txn) == data:
                 return old
         except Exception:
             pass
@@ -404,21 +637,46 @@ class EncryptingStorage:
     def undo(self, transaction_id, transaction):
         """Undo in the base storage; the records it must read (conflict
         resolution, blob records) are opened with the oids of the undone
-        transaction."""
+        transaction.  In migrate mode an undo that would restore a
+        plaintext revision is refused (it would be a plaintext record newer
+        than the start of the migration)."""
         self._local.candidates = self._undone_oids(transaction_id)
+        if self.migrate_since is not None:
+            self._refuse_plaintext_undo(transaction_id,
+                                        self._local.candidates)
         try:
             return self.base.undo(transaction_id, transaction)
         finally:
             self._local.candidates = ()
 
-    def _undone_oids(self, transaction_id):
+    @staticmethod
+    def _undone_tid(transaction_id):
         import base64
         try:
             tid = base64.decodebytes(transaction_id + b'\n')
         except Exception:
+            return None
+        return tid if len(tid) == 8 else transaction_id
+
+    def _refuse_plaintext_undo(self, transaction_id, oids):
+        tid = self._undone_tid(transaction_id)
+        for oid in oids:
+            try:
+                r = self.base.loadBefore(oid, tid)
+            except Exception:
+                continue        # the base's undo says what is wrong
+            if r is not None and r[0] and r[0][:_MAGIC_SIZE] != _MAGIC:
+                self._local.candidates = ()
+                raise _refused(
+                    oid, 'undoing transaction %s would restore a plaintext '
+                         'revision, which migrate mode refuses (it is newer '
+                         'than the start of the migration): refused'
+                         % _tid_text(tid))
+
+    def _undone_oids(self, transaction_id):
+        tid = self._undone_tid(transaction_id)
+        if tid is None:
             return ()
-        if len(tid) != 8:
-            tid = transaction_id
         oids = []
         try:
             it = self.base.iterator(tid, tid)
@@ -514,6 +772,8 @@ class EncryptingStorage:
                     except (DecryptionError, UnknownKeyError) as e:
                         raise _annotate(e, oid)
                 elif self._read_plaintext:
+                    if self.migrate_since is not None:
+                        self._check_plaintext_blob(oid, serial)
                     src.seek(0)
                     shutil.copyfileobj(src, dst)
                 else:
@@ -587,7 +847,7 @@ class EncryptingStorage:
 
     def record_iternext(self, next=None):
         oid, tid, data, next = self.base.record_iternext(next)
-        return oid, tid, self.unseal(data, oid), next
+        return oid, tid, self.unseal(data, oid, tid), next
 
     def copyTransactionsFrom(self, other):
         ZODB.blob.copyTransactionsFromTo(other, self)
@@ -602,13 +862,18 @@ class EncryptingStorage:
             return referencesf(self.untransform_record_data(data), oids)
         self._pack_index = None
         self._in_pack = True
+        # garbage collection reads the references of plaintext records
+        # unchecked (see references)
+        self._local.references_only = True
         try:
             if gc is None:
                 return self.base.pack(pack_time, refs)
             return self.base.pack(pack_time, refs, gc)
         finally:
+            self._local.references_only = False
             self._in_pack = False
             self._pack_index = None
+            self._checked.clear()     # revisions moved in the file
 
     def _build_pack_index(self):
         index = {}
@@ -659,7 +924,17 @@ class EncryptingStorage:
         return self.db.invalidate(transaction_id, oids)
 
     def references(self, record, oids=None):
-        return self.db.references(self.untransform_record_data(record), oids)
+        """The references of ``record``.  In migrate mode the references of
+        a plaintext record are read without the downgrade checks: they
+        serve garbage collection, which a writer of the storage could
+        defeat anyway by removing records."""
+        before = getattr(self._local, 'references_only', False)
+        self._local.references_only = True
+        try:
+            return self.db.references(self.untransform_record_data(record),
+                                      oids)
+        finally:
+            self._local.references_only = before
 
     def _oid_for(self, data):
         """The oid a record given without one belongs to.
@@ -770,9 +1045,14 @@ class EncryptingStorage:
         return self._adapter().undo_instance()
 
     def _instance(self, base_instance):
+        since = None
+        if self.mode == MIGRATE:
+            since = self.migrate_since or UNCHECKED
         other = _InstanceStorage(
             base_instance, self.facility, self._key, self._previous_keys,
-            mode=self.mode, plaintext_dir=self._plaintext_dir)
+            mode=self.mode, plaintext_dir=self._plaintext_dir,
+            migrate_since=since)
+        other._checked = self._checked
         other._copies.parent = self._copies
         if self.db is not None:
             other.registerDB(self.db)
@@ -951,7 +1231,7 @@ class _Transaction:
         unseal = self._storage.unseal
         for record in self._txn:
             if record.data:
-                record.data = unseal(record.data, record.oid)
+                record.data = unseal(record.data, record.oid, record.tid)
             yield record
 
     def __getattr__(self, name):

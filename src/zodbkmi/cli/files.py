@@ -156,7 +156,9 @@ def decrypt_file(args):
         facility = _facility(args)
 
         def func(fsrc, fdst):
-            return facility.decrypt_file(key, fsrc, fdst)
+            # the user asks for this file: a self-contained one opens too
+            return facility.decrypt_file(key, fsrc, fdst,
+                                         self_contained=True)
     else:
         def func(fsrc, fdst):
             return files.decrypt_with_private_key(key, fsrc, fdst)
