@@ -68,7 +68,8 @@ class IEncryptionService(zope.interface.Interface):
 
     def encrypt_state(key, data):
         """Return the pickled object state ``data`` encrypted under the
-        active DEK of ``key``, for :class:`zodbkmi.persistent.EncryptedPersistent`.
+        active DEK of ``key``, for
+        :class:`zodbkmi.persistent.EncryptedPersistent`.
 
         The result is a record envelope of the object state context: it
         opens with :meth:`decrypt_state` only, never with :meth:`decrypt`,

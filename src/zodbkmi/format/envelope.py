@@ -382,7 +382,8 @@ class Sealer:
         ``tests/vectors/envelope.json`` are reproduced: nothing else
         writes version 1 any more).
         """
-        aad = _check_oid(context, oid)  # an unknown context, an oid: ValueError
+        # an unknown context, an oid outside records: ValueError
+        aad = _check_oid(context, oid)
         if _salt is not None or _nonce is not None:
             return self._seal_fixed(plaintext, context, aad, _nonce, _salt)
         if context == CONTEXT_RECORD:
