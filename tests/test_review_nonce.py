@@ -38,6 +38,7 @@ from unittest import mock
 import transaction
 import ZODB
 import ZODB.FileStorage
+import ZODB.POSException
 import zope.component
 import zope.component.testing
 from persistent import Persistent
@@ -601,3 +602,94 @@ class SizeTests(unittest.TestCase):
         per_object = (sizes[Crypt] - sizes[Plain]) / n
         self.assertLessEqual(per_object, 64)
         self.assertEqual(per_object, 64)      # 54 envelope + 10 framing
+
+
+class VersionOneTests(FacilityCase):
+    """Version 1 envelopes keep opening, through every path that reads
+    them: the facility (its tables and the storage's fast path) and
+    EncryptingStorage, pack included (its oid index keys version 1
+    records by their nonce: ``envelope.unique_part``)."""
+
+    def setUp(self):
+        super().setUp()
+        self.dek = os.urandom(32)
+        self.dek_id = self.facility.create_key(self.kek, _dek=self.dek)
+        self.v1 = envelope.Sealer(bytes.fromhex(self.dek_id), self.dek)
+
+    def _v1(self, plaintext, oid=None):
+        return self.v1.seal(plaintext, 1 if oid else 0, oid,
+                            _nonce=os.urandom(12))
+
+    def test_facility_opens_version_1(self):
+        data, record = self._v1(b'data'), self._v1(b'record', bytes(8))
+        self.assertEqual((data[3], record[3]), (1, 1))
+        fast = self.facility.record_fast_path(self.kek)
+        for _ in range(2):      # the slow path, then the tables' hits
+            self.assertEqual(self.facility.decrypt(self.kek, data), b'data')
+            self.assertEqual(self.facility.decrypt_state(self.kek, data),
+                             b'data')
+            self.assertEqual(
+                self.facility.decrypt(self.kek, record, bytes(8)), b'record')
+        self.assertEqual(fast(record, bytes(8)), b'record')
+        self.assertIsNone(fast(record, b'\0' * 7 + b'\1'))
+        self.assertEqual(self.facility.key_id_of(data), self.dek_id)
+        self.assertEqual(self.facility.key_id_of(record, bytes(8)),
+                         self.dek_id)
+        # the table holds the version 1 prefix next to version 2 ones
+        self.facility.decrypt(self.kek, self.facility.encrypt(self.kek, b''))
+        self.assertIn(data[:22], self.facility._opened[0][self.kek])
+        # and still refuses what it must
+        for bad, error in ((data[:49], exceptions.TruncatedDataError),
+                           (data[:-1] + b'\0', exceptions.AuthenticationError),
+                           (record, exceptions.UnsupportedFormatError)):
+            with self.assertRaises(error):
+                self.facility.decrypt(self.kek, bad)
+        with self.assertRaises(exceptions.AuthenticationError):
+            self.facility.decrypt(self.kek, record, b'\0' * 7 + b'\1')
+
+    def test_storage_reads_and_packs_version_1_records(self):
+        import time
+        from persistent.mapping import PersistentMapping
+        from zodbkmi.storage import EncryptingStorage
+        path = os.path.join(self.tmp, 'Data.fs')
+
+        def open_db():
+            base = ZODB.FileStorage.FileStorage(path)
+            return base, ZODB.DB(EncryptingStorage(base, self.facility,
+                                                   self.kek))
+        base, db = open_db()
+        from ZODB.Connection import TransactionMetaData
+        with db.transaction() as conn:
+            conn.root()['kept'] = kept = PersistentMapping(value='v1 kept')
+            conn.root()['dropped'] = dropped = PersistentMapping(
+                value='garbage')
+        with db.transaction() as conn:
+            del conn.root()['dropped']
+        # the current records rewritten as version 1, as an earlier
+        # release wrote them
+        wrapper = db.storage
+        t = TransactionMetaData()
+        base.tpc_begin(t)
+        for oid in (b'\0' * 8, kept._p_oid):
+            data, serial = base.load(oid)
+            base.store(oid, serial, self._v1(wrapper.unseal(data, oid), oid),
+                       '', t)
+        base.tpc_vote(t)
+        base.tpc_finish(t)
+        db.close()
+        base, db = open_db()
+        try:
+            self.assertEqual({base.load(oid)[0][3]
+                              for oid in (b'\0' * 8, kept._p_oid)}, {1})
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['kept']['value'], 'v1 kept')
+            base.load(dropped._p_oid)      # still there before the pack
+            # the pack's garbage collection reads the references of the
+            # version 1 records (opened with the oids of its index)
+            db.pack(time.time() + 1)
+            with self.assertRaises(ZODB.POSException.POSKeyError):
+                base.load(dropped._p_oid)
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['kept']['value'], 'v1 kept')
+        finally:
+            db.close()
