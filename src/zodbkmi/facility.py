@@ -37,10 +37,10 @@ _CONTEXT_RECORD = envelope.CONTEXT_RECORD
 _CONTEXT_STATE = envelope.CONTEXT_STATE
 _monotonic = time.monotonic
 _read_dek_id = envelope.read_dek_id
-# the keys of the tables of opened envelopes (see Sealer.opener): a
-# version 2 prefix (format .. salt) and a version 1 one (format .. DEK id)
-_KEYED_SIZE = envelope.KEYED_PREFIX_SIZE
-_V1_KEYED_SIZE = envelope.V1_KEYED_PREFIX_SIZE
+# the keys of the tables of opened envelopes (see Sealer.opener): the
+# envelope's prefix (format .. salt in version 2, format .. DEK id in
+# version 1), data[:_KEYED_SIZES[data[3]]]
+_KEYED_SIZES = envelope.KEYED_PREFIX_SIZES
 _TAG_SIZE = envelope.TAG_SIZE
 # prefixes remembered per key and context (the table is emptied when full)
 _OPENED_TABLE_SIZE = 4096
@@ -243,10 +243,9 @@ class EncryptionService:
         """
         context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
         try:
-            table = self._opened[context][key]
-            aead, entry, n, h = (table.get(data[:_KEYED_SIZE])
-                                 or table[data[:_V1_KEYED_SIZE]])
-        except (KeyError, TypeError):
+            aead, entry, n, h = self._opened[context][key][
+                data[:_KEYED_SIZES[data[3]]]]
+        except (KeyError, TypeError, IndexError):
             aead, entry, n, h = self._opened_entry(key, data, context)
         else:
             if _monotonic() >= entry.expires or len(data) < h + _TAG_SIZE:
@@ -267,10 +266,9 @@ class EncryptionService:
         """Open the object state envelope ``data`` (made by
         :meth:`encrypt_state`, or a version 1 data envelope)."""
         try:
-            table = self._opened[_CONTEXT_STATE][key]
-            aead, entry, n, h = (table.get(data[:_KEYED_SIZE])
-                                 or table[data[:_V1_KEYED_SIZE]])
-        except (KeyError, TypeError):
+            aead, entry, n, h = self._opened[_CONTEXT_STATE][key][
+                data[:_KEYED_SIZES[data[3]]]]
+        except (KeyError, TypeError, IndexError):
             aead, entry, n, h = self._opened_entry(key, data, _CONTEXT_STATE)
         else:
             if _monotonic() >= entry.expires or len(data) < h + _TAG_SIZE:
@@ -303,7 +301,7 @@ class EncryptionService:
             hash(key)
         except TypeError:     # a list of keys: decrypt() keeps no table
             return _no_fast_path
-        keyed, v1_keyed, tag = _KEYED_SIZE, _V1_KEYED_SIZE, _TAG_SIZE
+        sizes, tag = _KEYED_SIZES, _TAG_SIZE
         monotonic = _monotonic
         # the table's get, refreshed on a miss: clear_cache() and the size
         # bound of decrypt()'s tables replace the table of ``key``, and an
@@ -311,16 +309,16 @@ class EncryptionService:
         current = [{}.get]
 
         def open_fast(data, oid):
-            if type(data) is not bytes:
+            if type(data) is not bytes or len(data) < 4:
                 return None
-            get = current[0]
-            hit = get(data[:keyed]) or get(data[:v1_keyed])
+            prefix = data[:sizes[data[3]]]
+            hit = current[0](prefix)
             if hit is None or monotonic() >= hit[1].expires:
                 table = tables.get(key)
                 if table is None:
                     return None
-                current[0] = get = table.get
-                hit = get(data[:keyed]) or get(data[:v1_keyed])
+                current[0] = table.get
+                hit = table.get(prefix)
                 if hit is None or monotonic() >= hit[1].expires:
                     return None
             aead, _, n, h = hit

@@ -80,6 +80,13 @@ KEYED_PREFIX_SIZE = HEADER_SIZE - NONCE_SIZE               # 26
 V1_HEADER_SIZE = _ID_END + NONCE_SIZE                      # 34
 V1_OVERHEAD = V1_HEADER_SIZE + TAG_SIZE                    # 50
 V1_KEYED_PREFIX_SIZE = _ID_END                             # 22
+#: The size of the keyed prefix (see :meth:`Sealer.opener`) by version
+#: byte, 0 for the versions this zodbkmi does not read: the key of an
+#: envelope in a caller's table is ``data[:KEYED_PREFIX_SIZES[data[3]]]``
+#: (the empty key, in no table, for those versions).
+KEYED_PREFIX_SIZES = tuple(
+    {1: V1_KEYED_PREFIX_SIZE, 2: KEYED_PREFIX_SIZE}.get(v, 0)
+    for v in range(256))
 
 #: Seals under one subkey before a writer draws a new one.  The bound of
 #: ``docs/format.rst`` ("Record envelope, version 2") rests on it.  Tests
