@@ -262,7 +262,7 @@ def main(argv=None):
         r_commit, r_load = ratio(res, 'commit_cpu'), ratio(res, 'load_cpu')
         extra = statistics.median((x['size'] - p['size']) / args.objects
                                   for x, p in zip(res, plain))
-        print('targets (zodbkmi): commit %.2fx and load %.2fx CPU <= 1.15x: '
+        print('targets (zodbkmi): commit %.3fx and load %.3fx CPU <= 1.15x: '
               '%s; %+.1f bytes per object <= 64: %s' % (
                   r_commit, r_load,
                   'met' if max(r_commit, r_load) <= 1.15 else 'NOT MET',
