@@ -258,6 +258,15 @@ def main(argv=None):
                 ratio(res, 'commit'), ratio(res, 'load'), extra))
         if 'keas.kmi' not in pythons:
             print('keas.kmi: not measured (not installed)')
+        res = results['zodbkmi']
+        r_commit, r_load = ratio(res, 'commit_cpu'), ratio(res, 'load_cpu')
+        extra = statistics.median((x['size'] - p['size']) / args.objects
+                                  for x, p in zip(res, plain))
+        print('targets (zodbkmi): commit %.3fx and load %.3fx CPU <= 1.15x: '
+              '%s; %+.1f bytes per object <= 64: %s' % (
+                  r_commit, r_load,
+                  'met' if max(r_commit, r_load) <= 1.15 else 'NOT MET',
+                  extra, 'met' if extra <= 64 else 'NOT MET'))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

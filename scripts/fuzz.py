@@ -40,21 +40,27 @@ PARSE = (exceptions.UnsupportedFormatError, exceptions.TruncatedDataError)
 
 def fuzz_envelope(data):
     fdp = atheris.FuzzedDataProvider(data)
-    record = fdp.ConsumeBool()
+    # data, storage record or object state
+    context = fdp.ConsumeIntInRange(0, 2)
+    record = context == envelope.CONTEXT_RECORD
     oid = fdp.ConsumeBytes(8) if record else None
     if record and len(oid) != 8:
         return
     body = fdp.ConsumeBytes(fdp.remaining_bytes())
-    if body[:1] == b'\x00':
-        # start from a genuine envelope and let the fuzzer's bytes
-        # overwrite a window of it (first byte: where)
-        sealed = bytearray(SEALER.seal(body[1:9], int(record), oid))
+    if body[:1] in (b'\x00', b'\x01'):
+        # start from a genuine envelope (version 2; version 1 through the
+        # vectors' seam) and let the fuzzer's bytes overwrite a window of
+        # it (first byte after the marker: where)
+        if body[:1] == b'\x01' and context != envelope.CONTEXT_STATE:
+            sealed = SEALER.seal(body[1:9], context, oid, _nonce=bytes(12))
+        else:
+            sealed = SEALER.seal(body[1:9], context, oid)
+        sealed = bytearray(sealed)
         patch = body[9:]
         if patch:
             start = patch[0] % len(sealed)
             sealed[start:start + len(patch) - 1] = patch[1:]
         body = bytes(sealed)
-    context = envelope.CONTEXT_RECORD if record else envelope.CONTEXT_DATA
     try:
         raw_id = envelope.read_dek_id(body, context)
         if raw_id != DEK_ID:
@@ -63,8 +69,12 @@ def fuzz_envelope(data):
     except PARSE + (exceptions.AuthenticationError,):
         return
     # only a genuine envelope opens: sealing again must reproduce it
-    nonce = body[22:34]
-    assert SEALER.seal(plaintext, context, oid, _nonce=nonce) == body
+    if envelope.version_of(body) == envelope.VERSION_2:
+        salt, nonce = body[22:26], body[26:38]
+    else:
+        salt, nonce = None, body[22:34]
+    assert SEALER.seal(plaintext, body[5], oid, _nonce=nonce,
+                       _salt=salt) == body
 
 
 def fuzz_wrapped(data):

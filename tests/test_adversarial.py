@@ -48,6 +48,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import POSKeyError
 
 from zodbkmi import exceptions as X
+from zodbkmi.format import envelope as E
 from zodbkmi.testing import StaticKeyHolder as Holder
 
 from tests.test_leaks import load_leakscan
@@ -311,10 +312,11 @@ def envelope_expected(i, bit, data_context=True, strict_storage=False):
 
 
 def envelope_truncated_expected(n, strict_storage=False):
-    """The exception of an envelope cut to ``n`` bytes."""
+    """The exception of an envelope (version 2, what zodbkmi writes) cut
+    to ``n`` bytes."""
     if strict_storage and n < 3:
         return X.NotEncryptedError
-    if n < 50:
+    if n < E.OVERHEAD:
         return X.TruncatedDataError
     return X.AuthenticationError
 
@@ -489,8 +491,9 @@ def replace_bytes_in_pickle(record, old, new):
 
 
 def state_envelope(record):
-    """The envelope inside an EncryptedPersistent record."""
-    at = record.find(b'.km\x01\x01\x00')
+    """The envelope inside an EncryptedPersistent record (version 2,
+    object state context)."""
+    at = record.find(b'.km\x02\x01\x02')
     assert at > 0
     if record[at - 2] == ord('C'):
         return record[at:at + record[at - 1]]

@@ -2,7 +2,6 @@
 import threading
 import unittest
 
-from zodbkmi import exceptions
 
 DEK = bytes(range(1, 33))
 
@@ -113,32 +112,14 @@ class DEKCacheTests(unittest.TestCase):
         self._put(cache, 2)
         self.assertIs(cache.get(raw_id(1)), a)
 
-    def test_use_limit(self):
+    def test_use_limit_is_ignored(self):
+        # accepted for compatibility; nothing counts uses any more (the
+        # record envelope draws subkeys, docs/format.rst)
         cache = self._makeOne(use_limit=3)
+        self.assertEqual(cache.use_limit, 3)
         entry = self._put(cache, 1)
-        for _ in range(3):
-            entry.count_use()
-        with self.assertRaises(exceptions.KeyStateError) as cm:
-            entry.count_use()
-        self.assertIn(raw_id(1).hex(), str(cm.exception))
-        self.assertIn('limit of 3', str(cm.exception))
-        # another DEK has its own count
-        self._put(cache, 2).count_use()
-
-    def test_use_limit_survives_reload(self):
-        clock = FakeClock(self)
-        cache = self._makeOne(use_limit=4, ttl=10)
-        self._put(cache, 1).count_use()
-        self._put(cache, 1).count_use()          # put again while alive
-        clock.now += 11                          # expired
-        self.assertIsNone(cache.get(raw_id(1)))
-        self._put(cache, 1).count_use()
-        cache.evict(raw_id(1).hex())             # evicted (rewrap, retire)
-        self._put(cache, 1).count_use()
-        cache.clear()
-        entry = self._put(cache, 1)
-        with self.assertRaises(exceptions.KeyStateError):
-            entry.count_use()
+        self.assertFalse(hasattr(entry, 'count_use'))
+        self.assertFalse(hasattr(entry, '_uses'))
 
     def test_evict(self):
         cache = self._makeOne()
@@ -186,28 +167,6 @@ class DEKCacheTests(unittest.TestCase):
                          % raw_id(1).hex())
         for text in (repr(cache), repr(entry), repr(entry.sealer)):
             self.assertNotIn(DEK.hex(), text)
-
-    def test_thread_safe_use_limit(self):
-        cache = self._makeOne(use_limit=5000)
-        entry = self._put(cache, 1)
-        counts = []
-
-        def use():
-            ok = 0
-            for _ in range(1000):
-                try:
-                    entry.count_use()
-                    ok += 1
-                except exceptions.KeyStateError:
-                    pass
-            counts.append(ok)
-
-        threads = [threading.Thread(target=use) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.assertEqual(sum(counts), 5000)
 
     def test_thread_safe_put_get_evict(self):
         cache = self._makeOne(maxsize=16)

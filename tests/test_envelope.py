@@ -35,6 +35,26 @@ class SealerTests(unittest.TestCase):
         self.assertEqual(s.open(data, CONTEXT_RECORD, OID), b'state')
 
     def test_layout(self):
+        # version 2, what is written
+        from zodbkmi.format import envelope
+        s = self._makeOne()
+        data = s.seal(b'abc')
+        self.assertEqual(data[:3], b'.km')
+        self.assertEqual(data[3:6], b'\x02\x01\x00')
+        self.assertEqual(data[6:22], DEK_ID)
+        self.assertEqual(data[22:26], s.current_salt)
+        self.assertEqual(len(data), 3 + envelope.OVERHEAD)
+        self.assertEqual(envelope.OVERHEAD, 54)
+        self.assertEqual(envelope.HEADER_SIZE, 38)
+        self.assertEqual(envelope.KEYED_PREFIX_SIZE, 26)
+        fixed = s.seal(b'abc', _salt=b'SALT', _nonce=b'N' * 12)
+        self.assertEqual(fixed[:38], b'.km\x02\x01\x00' + DEK_ID + b'SALT'
+                         + b'N' * 12)
+        self.assertEqual(s.open(fixed), b'abc')
+        self.assertEqual(s.seal(b'abc', 2)[5], envelope.CONTEXT_STATE)
+
+    def test_layout_version_1(self):
+        # the private seam that reproduces the released version 1 vectors
         from zodbkmi.format import envelope
         s = self._makeOne()
         data = s.seal(b'abc', _nonce=b'N' * 12)
@@ -42,20 +62,43 @@ class SealerTests(unittest.TestCase):
         self.assertEqual(data[3:6], b'\x01\x01\x00')
         self.assertEqual(data[6:22], DEK_ID)
         self.assertEqual(data[22:34], b'N' * 12)
-        self.assertEqual(len(data), 3 + envelope.OVERHEAD)
-        self.assertEqual(envelope.OVERHEAD, 50)
-        self.assertEqual(envelope.HEADER_SIZE, 34)
+        self.assertEqual(len(data), 3 + envelope.V1_OVERHEAD)
+        self.assertEqual(envelope.V1_OVERHEAD, 50)
+        self.assertEqual(envelope.V1_HEADER_SIZE, 34)
+        self.assertEqual(s.open(data), b'abc')
+        with self.assertRaises(ValueError):     # version 1 had no states
+            s.seal(b'abc', 2, _nonce=b'N' * 12)
 
     def test_seal_w_fixed_nonce_is_deterministic(self):
         s = self._makeOne()
         self.assertEqual(s.seal(b'x', _nonce=b'n' * 12),
                          s.seal(b'x', _nonce=b'n' * 12))
+        self.assertEqual(s.seal(b'x', _salt=b'salt', _nonce=b'n' * 12),
+                         s.seal(b'x', _salt=b'salt', _nonce=b'n' * 12))
+
+    def test_seal_w_bad_seams(self):
+        s = self._makeOne()
+        for kw in ({'_nonce': b'n' * 11}, {'_salt': b'salt'},
+                   {'_salt': b'sal', '_nonce': b'n' * 12}):
+            with self.assertRaises(ValueError):
+                s.seal(b'x', **kw)
 
     def test_two_seals_differ(self):
+        from zodbkmi.format.envelope import unique_part
         s = self._makeOne()
         a, b = s.seal(b'same'), s.seal(b'same')
-        self.assertNotEqual(a[22:34], b[22:34])
-        self.assertNotEqual(a[34:], b[34:])
+        self.assertEqual(a[22:26], b[22:26])        # the same subkey
+        self.assertNotEqual(unique_part(a), unique_part(b))
+        self.assertNotEqual(a[38:], b[38:])
+
+    def test_unique_part(self):
+        from zodbkmi.format.envelope import unique_part
+        s = self._makeOne()
+        v2 = s.seal(b'x', _salt=b'SALT', _nonce=b'N' * 12)
+        self.assertEqual(unique_part(v2), b'SALT' + b'N' * 12)
+        v1 = s.seal(b'x', _nonce=b'N' * 12)
+        self.assertEqual(unique_part(v1), b'N' * 12)
+        self.assertIs(type(unique_part(memoryview(v2))), bytes)
 
     def test_ctor_w_bad_dek_id(self):
         for dek_id in (b'', b'x' * 15, b'x' * 17, 'x' * 16, None):
@@ -157,14 +200,15 @@ class ReadDekIdTests(unittest.TestCase):
 
     def test_w_unknown_context(self):
         with self.assertRaises(ValueError):
-            self._callFUT(self._sealed(), 2)
+            self._callFUT(self._sealed(), 3)
 
-    def test_w_version_2_names_version(self):
+    def test_w_version_3_names_version(self):
         data = bytearray(self._sealed())
-        data[3] = 2
+        data[3] = 3
         with self.assertRaises(exceptions.UnsupportedFormatError) as cm:
             self._callFUT(bytes(data))
-        self.assertIn('version 2', str(cm.exception))
+        self.assertIn('version 3', str(cm.exception))
+        self.assertIn('reads versions 1 and 2', str(cm.exception))
 
     def test_w_suite_7_names_suite(self):
         data = bytearray(self._sealed())
@@ -179,14 +223,59 @@ class ReadDekIdTests(unittest.TestCase):
         self.assertIn('storage record envelope where a data envelope',
                       str(cm.exception))
 
+    def test_contexts_of_version_2(self):
+        from zodbkmi.format.envelope import CONTEXT_STATE
+        state = self._sealed(CONTEXT_STATE)
+        self.assertEqual(self._callFUT(state, CONTEXT_STATE), DEK_ID)
+        for data, context, message in (
+                (state, 0, 'an object state envelope where a data envelope'),
+                (state, 1, 'an object state envelope where a storage record'),
+                (self._sealed(), CONTEXT_STATE,
+                 'a data envelope where an object state envelope'),
+                (self._sealed(1, OID), CONTEXT_STATE,
+                 'a storage record envelope where an object state')):
+            with self.assertRaises(exceptions.UnsupportedFormatError) as cm:
+                self._callFUT(data, context)
+            self.assertIn(message, str(cm.exception))
+
+    def test_version_1_data_is_accepted_as_data_and_state(self):
+        from zodbkmi.format.envelope import CONTEXT_STATE
+        from zodbkmi.format.envelope import Sealer
+        s = Sealer(DEK_ID, DEK)
+        v1 = s.seal(b'legacy', _nonce=b'n' * 12)
+        self.assertEqual(self._callFUT(v1, 0), DEK_ID)
+        self.assertEqual(self._callFUT(v1, CONTEXT_STATE), DEK_ID)
+        self.assertEqual(s.open_state(v1), b'legacy')
+        record = s.seal(b'legacy', 1, OID, _nonce=b'n' * 12)
+        with self.assertRaises(exceptions.UnsupportedFormatError):
+            self._callFUT(record, CONTEXT_STATE)
+        # version 1 had no context 2
+        with self.assertRaises(exceptions.UnsupportedFormatError) as cm:
+            self._callFUT(v1[:5] + b'\x02' + v1[6:], CONTEXT_STATE)
+        self.assertIn('unknown envelope context 2', str(cm.exception))
+
+    def test_length_depends_on_the_version(self):
+        from zodbkmi.format.envelope import Sealer
+        s = Sealer(DEK_ID, DEK)
+        v1 = s.seal(b'', _nonce=b'n' * 12)
+        v2 = s.seal(b'')
+        self.assertEqual((len(v1), len(v2)), (50, 54))
+        self.assertEqual(self._callFUT(v1), DEK_ID)
+        for data, size in ((v1, 50), (v2, 54)):
+            with self.assertRaises(exceptions.TruncatedDataError) as cm:
+                self._callFUT(data[:-1])
+            self.assertIn('at least %d required' % size, str(cm.exception))
+
     def test_every_truncation(self):
+        from zodbkmi.format.envelope import OVERHEAD
         data = self._sealed()
-        for n in range(50):
+        for n in range(OVERHEAD):
             with self.assertRaises(exceptions.TruncatedDataError):
                 self._callFUT(data[:n])
 
     def test_checks_version_before_length(self):
-        for data in (b'.km\x02', b'.km\x00\x01', b'.km\x01\x09'):
+        for data in (b'.km\x03', b'.km\x00\x01', b'.km\x01\x09',
+                     b'.km\x02\x09'):
             with self.assertRaises(exceptions.UnsupportedFormatError):
                 self._callFUT(data)
 
@@ -248,5 +337,5 @@ class NonceTests(unittest.TestCase):
     def test_seal_uses_fresh_nonces(self):
         from zodbkmi.format.envelope import Sealer
         s = Sealer(DEK_ID, os.urandom(32))
-        nonces = {s.seal(b'')[22:34] for _ in range(2100)}
+        nonces = {s.seal(b'')[26:38] for _ in range(2100)}
         self.assertEqual(len(nonces), 2100)

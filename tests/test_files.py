@@ -83,13 +83,13 @@ class FacilityFileTests(_TempDir):
         self.assertEqual(stream.parse_header(sealed).dek_id.hex(),
                          self.dek_id)
 
-    def test_encrypt_file_counts_one_use(self):
+    def test_encrypt_file_has_no_use_limit(self):
+        # every stream has a key of its own (random 16 byte salt): files
+        # are not counted, and use_limit is ignored
         facility = self._makeOne(use_limit=2)
         self.facility = facility
-        self._encrypt(b'1')
-        self._encrypt(b'2' * 300000)
-        with self.assertRaises(exceptions.KeyStateError):
-            self._encrypt(b'3')
+        for data in (b'1', b'2' * 300000, b'3'):
+            self.assertEqual(self._decrypt(self._encrypt(data)), data)
 
     def test_encrypt_file_w_chunk_size(self):
         out = io.BytesIO()

@@ -161,7 +161,8 @@ class EncryptedPersistentTests(KeyedTestBase):
     def test_state_without_references_is_one_envelope(self):
         state = self._makeOne().__getstate__()
         self.assertIs(type(state), bytes)
-        self.assertTrue(state.startswith(b'.km\x01'))
+        # an envelope of version 2, object state context (0x02)
+        self.assertTrue(state.startswith(b'.km\x02\x01\x02'))
         self.assertEqual(self.facility.key_id_of(state), self.dek_id)
 
     def test_state_w_references_lists_them_outside(self):
@@ -448,7 +449,7 @@ class ErrorTests(KeyedTestBase):
             self._assertNames(cm.exception, 'reference list was altered')
 
     def test_future_state_format(self):
-        state = self.facility.encrypt(self.holder.key, b'\x01future')
+        state = self.facility.encrypt_state(self.holder.key, b'\x01future')
         with self.assertRaises(exceptions.UnsupportedFormatError) as cm:
             self._load(state)
         self._assertNames(cm.exception, 'newer zodbkmi')

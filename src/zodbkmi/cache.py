@@ -1,15 +1,14 @@
 """The cache of unwrapped data keys.
 
-Thread-safe, bounded in size, with a time to live and a use limit per key.
+Thread-safe, bounded in size, with a time to live per key.
 Entries hold a :class:`zodbkmi.format.envelope.Sealer` (the AES-GCM
 context), never the DEK as an attribute.
 
-Use limit: AES-GCM with random 96-bit nonces must stay well below 2**32
-encryptions per key (NIST SP 800-38D, 8.3).  A cache counts the
-encryptions of each DEK in this process, across expiry and eviction, and
-refuses more than ``use_limit`` (default 2**28, one sixteenth of the bound);
-rotate the key (``facility.rotate``) long before.  Decryptions are not
-limited.
+There is no use limit any more: the record envelope (version 2) seals
+under subkeys of the DEK, a new one every ``SUBKEY_LIMIT`` seals and in
+every process (``docs/format.rst``), so the number of records under one DEK
+needs no counting; a stream has a key of its own.  ``use_limit`` is still
+accepted (and checked to be >= 1) for compatibility, and ignored.
 
 Every cache registers itself, so that :func:`evict_everywhere` (called when
 a key is retired or destroyed) reaches all caches of the process.
@@ -21,13 +20,10 @@ of :meth:`DEKCache.on_evict` let the facilities drop their own references.
 Expired entries are evicted by a reaper thread at their expiry time
 (:func:`_reaper`), not only when they are next looked up.
 """
-import itertools
 import os
 import threading
 import time
 import weakref
-
-from zodbkmi.exceptions import KeyStateError
 
 DEFAULT_TTL = 3600
 DEFAULT_MAXSIZE = 4096
@@ -78,9 +74,9 @@ class CachedKey:
     """
 
     __slots__ = ('dek_id', 'raw_id', 'kek_id', 'sealer', 'expires',
-                 'authorized', '_uses', '_limit', '_dek', '__weakref__')
+                 'authorized', '_dek', '__weakref__')
 
-    def __init__(self, raw_id, kek_id, sealer, expires, limit, dek=None):
+    def __init__(self, raw_id, kek_id, sealer, expires, dek=None):
         self._dek = dek
         self.raw_id = raw_id
         self.dek_id = raw_id.hex()
@@ -88,8 +84,6 @@ class CachedKey:
         self.sealer = sealer
         self.expires = expires
         self.authorized = ()
-        self._uses = itertools.count(1)
-        self._limit = limit
 
     def __repr__(self):
         return '<CachedKey %s by KEK %s>' % (self.dek_id, self.kek_id)
@@ -122,16 +116,6 @@ class CachedKey:
         self._dek = None
         self.authorized = ()
 
-    def count_use(self):
-        """Count one encryption; raise KeyStateError past the limit."""
-        if next(self._uses) > self._limit:
-            self.over_limit()
-
-    def over_limit(self):
-        raise KeyStateError(
-                'DEK %s reached its limit of %d encryptions in this process;'
-                ' rotate it' % (self.dek_id, self._limit))
-
 
 class DEKCache:
     """A mapping of raw DEK id (16 bytes) to :class:`CachedKey`.
@@ -146,12 +130,8 @@ class DEKCache:
                              'are required')
         self.ttl = ttl
         self.maxsize = maxsize
-        self.use_limit = use_limit
+        self.use_limit = use_limit      # ignored (see the module)
         self._data = {}
-        # the encryption counter of every DEK this cache has held: it
-        # survives expiry, eviction and clear(), so that reloading a key
-        # does not restart its count
-        self._counters = {}
         self._lock = threading.Lock()
         self._on_evict = []
         with _caches_lock:
@@ -208,16 +188,12 @@ class DEKCache:
                        default=None)
 
     def put(self, raw_id, kek_id, sealer, dek=None):
-        entry = CachedKey(raw_id, kek_id, sealer,
-                          _monotonic() + self.ttl, self.use_limit, dek)
+        entry = CachedKey(raw_id, kek_id, sealer, _monotonic() + self.ttl,
+                          dek)
         with self._lock:
             dropped = []
             if raw_id not in self._data and len(self._data) >= self.maxsize:
                 dropped = self._shrink()
-            counter = self._counters.get(raw_id)
-            if counter is None:
-                counter = self._counters[raw_id] = entry._uses
-            entry._uses = counter           # keep counting the same key
             previous = self._data.get(raw_id)
             if previous is not None:
                 dropped.append(previous)

@@ -25,6 +25,7 @@ from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import KeyStateError
 from zodbkmi.exceptions import UnauthenticatedKeyError
 from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.exceptions import UnsupportedFormatError
 from zodbkmi.exceptions import WrongKeyError
 from zodbkmi.format import envelope
 from zodbkmi.format import stream
@@ -36,11 +37,16 @@ from zodbkmi.kek import as_kek
 
 _CONTEXT_DATA = envelope.CONTEXT_DATA
 _CONTEXT_RECORD = envelope.CONTEXT_RECORD
+_CONTEXT_STATE = envelope.CONTEXT_STATE
 _monotonic = time.monotonic
 _read_dek_id = envelope.read_dek_id
-_KEYED_SIZE = envelope.KEYED_PREFIX_SIZE
-_OVERHEAD = envelope.OVERHEAD
-_HEADER_SIZE = envelope.HEADER_SIZE
+# the keys of the tables of opened envelopes (see Sealer.opener): the
+# envelope's prefix (format .. salt in version 2, format .. DEK id in
+# version 1), data[:_KEYED_SIZES[data[3]]]
+_KEYED_SIZES = envelope.KEYED_PREFIX_SIZES
+_TAG_SIZE = envelope.TAG_SIZE
+# prefixes remembered per key and context (the table is emptied when full)
+_OPENED_TABLE_SIZE = 4096
 
 
 def _no_fast_path(data, oid):
@@ -78,6 +84,12 @@ class EncryptionService:
     decryption, a list or tuple of KEKs (the current one and previous ones
     after a KEK rotation): the one that wrapped the DEK is used, found by id
     (no trial decryption).
+
+    ``use_limit`` is accepted for compatibility and ignored: no encryption
+    is refused for a number of uses any more, because record envelopes of
+    version 2 draw a new subkey of the DEK every
+    :data:`zodbkmi.format.envelope.SUBKEY_LIMIT` seals and in every process
+    (``docs/format.rst``), and streams have a key of their own.
     """
 
     def __init__(self, timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
@@ -88,10 +100,12 @@ class EncryptionService:
         # stands for.  Keeps as_kek() and id lookups off the hot path.
         self._active = {}
         self._owners = {}
-        # key -> {envelope prefix naming a DEK -> entry checked against
-        # key}, one table per context: a hit both validates the header and
-        # finds the DEK in one lookup.
-        self._opened = ({}, {})
+        # key -> {envelope prefix -> (AEAD, entry checked against key,
+        # nonce start, header size)}, one table per context (data, storage
+        # record, object state): a hit both validates the header and finds
+        # the AES-GCM context (the DEK's, or a version 2 subkey's: the
+        # prefix holds the salt) in one lookup.
+        self._opened = ({}, {}, {})
         self._load_lock = threading.Lock()
         self._cache.on_evict(self._drop_entry)
 
@@ -192,8 +206,8 @@ class EncryptionService:
                 self._active.pop(k, None)
         for tables in self._opened:
             for table in list(tables.values()):
-                for prefix, e in list(table.items()):
-                    if e is entry:
+                for prefix, hit in list(table.items()):
+                    if hit[1] is entry:     # (aead, entry, ...)
                         table.pop(prefix, None)
 
     def _keks(self, key):
@@ -251,7 +265,9 @@ class EncryptionService:
         """Seal ``data`` under the active DEK of ``key``.
 
         With ``oid`` (8 bytes) the result is a storage record envelope bound
-        to that oid; :meth:`decrypt` then needs the same oid.
+        to that oid; :meth:`decrypt` then needs the same oid.  Without, a
+        data envelope, which only :meth:`decrypt` opens (not
+        :meth:`decrypt_state`).
         """
         try:
             entry = self._active[key]
@@ -260,24 +276,73 @@ class EncryptionService:
         else:
             if _monotonic() >= entry.expires:     # expired or evicted
                 entry = self._encryption_entry(key)
-        if next(entry._uses) > entry._limit:
-            entry.over_limit()
-        if oid is None:
-            return entry.sealer.seal_data(data)
-        return entry.sealer.seal_record(data, oid)
+        try:
+            if oid is None:
+                return entry.sealer.seal_data(data)
+            return entry.sealer.seal_record(data, oid)
+        except EvictedKeyError:   # evicted by another thread meanwhile
+            return self._encryption_entry(key).sealer.seal(
+                data, _CONTEXT_DATA if oid is None else _CONTEXT_RECORD, oid)
+
+    def encrypt_state(self, key, data):
+        """Seal the pickled state ``data`` of an ``EncryptedPersistent``
+        object under the active DEK of ``key``: an object state envelope,
+        which only :meth:`decrypt_state` opens."""
+        try:
+            entry = self._active[key]
+        except (KeyError, TypeError):
+            entry = self._encryption_entry(key)
+        else:
+            if _monotonic() >= entry.expires:     # expired or evicted
+                entry = self._encryption_entry(key)
+        try:
+            return entry.sealer.seal_state(data)
+        except EvictedKeyError:   # evicted by another thread meanwhile
+            return self._encryption_entry(key).sealer.seal_state(data)
 
     def decrypt(self, key, data, oid=None):
-        """Open the envelope ``data``; see :meth:`encrypt` for ``oid``."""
+        """Open the envelope ``data``; see :meth:`encrypt` for ``oid``.
+
+        A version 1 data envelope (written before object states had a
+        context of their own) opens here and in :meth:`decrypt_state`.
+        """
+        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
         try:
-            entry = self._opened[oid is not None][key][data[:_KEYED_SIZE]]
-        except (KeyError, TypeError):
-            entry = self._opened_entry(key, data, oid)
+            aead, entry, n, h = self._opened[context][key][
+                data[:_KEYED_SIZES[data[3]]]]
+        except (KeyError, TypeError, IndexError):
+            aead, entry, n, h = self._opened_entry(key, data, context)
         else:
-            if _monotonic() >= entry.expires or len(data) < _OVERHEAD:
-                entry = self._opened_entry(key, data, oid)
+            if _monotonic() >= entry.expires or len(data) < h + _TAG_SIZE:
+                aead, entry, n, h = self._opened_entry(key, data, context)
         if oid is None:
-            return entry.sealer.open_data(data)
-        return entry.sealer.open_record(data, oid)
+            try:
+                return aead.decrypt(data[n:h], data[h:], data[:h])
+            except InvalidTag:
+                return entry.sealer.open_data(data)   # raises its error
+        if type(oid) is bytes and len(oid) == 8:
+            try:
+                return aead.decrypt(data[n:h], data[h:], data[:h] + oid)
+            except InvalidTag:
+                pass
+        return entry.sealer.open_record(data, oid)    # raises its error
+
+    def decrypt_state(self, key, data):
+        """Open the object state envelope ``data`` (made by
+        :meth:`encrypt_state`, or a version 1 data envelope)."""
+        try:
+            aead, entry, n, h = self._opened[_CONTEXT_STATE][key][
+                data[:_KEYED_SIZES[data[3]]]]
+        except (KeyError, TypeError, IndexError):
+            aead, entry, n, h = self._opened_entry(key, data, _CONTEXT_STATE)
+        else:
+            if _monotonic() >= entry.expires or len(data) < h + _TAG_SIZE:
+                aead, entry, n, h = self._opened_entry(key, data,
+                                                       _CONTEXT_STATE)
+        try:
+            return aead.decrypt(data[n:h], data[h:], data[:h])
+        except InvalidTag:
+            return entry.sealer.open_state(data)      # raises its error
 
     def record_fast_path(self, key):
         """Return ``open_fast(data, oid)``: the plaintext of the storage
@@ -289,18 +354,19 @@ class EncryptionService:
         For :class:`~zodbkmi.storage.EncryptingStorage`, which opens every
         record it loads: no frame besides the AEAD call, and no lookup of
         ``key``.  What a hit checks is what :meth:`decrypt` checks on a
-        hit: the envelope prefix names a DEK already checked against
-        ``key``, its entry has not expired nor been evicted, the record is
-        long enough; the AEAD call authenticates the rest, and a record
-        that does not authenticate returns None (:meth:`decrypt` then
-        raises).
+        hit: the envelope prefix (format, context, DEK id and, in version
+        2, the salt) names an AES-GCM context of a DEK already checked
+        against ``key``, its entry has not expired nor been evicted, the
+        record is long enough; the AEAD call authenticates the rest, and a
+        record that does not authenticate returns None (:meth:`decrypt`
+        then raises).
         """
         tables = self._opened[_CONTEXT_RECORD]
         try:
             hash(key)
         except TypeError:     # a list of keys: decrypt() keeps no table
             return _no_fast_path
-        keyed, head, overhead = _KEYED_SIZE, _HEADER_SIZE, _OVERHEAD
+        sizes, tag = _KEYED_SIZES, _TAG_SIZE
         monotonic = _monotonic
         # the table's get, refreshed on a miss: clear_cache() and the size
         # bound of decrypt()'s tables replace the table of ``key``, and an
@@ -308,32 +374,41 @@ class EncryptionService:
         current = [{}.get]
 
         def open_fast(data, oid):
-            if type(data) is not bytes or len(data) < overhead:
+            if type(data) is not bytes or len(data) < 4:
                 return None
-            prefix = data[:keyed]
-            entry = current[0](prefix)
-            if entry is None or monotonic() >= entry.expires:
+            prefix = data[:sizes[data[3]]]
+            hit = current[0](prefix)
+            if hit is None or monotonic() >= hit[1].expires:
                 table = tables.get(key)
                 if table is None:
                     return None
                 current[0] = table.get
-                entry = table.get(prefix)
-                if entry is None or monotonic() >= entry.expires:
+                hit = table.get(prefix)
+                if hit is None or monotonic() >= hit[1].expires:
                     return None
+            aead, _, n, h = hit
+            if len(data) < h + tag:
+                return None
             try:
-                return entry.sealer._aead.decrypt(
-                    data[keyed:head], data[head:], data[:head] + oid)
+                return aead.decrypt(data[n:h], data[h:], data[:h] + oid)
             except (InvalidTag, TypeError):
                 return None
 
         return open_fast
 
-    def _opened_entry(self, key, data, oid):
-        """The slow path of :meth:`decrypt`: validate the header (raising
-        its documented errors), find the DEK, remember it for ``key``."""
-        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
+    def _opened_entry(self, key, data, context):
+        """The slow path of the decryptions: validate the header (raising
+        its documented errors), find the DEK, remember its AES-GCM context
+        for ``key`` under the envelope's prefix; return the table's value
+        ``(aead, entry, nonce start, header size)``."""
         raw_id = _read_dek_id(data, context)
         entry = self._decryption_entry(key, raw_id)
+        try:
+            prefix, aead, n, h = entry.sealer.opener(data)
+        except EvictedKeyError:   # evicted by another thread meanwhile
+            entry = self._decryption_entry(key, raw_id)
+            prefix, aead, n, h = entry.sealer.opener(data)
+        hit = (aead, entry, n, h)
         tables = self._opened[context]
         try:
             table = tables[key]
@@ -341,22 +416,33 @@ class EncryptionService:
             table = {}
             self._remember(tables, key, table)
         except TypeError:   # an unhashable key (a list): not remembered
-            return entry
-        self._remember(table, entry.sealer.prefix(context), entry)
-        return entry
+            return hit
+        if len(table) >= _OPENED_TABLE_SIZE:
+            table.clear()
+        table[prefix] = hit
+        return hit
 
     def key_id_of(self, data, oid=None):
-        """Return the DEK id (hex) named by the envelope ``data``."""
-        context = _CONTEXT_DATA if oid is None else _CONTEXT_RECORD
-        return envelope.read_dek_id(data, context).hex()
+        """Return the DEK id (hex) named by the envelope ``data``: a data
+        or object state envelope, or a storage record when ``oid`` is
+        given.  The header is validated (its errors are those of
+        :meth:`decrypt`); nothing is decrypted."""
+        if oid is not None:
+            return _read_dek_id(data, _CONTEXT_RECORD).hex()
+        try:
+            return _read_dek_id(data, _CONTEXT_DATA).hex()
+        except UnsupportedFormatError as e:
+            try:
+                return _read_dek_id(data, _CONTEXT_STATE).hex()
+            except UnsupportedFormatError:
+                raise e from None
 
     def encrypt_file(self, key, fsrc, fdst, chunk_size=None, oid=None):
         """Encrypt the binary file object ``fsrc`` (read to its end) into
         ``fdst`` as a stream (see ``docs/format.rst``) under the active DEK
         of ``key``; one pass, constant memory.  Return the number of
-        plaintext bytes.  A file counts as one use of the DEK.  With
-        ``oid`` (8 bytes: blob files) the stream is bound to that oid and
-        :meth:`decrypt_file` needs the same one.
+        plaintext bytes.  With ``oid`` (8 bytes: blob files) the stream
+        is bound to that oid and :meth:`decrypt_file` needs the same one.
         """
         dek, header = self._new_stream(key, chunk_size)
         return stream.encrypt(fsrc, fdst, dek, header, _file_aad(oid))
@@ -372,9 +458,9 @@ class EncryptionService:
 
     def _new_stream(self, key, chunk_size):
         """The DEK and header of a new stream under the active DEK of
-        ``key`` (one use of it)."""
+        ``key`` (its random 16 byte salt gives the stream a key of its
+        own: nothing to count)."""
         entry, dek = _entry_and_dek(self._encryption_entry, key)
-        entry.count_use()
         return dek, stream.build_header(
             entry.raw_id, chunk_size=chunk_size or stream.DEFAULT_CHUNK_SIZE)
 

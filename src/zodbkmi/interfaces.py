@@ -44,8 +44,9 @@ class IEncryptionService(zope.interface.Interface):
     def encrypt(key, data):
         """Return ``data`` (bytes) encrypted under the active DEK of ``key``.
 
-        The result is a record envelope (see ``docs/format.rst``) naming the
-        DEK id.  Two calls with the same arguments give different results.
+        The result is a record envelope (see ``docs/format.rst``) of the
+        data context naming the DEK id; only :meth:`decrypt` opens it.  Two
+        calls with the same arguments give different results.
 
         Raises :class:`~zodbkmi.exceptions.InvalidKeyError` when ``key`` is
         not a key, :class:`~zodbkmi.exceptions.UnknownKeyError` when ``key``
@@ -63,6 +64,27 @@ class IEncryptionService(zope.interface.Interface):
         :class:`~zodbkmi.exceptions.AuthenticationError` (tampered data or
         wrong key), :class:`~zodbkmi.exceptions.UnknownKeyError` (the DEK or
         its KEK is not available); never returns unauthenticated bytes.
+        """
+
+    def encrypt_state(key, data):
+        """Return the pickled object state ``data`` encrypted under the
+        active DEK of ``key``, for
+        :class:`zodbkmi.persistent.EncryptedPersistent`.
+
+        The result is a record envelope of the object state context: it
+        opens with :meth:`decrypt_state` only, never with :meth:`decrypt`,
+        and :meth:`decrypt_state` opens no envelope that :meth:`encrypt`
+        made (except version 1 data envelopes, which zodbkmi wrote for
+        states before version 2).  Raises the errors of :meth:`encrypt`.
+        """
+
+    def decrypt_state(key, data):
+        """Return the plaintext of the object state envelope ``data``.
+
+        Raises the errors of :meth:`decrypt`;
+        :class:`~zodbkmi.exceptions.UnsupportedFormatError` for an envelope
+        of another context (a data envelope of version 2, a storage
+        record).
         """
 
     def encrypt_file(key, fsrc, fdst):

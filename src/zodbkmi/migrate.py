@@ -762,25 +762,30 @@ class PersistentStateCodec:
         else:
             sealed, refs = state[0], state[1:]
         service, keys = self._service_and_keys()
-        return _unpickle_state(service.decrypt(keys, sealed), refs)
+        return _unpickle_state(service.decrypt_state(keys, sealed), refs)
 
     def verify(self, state):
         """Check that the state authenticates (nothing is unpickled)."""
         sealed = state if type(state) is bytes else state[0]
         service, keys = self._service_and_keys()
-        service.decrypt(keys, sealed)
+        service.decrypt_state(keys, sealed)
 
 
 def _envelope_dek_id(state):
-    """The DEK id (hex) of a state holding a zodbkmi data envelope, or
-    None.  The envelope is the state, or the first item of a tuple."""
+    """The DEK id (hex) of a state holding a zodbkmi envelope, or None.
+    The envelope is the state, or the first item of a tuple: an object
+    state envelope (``EncryptedPersistent``) or a data envelope (a class
+    of the application that seals its state with ``facility.encrypt``).
+    This only tells which DEK; opening checks the context."""
     if isinstance(state, tuple) and state:
         state = state[0]
     if isinstance(state, bytes) and envelope.is_envelope(state):
-        try:
-            return envelope.read_dek_id(state).hex()
-        except DecryptionError:
-            return INVALID
+        for context in (envelope.CONTEXT_STATE, envelope.CONTEXT_DATA):
+            try:
+                return envelope.read_dek_id(state, context).hex()
+            except DecryptionError:
+                pass
+        return INVALID
     return None
 
 

@@ -7,9 +7,12 @@ The state an object gives to ZODB (or to ``pickle``) is then::
                                       object
     (envelope, ref_1, ..., ref_n)     otherwise
 
-``envelope`` is a record envelope (``docs/format.rst``, data context, not
-bound to an oid) made by the registered ``IEncryptionService`` utility under
-the key of the registered ``IKeyHolder`` utility.  Its plaintext is the
+``envelope`` is a record envelope (``docs/format.rst``, object state
+context, not bound to an oid) made by ``encrypt_state`` of the registered
+``IEncryptionService`` utility under the key of the registered
+``IKeyHolder`` utility: data sealed by ``facility.encrypt`` is never
+accepted as a state, nor the reverse.  (A version 1 data envelope, which
+zodbkmi wrote for states before version 2, still loads.)  Its plaintext is the
 object's state pickled with protocol 3 (so it starts with ``b'\\x80\\x03'``),
 in which every persistent object, persistent weak reference and persistent
 class is replaced by the call ``zodbkmi.persistent._ref(i)``: a reference to
@@ -120,8 +123,8 @@ def _reraise(obj, error, doing):
 
 # (registry if it has no bases (for the fast paths), its generation, its
 #  bases, their generations, key holder, encryption service, the holder's
-#  key, the keys for decryption, registry, service.encrypt,
-#  service.decrypt)
+#  key, the keys for decryption, registry, service.encrypt_state,
+#  service.decrypt_state)
 _UNRESOLVED = (None, -1, (), (), None, None, None, None, None, None, None)
 _resolved = _UNRESOLVED
 _unhooked = getSiteManager.original
@@ -170,12 +173,19 @@ def _resolve(obj, registry):
             'no IEncryptionService utility is registered: register a key '
             'management facility, e.g. zope.component.provideUtility('
             'zodbkmi.facility.KeyManagementFacility(directory))')
+    encrypt = getattr(service, 'encrypt_state', None)
+    decrypt = getattr(service, 'decrypt_state', None)
+    if encrypt is None or decrypt is None:
+        raise _error(
+            obj, exceptions.NoKeyHolderError,
+            'the registered IEncryptionService utility (%s) has no '
+            'encrypt_state and decrypt_state: register a zodbkmi key '
+            'management facility' % type(service).__name__)
     bases = list(getattr(registry, 'ro', (registry,))[1:])
     key = holder.key
     _resolved = (None if bases else registry, registry._generation, bases,
                  _generations(bases), holder, service, key,
-                 _decryption_keys(holder, key), registry, service.encrypt,
-                 service.decrypt)
+                 _decryption_keys(holder, key), registry, encrypt, decrypt)
     return holder, service
 
 
@@ -326,7 +336,7 @@ def _encrypt_state(obj, state):
     holder, service = _utilities(obj)
     data, refs = _pickle_state(state)
     try:
-        envelope = service.encrypt(holder.key, data)
+        envelope = service.encrypt_state(holder.key, data)
     except exceptions.ZodbKmiError as e:
         _reraise(obj, e, 'encrypt its state')
     if refs:
@@ -367,7 +377,8 @@ def _decrypt_state(obj, state):
             'of a plain Persistent object')
     holder, service = _utilities(obj)
     try:
-        data = service.decrypt(_keys_for_decryption(holder), envelope)
+        data = service.decrypt_state(_keys_for_decryption(holder),
+                                     envelope)
         return _unpickle_state(data, refs)
     except exceptions.ZodbKmiError as e:
         _reraise(obj, e, 'load its state')

@@ -56,9 +56,9 @@ MODES = (STRICT, MIGRATE, DECRYPT_ONLY)
 
 _MAGIC = envelope.MAGIC
 _MAGIC_SIZE = len(_MAGIC)
-# the nonce of a record envelope: unique per sealed record
-_NONCE = slice(envelope.HEADER_SIZE - envelope.NONCE_SIZE,
-               envelope.HEADER_SIZE)
+# the part of a record envelope unique per sealed record (salt and nonce,
+# or the nonce of version 1): the key of the oid hints
+_unique_part = envelope.unique_part
 
 #: Storage interfaces the wrapper provides when its base storage does.
 #: Every data-carrying method of these is implemented by the wrapper
@@ -419,7 +419,8 @@ class EncryptingStorage:
                     migrate_since.hex(), migrate_since.hex())
             self.migrate_since = migrate_since
         # oid hints for the paths that get no oid (conflict resolution,
-        # pack): nonce -> oid of records sealed in running transactions
+        # pack): unique part (envelope.unique_part: salt and nonce) -> oid
+        # of records sealed in running transactions
         self._pending = {}
         self._txn_nonces = {}
         self._pack_index = None
@@ -579,7 +580,7 @@ class EncryptingStorage:
         sealed = self.seal(data, oid)
         if sealed is not data:
             # remembered for conflict resolution, which has no oid
-            nonce = sealed[_NONCE]
+            nonce = _unique_part(sealed)
             self._pending[nonce] = oid
             self._txn_nonces.setdefault(transaction, []).append(nonce)
         return sealed
@@ -856,7 +857,8 @@ class EncryptingStorage:
 
     def pack(self, pack_time, referencesf, gc=None):
         """Pack the base storage; its garbage collection reads references
-        through an index of the records' nonces to their oids, so every
+        through an index of the records' nonces (with their salts:
+        ``envelope.unique_part``) to their oids, so every
         record is opened with its own oid."""
         def refs(data, oids=None):
             return referencesf(self.untransform_record_data(data), oids)
@@ -901,7 +903,7 @@ class EncryptingStorage:
     @staticmethod
     def _index_record(index, oid, data):
         if data and data[:_MAGIC_SIZE] == _MAGIC:
-            nonce = bytes(data[_NONCE])
+            nonce = _unique_part(data)
             if index.setdefault(nonce, oid) != oid:
                 index[nonce] = None   # one record under two oids: refuse
 
@@ -940,14 +942,15 @@ class EncryptingStorage:
         """The oid a record given without one belongs to.
 
         Conflict resolution and pack hand records to the wrapper without
-        their oid.  The oid is found by the record's nonce among the records
+        their oid.  The oid is found by the record's nonce (with its salt:
+        ``envelope.unique_part``) among the records
         sealed in running transactions (the new state in a conflict), in
         the pack index, or else it is the oid of the conflict being resolved
         in this thread.  Whatever the guess, the record only opens with the
         oid it was sealed for.
         """
         if data and data[:_MAGIC_SIZE] == _MAGIC:
-            nonce = bytes(data[_NONCE])
+            nonce = _unique_part(data)
             oid = self._pending.get(nonce)
             if oid is not None:
                 self._local.oid = oid
@@ -995,7 +998,7 @@ class EncryptingStorage:
         return self._db_untransform(self.unseal(data, oid))
 
     def _unseal_candidates(self, data, candidates):
-        nonce = bytes(data[_NONCE])
+        nonce = _unique_part(data)
         first = self._pending.get(nonce)
         if first is not None:
             candidates = (first,) + tuple(candidates)
@@ -1277,7 +1280,7 @@ class ServerEncryptingStorage(EncryptingStorage):
     def _sealed(self, data, oid, transaction):
         # already sealed by the client: only remember its oid
         if data and data[:_MAGIC_SIZE] == _MAGIC:
-            nonce = bytes(data[_NONCE])
+            nonce = _unique_part(data)
             self._pending[nonce] = oid
             self._txn_nonces.setdefault(transaction, []).append(nonce)
         return data
