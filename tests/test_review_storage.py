@@ -13,7 +13,6 @@ client that holds no key, then shows what the application now gets.
 """
 import io
 import os
-import pickle
 import shutil
 import tempfile
 import unittest

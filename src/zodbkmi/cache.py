@@ -25,6 +25,8 @@ import threading
 import time
 import weakref
 
+from zodbkmi.exceptions import KeyStateError
+
 DEFAULT_TTL = 3600
 DEFAULT_MAXSIZE = 4096
 DEFAULT_USE_LIMIT = 2 ** 28
