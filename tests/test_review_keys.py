@@ -352,6 +352,32 @@ class EvictionTests(_Base):
         self.assertEqual(app.decrypt(kek, app.encrypt(kek, b'y')), b'y')
 
 
+    @unittest.skipUnless(os.path.exists('/proc/self/task'), 'Linux /proc')
+    def test_reaper_leaves_signals_to_the_main_thread(self):
+        # a signal the kernel gave the reaper thread would not interrupt
+        # a system call of the main thread (Ctrl-C in a blocking read)
+        import signal
+        import threading
+        from zodbkmi.cache import _reaper
+        _reaper.wake(float('inf'))
+        def blocked():
+            try:
+                with open('/proc/self/task/%d/status'
+                          % _reaper._thread.native_id) as f:
+                    return int([line.split()[1] for line in f
+                                if line.startswith('SigBlk:')][0], 16)
+            except (OSError, TypeError):   # not started yet
+                return 0
+
+        deadline = time.monotonic() + 30    # the thread's first steps
+        while not blocked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        blocked = blocked()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.assertTrue(blocked & (1 << (sig - 1)), sig)
+        self.assertIsNot(_reaper._thread, threading.main_thread())
+
+
 class LegacyKeyStoreTests(_Base):
     """Key stores written by the code of 2026-12-01 (wrapped-DEK format 1,
     record envelope version 1): tests/legacy/vault-v1."""

@@ -385,6 +385,32 @@ class ThreadTests(FacilityCase):
                          {b'r'})
 
 
+class ThreadSubkeyTests(unittest.TestCase):
+
+    def test_each_thread_seals_under_its_own_subkey(self):
+        # no counter, IV or subkey is shared between threads: each thread
+        # of a writer draws its own (free-threaded CPython included)
+        sealer = envelope.Sealer(os.urandom(16), os.urandom(32))
+        sealer.seal_data(b'')
+        salts = {}
+        barrier = threading.Barrier(6)
+
+        def work(n):
+            barrier.wait()
+            mine = [sealer.seal_data(b'') for _ in range(200)]
+            salts[n] = {d[22:26] for d in mine}
+
+        threads = [threading.Thread(target=work, args=(n,))
+                   for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual([len(v) for v in salts.values()], [1] * 6)
+        every = set().union(*salts.values()) | {sealer.current_salt}
+        self.assertEqual(len(every), 7)
+
+
 class SubkeyTests(FacilityCase):
 
     def test_sealing_goes_on_under_new_subkeys(self):
@@ -412,12 +438,26 @@ class SubkeyTests(FacilityCase):
         sealer.seal_data(b'')
         salt = sealer.current_salt
         # its count: the next seal renews it exactly at the limit
-        self.assertEqual(next(sealer._current[0]), 2)
-        sealer._current = (iter([envelope.SUBKEY_LIMIT,
-                                 envelope.SUBKEY_LIMIT + 1]),) + \
-            sealer._current[1:]
+        current = sealer._local.current
+        self.assertEqual(next(current[0]), 2)
+        sealer._local.current = (iter([envelope.SUBKEY_LIMIT,
+                                       envelope.SUBKEY_LIMIT + 1]),) + \
+            current[1:]
         self.assertEqual(sealer.seal_data(b'')[22:26], salt)
         self.assertNotEqual(sealer.seal_data(b'')[22:26], salt)
+
+    def test_nonces_are_the_iv_xor_the_count(self):
+        # a writer's nonces under one subkey are distinct by construction
+        # (its random IV XOR 1, 2, 3, ...), not by chance
+        sealer = envelope.Sealer(os.urandom(16), os.urandom(32))
+        sealed = [sealer.seal_data(b'') for _ in range(1000)]
+        nonces = [int.from_bytes(d[26:38], 'big') for d in sealed]
+        iv = nonces[0] ^ 1
+        self.assertEqual(nonces, [iv ^ i for i in range(1, 1001)])
+        self.assertEqual(len({d[22:26] for d in sealed}), 1)
+        # another writer of the same DEK: another salt and another IV
+        other = envelope.Sealer(sealer.dek_id, os.urandom(32))
+        self.assertNotEqual(other.seal_data(b'')[22:38], sealed[0][22:38])
 
     def test_no_use_limit_error_any_more(self):
         # Version 1 refused the 4th encryption with use_limit=3

@@ -21,6 +21,7 @@ Expired entries are evicted by a reaper thread at their expiry time
 (:func:`_reaper`), not only when they are next looked up.
 """
 import os
+import signal
 import threading
 import time
 import weakref
@@ -261,6 +262,11 @@ class _Reaper:
                 self._cond.notify()
 
     def _run(self):
+        # Signals sent to the process must reach the main thread: one that
+        # the kernel gave this thread would not interrupt a system call
+        # the main thread waits in (Ctrl-C during a blocking read).
+        if hasattr(signal, 'pthread_sigmask'):
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while True:
             with self._cond:
                 while self._due is None:

@@ -12,7 +12,8 @@ Layout, version 2 (written; all of it specified in ``docs/format.rst``)::
                           0x02 = object state (EncryptedPersistent)
     6       16    DEK id
     22      4     salt    selects the subkey
-    26      12    nonce   os.urandom(12), drawn for every seal
+    26      12    nonce   unique under the subkey: the writer's random
+                          96-bit IV XOR its count of seals (as TLS 1.3)
     38      n+16  AES-256-GCM(subkey, nonce, plaintext, aad)
 
     aad    = bytes 0..37 (the whole header) || oid (context 0x01 only)
@@ -24,13 +25,14 @@ salt, seals under the DEK itself, knows contexts 0x00 and 0x01 only and has
 a 34 byte header (50 bytes of overhead); a version 1 data envelope is
 accepted where data or an object state is asked for.
 
-A writer (:class:`Sealer`) keeps a *current subkey* per DEK: a random salt,
-its AES-GCM context and a use count.  It draws a new one on first use,
-after :data:`SUBKEY_LIMIT` seals, and in a forked child however the fork
-was made (a memory page the kernel zeroes in every child, or the process
-id where that is not available); never at-fork hooks.  Nonces are drawn
-from ``os.urandom`` for every seal: nothing is shared that two threads,
-two processes or a parent and its child could hand out twice.
+A writer (:class:`Sealer`) keeps, per DEK and per thread, a *current
+subkey*: a random salt, its AES-GCM context, a random 96-bit IV and a count
+of seals; the nonce of a seal is the IV XOR the count.  It draws a new
+subkey on first use, after :data:`SUBKEY_LIMIT` seals, and in a forked
+child however the fork was made (a memory page the kernel zeroes in every
+child, or the process id where that is not available); never at-fork
+hooks.  Nothing is shared that two threads, two processes or a parent and
+its child could hand out twice.
 
 This module is pure: bytes in, bytes out.
 """
@@ -38,6 +40,7 @@ import itertools
 import mmap
 import os
 import sys
+import threading
 import weakref
 
 from cryptography.exceptions import InvalidTag
@@ -193,15 +196,17 @@ _writers = weakref.WeakSet()
 
 def _after_fork():
     """Called in a child by the first seal after a fork: every writer of
-    the process draws a new subkey at its next seal."""
+    the process forgets the subkeys, IVs and counts of all its threads
+    (the child has one thread, the forking one), and draws new ones at its
+    next seal."""
     for sealer in list(_writers):
-        sealer._current = _SPENT
+        sealer._local = threading.local()
     _marker[0] = 1      # after the reset: a racing seal resets again
 
 
 def new_nonce():
-    """A fresh random 96-bit nonce from the operating system (``os.urandom``
-    or the same ``getrandom`` call), drawn per seal."""
+    """A fresh random 96-bit value from the operating system (``os.urandom``
+    or the same ``getrandom`` call): the IV of a writer's subkey."""
     return _urandom(NONCE_SIZE)
 
 
@@ -315,8 +320,6 @@ def _deriver(dek):
 # The current subkey of a writer is one tuple, replaced as a whole (so a
 # thread never pairs one subkey's context with another's header):
 #   (use counter, AESGCM, header prefix per context (0, 1, 2), salt)
-# _SPENT stands for "none yet": its counter is always past the limit.
-_SPENT = (itertools.repeat(1 << 62), None, None, None, None, None)
 
 
 class Sealer:
@@ -329,7 +332,7 @@ class Sealer:
     attribute and never shown.
     """
 
-    __slots__ = ('dek_id', '_aead', '_derive', '_current', '_subkeys',
+    __slots__ = ('dek_id', '_aead', '_derive', '_local', '_subkeys',
                  '_v1_heads', '__weakref__')
 
     def __init__(self, dek_id, dek):
@@ -340,7 +343,9 @@ class Sealer:
         self.dek_id = dek_id
         self._aead = AESGCM(dek)        # version 1: the DEK itself
         self._derive = _deriver(dek)
-        self._current = _SPENT
+        # this thread's current subkey: (count, IV, AES-GCM context, the
+        # three header prefixes, salt)
+        self._local = threading.local()
         self._subkeys = {}
         self._v1_heads = tuple(_V1_PREFIX + bytes([c]) + dek_id
                                for c in _V1_CONTEXTS)
@@ -364,20 +369,24 @@ class Sealer:
         return aead
 
     def _renew(self, salt=None):
-        """Draw a new current subkey; return it, one use counted."""
+        """Draw a new current subkey for this thread (a salt, its subkey,
+        an IV); return it, its count at 1."""
         salt = salt or _urandom(SALT_SIZE)
         aead = self._subkey(salt)
         heads = tuple(_V2_PREFIX + bytes([c]) + self.dek_id + salt
                       for c in _CONTEXTS)
-        current = (itertools.count(2), aead) + heads + (salt,)
+        iv = int.from_bytes(new_nonce(), 'big')
+        current = (itertools.count(1), iv, aead) + heads + (salt,)
         _writers.add(self)
-        self._current = current
+        self._local.current = current
         return current
 
     @property
     def current_salt(self):
-        """The salt of the current subkey (None before the first seal)."""
-        return self._current[5]
+        """The salt of this thread's current subkey (None before its first
+        seal)."""
+        current = getattr(self._local, 'current', None)
+        return None if current is None else current[6]
 
     # -- sealing ---------------------------------------------------------
 
@@ -419,28 +428,42 @@ class Sealer:
         return header + self._subkey(salt).encrypt(nonce, plaintext,
                                                    header + aad)
 
+    # The three seal_* methods repeat the same steps inline (the fork
+    # marker, this thread's subkey, its count): they are the hot path of
+    # every object state, record and facility.encrypt.
+
     def seal_data(self, plaintext):
         """:meth:`seal` for the data context (``facility.encrypt``)."""
         if not _marker[0]:
             _after_fork()
-        current = self._current
-        if next(current[0]) > SUBKEY_LIMIT:
+        try:
+            current = self._local.current
+        except AttributeError:
             current = self._renew()
-        nonce = _urandom(12)
-        header = current[2] + nonce
-        return header + current[1].encrypt(nonce, plaintext, header)
+        i = next(current[0])
+        if i > SUBKEY_LIMIT:
+            current = self._renew()
+            i = next(current[0])
+        nonce = (current[1] ^ i).to_bytes(12, 'big')
+        header = current[3] + nonce
+        return header + current[2].encrypt(nonce, plaintext, header)
 
     def seal_state(self, plaintext):
         """:meth:`seal` for the object state context (the hot path of
         ``EncryptedPersistent``)."""
         if not _marker[0]:
             _after_fork()
-        current = self._current
-        if next(current[0]) > SUBKEY_LIMIT:
+        try:
+            current = self._local.current
+        except AttributeError:
             current = self._renew()
-        nonce = _urandom(12)
-        header = current[4] + nonce
-        return header + current[1].encrypt(nonce, plaintext, header)
+        i = next(current[0])
+        if i > SUBKEY_LIMIT:
+            current = self._renew()
+            i = next(current[0])
+        nonce = (current[1] ^ i).to_bytes(12, 'big')
+        header = current[5] + nonce
+        return header + current[2].encrypt(nonce, plaintext, header)
 
     def seal_record(self, plaintext, oid):
         """:meth:`seal` for a storage record of ``oid`` (8 bytes)."""
@@ -448,12 +471,17 @@ class Sealer:
             _check_oid(CONTEXT_RECORD, oid)
         if not _marker[0]:
             _after_fork()
-        current = self._current
-        if next(current[0]) > SUBKEY_LIMIT:
+        try:
+            current = self._local.current
+        except AttributeError:
             current = self._renew()
-        nonce = _urandom(12)
-        header = current[3] + nonce
-        return header + current[1].encrypt(nonce, plaintext, header + oid)
+        i = next(current[0])
+        if i > SUBKEY_LIMIT:
+            current = self._renew()
+            i = next(current[0])
+        nonce = (current[1] ^ i).to_bytes(12, 'big')
+        header = current[4] + nonce
+        return header + current[2].encrypt(nonce, plaintext, header + oid)
 
     def prefix(self, context=CONTEXT_DATA):
         """The first :data:`KEYED_PREFIX_SIZE` bytes of the envelopes this
@@ -461,7 +489,8 @@ class Sealer:
         the first seal)."""
         if context not in _CONTEXTS:
             raise ValueError('unknown envelope context %r' % (context,))
-        return self._current[2 + context]
+        current = getattr(self._local, 'current', None)
+        return None if current is None else current[3 + context]
 
     # -- opening ---------------------------------------------------------
 
