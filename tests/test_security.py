@@ -26,8 +26,8 @@ class CoreWeaknessTests(unittest.TestCase):
         a = self.facility.encrypt(self.kek, b'A' * 64)
         b = self.facility.encrypt(self.kek, b'A' * 64)
         self.assertNotEqual(a, b)
-        self.assertNotEqual(a[22:34], b[22:34])          # the nonces
-        self.assertNotEqual(a[34:], b[34:])
+        self.assertNotEqual(a[26:38], b[26:38])          # the nonces
+        self.assertNotEqual(a[38:], b[38:])
 
     def test_ciphertext_is_authenticated(self):
         # keas.kmi and cipher.encryptingstorage had no MAC: a changed byte

@@ -313,18 +313,20 @@ class EncryptionService:
         except (KeyError, TypeError, IndexError):
             aead, entry, n, h = self._opened_entry(key, data, context)
         else:
-            if _monotonic() >= entry.expires or len(data) < h + _TAG_SIZE:
+            if _monotonic() >= entry.expires:     # expired or evicted
                 aead, entry, n, h = self._opened_entry(key, data, context)
         if oid is None:
             try:
                 return aead.decrypt(data[n:h], data[h:], data[:h])
-            except InvalidTag:
+            except (InvalidTag, ValueError):
+                # a cut envelope gets its own error, any other its own
+                _read_dek_id(data, context)
                 return entry.sealer.open_data(data)   # raises its error
         if type(oid) is bytes and len(oid) == 8:
             try:
                 return aead.decrypt(data[n:h], data[h:], data[:h] + oid)
-            except InvalidTag:
-                pass
+            except (InvalidTag, ValueError):
+                _read_dek_id(data, context)
         return entry.sealer.open_record(data, oid)    # raises its error
 
     def decrypt_state(self, key, data):
@@ -336,12 +338,14 @@ class EncryptionService:
         except (KeyError, TypeError, IndexError):
             aead, entry, n, h = self._opened_entry(key, data, _CONTEXT_STATE)
         else:
-            if _monotonic() >= entry.expires or len(data) < h + _TAG_SIZE:
+            if _monotonic() >= entry.expires:     # expired or evicted
                 aead, entry, n, h = self._opened_entry(key, data,
                                                        _CONTEXT_STATE)
         try:
             return aead.decrypt(data[n:h], data[h:], data[:h])
-        except InvalidTag:
+        except (InvalidTag, ValueError):
+            # a cut envelope gets its own error, any other its own
+            _read_dek_id(data, _CONTEXT_STATE)
             return entry.sealer.open_state(data)      # raises its error
 
     def record_fast_path(self, key):
