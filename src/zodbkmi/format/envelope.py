@@ -6,7 +6,7 @@ Layout, version 2 (written; all of it specified in ``docs/format.rst``)::
     0       3     magic   b".km"  (starts with the pickle STOP opcode)
     3       1     version 0x02
     4       1     suite   0x01 = AES-256-GCM under an HKDF-SHA256 subkey,
-                          96-bit random nonce, 128-bit tag
+                          96-bit nonce, 128-bit tag
     5       1     context 0x00 = data (facility.encrypt), not bound
                           0x01 = storage record, bound to its 8 byte oid
                           0x02 = object state (EncryptedPersistent)
