@@ -16,10 +16,11 @@ check their derivation.  The DEKs are those of ``envelope.json`` (made the
 same way from public labels): PUBLIC TEST KEYS, they protect nothing.
 """
 import argparse
-import hashlib
 import json
 import os
+import runpy
 import sys
+import types
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -30,22 +31,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = 'envelope-v2.json'
 
 
-def label(text, size=32):
-    """Fixed, public bytes derived from ``text`` (as in generate.py)."""
-    return hashlib.sha256(b'zodbkmi test vector: ' + text.encode()).digest()[
-        :size]
+def _generate_v1():
+    """The globals of generate.py, for its helpers (public labels, bit
+    flips, the keys and DEKs of the version 1 vectors)."""
+    return types.SimpleNamespace(**runpy.run_path(
+        os.path.join(HERE, 'generate.py')))
 
 
-def flip(data, index, bit=0):
-    data = bytearray(data)
-    data[index] ^= 1 << bit
-    return bytes(data)
-
-
-def patch(data, index, value):
-    data = bytearray(data)
-    data[index] = value
-    return bytes(data)
+_v1 = _generate_v1()
+label, flip, patch = _v1.label, _v1.flip, _v1.patch
 
 
 DEK_ID = label('DEK id', 16)

@@ -14,10 +14,11 @@ decrypt-only.
 """
 import argparse
 import base64
-import importlib.util
 import json
 import os
+import runpy
 import sys
+import types
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,12 +34,10 @@ CREATED = 1796000000000000000       # 2026-11-30, nanoseconds
 
 
 def _generate_v1():
-    """The helpers of generate.py (labels, bit flips)."""
-    spec = importlib.util.spec_from_file_location(
-        'zodbkmi_generate_v1', os.path.join(HERE, 'generate.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The globals of generate.py, for its helpers (public labels, bit
+    flips, the keys and DEKs of the version 1 vectors)."""
+    return types.SimpleNamespace(**runpy.run_path(
+        os.path.join(HERE, 'generate.py')))
 
 
 def wrapped_v2_vectors(v1_doc):
