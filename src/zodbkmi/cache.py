@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 
-from zodbkmi.exceptions import KeyStateError
+from zodbkmi.exceptions import EvictedKeyError
 
 DEFAULT_TTL = 3600
 DEFAULT_MAXSIZE = 4096
@@ -40,13 +40,6 @@ _caches_lock = threading.Lock()
 _EVICTED = float('-inf')   # the expiry time of an evicted entry
 
 
-class EvictedKeyError(KeyStateError):
-    """Raised by the sealer of an evicted entry: its key material is gone.
-
-    A caller that read an entry just before another thread evicted it
-    meets this; the facilities look the key up again."""
-
-
 class _EvictedSealer:
     """Stands in for the sealer of an evicted entry; holds no key."""
 
@@ -56,7 +49,8 @@ class _EvictedSealer:
         self.dek_id = dek_id
 
     def __getattr__(self, name):
-        raise EvictedKeyError('DEK %s was evicted from the cache' % self.dek_id)
+        raise EvictedKeyError('DEK %s was evicted from the cache'
+                              % self.dek_id)
 
     def __repr__(self):
         return '<evicted sealer of DEK %s>' % self.dek_id

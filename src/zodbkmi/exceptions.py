@@ -145,6 +145,16 @@ class KeyStateError(ZodbKmiError):
     """
 
 
+class EvictedKeyError(KeyStateError):
+    """A data key was evicted from the cache while it was in use.
+
+    Its key material is gone (retired, destroyed, rewrapped or expired).
+    The facilities meet it when another thread evicts a key between their
+    lookup and its use, and look the key up again; an application sees it
+    only when that keeps happening.
+    """
+
+
 class KeyServerError(ZodbKmiError, ConnectionError):
     """The key server cannot be reached or refused a request.
 

@@ -20,8 +20,8 @@ from zodbkmi.cache import DEFAULT_MAXSIZE
 from zodbkmi.cache import DEFAULT_TTL
 from zodbkmi.cache import DEFAULT_USE_LIMIT
 from zodbkmi.cache import DEKCache
-from zodbkmi.cache import EvictedKeyError
 from zodbkmi.cache import evict_everywhere
+from zodbkmi.exceptions import EvictedKeyError
 from zodbkmi.exceptions import KeyStateError
 from zodbkmi.exceptions import UnauthenticatedKeyError
 from zodbkmi.exceptions import UnknownKeyError
