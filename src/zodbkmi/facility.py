@@ -23,6 +23,7 @@ from zodbkmi.cache import DEKCache
 from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import EvictedKeyError
 from zodbkmi.exceptions import KeyStateError
+from zodbkmi.exceptions import SelfContainedStreamError
 from zodbkmi.exceptions import UnauthenticatedKeyError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import UnsupportedFormatError
@@ -508,7 +509,6 @@ class EncryptionService:
         self-contained stream, unwrapped with the KEK of ``key`` that
         wrapped it) when ``self_contained`` allows it."""
         if header.wrapped is not None and not self_contained:
-            from zodbkmi.exceptions import SelfContainedStreamError
             raise SelfContainedStreamError(
                 'stream embeds its wrapped DEK %s (a self-contained stream, '
                 'which anyone holding the public key can make): only a '
