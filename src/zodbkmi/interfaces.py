@@ -123,11 +123,39 @@ class IKeyGenerationService(zope.interface.Interface):
         """
 
 
+class IInPlaceFileEncryption(zope.interface.Interface):
+    """An encryption service that can encrypt a file into itself (the
+    plaintext pages overwritten rather than copied)."""
+
+    def encrypt_file_in_place(key, fd, chunk_size=None, oid=None):
+        """Encrypt the regular file open for reading and writing on the
+        file descriptor ``fd`` into itself, byte for byte as
+        :meth:`encrypt_file` would into another file; return the number
+        of plaintext bytes.  On an error the file holds a mix of plaintext
+        and ciphertext and must be discarded.
+        """
+
+
+class IRecordFastPath(zope.interface.Interface):
+    """An encryption service with a fast way to open the storage records
+    it decrypted before (used by :class:`~zodbkmi.storage.EncryptingStorage`
+    for every record it loads)."""
+
+    def record_fast_path(key):
+        """Return ``open_fast(data, oid)``: the plaintext of the storage
+        record ``data`` of ``oid`` when it can be opened without the
+        checks that :meth:`IEncryptionService.decrypt` makes the first
+        time (it made them before for ``key``), else None; then call
+        ``decrypt``, which raises the documented errors."""
+
+
 class IKeyManagementFacility(IEncryptionService, IKeyGenerationService):
     """A key management facility: generation plus encryption services."""
 
 
 class IExtendedKeyManagementFacility(IKeyManagementFacility,
+                                     IInPlaceFileEncryption,
+                                     IRecordFastPath,
                                      mapping.IEnumerableMapping):
     """A facility that is also a read-only mapping of DEK ids to wrapped DEKs.
 
@@ -146,14 +174,6 @@ class IExtendedKeyManagementFacility(IKeyManagementFacility,
         Every chunk read is authenticated; ``oid`` and ``self_contained``
         as for :meth:`decrypt_file`, whose errors it raises, and
         ``ValueError`` for a negative range or a source that cannot seek.
-        """
-
-    def encrypt_file_in_place(key, fd, chunk_size=None, oid=None):
-        """Encrypt the regular file open for reading and writing on the
-        file descriptor ``fd`` into itself, byte for byte as
-        :meth:`encrypt_file` would into another file; return the number
-        of plaintext bytes.  On an error the file holds a mix of plaintext
-        and ciphertext and must be discarded.
         """
 
 

@@ -1,0 +1,276 @@
+"""Blob files: sealing committed blobs, plaintext copies for loads."""
+import os
+import shutil
+import stat
+import tempfile
+
+import transaction
+
+import ZODB.blob
+
+from zodbkmi.exceptions import DecryptionError
+from zodbkmi.exceptions import NotEncryptedError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.format import stream
+from zodbkmi.interfaces import IInPlaceFileEncryption
+from zodbkmi.storage.common import annotate as _annotate
+from zodbkmi.storage.common import oid_text as _oid_text
+from zodbkmi.storage.common import remove as _remove
+
+_STREAM_MAGIC = stream.MAGIC
+_STREAM_MAGIC_SIZE = len(_STREAM_MAGIC)
+
+PRIVATE_PREFIX = 'zodbkmi-blobs-'
+_swept = set()
+
+
+def sweep_plaintext_dirs(parent=None):
+    """Remove the private directories of plaintext blob copies that
+    processes of this user left in ``parent`` (default: the system's
+    temporary directory) when they were killed: those whose process no
+    longer runs.  Return the paths removed.  The first
+    ``EncryptingStorage`` of a process that makes its private directory in
+    ``parent`` calls it first."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        if not name.startswith(PRIVATE_PREFIX):
+            continue
+        pid = name[len(PRIVATE_PREFIX):].partition('-')[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (OSError, OverflowError):
+            continue     # alive under another user, or gone meanwhile
+    return removed
+
+
+class _PlaintextCopies:
+    """The plaintext copies of blob files made for one storage, or for one
+    connection, in a private directory (mode 0700) of their own.
+
+    The storage's directory is made in its ``plaintext_dir`` (named
+    ``PRIVATE_PREFIX`` + process id, so that :func:`sweep_plaintext_dirs`
+    finds it after a crash); a connection's directory is made inside the
+    storage's (``parent``).  A copy is named by oid and serial: loading a
+    blob twice in one scope decrypts it once.
+    """
+
+    def __init__(self, storage, parent=None):
+        self.storage = storage      # the EncryptingStorage that decrypts
+        self.parent = parent
+        self.path = None
+        self.names = {}             # the copies made (an ordered set)
+
+    def directory(self):
+        path = self.path
+        if path is None or not os.path.isdir(path):
+            if self.parent is not None:
+                path = tempfile.mkdtemp(prefix='connection-',
+                                        dir=self.parent.directory())
+            else:
+                where = self.storage._plaintext_dir
+                parent = where or tempfile.gettempdir()
+                if parent not in _swept:
+                    # once per directory and process
+                    _swept.add(parent)
+                    sweep_plaintext_dirs(parent)
+                path = tempfile.mkdtemp(
+                    prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()), dir=where)
+            self.path = path
+        return path
+
+    def _name(self, oid, serial):
+        return os.path.join(self.directory(),
+                            '%s-%s.blob' % (oid.hex(), serial.hex()))
+
+    def load(self, oid, serial):
+        """Return the name of the copy of the blob and whether it was made
+        by this call."""
+        name = self._name(oid, serial)
+        if os.path.exists(name):
+            return name, False
+        self.storage._open_blob_plain(oid, serial, None, name)
+        self.names[name] = None
+        return name, True
+
+    def open(self, oid, serial, blob=None):
+        """An open file on the plaintext of the blob: the copy when there
+        is one, else a new copy whose name is removed at once."""
+        name = self._name(oid, serial)
+        temporary = not os.path.exists(name)
+        if temporary:
+            name = self.storage._open_blob_plain(oid, serial,
+                                                 self.directory())
+        try:
+            if blob is None:
+                return open(name, 'rb')
+            return ZODB.blob.BlobFile(name, 'r', blob)
+        finally:
+            if temporary:
+                _remove(name)
+
+    def remove(self, names=None):
+        """Remove the copies ``names`` (default: all)."""
+        for name in list(self.names) if names is None else names:
+            self.names.pop(name, None)
+            _remove(name)
+
+    def close(self):
+        """Remove every copy and the directory."""
+        self.remove()
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+class BlobMethods:
+    """The blob methods of the wrapper (a mix-in of
+    :class:`~zodbkmi.storage.EncryptingStorage`)."""
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version,
+                  transaction):
+        return self.base.storeBlob(oid, oldserial,
+                                   self._sealed(data, oid, transaction),
+                                   self._seal_blob(blobfilename, oid), version,
+                                   transaction)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
+                    transaction):
+        return self.base.restoreBlob(oid, serial,
+                                     self._sealed(data, oid, transaction),
+                                     self._seal_blob(blobfilename, oid), prev_txn,
+                                     transaction)
+
+    # -- blobs -----------------------------------------------------------
+
+    def _seal_blob(self, filename, oid):
+        """Encrypt the blob file ``filename`` of ``oid`` (which the storage
+        owns from now on), bound to the oid: in place when it is a regular
+        file of one name that the facility can encrypt in place (its
+        plaintext pages are overwritten), else into a new file next to it
+        (the plaintext removed).  Return the name of the encrypted file."""
+        if self._write_plaintext or filename is None:
+            return filename
+        if self._seal_blob_in_place(filename, oid):
+            return filename
+        fd, sealed = tempfile.mkstemp(
+            suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
+        try:
+            with open(filename, 'rb') as src, os.fdopen(fd, 'wb') as dst:
+                self.facility.encrypt_file(self._key, src, dst, oid=oid)
+        except BaseException:
+            os.remove(sealed)
+            raise
+        ZODB.blob.remove_committed(filename)
+        return sealed
+
+    def _seal_blob_in_place(self, filename, oid):
+        if not IInPlaceFileEncryption.providedBy(self.facility):
+            return False
+        in_place = self.facility.encrypt_file_in_place
+        try:
+            fd = os.open(filename, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return False          # read-only, or a symbolic link
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return False      # another name may expect the plaintext
+            try:
+                in_place(self._key, fd, oid=oid)
+            except BaseException:
+                _remove(filename)     # half encrypted: useless
+                raise
+            return True
+        finally:
+            os.close(fd)
+
+    def _open_blob_plain(self, oid, serial, directory, name=None):
+        """Decrypt the blob of ``oid``/``serial`` into a new file (``name``
+        or a new name in ``directory``); return its name.  Nothing is left
+        behind when decryption fails."""
+        source = self.base.loadBlob(oid, serial)
+        if name is None:
+            fd, name = tempfile.mkstemp(prefix=oid.hex() + '-' + serial.hex(),
+                                        suffix='.blob', dir=directory)
+            os.fchmod(fd, stat.S_IRUSR)
+        else:
+            # read-only for later opens; this descriptor may write
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         stat.S_IRUSR)
+        try:
+            # unbuffered: the stream format reads and writes in batches
+            with open(source, 'rb', buffering=0) as src, \
+                    open(fd, 'wb', buffering=0) as dst:
+                if src.read(_STREAM_MAGIC_SIZE) == _STREAM_MAGIC:
+                    src.seek(0)
+                    try:
+                        self.facility.decrypt_file(self._decrypt_keys, src,
+                                                   dst, oid=oid)
+                    except (DecryptionError, UnknownKeyError) as e:
+                        raise _annotate(e, oid)
+                elif self._read_plaintext:
+                    if self.migrate_since is not None:
+                        self._check_plaintext_blob(oid, serial)
+                    src.seek(0)
+                    shutil.copyfileobj(src, dst)
+                else:
+                    raise NotEncryptedError(
+                        'oid %s: the blob file is not encrypted (strict '
+                        'mode)' % _oid_text(oid))
+        except BaseException:
+            os.remove(name)
+            raise
+        return name
+
+    def loadBlob(self, oid, serial):
+        """The name of a plaintext copy of the blob, in a private
+        temporary directory (mode 0700).
+
+        A connection's storage (see :meth:`new_instance`) removes its
+        copies when the connection's transaction ends.  Called on the
+        storage itself, the copy is removed at the end of the current
+        transaction of the thread's default transaction manager, and when
+        the storage is closed.
+        """
+        name, made = self._copies.load(oid, serial)
+        if not made:
+            return name
+        try:
+            txn = transaction.get()
+        except Exception:
+            return name     # an explicit manager between transactions
+        try:
+            names = txn.data(self)
+        except KeyError:
+            # one pair of hooks per transaction, however many blobs
+            names = []
+            txn.set_data(self, names)
+            txn.addAfterCommitHook(lambda ok: self._remove_copies(names))
+            txn.addAfterAbortHook(lambda: self._remove_copies(names))
+        names.append(name)
+        return name
+
+    def _remove_copies(self, names):
+        self._copies.remove(names)
+        del names[:]
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        """An open file on the plaintext of the blob; its name is removed
+        at once, so no plaintext file stays behind when it is closed."""
+        return self._copies.open(oid, serial, blob)
+
