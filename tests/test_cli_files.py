@@ -183,9 +183,13 @@ class EncryptFileTests(_Base):
         # the first chunks, then nothing more: the process waits for input
         proc.stdin.write(sealed[:39 + 2 * 65552 + 100])
         proc.stdin.flush()
-        for _ in range(200):      # until its temporary output exists
-            if [n for n in os.listdir('.') if n.endswith('.part')]:
-                break
+        deadline = time.monotonic() + 120
+        while not [n for n in os.listdir('.') if n.endswith('.part')]:
+            # until its temporary output exists (a loaded machine may
+            # take long to start it): a signal sent before the process
+            # reads its input tests nothing
+            self.assertLess(time.monotonic(), deadline, 'no output')
+            self.assertIsNone(proc.poll())
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         # wait with standard input still open: closing it first (as
