@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 import uuid
 import zlib
@@ -168,11 +169,50 @@ class _Stack(unittest.TestCase):
                 oids.append(self.assertSealedBlob(data, where=path))
         return oids
 
+    def write_uncommitted(self, db, extra_dirs=()):
+        """While a transaction writes a blob (and after a savepoint), no
+        file of the stack (under the test's directory, outside the
+        wrapper's ``plaintext-dir``, and ``extra_dirs``) holds its
+        plaintext."""
+        with db.transaction() as conn:
+            conn.root()['blob'] = ZODB.blob.Blob(b'committed')
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        try:
+            with conn.root()['blob'].open('w') as f:
+                f.write(CANARY + b' being written')
+                f.flush()
+                leaked = [path for path, data in files_under(
+                    self.tmp, *extra_dirs,
+                    skip=[self.path('plain')]).items() if CANARY in data]
+            tm.savepoint()
+            leaked += [path for path, data in files_under(
+                self.tmp, *extra_dirs,
+                skip=[self.path('plain')]).items() if CANARY in data]
+            self.assertEqual(leaked, [])
+        finally:
+            tm.abort()
+            conn.close()
+
     def assertEveryRevision(self, oids):
         """``oids`` (one per blob file found) names every blob revision."""
         self.assertEqual(sorted(oids), sorted(
             oid for oid, revisions in self.blobs.items()
             for _ in revisions))
+
+
+BLOBS_HELPER = (
+    'defect 2 of issue #17, helper "blobs": uncommitted blob files are '
+    'written in plaintext to the base storage\'s temporaryDirectory() (the '
+    'S3 staging directory, ZEO\'s blob_dir/tmp: the server\'s when '
+    'shared, RelStorage\'s blob cache/tmp), savepoint copies (.spb) too')
+
+
+def _with_plaintext_dir(config, here):
+    os.makedirs(os.path.join(here, 'plain'), exist_ok=True)
+    return config.replace('<encryptingstorage>\n',
+                          '<encryptingstorage>\n    plaintext-dir %s\n'
+                          % os.path.join(here, 'plain'), 1)
 
 
 # -- zodb-s3blobs -----------------------------------------------------------
@@ -271,7 +311,6 @@ class S3BlobsTests(_Stack):
     def test_pack_removes_unreferenced_blob_objects(self):
         # zodb-s3blobs' pack reads references through the wrapper's
         # garbage collection, then deletes the objects of removed revisions
-        import time
         db = self.open_config(self.config())
         self.commit_blobs(db)
         with db.transaction() as conn:
@@ -287,6 +326,12 @@ class S3BlobsTests(_Stack):
         with reader.transaction() as conn:
             with conn.root()['small'].open() as f:
                 self.assertEqual(f.read(), UPDATED)
+
+    @unittest.skip(BLOBS_HELPER)
+    def test_uncommitted_blob(self):
+        db = self.open_config(_with_plaintext_dir(self.config(), self.tmp))
+        self.write_uncommitted(
+            db, extra_dirs=[db.storage.base.temporaryDirectory()])
 
 
 # -- zc.zlibstorage ---------------------------------------------------------
@@ -434,3 +479,289 @@ class ZlibTests(_Stack):
         # the same length whatever they hold
         right, wrong = self._record_sizes(ZLIB_INSIDE, 'Plain.fs')
         self.assertEqual(right, wrong)
+
+
+# -- RelStorage on PostgreSQL, blobs in the database -----------------------
+
+RELSTORAGE_CONFIG = '''
+%%import zodbkmi
+%%import relstorage
+<zodb>
+  <encryptingstorage>
+    %(keys)s
+    <relstorage>
+      keep-history %(history)s
+      blob-dir %(cache)s
+      shared-blob-dir false
+      <postgresql>
+        driver psycopg2
+        dsn %(dsn)s
+      </postgresql>
+    </relstorage>
+  </encryptingstorage>
+</zodb>
+'''
+
+
+class RelStorageBlobTests(_Stack):
+    """Blobs in PostgreSQL (``shared-blob-dir false``): the large objects
+    of ``blob_chunk`` and the local blob cache hold ciphertext."""
+
+    layer = PostgresLayer
+
+    def setUp(self):
+        needs_postgres(self)
+        super().setUp()
+        self.dbname = 'stack_' + uuid.uuid4().hex[:12]
+        self.dsn = PostgresLayer.server.createdb(self.dbname)
+
+    def config(self, cache, history=False):
+        return RELSTORAGE_CONFIG % dict(
+            keys=self.keys_section(), cache=self.path(cache), dsn=self.dsn,
+            history='true' if history else 'false')
+
+    def blob_chunks(self):
+        """``{(oid, tid): bytes}`` of every blob in the database, its
+        chunks (large objects) read with psycopg2 and put together."""
+        import psycopg2
+        conn = psycopg2.connect(self.dsn)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute('SELECT zoid, tid, chunk_num, lo_get(chunk) '
+                               'FROM blob_chunk ORDER BY zoid, tid, '
+                               'chunk_num')
+                blobs = {}
+                for zoid, tid, _, chunk in cursor.fetchall():
+                    key = (p64(zoid), p64(tid))
+                    blobs[key] = blobs.get(key, b'') + bytes(chunk)
+                cursor.execute('SELECT state FROM object_state')
+                states = [bytes(row[0]) for row in cursor.fetchall()
+                          if row[0] is not None]
+            return blobs, states
+        finally:
+            conn.close()
+
+    def check_database(self, revisions):
+        blobs, states = self.blob_chunks()
+        self.assertEqual(len(blobs), revisions)
+        oids = [self.assertSealedBlob(data, oid, where=repr((oid, tid)))
+                for (oid, tid), data in blobs.items()]
+        for state in states:
+            self.assertTrue(envelope.is_envelope(state))
+            self.assertNotIn(CANARY, state)
+        return oids
+
+    def test_history_free(self):
+        db = self.open_config(self.config('cache-1'))
+        self.assertIsInstance(db.storage, EncryptingStorage)
+        self.commit_blobs(db)
+        self.close(db)
+        reader = self.open_config(self.config('cache-2'))
+        self.check_read_back(reader)
+        self.close(reader)
+        # history free: the current revision of each blob
+        self.assertEqual(len(self.check_database(2)), 2)
+        for cache in ('cache-1', 'cache-2'):
+            self.assertTrue(self.assertOnlyCiphertext(
+                files_under(self.path(cache))), cache)
+
+    def test_history_preserving(self):
+        db = self.open_config(self.config('cache-1', history=True))
+        self.commit_blobs(db)
+        self.close(db)
+        reader = self.open_config(self.config('cache-2', history=True))
+        self.check_read_back(reader)
+        self.close(reader)
+        self.assertEveryRevision(self.check_database(3))
+        for cache in ('cache-1', 'cache-2'):
+            self.assertTrue(self.assertOnlyCiphertext(
+                files_under(self.path(cache))), cache)
+
+    @unittest.skip(BLOBS_HELPER)
+    def test_uncommitted_blob(self):
+        self.write_uncommitted(self.open_config(_with_plaintext_dir(
+            self.config('cache'), self.tmp)))
+
+
+# -- ZEO ----------------------------------------------------------------------
+
+ZEO_CONFIG = '''
+%%import zodbkmi
+<zodb>
+  <encryptingstorage>
+    %(keys)s
+    <zeoclient>
+      server 127.0.0.1:%(port)d
+      blob-dir %(blob_dir)s
+      shared-blob-dir %(shared)s
+    </zeoclient>
+  </encryptingstorage>
+</zodb>
+'''
+
+
+class ZEOBlobTests(_Stack):
+    """A ZEO server without keys; its blob directory shared with the
+    clients or not (then each client has a blob cache of its own)."""
+
+    def setUp(self):
+        import ZEO
+        super().setUp()
+        self.server_blobs = self.path('server-blobs')
+        self.addr, self.stop = ZEO.server(
+            path=self.path('server.fs'), blob_dir=self.server_blobs,
+            threaded=False)
+
+    def tearDown(self):
+        try:
+            super().tearDown()
+        finally:
+            self.stop()
+
+    def config(self, blob_dir, shared):
+        return ZEO_CONFIG % dict(
+            keys=self.keys_section(), port=self.addr[1],
+            blob_dir=blob_dir, shared='true' if shared else 'false')
+
+    def check(self, shared):
+        blob_dir = (lambda n: self.server_blobs) if shared else self.path
+        writer = self.open_config(self.config(blob_dir('cache-1'), shared))
+        self.assertIsInstance(writer.storage, EncryptingStorage)
+        self.commit_blobs(writer)
+        reader = self.open_config(self.config(blob_dir('cache-2'), shared))
+        self.check_read_back(reader)
+        self.close(reader)
+        self.close(writer)
+        # the server's blob directory holds every revision
+        oids = self.assertOnlyCiphertext(files_under(self.server_blobs))
+        self.assertEveryRevision(oids)
+        self.assertOnlyCiphertext(files_under(self.path('server.fs')))
+        if not shared:
+            for cache in ('cache-1', 'cache-2'):
+                self.assertTrue(self.assertOnlyCiphertext(
+                    files_under(self.path(cache))), cache)
+        # nothing anywhere (key files aside) holds the plaintext
+        for path, data in files_under(self.tmp, skip=[self.key_dir]).items():
+            self.assertNotIn(CANARY, data, path)
+
+    def test_shared_blob_dir(self):
+        self.check(shared=True)
+
+    def test_blob_cache(self):
+        self.check(shared=False)
+
+    @unittest.skip(BLOBS_HELPER)
+    def test_uncommitted_blob_shared(self):
+        self.write_uncommitted(self.open_config(_with_plaintext_dir(
+            self.config(self.server_blobs, True), self.tmp)))
+
+    @unittest.skip(BLOBS_HELPER)
+    def test_uncommitted_blob_cache(self):
+        self.write_uncommitted(self.open_config(_with_plaintext_dir(
+            self.config(self.path('cache'), False), self.tmp)))
+
+
+
+# -- backups -----------------------------------------------------------------
+
+class BackupTests(_Stack):
+    """repozo backs up an encrypted FileStorage as it is: the backup, and
+    a copy of the blob directory, hold ciphertext, and restore to a
+    database that the same keys open."""
+
+    def repozo(self, *args):
+        # repozo names its files by the second: a second backup within the
+        # same second would sort before the first one
+        while int(time.time()) <= getattr(self, '_last_backup', -1):
+            time.sleep(0.05)
+        subprocess.run([sys.executable, '-m', 'ZODB.scripts.repozo']
+                       + list(args), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        self._last_backup = int(time.time())
+
+    def open_db(self, path, blob_dir, key_dir=None):
+        from zodbkmi.keyholder import read_key_file
+        kek = read_key_file(self.key_file)
+        facility = KeyManagementFacility(key_dir or self.key_dir)
+        facility.ensure_key(kek)        # as <encryptingstorage> does
+        storage = EncryptingStorage(
+            ZODB.FileStorage.FileStorage(path, blob_dir=blob_dir),
+            facility, kek)
+        db = ZODB.DB(storage)
+        self.opened.append(db)
+        return db
+
+    def test_repozo_full_and_incremental_restore(self):
+        data_fs, blob_dir = self.path('Data.fs'), self.path('blobs')
+        backups = self.path('backups')
+        os.mkdir(backups)
+        db = self.open_db(data_fs, blob_dir)
+        with db.transaction() as conn:
+            conn.root()['record'] = PersistentMapping(text=RECORD)
+        self.repozo('-B', '-r', backups, '-f', data_fs)          # full
+        self.commit_blobs(db)
+        with db.transaction() as conn:
+            conn.root()['record']['more'] = RECORD + ' more'
+        self.repozo('-B', '-r', backups, '-f', data_fs)          # delta
+        self.repozo('-B', '-z', '-r', backups, '-f', data_fs)    # nothing
+        blob_backup = self.path('blobs-backup')
+        shutil.copytree(blob_dir, blob_backup)
+        key_backup = self.path('keys-backup')
+        shutil.copytree(self.key_dir, key_backup)
+        self.close(db)
+
+        names = sorted(os.listdir(backups))
+        self.assertTrue(any(n.endswith('.fs') for n in names), names)
+        self.assertTrue(any(n.endswith('.deltafs') for n in names), names)
+        self.assertOnlyCiphertext(files_under(backups))
+        self.assertEveryRevision(
+            self.assertOnlyCiphertext(files_under(blob_backup)))
+
+        restored = self.path('restored', 'Data.fs')
+        os.mkdir(self.path('restored'))
+        self.repozo('-R', '-r', backups, '-o', restored)
+        self.assertOnlyCiphertext(files_under(self.path('restored')))
+        # the restored Data.fs, the copy of the blob directory and the
+        # copy of the key vault, with the KEK
+        db = self.open_db(restored, blob_backup, key_backup)
+        self.check_read_back(db)
+        read = 0
+        with db.transaction() as conn:
+            self.assertEqual(conn.root()['record']['more'], RECORD + ' more')
+            for oid, revisions in self.blobs.items():
+                blob = conn.get(oid)
+                with blob.open() as f:
+                    self.assertEqual(f.read(), revisions[-1])
+                read += 1
+            # every object of the restored database opens
+            storage = db.storage
+            for txn in storage.iterator():
+                for record in txn:
+                    storage.loadSerial(record.oid, record.tid)
+                    read += 1
+        self.assertGreater(read, 5)
+        with db.transaction() as conn:      # and takes new transactions
+            conn.root()['after'] = 'restored'
+        self.close(db)
+
+    def test_backup_without_the_key_vault_is_useless(self):
+        data_fs, blob_dir = self.path('Data.fs'), self.path('blobs')
+        backups = self.path('backups')
+        os.mkdir(backups)
+        db = self.open_db(data_fs, blob_dir)
+        self.commit_blobs(db)
+        self.close(db)
+        self.repozo('-B', '-r', backups, '-f', data_fs)
+        restored = self.path('restored.fs')
+        self.repozo('-R', '-r', backups, '-o', restored)
+        empty = self.path('no-keys')
+        os.mkdir(empty, 0o700)
+        storage = EncryptingStorage(
+            ZODB.FileStorage.FileStorage(restored, blob_dir=blob_dir,
+                                         read_only=True),
+            KeyManagementFacility(empty), self.kek)
+        try:
+            with self.assertRaises(UnknownKeyError):
+                storage.load(ROOT)
+        finally:
+            storage.close()
