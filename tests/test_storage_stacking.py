@@ -276,11 +276,18 @@ class S3BlobsTests(_Stack):
         objects = self.s3.objects(self.bucket)
         self.assertEqual(len(objects), 3)            # one per revision
         oids = []
+        sizes = []
         for key, data in objects.items():
             # zodb-s3blobs' keys: blobs/<oid hex>/<tid hex>.blob
             oid = p64(int(key.split('/')[1], 16))
             oids.append(self.assertSealedBlob(data, oid, where=key))
+            sizes.append(len(data))
         self.assertEveryRevision(oids)
+        # what the object store sees of the sizes (docs/storage.rst): the
+        # blob's, plus 39 bytes, plus 16 per 64 KiB chunk (at least one)
+        self.assertEqual(sorted(sizes), sorted(
+            len(plain) + 39 + 16 * max(1, -(-len(plain) // 65536))
+            for revisions in self.blobs.values() for plain in revisions))
 
         # the local caches of both databases, and Data.fs
         for cache in ('s3-cache', 's3-cache-2'):
@@ -445,9 +452,12 @@ class ZlibTests(_Stack):
         for data in raw.values():
             self.assertTrue(envelope.is_envelope(data))
             self.assertNotIn(CANARY, data)
-        state = self.opened_records()[oid]
+        opened = self.opened_records()
+        state = opened[oid]
         self.assertIn(CANARY, state)          # a pickle, not compressed
         self.assertGreater(len(raw[oid]), len(state))
+        # the length of the ciphertext: the pickle's plus a constant
+        self.assertEqual(len({len(raw[o]) - len(opened[o]) for o in raw}), 1)
         db = self.open_config(self.config(ZLIB_INSIDE))
         with db.transaction() as conn:
             self.assertEqual(conn.root()['text']['text'], COMPRESSIBLE)
@@ -763,5 +773,33 @@ class BackupTests(_Stack):
         try:
             with self.assertRaises(UnknownKeyError):
                 storage.load(ROOT)
+        finally:
+            storage.close()
+
+    def test_vault_backup_older_than_a_rotation(self):
+        # a data key made after the vault's backup (a DEK rotation) is not
+        # in it: what was written with it does not open (docs/storage.rst:
+        # back up the vault after every change of keys)
+        data_fs, blob_dir = self.path('Data.fs'), self.path('blobs')
+        db = self.open_db(data_fs, blob_dir)
+        with db.transaction() as conn:
+            conn.root()['old'] = PersistentMapping(text=RECORD)
+        self.close(db)
+        key_backup = self.path('keys-backup')
+        shutil.copytree(self.key_dir, key_backup)
+        self.facility().rotate(self.kek)
+        db = self.open_db(data_fs, blob_dir)
+        with db.transaction() as conn:
+            conn.root()['new'] = PersistentMapping(text=RECORD)
+        with db.transaction() as conn:
+            old, new = conn.root()['old']._p_oid, conn.root()['new']._p_oid
+        self.close(db)
+        storage = EncryptingStorage(
+            ZODB.FileStorage.FileStorage(data_fs, read_only=True),
+            KeyManagementFacility(key_backup), self.kek)
+        try:
+            self.assertIn(RECORD.encode(), storage.load(old)[0])
+            with self.assertRaises(UnknownKeyError):
+                storage.load(new)
         finally:
             storage.close()
