@@ -194,6 +194,32 @@ class _Stack(unittest.TestCase):
             tm.abort()
             conn.close()
 
+    def check_conflict_resolution(self, db):
+        """Two connections change one PCounter at once: the second commit
+        is resolved (through the wrapper, with the keys), not refused."""
+        from ZODB.tests.ConflictResolution import PCounter
+        tm1 = transaction.TransactionManager()
+        tm2 = transaction.TransactionManager()
+        c1 = db.open(transaction_manager=tm1)
+        c2 = db.open(transaction_manager=tm2)
+        try:
+            c1.root()['counter'] = PCounter()
+            c1.root()['counter'].inc()
+            tm1.commit()
+            tm2.begin()
+            c2.root()['counter']._p_activate()
+            c1.root()['counter'].inc()
+            c2.root()['counter'].inc()
+            tm1.commit()
+            tm2.commit()
+            tm1.begin()
+            self.assertEqual(c1.root()['counter']._value, 3)
+        finally:
+            tm1.abort()
+            tm2.abort()
+            c1.close()
+            c2.close()
+
     def assertEveryRevision(self, oids):
         """``oids`` (one per blob file found) names every blob revision."""
         self.assertEqual(sorted(oids), sorted(
@@ -334,6 +360,9 @@ class S3BlobsTests(_Stack):
             with conn.root()['small'].open() as f:
                 self.assertEqual(f.read(), UPDATED)
 
+    def test_conflict_resolution(self):
+        self.check_conflict_resolution(self.open_config(self.config()))
+
     @unittest.skip(BLOBS_HELPER)
     def test_uncommitted_blob(self):
         db = self.open_config(_with_plaintext_dir(self.config(), self.tmp))
@@ -461,6 +490,14 @@ class ZlibTests(_Stack):
         db = self.open_config(self.config(ZLIB_INSIDE))
         with db.transaction() as conn:
             self.assertEqual(conn.root()['text']['text'], COMPRESSIBLE)
+
+    def test_conflict_resolution_zlib_outside(self):
+        self.check_conflict_resolution(
+            self.open_config(self.config(ZLIB_OUTSIDE)))
+
+    def test_conflict_resolution_zlib_inside(self):
+        self.check_conflict_resolution(
+            self.open_config(self.config(ZLIB_INSIDE)))
 
     def _record_sizes(self, template, name):
         """The stored sizes of two records of the same length: one whose
