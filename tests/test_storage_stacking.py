@@ -10,6 +10,7 @@ backups): only ciphertext in zodbkmi's formats, which the keys open to the
 plaintext that was committed, bound to its oid; and everything reads back
 through a new database.
 """
+import gzip
 import io
 import os
 import shutil
@@ -747,10 +748,10 @@ class BackupTests(_Stack):
             conn.root()['record'] = PersistentMapping(text=RECORD)
         self.repozo('-B', '-r', backups, '-f', data_fs)          # full
         self.commit_blobs(db)
+        self.repozo('-B', '-z', '-r', backups, '-f', data_fs)    # gzipped
         with db.transaction() as conn:
             conn.root()['record']['more'] = RECORD + ' more'
         self.repozo('-B', '-r', backups, '-f', data_fs)          # delta
-        self.repozo('-B', '-z', '-r', backups, '-f', data_fs)    # nothing
         blob_backup = self.path('blobs-backup')
         shutil.copytree(blob_dir, blob_backup)
         key_backup = self.path('keys-backup')
@@ -758,9 +759,12 @@ class BackupTests(_Stack):
         self.close(db)
 
         names = sorted(os.listdir(backups))
-        self.assertTrue(any(n.endswith('.fs') for n in names), names)
-        self.assertTrue(any(n.endswith('.deltafs') for n in names), names)
-        self.assertOnlyCiphertext(files_under(backups))
+        for suffix in '.fs', '.deltafsz', '.deltafs':
+            self.assertTrue(any(n.endswith(suffix) for n in names), names)
+        backup_files = {
+            path: gzip.decompress(data) if path.endswith('z') else data
+            for path, data in files_under(backups).items()}
+        self.assertOnlyCiphertext(backup_files)
         self.assertEveryRevision(
             self.assertOnlyCiphertext(files_under(blob_backup)))
 
