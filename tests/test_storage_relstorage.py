@@ -13,6 +13,7 @@ from persistent.mapping import PersistentMapping
 
 from tests.postgres import PostgresLayer
 from tests.postgres import needs_postgres
+from tests.s3server import S3Layer
 from tests.storage_support import facility
 from zodbkmi.storage import EncryptingStorage
 from zodbkmi.testing import KeyEncryptingKey
@@ -192,11 +193,30 @@ class RelStorageTests(unittest.TestCase):
             conn.close()
 
 
+class StorageDocLayer(PostgresLayer, S3Layer):
+    """docs/storage.rst needs PostgreSQL and an S3 server (the section
+    "Stacked with other storages"); the base layers start them."""
+
+    __name__ = 'StorageDocLayer'
+    __module__ = __name__
+
+    @classmethod
+    def setUp(cls):
+        pass
+
+    @classmethod
+    def tearDown(cls):
+        pass
+
+
 def _doc_setUp(test):
     from tests import test_docs
+    from tests.s3server import needs_s3
     needs_postgres(test)
+    needs_s3(test)
     test_docs.setUp(test)
     test.globs['postgres'] = PostgresLayer.server
+    test.globs['s3'] = S3Layer.server
 
 
 def test_suite():
@@ -207,6 +227,6 @@ def test_suite():
     docs = test_docs.doc_suite(
         os.path.join(os.path.dirname(__file__), '..', 'docs', 'storage.rst'),
         setUp=_doc_setUp)
-    docs.layer = PostgresLayer
+    docs.layer = StorageDocLayer
     suite.addTest(docs)
     return suite
