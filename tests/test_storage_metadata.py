@@ -185,6 +185,29 @@ class FileStorageMetadataTests(_Checks, unittest.TestCase):
         db.close()
         self.assertNotIn(b'undo of the second', self._raw())
 
+    def test_filter_applied_in_pages_matches_the_base_filter(self):
+        # where the base storage does not apply filters (ZEO), the wrapper
+        # reads its undo log in pages: the same entries, in the same order
+        db = self._db()
+        for i in range(150):
+            commit_with_metadata(db, i, user='user-%d' % (i % 3))
+        storage = db.storage
+        metadata = storage._metadata
+
+        def by_user_1(entry):
+            return entry['user_name'] == b'/ user-1'
+
+        for first, last in ((0, -20), (0, 20), (5, 45), (0, -200),
+                            (30, -7), (60, 40), (0, 1)):
+            with self.subTest(first=first, last=last):
+                paged = metadata._search(storage.base.undoLog, first, last,
+                                         by_user_1)
+                expected = storage.undoLog(first, last, by_user_1)
+                self.assertEqual([d['id'] for d in paged],
+                                 [d['id'] for d in expected])
+                self.assertTrue(all(by_user_1(d) for d in paged))
+        self.assertEqual(len(storage.undoLog(0, -200, by_user_1)), 50)
+
     def test_transaction_object_gets_its_metadata_back(self):
         storage = self._storage()
         self.addCleanup(storage.close)
@@ -512,6 +535,7 @@ class ZEOMetadataTests(_Checks, unittest.TestCase):
         with open(os.path.join(self.tmp, 'server', 'Data.fs'), 'rb') as f:
             raw = f.read()
         self.assertNoMarkers(raw)
+        self.assertNotIn(b'undo of the second', raw)
         self.assertIn(KEY.encode(), raw)
 
     def test_server_without_keys(self):

@@ -222,11 +222,32 @@ class MetadataSealing:
 
     def undoLog(self, base_undo_log, first=0, last=-20, filter=None):
         """``undoLog`` of the base storage, opened; ``filter`` sees the
-        opened entries (it is applied here, not by the base storage, which
-        would see the envelopes; this also makes filters work over ZEO,
-        whose client cannot send them to its server)."""
+        opened entries.
+
+        The base storage applies the filter, each entry opened before the
+        filter sees it.  A base storage that never calls it (ZEO's client
+        cannot send a filter to its server, and answers an empty list)
+        is read in pages by :meth:`_search`, which applies the filter
+        here."""
         if filter is None:
             return self.open_entries(base_undo_log(first, last))
+        called = []
+
+        def opened_filter(entry):
+            if not called:
+                called.append(True)
+            return filter(self.open_entry(entry))
+
+        found = base_undo_log(first, last, opened_filter)
+        if found or called:
+            return self.open_entries(found)   # opened already, as a rule
+        return self._search(base_undo_log, first, last, filter)
+
+    def _search(self, base_undo_log, first, last, filter):
+        """The entries ``first`` to ``last`` of the undo log that
+        ``filter`` accepts, read from the base storage's unfiltered undo
+        log in pages (each page costs the base storage a search from the
+        newest transaction: used where it does not apply filters)."""
         if last < 0:
             last = first - last
         wanted = last - first
