@@ -45,6 +45,20 @@ def commit_with_metadata(db, value='v', user=USER, note=NOTE):
     return db.lastTransaction()
 
 
+def in_temporary_directory(test, prefix):
+    """Make a temporary directory the current one for ``test``; return
+    it.  Cleanups, not tearDown, go back and remove it: they run after the
+    cleanups registered later (the databases a test closes), so nothing is
+    written outside the directory."""
+    here = os.getcwd()
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, tmp, True)
+    test.addCleanup(os.chdir, here)
+    test.addCleanup(transaction.abort)
+    os.chdir(tmp)
+    return tmp
+
+
 def closing(test, db):
     """``db``, closed at the end of ``test`` unless closed before."""
     test.addCleanup(lambda: hasattr(db, '_mvcc_storage') and db.close())
@@ -117,15 +131,8 @@ class _Checks:
 class FileStorageMetadataTests(_Checks, unittest.TestCase):
 
     def setUp(self):
-        self.here = os.getcwd()
-        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-metadata-')
-        os.chdir(self.tmp)
+        self.tmp = in_temporary_directory(self, 'zodbkmi-metadata-')
         self.facility = facility(os.path.join(self.tmp, 'keys'))
-
-    def tearDown(self):
-        transaction.abort()
-        os.chdir(self.here)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _storage(self, path='Data.fs', facility=None, **kw):
         from zodbkmi.storage import EncryptingStorage
@@ -488,15 +495,8 @@ class ZEOMetadataTests(_Checks, unittest.TestCase):
     """The client seals and opens; the server stores what it is given."""
 
     def setUp(self):
-        self.here = os.getcwd()
-        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-metadata-zeo-')
-        os.chdir(self.tmp)
+        self.tmp = in_temporary_directory(self, 'zodbkmi-metadata-zeo-')
         self.facility = facility(os.path.join(self.tmp, 'keys'))
-
-    def tearDown(self):
-        transaction.abort()
-        os.chdir(self.here)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _server(self, keys):
         import ZEO
@@ -556,14 +556,10 @@ class RelStorageMetadataTests(_Checks, unittest.TestCase):
         from tests.postgres import PostgresLayer
         from tests.postgres import needs_postgres
         needs_postgres(self)
-        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-metadata-rs-')
+        self.tmp = in_temporary_directory(self, 'zodbkmi-metadata-rs-')
         self.dbname = 'md_' + uuid.uuid4().hex[:12]
         self.dsn = PostgresLayer.server.createdb(self.dbname)
         self.facility = facility(os.path.join(self.tmp, 'keys'))
-
-    def tearDown(self):
-        transaction.abort()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _db(self, keep_history):
         from relstorage.adapters.postgresql import PostgreSQLAdapter
