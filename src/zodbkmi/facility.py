@@ -104,9 +104,10 @@ class EncryptionService:
         self._owners = {}
         # key -> {envelope prefix -> (AEAD, entry checked against key,
         # nonce start, header size)}, one table per context (data, storage
-        # record, object state, transaction metadata): a hit both validates the header and finds
-        # the AES-GCM context (the DEK's, or a version 2 subkey's: the
-        # prefix holds the salt) in one lookup.
+        # record, object state, transaction metadata): a hit both
+        # validates the header and finds the AES-GCM context (the DEK's,
+        # or a version 2 subkey's: the prefix holds the salt) in one
+        # lookup.
         self._opened = ({}, {}, {}, {})
         self._load_lock = threading.Lock()
         self._cache.on_evict(self._drop_entry)
@@ -471,8 +472,8 @@ class EncryptionService:
     def key_id_of(self, data, oid=None):
         """Return the DEK id (hex) named by the envelope ``data``: a data,
         object state or transaction metadata envelope, or a storage record
-        when ``oid`` is given.  The header is validated (its errors are those of
-        :meth:`decrypt`); nothing is decrypted."""
+        when ``oid`` is given.  The header is validated (its errors are
+        those of :meth:`decrypt`); nothing is decrypted."""
         if oid is not None:
             return _read_dek_id(data, _CONTEXT_RECORD).hex()
         try:

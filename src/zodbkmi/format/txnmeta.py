@@ -7,7 +7,8 @@ the only item of the transaction's extension under :data:`EXTENSION_KEY`.
 The plaintext of that envelope is this encoding (specified in
 ``docs/format.rst``, "Transaction metadata, version 1")::
 
-    {"description":"<base64>","extension":"<base64>","user":"<base64>","version":1}
+    {"description":"<base64>","extension":"<base64>",
+     "user":"<base64>","version":1}                   (on one line)
 
 JSON (RFC 8259) in UTF-8, written with the keys sorted and no
 whitespace; each value but ``version`` is the standard ``base64`` (with

@@ -34,8 +34,8 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.UndoLogCompatible import UndoLogCompatible
 from ZODB.utils import tid_repr
 
+from zodbkmi.exceptions import UnsupportedFormatError
 from zodbkmi.exceptions import ZodbKmiError
-from zodbkmi.format import envelope
 from zodbkmi.format import txnmeta
 from zodbkmi.interfaces import IMetadataEncryption
 
@@ -170,7 +170,9 @@ class MetadataSealing:
         ``sealed``; raises the facility's errors (and
         ``UnsupportedFormatError`` for what is not an envelope)."""
         if not isinstance(sealed, (bytes, bytearray, memoryview)):
-            envelope.read_dek_id(b'', envelope.CONTEXT_METADATA)   # raises
+            raise UnsupportedFormatError(
+                'the transaction metadata is a %s, not an envelope'
+                % type(sealed).__name__)
         return txnmeta.decode(self._decrypt(self._keys, bytes(sealed)))
 
     def open_entry(self, entry):
