@@ -95,14 +95,19 @@ def make_app(uri):
 
 
 class _FailedResolutions(logging.Handler):
-    """Counts what ZODB logs when a conflict resolution fails."""
+    """What ZODB logs when a conflict resolution fails: an error when the
+    resolution itself broke (it could not read the records), a debug
+    message naming the ConflictError when the changes really conflict
+    (two writers splitting one BTree bucket: plain ZODB too)."""
 
     def __init__(self):
         logging.Handler.__init__(self, logging.DEBUG)
         self.records = []
 
     def emit(self, record):
-        self.records.append(record.getMessage())
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING or 'ConflictError' not in message:
+            self.records.append(message)
 
 
 @unittest.skipIf(pyramid is None, 'needs pyramid, pyramid_zodbconn, webtest')
