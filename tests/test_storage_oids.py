@@ -67,6 +67,29 @@ class OidRecoveryTests(unittest.TestCase):
         t.join()
         self.assertEqual(seen, [None])
 
+    def test_resolved_state_comes_back_with_its_oid(self):
+        # a ZEO server whose clients resolve conflicts hands a resolved
+        # state back when it conflicts again; meanwhile the thread
+        # resolved a conflict on another object
+        a, b = self.seal(OID_A), self.seal(OID_B)
+        self.oids.remember(a, OID_A, 'txn')
+        self.oids.remember(b, OID_B, 'txn')
+        self.assertEqual(self.oids.oid_for(a), OID_A)
+        resolved_a = self.seal(OID_A, b'resolved')
+        self.oids.remember_resolved(resolved_a, OID_A)
+        self.assertEqual(self.oids.oid_for(b), OID_B)
+        self.oids.remember_resolved(self.seal(OID_B, b'resolved'), OID_B)
+        self.assertEqual(self.oids.oid_for(resolved_a), OID_A)
+        self.oids.forget('txn')
+        with self.assertRaises(DecryptionError):
+            self.oids.oid_for(resolved_a)
+
+    def test_resolved_state_outside_a_transaction_is_not_kept(self):
+        resolved = self.seal(OID_A, b'resolved')
+        self.oids.resolving(OID_A)
+        self.oids.remember_resolved(resolved, OID_A)
+        self.assertEqual(self.oids._pending, {})
+
     def test_pack_index(self):
         a, b = self.seal(OID_A), self.seal(OID_B)
         read = []

@@ -24,7 +24,10 @@ class OidRecovery:
 
     1. among the records sealed in the running transactions (the new
        state of a conflict), by their unique part (salt and nonce, see
-       ``envelope.unique_part``): :meth:`remember` until :meth:`forget`;
+       ``envelope.unique_part``): :meth:`remember` until :meth:`forget`,
+       and the resolved states sealed for them
+       (:meth:`remember_resolved`: a ZEO server whose clients resolve
+       conflicts hands a resolved state back when it conflicts again);
     2. during a pack (:meth:`packing`), in an index of the unique part of
        every stored record to its oid, built on first use from the
        ``records`` the pack was started with (a record stored under two
@@ -37,7 +40,7 @@ class OidRecovery:
     """
 
     def __init__(self):
-        self._pending = {}          # unique part -> oid
+        self._pending = {}          # unique part -> (oid, transaction)
         self._txn_parts = {}        # transaction -> its unique parts
         self._pack_records = None   # a callable: (oid, data) of the pack
         self._pack_index = None
@@ -49,7 +52,21 @@ class OidRecovery:
         """Remember that the envelope ``sealed`` is a record of ``oid``
         stored in ``transaction``."""
         part = unique_part(sealed)
-        self._pending[part] = oid
+        self._pending[part] = (oid, transaction)
+        self._txn_parts.setdefault(transaction, []).append(part)
+
+    def remember_resolved(self, sealed, oid):
+        """Remember that the envelope ``sealed`` is the resolved state of
+        the conflict on ``oid`` resolved in this thread (sealed by
+        ``transform_record_data``, which gets no oid), as a record of the
+        transaction whose new state was found last in this thread; nothing
+        is remembered when there is none (then nothing would forget it).
+        """
+        transaction = getattr(self._local, 'transaction', None)
+        if transaction is None:
+            return
+        part = unique_part(sealed)
+        self._pending[part] = (oid, transaction)
         self._txn_parts.setdefault(transaction, []).append(part)
 
     def forget(self, transaction):
@@ -57,6 +74,7 @@ class OidRecovery:
         for part in self._txn_parts.pop(transaction, ()):
             self._pending.pop(part, None)
         self._local.oid = None
+        self._local.transaction = None
         self._local.candidates = ()
 
     def resolving(self, oid):
@@ -108,10 +126,10 @@ class OidRecovery:
         sealed = is_sealed(data)
         if sealed:
             part = unique_part(data)
-            oid = self._pending.get(part)
-            if oid is not None:
-                self._local.oid = oid
-                return oid
+            pending = self._pending.get(part)
+            if pending is not None:
+                self._local.oid, self._local.transaction = pending
+                return pending[0]
             if self._pack_records is not None:
                 index = self._index()
                 if part in index:
@@ -136,7 +154,7 @@ class OidRecovery:
         candidates = self.candidates
         first = self._pending.get(unique_part(data))
         if first is not None:
-            candidates = (first,) + candidates
+            candidates = (first[0],) + candidates
         error = None
         for oid in candidates:
             try:

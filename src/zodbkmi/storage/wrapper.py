@@ -60,6 +60,7 @@ from zodbkmi.storage.metadata import MetadataSealing
 from zodbkmi.storage.oids import OidRecovery
 from zodbkmi.storage.oids import stored_records
 from zodbkmi.storage.oids import undone_oids
+from zodbkmi.storage.registration import register_with_base
 
 _logger = logging.getLogger('zodbkmi.storage')
 
@@ -197,7 +198,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         if self._own_mvcc and not self._base_mvcc:
             provided.append(ZODB.interfaces.IMVCCStorage)
         zope.interface.directlyProvides(self, *provided)
-        base.registerDB(self)
+        self.register_with_base()
 
     def __repr__(self):
         return '<%s (%s) around %r>' % (type(self).__name__, self.mode,
@@ -402,6 +403,13 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
 
     # -- IStorageWrapper -------------------------------------------------
 
+    def register_with_base(self):
+        """Register as the database of the base storage, and of the
+        storage inside ZODB's ``BlobStorage`` proxy, so that conflict
+        resolution reads records through this wrapper (see
+        :mod:`zodbkmi.storage.registration`)."""
+        register_with_base(self, self.base)
+
     def registerDB(self, db):
         self.db = db
         self._db_transform = db.transform_record_data
@@ -412,11 +420,19 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
 
     _db_untransform = _db_transform
 
+    # A ZEO client calls these from its own thread as soon as it is
+    # registered with (in __init__), which may be before a database is
+    # registered with this wrapper: then there is no cache to invalidate.
+
     def invalidateCache(self):
-        return self.db.invalidateCache()
+        db = self.db
+        if db is not None:
+            return db.invalidateCache()
 
     def invalidate(self, transaction_id, oids, version=''):
-        return self.db.invalidate(transaction_id, oids)
+        db = self.db
+        if db is not None:
+            return db.invalidate(transaction_id, oids)
 
     def references(self, record, oids=None):
         """The references of ``record``.  In migrate mode the references of
@@ -434,14 +450,19 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
     def transform_record_data(self, data, oid=None):
         """Seal ``data`` after the transforms of the wrappers above."""
         data = self._db_transform(data)
+        if oid is not None:
+            return self.seal(data, oid)
+        # a resolved conflict: the oid of the conflict resolved in this
+        # thread; remembered, as the state may come back without its oid
+        oid = self._oids.oid_for(data)
         if oid is None:
-            oid = self._oids.oid_for(data)
-            if oid is None:
-                if self._write_plaintext:
-                    return data
-                raise DecryptionError(
-                    'cannot seal a record without its oid')
-        return self.seal(data, oid)
+            if self._write_plaintext:
+                return data
+            raise DecryptionError('cannot seal a record without its oid')
+        sealed = self.seal(data, oid)
+        if sealed is not data:
+            self._oids.remember_resolved(sealed, oid)
+        return sealed
 
     def untransform_record_data(self, data, oid=None):
         """Open ``data``, then apply the transforms of the wrappers above."""
