@@ -208,6 +208,7 @@ class KeyManagementFacilityTests(unittest.TestCase):
 
     def test_storage_dir_removed_under_facility(self):
         facility = self._makeOne()
+        facility.create_key(os.urandom(32))   # the directory is made
         shutil.rmtree(facility.storage_dir)
         with self.assertRaises(exceptions.KeyStoreError):
             facility.create_key(os.urandom(32))

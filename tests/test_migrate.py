@@ -926,11 +926,15 @@ class CommandTests(_TempDir, unittest.TestCase):
         self.assertEqual(current_records(self.path('Data.fs')),
                          self.original)
 
-    def test_failed_records_exit_1(self):
+    def test_wrong_key_exit_2(self):
+        # refused before anything is read or created (DatabaseKeyError,
+        # defect 4 of issue #17), where each record used to fail in turn
         self._callFUT(*self._args('encrypt'), new=self.old)
         code, out, err = self._callFUT(*self._args('decrypt'), old=self.new)
-        self.assertEqual(code, 1)
-        self.assertIn('%d records could not be read' % self.n, err)
+        self.assertEqual(code, 2)
+        self.assertIn('cannot open this database', err)
+        self.assertIn('KEKs given', err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
 
     def test_zconfig_file(self):
         with open(self.path('db.conf'), 'w') as f:

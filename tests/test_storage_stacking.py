@@ -36,6 +36,7 @@ from tests.postgres import needs_postgres
 from tests.s3server import S3Layer
 from tests.s3server import needs_s3
 from tests.test_leaks import load_leakscan
+from zodbkmi.exceptions import DatabaseKeyError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.facility import KeyManagementFacility
 from zodbkmi.format import envelope
@@ -807,15 +808,15 @@ class BackupTests(_Stack):
         self.repozo('-R', '-r', backups, '-o', restored)
         empty = self.path('no-keys')
         os.mkdir(empty, 0o700)
-        storage = EncryptingStorage(
-            ZODB.FileStorage.FileStorage(restored, blob_dir=blob_dir,
-                                         read_only=True),
-            KeyManagementFacility(empty), self.kek)
+        fs = ZODB.FileStorage.FileStorage(restored, blob_dir=blob_dir,
+                                          read_only=True)
         try:
-            with self.assertRaises(UnknownKeyError):
-                storage.load(ROOT)
+            # refused when the storage is opened (an UnknownKeyError)
+            with self.assertRaises(DatabaseKeyError):
+                EncryptingStorage(fs, KeyManagementFacility(empty), self.kek)
         finally:
-            storage.close()
+            fs.close()
+        self.assertEqual(os.listdir(empty), [])
 
     def test_vault_backup_older_than_a_rotation(self):
         # a data key made after the vault's backup (a DEK rotation) is not
@@ -835,12 +836,17 @@ class BackupTests(_Stack):
         with db.transaction() as conn:
             old, new = conn.root()['old']._p_oid, conn.root()['new']._p_oid
         self.close(db)
-        storage = EncryptingStorage(
-            ZODB.FileStorage.FileStorage(data_fs, read_only=True),
-            KeyManagementFacility(key_backup), self.kek)
+        fs = ZODB.FileStorage.FileStorage(data_fs, read_only=True)
+        facility = KeyManagementFacility(key_backup)
         try:
-            self.assertIn(RECORD.encode(), storage.load(old)[0])
+            # the root was written again with the new data key: the
+            # storage refuses the backup's keys when it is opened
+            with self.assertRaises(DatabaseKeyError) as cm:
+                EncryptingStorage(fs, facility, self.kek)
+            self.assertNotIn(cm.exception.key_id, facility)
+            self.assertIn(RECORD.encode(),
+                          facility.decrypt(self.kek, fs.load(old)[0], old))
             with self.assertRaises(UnknownKeyError):
-                storage.load(new)
+                facility.decrypt(self.kek, fs.load(new)[0], new)
         finally:
-            storage.close()
+            fs.close()

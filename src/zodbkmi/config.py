@@ -3,11 +3,12 @@ import os
 
 from zodbkmi.facility import KeyManagementFacility
 from zodbkmi.keyholder import read_key_file
-from zodbkmi.storage import DECRYPT_ONLY
 from zodbkmi.storage import MODES
 from zodbkmi.storage import EncryptingStorage
 from zodbkmi.storage import ServerEncryptingStorage
 from zodbkmi.storage import parse_migrate_since
+from zodbkmi.storage.keys import AUTO
+from zodbkmi.storage.keys import parse_create_key
 
 
 def mode(value):
@@ -26,18 +27,34 @@ def migrate_since(value):
     return value.strip()
 
 
+def create_key(value):
+    """ZConfig datatype of the ``create-key`` key: ``auto``, ``true`` or
+    ``false``."""
+    return parse_create_key(value)
+
+
 def open_keys(key_file, key_dir, previous_key_files=(), mode='strict'):
     """Return ``(facility, key, previous_keys)`` for the key settings.
 
-    The active data key of the key encrypting key is created in
-    ``key_dir`` when there is none (not in decrypt-only mode).
+    Nothing is created: the key directory is made with its first key, and
+    the storage creates the active data key when it is opened, if its
+    ``create_key`` says so (see :mod:`zodbkmi.storage.keys`).  ``mode`` is
+    accepted for compatibility and ignored.
     """
     key = read_key_file(key_file)
     previous = tuple(read_key_file(p) for p in previous_key_files or ())
     facility = KeyManagementFacility(os.path.abspath(key_dir))
-    if mode != DECRYPT_ONLY:
-        facility.ensure_key(key)
     return facility, key, previous
+
+
+def _wrap(factory, base, *args, **kw):
+    """``factory(base, ...)``; the base storage is closed when that fails
+    (for example with DatabaseKeyError)."""
+    try:
+        return factory(base, *args, **kw)
+    except BaseException:
+        base.close()
+        raise
 
 
 class EncryptingStorageFactory:
@@ -53,9 +70,10 @@ class EncryptingStorageFactory:
         c = self.config
         facility, key, previous = open_keys(
             c.key_file, c.key_dir, c.previous_key_files, c.mode)
-        return self._factory(c.base.open(), facility, key, previous,
-                             mode=c.mode, plaintext_dir=c.plaintext_dir,
-                             migrate_since=c.migrate_since)
+        return _wrap(self._factory, c.base.open(), facility, key, previous,
+                     mode=c.mode, plaintext_dir=c.plaintext_dir,
+                     migrate_since=c.migrate_since,
+                     create_key=c.create_key)
 
 
 class ServerEncryptingStorageFactory(EncryptingStorageFactory):
@@ -66,7 +84,7 @@ class ServerEncryptingStorageFactory(EncryptingStorageFactory):
 
 #: Query parameters of the zodburi scheme that belong to zodbkmi.
 URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode',
-                  'plaintext_dir', 'migrate_since')
+                  'plaintext_dir', 'migrate_since', 'create_key')
 
 
 def uri_resolver(uri):
@@ -75,7 +93,8 @@ def uri_resolver(uri):
     The URI is the URI of the storage to wrap with ``zodbkmi+`` in front
     and the key settings in its query: ``key_file`` and ``key_dir``
     (required), ``previous_key_file`` (repeatable), ``mode``,
-    ``plaintext_dir`` and ``migrate_since``.  Returns
+    ``plaintext_dir``, ``migrate_since`` and ``create_key`` (``auto``,
+    the default, ``true`` or ``false``).  Returns
     ``(factory, dbkw)`` as zodburi resolvers do.
     """
     import urllib.parse
@@ -104,6 +123,7 @@ def uri_resolver(uri):
     wanted = mode(ours.get('mode', 'strict'))
     plaintext_dir = ours.get('plaintext_dir') or None
     since = ours.get('migrate_since') or None
+    creates = parse_create_key(ours.get('create_key') or AUTO)
     if since is not None:
         migrate_since(since)
     if plaintext_dir is not None and not os.path.isdir(plaintext_dir):
@@ -118,7 +138,7 @@ def uri_resolver(uri):
     def factory():
         facility, key, prev = open_keys(ours['key_file'], ours['key_dir'],
                                         previous, wanted)
-        return EncryptingStorage(base_factory(), facility, key, prev,
-                                 mode=wanted, plaintext_dir=plaintext_dir,
-                                 migrate_since=since)
+        return _wrap(EncryptingStorage, base_factory(), facility, key,
+                     prev, mode=wanted, plaintext_dir=plaintext_dir,
+                     migrate_since=since, create_key=creates)
     return factory, dbkw

@@ -34,6 +34,28 @@ class UnknownKeyError(ZodbKmiError, LookupError):
         self.key_id = key_id
 
 
+class DatabaseKeyError(UnknownKeyError):
+    """A database is opened with keys that cannot open it.
+
+    Raised by :class:`zodbkmi.storage.EncryptingStorage` when it is opened
+    (:meth:`~zodbkmi.storage.EncryptingStorage.check_keys`), before
+    anything is created or written, when a sealed record of the database
+    names a data key that none of the key encrypting keys given can open:
+    the wrong KEK file, or a key directory that is not the database's
+    (mistyped, or empty).  The message names the KEK ids given, the data
+    key the database needs (and its KEK when the vault knows it) and the
+    oid of the record; never key material.  ``key_id`` holds the DEK id,
+    ``kek_ids`` the ids of the KEKs given and ``oid`` the oid.  Not a
+    ``KeyError``: an application catching ``KeyError`` around a mapping
+    does not swallow it.
+    """
+
+    def __init__(self, message, key_id=None, kek_ids=(), oid=None):
+        super().__init__(message, key_id)
+        self.kek_ids = tuple(kek_ids)
+        self.oid = oid
+
+
 class NoKeyHolderError(UnknownKeyError, ComponentLookupError):
     """No key holder or no encryption service is registered.
 

@@ -145,6 +145,12 @@ class EncryptionService:
         """Return the id of the active DEK of ``kek_id`` or None."""
         raise NotImplementedError
 
+    def active_key_id(self, key):
+        """Return the id of the active DEK of the KEK ``key``, or None;
+        creates nothing (see
+        :class:`~zodbkmi.interfaces.IDataKeyCreation`)."""
+        return self._active_key_id(as_kek(key).key_id)
+
     # -- key lookup ------------------------------------------------------
 
     def _unwrap(self, raw_id, keks):
@@ -583,10 +589,13 @@ class KeyManagementFacility(EncryptionService):
     rsa_bits = RSA_DEFAULT_BITS
 
     def __init__(self, storage_dir, timeout=DEFAULT_TTL,
-                 cache_size=DEFAULT_MAXSIZE, use_limit=DEFAULT_USE_LIMIT):
+                 cache_size=DEFAULT_MAXSIZE, use_limit=DEFAULT_USE_LIMIT,
+                 create=vaultmod.ON_FIRST_KEY):
         super().__init__(timeout, cache_size, use_limit)
         self.storage_dir = storage_dir
-        self.vault = vaultmod.DirectoryVault(storage_dir)
+        # by default the directory is made with the first key: opening a
+        # facility at a mistyped path creates nothing
+        self.vault = vaultmod.DirectoryVault(storage_dir, create=create)
         self._write_lock = threading.RLock()
 
     def __repr__(self):

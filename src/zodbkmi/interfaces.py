@@ -177,11 +177,35 @@ class IMetadataEncryption(zope.interface.Interface):
         envelope of another context)."""
 
 
+class IDataKeyCreation(zope.interface.Interface):
+    """A facility that creates data keys for a KEK its caller holds.
+
+    :class:`~zodbkmi.storage.EncryptingStorage` creates the active DEK of
+    its KEK through this ability, and only for a database that has no
+    encrypted record yet or when asked (``create_key``); a facility
+    without it never gets a DEK created by the storage.
+    """
+
+    def create_key(key):
+        """Create a new DEK wrapped by the KEK ``key`` and make it the
+        active DEK of ``key`` (the previous one is retired); return its
+        id."""
+
+    def ensure_key(key):
+        """Return the id of the active DEK of ``key``, creating one (as
+        :meth:`create_key`) when there is none."""
+
+    def active_key_id(key):
+        """Return the id of the active DEK of ``key``, or None; creates
+        nothing."""
+
+
 class IKeyManagementFacility(IEncryptionService, IKeyGenerationService):
     """A key management facility: generation plus encryption services."""
 
 
 class IExtendedKeyManagementFacility(IKeyManagementFacility,
+                                     IDataKeyCreation,
                                      IInPlaceFileEncryption,
                                      IRecordFastPath,
                                      IMetadataEncryption,

@@ -47,6 +47,7 @@ from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.format import envelope
 from zodbkmi.format import stream
+from zodbkmi.interfaces import IDataKeyCreation
 from zodbkmi.kek import AESKeyEncryptingKey
 from zodbkmi.sources.local import decode_key
 from zodbkmi.kek import as_kek
@@ -126,15 +127,14 @@ class MigrationKeys:
         if self._target is None:
             if self.new is None:
                 raise MigrationError('no new key given: cannot encrypt')
-            ensure = getattr(self.service, 'ensure_key', None)
+            creates = IDataKeyCreation.providedBy(self.service)
             if not self.create:
                 # dry run: look, do not create
-                lookup = getattr(self.service, '_active_key_id', None)
-                if lookup is None:
+                if not creates:
                     return None
-                return lookup(as_kek(self.new).key_id)
-            if ensure is not None:
-                self._target = ensure(self.new)
+                return self.service.active_key_id(self.new)
+            if creates:
+                self._target = self.service.ensure_key(self.new)
             else:
                 self._target = self.service.key_id_of(
                     self.service.encrypt(self.new, b''))

@@ -45,6 +45,10 @@ SUFFIX = '.dek'
 ENTRY_FORMAT = 'zodbkmi-vault-entry'
 # an entry has the version of its wrapped DEK: 1 (legacy, read only) or 2
 ENTRY_VERSIONS = wrappedmod.VERSIONS
+#: ``DirectoryVault(create=ON_FIRST_KEY)``: a missing directory reads as
+#: an empty vault and is made when the first key is written, so opening a
+#: vault at a mistyped path creates nothing.
+ON_FIRST_KEY = 'on-first-key'
 # the temporary files of write_atomic (never taken for entries)
 TEMP_PREFIX = '.tmp-'
 TEMP_SUFFIX = '.part'
@@ -216,13 +220,32 @@ def check_key_directory(path):
             % (path, st.st_uid, os.geteuid(), os.geteuid(), path, path))
 
 
+def _check_can_make(path):
+    """Refuse at once a directory that could never be made: its nearest
+    existing ancestor is not a directory."""
+    parent = path
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        raise KeyStoreError('cannot create key directory %s: %s is not a '
+                            'directory' % (path, parent))
+
+
 @implementer(IKeyVault)
 class DirectoryVault:
     """Wrapped DEKs in a directory, created with mode 0700.
 
-    An existing directory is refused (:class:`KeyStoreError`) when group or
-    others can write it or when another user owns it (see
-    :func:`check_key_directory`).
+    ``create`` says when a missing directory is made: ``True`` (the
+    default) when the vault is opened, :data:`ON_FIRST_KEY` when the
+    first key is written (until then the vault is empty, and opening it
+    with a mistyped path leaves nothing behind: the default of
+    :class:`~zodbkmi.facility.KeyManagementFacility`), ``False`` never
+    (:class:`KeyStoreError` at once).  An existing directory is refused
+    (:class:`KeyStoreError`) when group or others can write it or when
+    another user owns it (see :func:`check_key_directory`).
 
     Thread-safe.  Entries are cached in memory after the first read; the
     directory listing is read again when its modification time changes, so
@@ -231,21 +254,37 @@ class DirectoryVault:
 
     def __init__(self, path, create=True):
         self.path = os.path.abspath(path)
-        if not os.path.isdir(self.path):
-            if not create:
-                raise KeyStoreError('key directory %s does not exist'
-                                    % self.path)
-            try:
-                os.makedirs(self.path, mode=0o700, exist_ok=True)
-                os.chmod(self.path, 0o700)
-            except OSError as e:
-                raise KeyStoreError('cannot create key directory %s: %s'
-                                    % (self.path, e.strerror)) from None
-        check_key_directory(self.path)
         self._lock = threading.RLock()
         self._entries = {}
         self._inodes = {}
         self._mtime = None
+        # whether the directory exists and was checked
+        self._made = os.path.isdir(self.path)
+        if not self._made:
+            if not create:
+                raise KeyStoreError('key directory %s does not exist'
+                                    % self.path)
+            if create != ON_FIRST_KEY:
+                self._make()
+            else:
+                _check_can_make(self.path)
+        if self._made:
+            check_key_directory(self.path)
+
+    def _make(self):
+        """Make the directory (mode 0700) if it is missing."""
+        if self._made:
+            return
+        with self._lock:
+            if not os.path.isdir(self.path):
+                try:
+                    os.makedirs(self.path, mode=0o700, exist_ok=True)
+                    os.chmod(self.path, 0o700)
+                except OSError as e:
+                    raise KeyStoreError('cannot create key directory %s: %s'
+                                        % (self.path, e.strerror)) from None
+            check_key_directory(self.path)
+            self._made = True
 
     def __repr__(self):
         return '<DirectoryVault %s>' % self.path
@@ -254,6 +293,11 @@ class DirectoryVault:
         return os.path.join(self.path, check_dek_id(dek_id) + SUFFIX)
 
     def _refresh(self):
+        if not self._made:
+            if not os.path.isdir(self.path):
+                return      # ON_FIRST_KEY: empty until the first key
+            check_key_directory(self.path)   # made by another process
+            self._made = True
         try:
             mtime = os.stat(self.path).st_mtime_ns
         except OSError as e:
@@ -282,6 +326,8 @@ class DirectoryVault:
             self._mtime = mtime
 
     def _read(self, dek_id):
+        if not self._made:
+            return None
         try:
             with open(self._file(dek_id), 'rb') as f:
                 data = f.read()
@@ -299,6 +345,7 @@ class DirectoryVault:
         return entry
 
     def _write(self, entry):
+        self._make()
         try:
             write_atomic(self._file(entry.dek_id), entry.to_json())
         except OSError as e:
@@ -362,7 +409,7 @@ class DirectoryVault:
         """
         wanted = [b'"dek_id": "%s"' % check_dek_id(i).encode('ascii')
                   for i in dek_ids]
-        if not wanted:
+        if not wanted or not os.path.isdir(self.path):
             return 0
         try:
             names = [e.name for e in os.scandir(self.path)

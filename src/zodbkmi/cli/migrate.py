@@ -123,7 +123,8 @@ def _facility(args, required=True):
             raise InvalidKeyError('--key-dir (the directory of data keys) '
                                   'is required')
         return None
-    os.makedirs(args.key_dir, mode=0o700, exist_ok=True)
+    # the directory is made with its first key: a mistyped --key-dir
+    # leaves nothing behind
     return KeyManagementFacility(args.key_dir)
 
 
@@ -170,6 +171,18 @@ def open_storage(spec, blob_dir=None):
             return ZODB.config.storageFromFile(f)
     import ZODB.FileStorage
     return ZODB.FileStorage.FileStorage(spec, blob_dir=blob_dir)
+
+
+def _check_keys(storage, facility, keys):
+    """Raise DatabaseKeyError when the database has a sealed record that
+    none of the keys given opens."""
+    from zodbkmi.storage.keys import check_record
+    from zodbkmi.storage.keys import first_sealed
+    sealed = first_sealed(storage)
+    if sealed is not None:
+        check_record(facility, keys.decrypt_keys,
+                     ((keys.new,) if keys.new is not None else ())
+                     + tuple(keys.old), *sealed)
 
 
 def _no_blob_dir(blob_dir):
@@ -219,6 +232,10 @@ def run(args, stdout=None, stderr=None):
                 '%s needs keys: set ENCRYPTION_ALGORITHM and the keys, give '
                 '--key-settings or key files, or a ZConfig file with an '
                 'encrypting storage' % args.mode)
+        if args.level == 'storage' and explicit and not wrapped and \
+                keys.can_decrypt:
+            # a wrong key fails here, before a data key is created
+            _check_keys(storage, facility, keys)
         if writes:
             print(migrate.BACKUP_WARNING, file=stderr)
         if args.new_dek and writes and args.mode == migrate.REKEY:

@@ -40,6 +40,8 @@ class _InstanceStorage(_CopiesOfConnection, EncryptingStorage):
     connection whatever its transaction manager, and when it is closed),
     when it syncs and when it is released."""
 
+    _checks_keys = False    # checked when the storage was opened
+
     def afterCompletion(self):
         _CopiesOfConnection.afterCompletion(self)
         after = getattr(self.base, 'afterCompletion', None)

@@ -59,6 +59,8 @@ from zodbkmi.storage.common import oid_text
 from zodbkmi.storage.metadata import MetadataSealing
 from zodbkmi.storage.oids import OidRecovery
 from zodbkmi.storage.oids import stored_records
+from zodbkmi.storage.keys import check_keys
+from zodbkmi.storage.keys import parse_create_key
 from zodbkmi.storage.oids import undone_oids
 from zodbkmi.storage.registration import register_with_base
 
@@ -109,6 +111,13 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
     private directory of plaintext blob copies (default: the system's
     temporary directory; a RAM-backed file system keeps them off disks).
 
+    ``create_key`` says whether opening creates the active data key of
+    ``key`` (``False``, the default: never; ``'auto'``: for a database
+    without encrypted records; ``True``: when missing); whatever it says,
+    a database whose records the keys cannot open raises
+    :class:`~zodbkmi.exceptions.DatabaseKeyError` first, before anything
+    is created (:meth:`check_keys`).
+
     ``migrate_since`` (migrate mode only) is the start of the migration:
     the transaction id (8 bytes or 16 hex digits) after which plaintext
     records are refused, default the storage's last transaction when it
@@ -128,9 +137,13 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
     # seals and opens the transaction metadata (ServerEncryptingStorage: no)
     _seals_metadata = True
 
+    #: Whether opening checks the keys (see check_keys); the storages of
+    #: connections do not.
+    _checks_keys = True
+
     def __init__(self, base, facility, key=None, previous_keys=(),
                  keyholder=None, mode=STRICT, plaintext_dir=None,
-                 migrate_since=None):
+                 migrate_since=None, create_key=False):
         if keyholder is not None:
             if key is not None:
                 raise TypeError('give key or keyholder, not both')
@@ -142,6 +155,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             raise ValueError('unknown mode %r (one of %s)'
                              % (mode, ', '.join(MODES)))
         migrate_since = parse_migrate_since(migrate_since)
+        create_key = parse_create_key(create_key)
         if migrate_since is not None and mode != MIGRATE:
             raise ValueError('migrate_since is a setting of migrate mode '
                              '(the mode is %s)' % mode)
@@ -198,6 +212,8 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         if self._own_mvcc and not self._base_mvcc:
             provided.append(ZODB.interfaces.IMVCCStorage)
         zope.interface.directlyProvides(self, *provided)
+        if self._checks_keys:
+            self.check_keys(create_key)
         self.register_with_base()
 
     def __repr__(self):
@@ -400,6 +416,16 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             self._local.references_only = False
             self._oids.packed()
             self._checked.clear()     # revisions moved in the file
+
+    def check_keys(self, create_key=False):
+        """Check, when the storage is opened, that the keys open its
+        database: a sealed record that none of them can open raises
+        :class:`~zodbkmi.exceptions.DatabaseKeyError` before anything is
+        created.  Then create the active data key of the KEK if
+        ``create_key`` asks for it: ``True`` (when missing), ``'auto'``
+        (only for a database without encrypted records) or ``False``
+        (never).  See :mod:`zodbkmi.storage.keys`."""
+        return check_keys(self, create_key)
 
     # -- IStorageWrapper -------------------------------------------------
 
