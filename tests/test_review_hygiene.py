@@ -277,7 +277,9 @@ class KeyDirectoryTests(_TmpDir):
         from zodbkmi.facility import KeyManagementFacility
         old = os.umask(0)
         try:
-            KeyManagementFacility(self.path('a', 'new', 'keys'))
+            # made with the first key (opening creates nothing)
+            KeyManagementFacility(self.path('a', 'new', 'keys')).ensure_key(
+                os.urandom(32))
         finally:
             os.umask(old)
         self.assertEqual(os.stat(self.path('a', 'new', 'keys')).st_mode
@@ -549,7 +551,7 @@ class NestedJSONTests(_TmpDir):
         # someone who can write the key directory plants an entry that
         # would crash every reader with RecursionError
         from zodbkmi.facility import KeyManagementFacility
-        facility = KeyManagementFacility(self.path('keys'))
+        facility = KeyManagementFacility(self.path('keys'), create=True)
         dek_id = 'ab' * 16
         self.write(os.path.join('keys', dek_id + '.dek'), DEEP_OBJECT)
         with self.assertRaisesRegex(KeyStoreError, 'corrupt vault entry'):

@@ -199,27 +199,34 @@ class EncryptingStorageTests(_TempDir, unittest.TestCase):
         db = self._fill(storage)
         db.close()
         self.facility = KeyManagementFacility(os.path.join(self.tmp, 'empty'))
-        storage = self._makeOne()
+        base = ZODB.FileStorage.FileStorage('Data.fs')
         try:
+            # refused when opened (DatabaseKeyError, an UnknownKeyError)
             with self.assertRaises(UnknownKeyError) as cm:
-                storage.load(p64(0))
+                self._makeOne(base)
             self.assertIn('0x00', str(cm.exception))
         finally:
-            storage.close()
+            base.close()
 
     def test_load_w_wrong_kek(self):
         from zodbkmi.exceptions import WrongKeyError
         storage = self._makeOne()
         db = self._fill(storage)
         db.close()
+        from zodbkmi.exceptions import DatabaseKeyError
+        from zodbkmi.kek import as_kek
         other = os.urandom(32)
         self.facility.ensure_key(other)
-        storage = self._makeOne(key=other)
+        base = ZODB.FileStorage.FileStorage('Data.fs')
         try:
-            with self.assertRaises(WrongKeyError):
-                storage.load(p64(0))
+            # refused when opened, naming the KEK given; the KEK of the
+            # record would have raised WrongKeyError when loading
+            with self.assertRaises(DatabaseKeyError) as cm:
+                self._makeOne(base, key=other)
+            self.assertIn(as_kek(other).key_id, str(cm.exception))
+            self.assertNotIsInstance(cm.exception, WrongKeyError)
         finally:
-            storage.close()
+            base.close()
 
     def test_previous_keys_read_after_kek_change(self):
         from zodbkmi.testing import KeyEncryptingKey

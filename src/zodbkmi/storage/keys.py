@@ -26,6 +26,7 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import z64
 
 from zodbkmi.exceptions import DatabaseKeyError
+from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.exceptions import WrongKeyError
 from zodbkmi.format import envelope
@@ -135,6 +136,10 @@ def check_record(facility, decrypt_keys, keks, oid, data):
         facility.decrypt(decrypt_keys, data, oid)
     except (UnknownKeyError, WrongKeyError):
         raise database_key_error(facility, keks, oid, data) from None
+    except DecryptionError:
+        # altered, truncated, moved: not a matter of keys; loading the
+        # record raises its error, naming the oid
+        pass
 
 
 def check_keys(storage, create_key=False):
