@@ -266,11 +266,24 @@ class FileStorageMetadataTests(_Checks, unittest.TestCase):
         commit_with_metadata(db)
         db.close()
         dek_id = self.facility.keys()[0]
-        # another KEK (an AES key), which did not wrap the DEK
-        other = self._opened_storage(key=os.urandom(32))
+        # another KEK (an AES key), which did not wrap the DEK.  A storage
+        # whose keys open no record is refused when it is opened
+        # (DatabaseKeyError, tests/test_storage_wrongkey.py): here the
+        # root was written again under the new KEK, and the old KEK is not
+        # given any more
+        new = os.urandom(32)
+        self.facility.ensure_key(new)
+        db = self._db(key=new, previous_keys=(KeyEncryptingKey,))
+        with db.transaction() as conn:
+            conn.root()['value'] = 'under the new KEK'
+        db.close()
+        other = self._opened_storage(key=new)
         log = other.undoLog(0, 20)
-        self.assertEqual(len(log), 2)    # the whole listing, in place
-        for entry in log + other.history(p64(0), 5):
+        self.assertEqual(len(log), 3)    # the whole listing, in place
+        self.assertNotIn(ERROR_KEY, log[0])
+        history = other.history(p64(0), 5)
+        self.assertNotIn(ERROR_KEY, history[0])
+        for entry in log[1:] + history[1:]:
             self.assertIn(ERROR_KEY, entry)
             self.assertIn(dek_id, entry[ERROR_KEY])
             self.assertIn('WrongKeyError', entry[ERROR_KEY])
