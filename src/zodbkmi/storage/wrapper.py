@@ -57,10 +57,10 @@ from zodbkmi.storage.common import annotate
 from zodbkmi.storage.common import is_sealed
 from zodbkmi.storage.common import oid_text
 from zodbkmi.storage.metadata import MetadataSealing
-from zodbkmi.storage.oids import OidRecovery
-from zodbkmi.storage.oids import stored_records
 from zodbkmi.storage.keys import check_keys
 from zodbkmi.storage.keys import parse_create_key
+from zodbkmi.storage.oids import OidRecovery
+from zodbkmi.storage.oids import stored_records
 from zodbkmi.storage.oids import undone_oids
 from zodbkmi.storage.registration import register_with_base
 
