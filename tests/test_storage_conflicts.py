@@ -457,6 +457,10 @@ class ZEOKeylessClientResolutionTests(_ZEO, unittest.TestCase):
             conn.root()['a'] = Length()
             conn.root()['b'] = Length()
         client = db.storage.base
+        # the other client has seen that transaction (ZEO sends it
+        # asynchronously)
+        last = client.lastTransaction()
+        _poll(lambda: other.storage.base.lastTransaction() >= last)
         resolve = type(client).tryToResolveConflict
         calls = []
 
