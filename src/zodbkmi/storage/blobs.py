@@ -3,6 +3,7 @@ import os
 import shutil
 import stat
 import tempfile
+import weakref
 
 import transaction
 
@@ -58,6 +59,13 @@ def sweep_plaintext_dirs(parent=None):
     return removed
 
 
+def sweep_once(parent):
+    """:func:`sweep_plaintext_dirs` of ``parent``, once per process."""
+    if parent not in _swept:
+        _swept.add(parent)
+        sweep_plaintext_dirs(parent)
+
+
 class _PlaintextCopies:
     """The plaintext copies of blob files made for one storage, or for one
     connection, in a private directory (mode 0700) of their own.
@@ -66,14 +74,28 @@ class _PlaintextCopies:
     ``PRIVATE_PREFIX`` + process id, so that :func:`sweep_plaintext_dirs`
     finds it after a crash); a connection's directory is made inside the
     storage's (``parent``).  A copy is named by oid and serial: loading a
-    blob twice in one scope decrypts it once.
+    blob twice in one scope decrypts it once.  With a blob cache (see
+    :mod:`zodbkmi.storage.blobcache`), a copy is the cache's file, pinned
+    until it is removed here.
+
+    A connection's copies are released when its transaction ends
+    (:meth:`release_all`), but removed only once no blob object can use
+    them: when the connection polls invalidations, :meth:`collect` removes
+    the released copies and returns their oids for the connection to
+    invalidate (so the blob objects become ghosts and load a fresh copy
+    when used again), except those of blob objects still open for
+    reading, kept until a later poll finds them closed.
     """
 
     def __init__(self, storage, parent=None):
         self.storage = storage      # the EncryptingStorage that decrypts
         self.parent = parent
         self.path = None
-        self.names = {}             # the copies made (an ordered set)
+        self.names = {}             # the copies made: name -> (oid, serial)
+        self.keys = {}              # (oid, serial) -> name
+        self.cached = set()         # names that are pinned cache files
+        self.released = set()       # keys released at a transaction end
+        self.readers = {}           # oid -> weak reference to its blob
 
     def directory(self):
         path = self.path
@@ -83,55 +105,142 @@ class _PlaintextCopies:
                                         dir=self.parent.directory())
             else:
                 where = self.storage._plaintext_dir
-                parent = where or tempfile.gettempdir()
-                if parent not in _swept:
-                    # once per directory and process
-                    _swept.add(parent)
-                    sweep_plaintext_dirs(parent)
+                sweep_once(where or tempfile.gettempdir())
                 path = tempfile.mkdtemp(
                     prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()), dir=where)
             self.path = path
+        return path
+
+    def temporary(self):
+        """The directory of uncommitted blob files (mode 0700), inside the
+        private directory."""
+        path = os.path.join(self.directory(), 'tmp')
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
         return path
 
     def _name(self, oid, serial):
         return os.path.join(self.directory(),
                             '%s-%s.blob' % (oid.hex(), serial.hex()))
 
+    def _known(self, key):
+        name = self.keys.get(key)
+        if name is not None and (name in self.cached or
+                                 os.path.exists(name)):
+            return name
+        return None
+
+    def _cache(self):
+        return getattr(self.storage, '_blob_cache', None)
+
+    def _fill(self, oid, serial):
+        storage = self.storage
+        return lambda name: storage._open_blob_plain(oid, serial, None, name)
+
     def load(self, oid, serial):
         """Return the name of the copy of the blob and whether it was made
-        by this call."""
-        name = self._name(oid, serial)
-        if os.path.exists(name):
+        (or taken from the cache) by this call."""
+        key = (oid, serial)
+        name = self._known(key)
+        if name is not None:
+            self.released.discard(key)
             return name, False
-        self.storage._open_blob_plain(oid, serial, None, name)
-        self.names[name] = None
+        cache = self._cache()
+        if cache is not None:
+            name = cache.acquire(oid, serial, self._fill(oid, serial))
+            if name is not None:
+                self.cached.add(name)
+        if name is None:
+            name = self._name(oid, serial)
+            if not os.path.exists(name):
+                self.storage._open_blob_plain(oid, serial, None, name)
+        self.names[name] = key
+        self.keys[key] = name
         return name, True
+
+    def _open(self, name, blob):
+        if blob is None:
+            return open(name, 'rb')
+        return ZODB.blob.BlobFile(name, 'r', blob)
 
     def open(self, oid, serial, blob=None):
         """An open file on the plaintext of the blob: the copy when there
-        is one, else a new copy whose name is removed at once."""
-        name = self._name(oid, serial)
-        temporary = not os.path.exists(name)
-        if temporary:
-            name = self.storage._open_blob_plain(oid, serial,
-                                                 self.directory())
+        is one, else the cache's, else a new copy whose name is removed at
+        once."""
+        if blob is not None:
+            self.readers[oid] = weakref.ref(blob)
+        name = self._known((oid, serial))
+        if name is not None:
+            return self._open(name, blob)
+        cache = self._cache()
+        if cache is not None:
+            name = cache.acquire(oid, serial, self._fill(oid, serial))
+            if name is not None:
+                try:
+                    return self._open(name, blob)
+                finally:
+                    cache.release(oid, serial)
+        name = self.storage._open_blob_plain(oid, serial, self.directory())
         try:
-            if blob is None:
-                return open(name, 'rb')
-            return ZODB.blob.BlobFile(name, 'r', blob)
+            return self._open(name, blob)
         finally:
-            if temporary:
-                _remove(name)
+            _remove(name)
 
     def remove(self, names=None):
         """Remove the copies ``names`` (default: all)."""
         for name in list(self.names) if names is None else names:
-            self.names.pop(name, None)
-            _remove(name)
+            key = self.names.pop(name, None)
+            if key is not None:
+                self.keys.pop(key, None)
+                self.released.discard(key)
+            if name in self.cached:
+                self.cached.discard(name)
+                cache = self._cache()
+                if cache is not None and key is not None:
+                    cache.release(*key)
+            else:
+                _remove(name)
+
+    def release_all(self):
+        """The connection's transaction ended: its copies may go once no
+        blob object uses them (see :meth:`collect`)."""
+        self.released.update(self.keys)
+
+    def collect(self, invalidated=()):
+        """Remove the released copies whose blob objects are not open
+        (every released copy when ``invalidated`` is None: the connection
+        then invalidates its whole cache); return the oids to invalidate
+        besides ``invalidated`` so that their blob objects become ghosts."""
+        if not self.released:
+            return []
+        everything = invalidated is None
+        invalidated = set(invalidated or ())
+        kept = set()
+        if not everything:
+            for oid, ref in list(self.readers.items()):
+                blob = ref()
+                if blob is None:
+                    del self.readers[oid]
+                elif oid not in invalidated and blob.opened():
+                    kept.add(oid)
+        oids = []
+        for key in list(self.released):
+            oid = key[0]
+            if oid in kept:
+                continue
+            self.remove([self.keys[key]])
+            self.readers.pop(oid, None)
+            if oid not in invalidated:
+                invalidated.add(oid)
+                oids.append(oid)
+        return oids
 
     def close(self):
         """Remove every copy and the directory."""
         self.remove()
+        self.readers.clear()
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
@@ -165,10 +274,12 @@ class BlobMethods:
         (the plaintext removed).  Return the name of the encrypted file."""
         if self._write_plaintext or filename is None:
             return filename
-        if self._seal_blob_in_place(filename, oid):
+        elsewhere = self._base_temporary_elsewhere(filename)
+        if elsewhere is None and self._seal_blob_in_place(filename, oid):
             return filename
         fd, sealed = tempfile.mkstemp(
-            suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
+            suffix='.zks',
+            dir=elsewhere or os.path.dirname(os.path.abspath(filename)))
         try:
             with open(filename, 'rb') as src, os.fdopen(fd, 'wb') as dst:
                 self.facility.encrypt_file(self._key, src, dst, oid=oid)
@@ -177,6 +288,33 @@ class BlobMethods:
             raise
         ZODB.blob.remove_committed(filename)
         return sealed
+
+    def _base_temporary_elsewhere(self, filename):
+        """The base storage's temporary directory when it is on another
+        file system than ``filename`` (the base would copy a file sealed in
+        place: it is sealed into a new file there instead), else None."""
+        temporary = getattr(self.base, 'temporaryDirectory', None)
+        if temporary is None:
+            return None
+        try:
+            directory = temporary()
+            if os.stat(directory).st_dev != os.stat(filename).st_dev:
+                return directory
+        except (OSError, TypeError, AttributeError):
+            pass
+        return None
+
+    def temporaryDirectory(self):
+        """The directory of blob files being written (uncommitted, in
+        plaintext): ``tmp`` in the storage's private directory (mode 0700,
+        swept after a killed process like the copies), not the base
+        storage's.  The blob files are sealed when committed."""
+        return self._copies.temporary()
+
+    def _close_blob_cache(self):
+        cache = getattr(self, '_blob_cache', None)
+        if cache is not None and getattr(self, '_owns_blob_cache', True):
+            cache.close()
 
     def _seal_blob_in_place(self, filename, oid):
         if not IInPlaceFileEncryption.providedBy(self.facility):

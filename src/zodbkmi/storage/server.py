@@ -16,11 +16,13 @@ class ServerEncryptingStorage(EncryptingStorage):
     #: Methods carrying records that the server takes from the base
     #: storage as they are (ciphertext for the clients to open).
     passed_through = ('load', 'loadBefore', 'loadSerial', 'record_iternext',
-                      'iterator', 'loadBlob', 'openCommittedBlobFile')
+                      'iterator', 'loadBlob', 'openCommittedBlobFile',
+                      'temporaryDirectory')
 
     _own_mvcc = False      # the ZEO server reads the storage itself
 
     def __init__(self, base, *args, **kw):
+        kw.setdefault('blob_cache_size', 0)    # opens no blob
         EncryptingStorage.__init__(self, base, *args, **kw)
         for name in self.passed_through:
             method = getattr(base, name, None)

@@ -40,6 +40,7 @@ from zodbkmi.exceptions import NotEncryptedError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.interfaces import IRecordFastPath
 from zodbkmi.storage.blobs import BlobMethods
+from zodbkmi.storage.blobcache import make_cache
 from zodbkmi.storage.blobs import _PlaintextCopies
 from zodbkmi.storage.checks import UNCHECKED
 from zodbkmi.storage.checks import DowngradeChecks
@@ -84,7 +85,7 @@ PASS_THROUGH = frozenset((
     'close', 'getName', 'getSize', 'history', 'isReadOnly',
     'lastTransaction', 'new_oid', 'sortKey', 'tpc_begin', 'tpc_vote',
     'supportsUndo', 'undoLog', 'undoInfo', 'checkCurrentSerialInTransaction',
-    'deleteObject', 'prefetch', 'temporaryDirectory', 'afterCompletion',
+    'deleteObject', 'prefetch', 'afterCompletion',
 ))
 
 
@@ -104,6 +105,10 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
     ``plaintext_dir`` is the directory in which the storage makes its
     private directory of plaintext blob copies (default: the system's
     temporary directory; a RAM-backed file system keeps them off disks).
+    ``blob_cache_size`` (bytes; None: 256 MiB, 0: off) and
+    ``blob_cache_dir`` (default ``/dev/shm`` when it is RAM-backed, else
+    no cache) set the cache of plaintext blob copies kept for repeated
+    loads (see :mod:`zodbkmi.storage.blobcache`).
 
     ``migrate_since`` (migrate mode only) is the start of the migration:
     the transaction id (8 bytes or 16 hex digits) after which plaintext
@@ -124,7 +129,8 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
 
     def __init__(self, base, facility, key=None, previous_keys=(),
                  keyholder=None, mode=STRICT, plaintext_dir=None,
-                 migrate_since=None):
+                 migrate_since=None, blob_cache_size=None,
+                 blob_cache_dir=None):
         if keyholder is not None:
             if key is not None:
                 raise TypeError('give key or keyholder, not both')
@@ -174,6 +180,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         self._plaintext_dir = (os.path.abspath(plaintext_dir)
                                if plaintext_dir else None)
         self._copies = _PlaintextCopies(self)
+        self._blob_cache = make_cache(blob_cache_size, blob_cache_dir)
         self.db = None
 
         self._base_mvcc = ZODB.interfaces.IMVCCStorage.providedBy(base)
@@ -312,6 +319,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             return self.base.close()
         finally:
             self._copies.close()
+            self._close_blob_cache()
 
     def tpc_finish(self, transaction, func=lambda tid: None):
         try:
@@ -453,8 +461,10 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         other = _InstanceStorage(
             base_instance, self.facility, self._key, self._previous_keys,
             mode=self.mode, plaintext_dir=self._plaintext_dir,
-            migrate_since=since)
+            migrate_since=since, blob_cache_size=0)
         other._checked = self._checked
+        other._blob_cache = self._blob_cache       # one cache, shared
+        other._owns_blob_cache = False
         other._copies.parent = self._copies
         if self.db is not None:
             other.registerDB(self.db)
