@@ -107,6 +107,8 @@ class BlobCache:
                 'kept on a disk; give a tmpfs directory or set the cache '
                 'size to 0' % directory)
         self.parent = directory
+        from zodbkmi.storage.blobs import sweep_once
+        sweep_once(directory)       # caches of killed processes
         self.size = int(size)
         self.path = None
         self.used = 0                       # bytes of the copies
@@ -123,8 +125,6 @@ class BlobCache:
         path = self.path
         if path is None or not os.path.isdir(path):
             from zodbkmi.storage.blobs import PRIVATE_PREFIX
-            from zodbkmi.storage.blobs import sweep_once
-            sweep_once(self.parent)
             path = self.path = tempfile.mkdtemp(
                 prefix='%s%d-cache-' % (PRIVATE_PREFIX, os.getpid()),
                 dir=self.parent)

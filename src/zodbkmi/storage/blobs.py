@@ -96,6 +96,9 @@ class _PlaintextCopies:
         self.cached = set()         # names that are pinned cache files
         self.released = set()       # keys released at a transaction end
         self.readers = {}           # oid -> weak reference to its blob
+        if parent is None:
+            # what killed processes left: swept when the storage opens
+            sweep_once(storage._plaintext_dir or tempfile.gettempdir())
 
     def directory(self):
         path = self.path
@@ -105,7 +108,6 @@ class _PlaintextCopies:
                                         dir=self.parent.directory())
             else:
                 where = self.storage._plaintext_dir
-                sweep_once(where or tempfile.gettempdir())
                 path = tempfile.mkdtemp(
                     prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()), dir=where)
             self.path = path

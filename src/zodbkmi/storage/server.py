@@ -22,7 +22,7 @@ class ServerEncryptingStorage(EncryptingStorage):
     _own_mvcc = False      # the ZEO server reads the storage itself
 
     def __init__(self, base, *args, **kw):
-        kw.setdefault('blob_cache_size', 0)    # opens no blob
+        kw['blob_cache_size'] = 0       # the server opens no blob
         EncryptingStorage.__init__(self, base, *args, **kw)
         for name in self.passed_through:
             method = getattr(base, name, None)
