@@ -32,7 +32,10 @@ import uuid
 import transaction
 import ZODB.blob
 import ZODB.interfaces
+import ZODB.MappingStorage
 from ZODB.POSException import POSError
+from ZODB.utils import p64
+from ZODB.utils import u64
 
 from tests.postgres import PostgresLayer
 from tests.postgres import needs_postgres
@@ -220,10 +223,13 @@ def seq_historical(db, key, op, explicit):
     with db.transaction() as conn:
         with conn.root()[key].open('w') as f:
             f.write(SECOND)
-    before = db.lastTransaction()
     with db.transaction() as conn:
+        # just after the second revision (RelStorage's lastTransaction()
+        # may lag behind)
+        before = p64(u64(conn.root()[key]._p_serial) + 1)
         with conn.root()[key].open('a') as f:
             f.write(b' third')
+    _up_to_date(db)
     tm = transaction.TransactionManager(explicit=explicit)
     tm.begin()
     conn = db.open(tm, before=before)
@@ -242,11 +248,21 @@ def seq_historical(db, key, op, explicit):
     return seen + [_read_back(db, key)]
 
 
+def _up_to_date(db):
+    # RelStorage's own lastTransaction() (which DB.open checks ``before``
+    # against) moves on when it polls
+    storage = db.storage
+    while storage is not None:
+        if type(storage).__name__ == 'RelStorage':
+            storage.poll_invalidations()
+        storage = getattr(storage, 'base', None)
+
+
 SEQUENCES = (seq_first, seq_later, seq_pooled, seq_savepoint, seq_abort,
              seq_open_reader, seq_default_manager, seq_historical)
 
 
-class _Matrix(_Stack):
+class _Matrix:
     """Runs the matrix on ``inner`` (a ZConfig storage section), plain and
     wrapped (the private copies, and the cache of repeated loads)."""
 
@@ -293,8 +309,9 @@ class _Matrix(_Stack):
                             self.assertEqual(got, expected, db.storage)
 
     def test_defect_1(self):
-        # the case of the issue, on its own
-        for settings in ('blob-cache-size 0', ''):
+        # the case of the issue, on its own: with the cache of repeated
+        # loads (on by default where /dev/shm is a tmpfs), then without
+        for settings in ('', 'blob-cache-size 0'):
             db = self.open_config(self.wrapped_config(
                 'defect-%d' % len(settings), settings))
             self.assertIsInstance(db.storage, EncryptingStorage)
@@ -316,14 +333,14 @@ class _Matrix(_Stack):
             self.close(db)
 
 
-class FileStorageMatrixTests(_Matrix):
+class FileStorageMatrixTests(_Matrix, _Stack):
 
     def inner(self, name):
         return ('<filestorage>\n path %s\n blob-dir %s\n</filestorage>'
                 % (self.path(name + '.fs'), self.path(name + '-blobs')))
 
 
-class BlobStorageProxyMatrixTests(_Matrix):
+class BlobStorageProxyMatrixTests(_Matrix, _Stack):
     """ZODB's ``BlobStorage`` proxy around a FileStorage without blobs."""
 
     def inner(self, name):
@@ -332,7 +349,8 @@ class BlobStorageProxyMatrixTests(_Matrix):
                 % (self.path(name + '-blobs'), self.path(name + '.fs')))
 
 
-class _ZEOMatrix(_Matrix):
+class ZEOMatrixTests(_Matrix, _Stack):
+    """A ZEO client with a blob cache of its own."""
 
     shared = False
 
@@ -362,16 +380,12 @@ class _ZEOMatrix(_Matrix):
                 % (addr[1], blob_dir, 'true' if self.shared else 'false'))
 
 
-class ZEOMatrixTests(_ZEOMatrix):
-    """A ZEO client with a blob cache of its own."""
-
-
-class ZEOSharedMatrixTests(_ZEOMatrix):
+class ZEOSharedMatrixTests(ZEOMatrixTests):
     """ZEO clients sharing the server's blob directory."""
     shared = True
 
 
-class RelStorageMatrixTests(_Matrix):
+class RelStorageMatrixTests(_Matrix, _Stack):
     """RelStorage on PostgreSQL, blobs in the database."""
 
     layer = PostgresLayer
@@ -396,10 +410,10 @@ db = ZODB.config.databaseFromString(open(sys.argv[1]).read())
 conn = db.open()
 blob = conn.root()['b']
 with blob.open('w') as f:
-    f.write(%(data)r * 1000)
+    f.write(bytes.fromhex(%(data)r) * 1000)
 transaction.savepoint()
 f = blob.open('a')
-f.write(%(data)r)
+f.write(bytes.fromhex(%(data)r))
 f.flush()
 sys.stdout.write('written\\n')
 sys.stdout.flush()
@@ -407,7 +421,7 @@ sys.stdin.read()        # killed here
 '''
 
 
-class _Uncommitted(_Matrix):
+class _Uncommitted:
 
     def private(self):
         return self.path('plain')
@@ -462,7 +476,7 @@ class _Uncommitted(_Matrix):
         self.close(db)
         script = self.path('child.py')
         with open(script, 'w') as f:
-            f.write(CHILD % dict(data=CANARY + b' killed writer'))
+            f.write(CHILD % dict(data=(CANARY + b' killed writer').hex()))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in sys.path if p))
         child = subprocess.Popen([sys.executable, script, config],
@@ -510,3 +524,263 @@ class ZEOSharedUncommittedTests(_Uncommitted, ZEOSharedMatrixTests):
 
 class RelStorageUncommittedTests(_Uncommitted, RelStorageMatrixTests):
     test_matrix = test_defect_1 = None
+
+
+# -- the cache of repeated loads ---------------------------------------------
+
+def ram_directory(test):
+    """A new directory on a RAM-backed file system (removed at the end
+    of ``test``); the test is skipped when there is none."""
+    import shutil
+    import tempfile
+    parent = blobcache.default_directory()
+    if parent is None:
+        raise unittest.SkipTest('no RAM-backed file system at %s'
+                                % blobcache.DEFAULT_DIR)
+    path = tempfile.mkdtemp(prefix='zodbkmi-test-', dir=parent)
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def _writer(data):
+    def fill(name):
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with open(fd, 'wb') as f:
+            f.write(data)
+    return fill
+
+
+def _oid(n):
+    return n.to_bytes(8, 'big')
+
+
+class BlobCacheTests(_Stack):
+    """:class:`zodbkmi.storage.blobcache.BlobCache` on its own."""
+
+    def setUp(self):
+        super().setUp()
+        self.ram = ram_directory(self)
+
+    def test_lru_eviction_by_bytes(self):
+        cache = blobcache.BlobCache(self.ram, size=100)
+        self.addCleanup(cache.close)
+        names = {}
+        for n in (1, 2):
+            names[n] = cache.acquire(_oid(n), _oid(9), _writer(b'x' * 40))
+            cache.release(_oid(n), _oid(9))
+        self.assertEqual(cache.used, 80)
+        # 1 used again: 2 is now the least recently used
+        self.assertEqual(cache.acquire(_oid(1), _oid(9), None), names[1])
+        cache.release(_oid(1), _oid(9))
+        names[3] = cache.acquire(_oid(3), _oid(9), _writer(b'y' * 40))
+        cache.release(_oid(3), _oid(9))
+        self.assertEqual(cache.used, 80)
+        self.assertIn((_oid(1), _oid(9)), cache)
+        self.assertNotIn((_oid(2), _oid(9)), cache)
+        self.assertFalse(os.path.exists(names[2]))
+        # larger than the whole cache: not kept
+        self.assertIsNone(cache.acquire(_oid(4), _oid(9),
+                                        _writer(b'z' * 101)))
+        self.assertEqual(sorted(os.listdir(cache.path)),
+                         sorted(os.path.basename(names[n]) for n in (1, 3)))
+        cache.close()
+        self.assertFalse(os.path.exists(os.path.dirname(names[1])))
+
+    def test_pinned_copies_are_not_evicted(self):
+        cache = blobcache.BlobCache(self.ram, size=100)
+        self.addCleanup(cache.close)
+        one = cache.acquire(_oid(1), _oid(9), _writer(b'x' * 60))
+        self.assertEqual(cache.pins(_oid(1), _oid(9)), 1)
+        # no room without evicting the pinned copy: not cached
+        self.assertIsNone(cache.acquire(_oid(2), _oid(9),
+                                        _writer(b'y' * 60)))
+        self.assertTrue(os.path.exists(one))
+        self.assertEqual(os.listdir(cache.path), [os.path.basename(one)])
+        cache.release(_oid(1), _oid(9))
+        two = cache.acquire(_oid(2), _oid(9), _writer(b'y' * 60))
+        self.assertIsNotNone(two)
+        self.assertFalse(os.path.exists(one))
+
+    def test_modes(self):
+        cache = blobcache.BlobCache(self.ram, size=100)
+        self.addCleanup(cache.close)
+        name = cache.acquire(_oid(1), _oid(9), _writer(b'x'))
+        self.assertEqual(stat.S_IMODE(os.stat(cache.path).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(name).st_mode), 0o400)
+        self.assertTrue(os.path.basename(cache.path).startswith(
+            '%s%d-cache-' % (PRIVATE_PREFIX, os.getpid())))
+
+    def test_cache_of_a_killed_process_is_swept(self):
+        child = subprocess.Popen([sys.executable, '-c', 'pass'])
+        child.wait()
+        dead = os.path.join(self.ram, '%s%d-cache-abc' % (PRIVATE_PREFIX,
+                                                          child.pid))
+        os.mkdir(dead, 0o700)
+        with open(os.path.join(dead, 'x.blob'), 'wb') as f:
+            f.write(CANARY)
+        cache = blobcache.BlobCache(self.ram, size=100)    # at start
+        self.addCleanup(cache.close)
+        self.assertFalse(os.path.exists(dead))
+
+    def test_refuses_a_directory_not_in_ram(self):
+        from zodbkmi.storage.blobcache import NotRAMBackedError
+        if blobcache.is_ram_backed(self.tmp):
+            self.skipTest('the test directory is RAM-backed')
+        with self.assertRaisesRegex(NotRAMBackedError,
+                                    'not on a RAM-backed file system'):
+            blobcache.BlobCache(self.tmp)
+        with self.assertRaises(NotRAMBackedError):
+            EncryptingStorage(ZODB.MappingStorage.MappingStorage(),
+                              self.facility(), self.kek,
+                              blob_cache_dir=self.tmp)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ['kek.key', 'keys'])
+
+    def test_file_system_type(self):
+        mounts = self.path('mounts')
+        with open(mounts, 'w') as f:
+            f.write('/dev/sda1 / ext4 rw 0 0\n'
+                    'tmpfs /dev/shm tmpfs rw 0 0\n'
+                    'tmpfs /srv/with\\040space tmpfs rw 0 0\n'
+                    '/dev/sdb1 /dev/shm/disk ext4 rw 0 0\n')
+        kind = blobcache.file_system_type
+        self.assertEqual(kind('/dev/shm', mounts), 'tmpfs')
+        self.assertEqual(kind('/dev/shm/a/b', mounts), 'tmpfs')
+        self.assertEqual(kind('/dev/shmx', mounts), 'ext4')
+        self.assertEqual(kind('/dev/shm/disk/a', mounts), 'ext4')
+        self.assertEqual(kind('/srv/with space/x', mounts), 'tmpfs')
+        self.assertIsNone(kind('/x', self.path('no-mounts')))
+
+    def test_make_cache(self):
+        self.assertIsNone(blobcache.make_cache(0, self.ram))
+        cache = blobcache.make_cache(None, self.ram)
+        self.assertEqual(cache.size, blobcache.DEFAULT_SIZE)
+        with self.assertRaises(ValueError):
+            blobcache.make_cache(-1, self.ram)
+
+
+class CacheThroughStorageTests(_Stack):
+    """The cache serves repeated loads, in later transactions and other
+    connections, and never a wrong or stale revision."""
+
+    def setUp(self):
+        super().setUp()
+        self.ram = ram_directory(self)
+
+    def open(self, settings='', name='Data'):
+        return self.open_config(
+            '%%import zodbkmi\n<zodb>\n<encryptingstorage>\n%s\n'
+            'blob-cache-dir %s\n%s\n<filestorage>\npath %s\nblob-dir %s\n'
+            '</filestorage>\n</encryptingstorage>\n</zodb>\n'
+            % (self.keys_section(), self.ram, settings,
+               self.path(name + '.fs'), self.path(name + '-blobs')))
+
+    def test_settings(self):
+        db = self.open('blob-cache-size 1MB')
+        cache = db.storage._blob_cache
+        self.assertEqual(cache.size, 1024 * 1024)
+        self.assertEqual(cache.parent, self.ram)
+        self.close(db)
+        db = self.open('blob-cache-size 0', name='off')
+        self.assertIsNone(db.storage._blob_cache)
+
+    def test_zodburi_settings(self):
+        import zodburi
+        uri = ('zodbkmi+file://%s/Data.fs?key_file=%s&key_dir=%s'
+               '&blob_cache_size=%%s&blob_cache_dir=%s'
+               % (self.tmp, self.key_file, self.key_dir, self.ram))
+        storage = zodburi.resolve_uri(uri % 4096)[0]()
+        self.assertEqual(storage._blob_cache.size, 4096)
+        self.assertEqual(storage._blob_cache.parent, self.ram)
+        storage.close()
+        storage = zodburi.resolve_uri(uri % 0)[0]()
+        self.assertIsNone(storage._blob_cache)
+        storage.close()
+        with self.assertRaisesRegex(ValueError, 'blob_cache_size'):
+            zodburi.resolve_uri(uri % 'lots')
+
+    def test_repeat_load_served_from_cache(self):
+        db = self.open()
+        cache = db.storage._blob_cache
+        with db.transaction() as conn:
+            conn.root()['b'] = ZODB.blob.Blob(FIRST)
+        tm1 = transaction.TransactionManager()
+        tm2 = transaction.TransactionManager()
+        c1 = db.open(tm1)
+        c2 = db.open(tm2)
+        name = c1.root()['b'].committed()
+        key = self._key(c1)
+        self.assertEqual(os.path.dirname(name), cache.path)
+        self.assertEqual((cache.hits, cache.misses), (0, 1))
+        with c1.root()['b'].open() as f:
+            self.assertEqual(f.read(), FIRST)
+        tm1.commit()
+        self.assertEqual(cache.pins(*key), 0)     # released
+        with c1.root()['b'].open() as f:       # a later transaction
+            self.assertEqual(f.read(), FIRST)
+        with c2.root()['b'].open() as f:       # another connection
+            self.assertEqual(f.read(), FIRST)
+        self.assertEqual(c2.root()['b'].committed(), name)
+        self.assertEqual(cache.misses, 1)
+        self.assertGreaterEqual(cache.hits, 2)
+        self.assertEqual(cache.pins(*key), 2)
+        tm1.abort()
+        tm2.abort()
+        self.assertEqual(cache.pins(*key), 0)
+        c1.close()
+        c2.close()
+        self.close(db)
+        self.assertFalse(os.path.exists(os.path.dirname(name)))
+
+    def _key(self, conn):
+        blob = conn.root()['b']
+        blob._p_activate()
+        return blob._p_oid, blob._p_serial
+
+    def test_never_a_stale_or_wrong_revision(self):
+        db = self.open()
+        with db.transaction() as conn:
+            conn.root()['b'] = ZODB.blob.Blob(FIRST)
+            conn.root()['c'] = ZODB.blob.Blob(SECOND)   # same serial
+        before = p64(u64(db.lastTransaction()) + 1)
+        tm1 = transaction.TransactionManager()
+        c1 = db.open(tm1)
+        self.assertEqual(c1.root()['b'].open().read(), FIRST)
+        self.assertEqual(c1.root()['c'].open().read(), SECOND)
+        tm1.commit()
+        with db.transaction() as conn:
+            with conn.root()['b'].open('w') as f:
+                f.write(b'third revision')
+        tm1.begin()
+        self.assertEqual(c1.root()['b'].open().read(), b'third revision')
+        with open(c1.root()['b'].committed(), 'rb') as f:
+            self.assertEqual(f.read(), b'third revision')
+        tm1.abort()
+        tm = transaction.TransactionManager()
+        old = db.open(tm, before=before)
+        self.assertEqual(old.root()['b'].open().read(), FIRST)
+        with open(old.root()['b'].committed(), 'rb') as f:
+            self.assertEqual(f.read(), FIRST)
+        tm.abort()
+        old.close()
+        c1.close()
+
+    def test_cache_holds_only_what_it_may(self):
+        # every cached copy is the plaintext of its revision, mode 0400;
+        # the size limit holds
+        db = self.open('blob-cache-size 100KB')
+        cache = db.storage._blob_cache
+        with db.transaction() as conn:
+            for i in range(5):
+                conn.root()[i] = ZODB.blob.Blob(CANARY * (1000 * (i + 1)))
+        for _ in range(2):
+            for i in range(5):
+                with db.transaction() as conn:
+                    with conn.root()[i].open() as f:
+                        self.assertEqual(f.read(), CANARY * (1000 * (i + 1)))
+                self.assertLessEqual(cache.used, 100 * 1024)
+        total = 0
+        for name in os.listdir(cache.path):
+            path = os.path.join(cache.path, name)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o400)
+            total += os.path.getsize(path)
+        self.assertEqual(total, cache.used)

@@ -107,8 +107,8 @@ class BlobCache:
                 'kept on a disk; give a tmpfs directory or set the cache '
                 'size to 0' % directory)
         self.parent = directory
-        from zodbkmi.storage.blobs import sweep_once
-        sweep_once(directory)       # caches of killed processes
+        from zodbkmi.storage.blobs import sweep_plaintext_dirs
+        sweep_plaintext_dirs(directory)     # caches of killed processes
         self.size = int(size)
         self.path = None
         self.used = 0                       # bytes of the copies

@@ -22,16 +22,15 @@ _STREAM_MAGIC = stream.MAGIC
 _STREAM_MAGIC_SIZE = len(_STREAM_MAGIC)
 
 PRIVATE_PREFIX = 'zodbkmi-blobs-'
-_swept = set()
 
 
 def sweep_plaintext_dirs(parent=None):
     """Remove the private directories of plaintext blob copies that
     processes of this user left in ``parent`` (default: the system's
     temporary directory) when they were killed: those whose process no
-    longer runs.  Return the paths removed.  The first
-    ``EncryptingStorage`` of a process that makes its private directory in
-    ``parent`` calls it first."""
+    longer runs.  Return the paths removed.  Each ``EncryptingStorage``
+    calls it on its ``plaintext_dir`` when it opens, and the blob cache on
+    its directory (:mod:`zodbkmi.storage.blobcache`)."""
     parent = parent or tempfile.gettempdir()
     removed = []
     try:
@@ -57,13 +56,6 @@ def sweep_plaintext_dirs(parent=None):
         except (OSError, OverflowError):
             continue     # alive under another user, or gone meanwhile
     return removed
-
-
-def sweep_once(parent):
-    """:func:`sweep_plaintext_dirs` of ``parent``, once per process."""
-    if parent not in _swept:
-        _swept.add(parent)
-        sweep_plaintext_dirs(parent)
 
 
 class _PlaintextCopies:
@@ -96,9 +88,9 @@ class _PlaintextCopies:
         self.cached = set()         # names that are pinned cache files
         self.released = set()       # keys released at a transaction end
         self.readers = {}           # oid -> weak reference to its blob
-        if parent is None:
-            # what killed processes left: swept when the storage opens
-            sweep_once(storage._plaintext_dir or tempfile.gettempdir())
+        if parent is None and getattr(storage, '_sweeps', True):
+            # what killed processes left: swept when a storage opens
+            sweep_plaintext_dirs(storage._plaintext_dir)
 
     def directory(self):
         path = self.path

@@ -56,6 +56,8 @@ class _InstanceStorage(_CopiesOfConnection, EncryptingStorage):
     closed), removed when it polls invalidations and when it is
     released."""
 
+    _sweeps = False     # its storage swept when it opened
+
     def afterCompletion(self):
         _CopiesOfConnection.afterCompletion(self)
         after = getattr(self.base, 'afterCompletion', None)
