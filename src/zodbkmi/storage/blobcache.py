@@ -121,6 +121,11 @@ class BlobCache:
             self.path or self.parent, self.used, self.size,
             len(self._entries))
 
+    @property
+    def limit(self):
+        """The size limit in bytes."""
+        return self.size
+
     def directory(self):
         path = self.path
         if path is None or not os.path.isdir(path):

@@ -305,6 +305,12 @@ class BlobMethods:
         storage's.  The blob files are sealed when committed."""
         return self._copies.temporary()
 
+    @property
+    def blob_cache(self):
+        """The cache of plaintext blob copies for repeated loads (a
+        :class:`~zodbkmi.storage.blobcache.BlobCache`), or None when off."""
+        return getattr(self, '_blob_cache', None)
+
     def _close_blob_cache(self):
         cache = getattr(self, '_blob_cache', None)
         if cache is not None and getattr(self, '_owns_blob_cache', True):
