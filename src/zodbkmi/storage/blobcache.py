@@ -112,6 +112,7 @@ class BlobCache:
         self.size = int(size)
         self.path = None
         self.used = 0                       # bytes of the copies
+        self.pinned = 0                     # bytes of the pinned ones
         self._entries = collections.OrderedDict()    # key -> [name, size, pins]
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -134,7 +135,7 @@ class BlobCache:
                 prefix='%s%d-cache-' % (PRIVATE_PREFIX, os.getpid()),
                 dir=self.parent)
             self._entries.clear()
-            self.used = 0
+            self.used = self.pinned = 0
         return path
 
     def __contains__(self, key):
@@ -151,7 +152,7 @@ class BlobCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-                entry[2] += 1
+                self._pin(entry)
                 self.hits += 1
                 return entry[0]
             self.misses += 1
@@ -171,7 +172,7 @@ class BlobCache:
             if entry is not None:          # another thread was faster
                 os.remove(tmp)
                 self._entries.move_to_end(key)
-                entry[2] += 1
+                self._pin(entry)
                 return entry[0]
             if not self._make_room(size):
                 os.remove(tmp)
@@ -179,7 +180,13 @@ class BlobCache:
             os.rename(tmp, name)
             self._entries[key] = [name, size, 1]
             self.used += size
+            self.pinned += size
             return name
+
+    def _pin(self, entry):
+        if not entry[2]:
+            self.pinned += entry[1]
+        entry[2] += 1
 
     def _make_room(self, size):
         if size > self.size:
@@ -208,6 +215,14 @@ class BlobCache:
             entry = self._entries.get((oid, serial))
             if entry is not None and entry[2] > 0:
                 entry[2] -= 1
+                if not entry[2]:
+                    self.pinned -= entry[1]
+
+    def crowded(self):
+        """Whether pinned copies take more than half the size: connections
+        then release the copies their blob objects keep across
+        transactions."""
+        return self.pinned * 2 > self.size
 
     def pins(self, oid, serial):
         entry = self._entries.get((oid, serial))
@@ -224,7 +239,7 @@ class BlobCache:
         """Remove every copy and the directory."""
         with self._lock:
             self._entries.clear()
-            self.used = 0
+            self.used = self.pinned = 0
             if self.path is not None:
                 shutil.rmtree(self.path, ignore_errors=True)
                 self.path = None

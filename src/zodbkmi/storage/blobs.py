@@ -76,7 +76,9 @@ class _PlaintextCopies:
     the released copies and returns their oids for the connection to
     invalidate (so the blob objects become ghosts and load a fresh copy
     when used again), except those of blob objects still open for
-    reading, kept until a later poll finds them closed.
+    reading, kept until a later poll finds them closed, and the cache's
+    files, kept pinned for their blob objects as long as the cache is not
+    crowded (:meth:`~zodbkmi.storage.blobcache.BlobCache.crowded`).
     """
 
     def __init__(self, storage, parent=None):
@@ -211,6 +213,10 @@ class _PlaintextCopies:
             return []
         everything = invalidated is None
         invalidated = set(invalidated or ())
+        changed = frozenset(invalidated)
+        cache = self._cache()
+        keep_cached = (cache is not None and not everything
+                       and not cache.crowded())
         kept = set()
         if not everything:
             for oid, ref in list(self.readers.items()):
@@ -224,7 +230,10 @@ class _PlaintextCopies:
             oid = key[0]
             if oid in kept:
                 continue
-            self.remove([self.keys[key]])
+            name = self.keys[key]
+            if keep_cached and oid not in changed and name in self.cached:
+                continue        # pinned: the cache's file stays
+            self.remove([name])
             self.readers.pop(oid, None)
             if oid not in invalidated:
                 invalidated.add(oid)
