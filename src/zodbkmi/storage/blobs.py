@@ -165,7 +165,8 @@ class _PlaintextCopies:
         """An open file on the plaintext of the blob: the copy when there
         is one, else the cache's, else a new copy whose name is removed at
         once."""
-        if blob is not None:
+        if blob is not None and self.parent is not None:
+            # a connection's: its blob objects are invalidated at polls
             self.readers[oid] = weakref.ref(blob)
         name = self._known((oid, serial))
         if name is not None:
