@@ -88,7 +88,9 @@ class _PlaintextCopies:
         self.names = {}             # the copies made: name -> (oid, serial)
         self.keys = {}              # (oid, serial) -> name
         self.cached = set()         # names that are pinned cache files
+        self.active = set()         # keys used since the transaction end
         self.released = set()       # keys released at a transaction end
+        self.held = {}              # oid -> serials of cache files kept
         self.readers = {}           # oid -> weak reference to its blob
         if parent is None and getattr(storage, '_sweeps', True):
             # what killed processes left: swept when a storage opens
@@ -141,7 +143,7 @@ class _PlaintextCopies:
         key = (oid, serial)
         name = self._known(key)
         if name is not None:
-            self.released.discard(key)
+            self._use(key)
             return name, False
         cache = self._cache()
         if cache is not None:
@@ -154,7 +156,20 @@ class _PlaintextCopies:
                 self.storage._open_blob_plain(oid, serial, None, name)
         self.names[name] = key
         self.keys[key] = name
+        self.active.add(key)
         return name, True
+
+    def _use(self, key):
+        self.active.add(key)
+        self.released.discard(key)
+        self._unhold(key)
+
+    def _unhold(self, key):
+        serials = self.held.get(key[0])
+        if serials is not None:
+            serials.discard(key[1])
+            if not serials:
+                del self.held[key[0]]
 
     def _open(self, name, blob):
         if blob is None:
@@ -191,7 +206,9 @@ class _PlaintextCopies:
             key = self.names.pop(name, None)
             if key is not None:
                 self.keys.pop(key, None)
+                self.active.discard(key)
                 self.released.discard(key)
+                self._unhold(key)
             if name in self.cached:
                 self.cached.discard(name)
                 cache = self._cache()
@@ -203,37 +220,53 @@ class _PlaintextCopies:
     def release_all(self):
         """The connection's transaction ended: its copies may go once no
         blob object uses them (see :meth:`collect`)."""
-        self.released.update(self.keys)
+        self.released.update(self.active)
+        self.active.clear()
 
     def collect(self, invalidated=()):
         """Remove the released copies whose blob objects are not open
         (every released copy when ``invalidated`` is None: the connection
-        then invalidates its whole cache); return the oids to invalidate
-        besides ``invalidated`` so that their blob objects become ghosts."""
-        if not self.released:
-            return []
+        then invalidates its whole cache), except the cache's files, kept
+        pinned (held) while the cache is not crowded and their oids are not
+        invalidated; return the oids to invalidate besides ``invalidated``
+        so that the blob objects of the removed copies become ghosts."""
         everything = invalidated is None
         invalidated = set(invalidated or ())
-        changed = frozenset(invalidated)
         cache = self._cache()
-        keep_cached = (cache is not None and not everything
-                       and not cache.crowded())
-        kept = set()
-        if not everything:
-            for oid, ref in list(self.readers.items()):
-                blob = ref()
-                if blob is None:
-                    del self.readers[oid]
-                elif oid not in invalidated and blob.opened():
-                    kept.add(oid)
+        crowded = cache is not None and cache.crowded()
+        candidates = set(self.released)
+        if self.held:
+            if everything or crowded:
+                held = self.held
+                self.held = {}
+            else:
+                held = {oid: self.held.pop(oid) for oid in invalidated
+                        if oid in self.held}
+            for oid, serials in held.items():
+                candidates.update((oid, serial) for serial in serials)
+        if not candidates:
+            return []
+        keep_cached = cache is not None and not everything and not crowded
+        changed = frozenset(invalidated)
         oids = []
-        for key in list(self.released):
+        for key in candidates:
             oid = key[0]
-            if oid in kept:
+            name = self.keys.get(key)
+            if name is None:
+                self.released.discard(key)
                 continue
-            name = self.keys[key]
-            if keep_cached and oid not in changed and name in self.cached:
-                continue        # pinned: the cache's file stays
+            if not everything and oid not in changed:
+                ref = self.readers.get(oid)
+                blob = ref() if ref is not None else None
+                if blob is not None and blob.opened():
+                    # an open file would be closed: kept until a later poll
+                    self.released.add(key)
+                    continue
+                if keep_cached and name in self.cached:
+                    # the cache's file stays pinned for the blob object
+                    self.released.discard(key)
+                    self.held.setdefault(oid, set()).add(key[1])
+                    continue
             self.remove([name])
             self.readers.pop(oid, None)
             if oid not in invalidated:
@@ -245,6 +278,7 @@ class _PlaintextCopies:
         """Remove every copy and the directory."""
         self.remove()
         self.readers.clear()
+        self.held.clear()
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
