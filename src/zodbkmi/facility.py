@@ -39,6 +39,7 @@ from zodbkmi.kek import as_kek
 _CONTEXT_DATA = envelope.CONTEXT_DATA
 _CONTEXT_RECORD = envelope.CONTEXT_RECORD
 _CONTEXT_STATE = envelope.CONTEXT_STATE
+_CONTEXT_METADATA = envelope.CONTEXT_METADATA
 _monotonic = time.monotonic
 _read_dek_id = envelope.read_dek_id
 # the keys of the tables of opened envelopes (see Sealer.opener): the
@@ -103,10 +104,11 @@ class EncryptionService:
         self._owners = {}
         # key -> {envelope prefix -> (AEAD, entry checked against key,
         # nonce start, header size)}, one table per context (data, storage
-        # record, object state): a hit both validates the header and finds
-        # the AES-GCM context (the DEK's, or a version 2 subkey's: the
-        # prefix holds the salt) in one lookup.
-        self._opened = ({}, {}, {})
+        # record, object state, transaction metadata): a hit both
+        # validates the header and finds the AES-GCM context (the DEK's,
+        # or a version 2 subkey's: the prefix holds the salt) in one
+        # lookup.
+        self._opened = ({}, {}, {}, {})
         self._load_lock = threading.Lock()
         self._cache.on_evict(self._drop_entry)
 
@@ -349,6 +351,46 @@ class EncryptionService:
             _read_dek_id(data, _CONTEXT_STATE)
             return entry.sealer.open_state(data)      # raises its error
 
+    # -- IMetadataEncryption ---------------------------------------------
+
+    def encrypt_metadata(self, key, data):
+        """Seal the encoded transaction metadata ``data`` (see
+        :mod:`zodbkmi.format.txnmeta`) under the active DEK of ``key``: a
+        transaction metadata envelope, which only :meth:`decrypt_metadata`
+        opens."""
+        try:
+            entry = self._active[key]
+        except (KeyError, TypeError):
+            entry = self._encryption_entry(key)
+        else:
+            if _monotonic() >= entry.expires:     # expired or evicted
+                entry = self._encryption_entry(key)
+        try:
+            return entry.sealer.seal_metadata(data)
+        except EvictedKeyError:   # evicted by another thread meanwhile
+            return self._encryption_entry(key).sealer.seal_metadata(data)
+
+    def decrypt_metadata(self, key, data):
+        """Open the transaction metadata envelope ``data`` (made by
+        :meth:`encrypt_metadata`); ``key`` as for :meth:`decrypt`."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            aead, entry, n, h = self._opened[_CONTEXT_METADATA][key][
+                data[:_KEYED_SIZES[data[3]]]]
+        except (KeyError, TypeError, IndexError):
+            aead, entry, n, h = self._opened_entry(key, data,
+                                                   _CONTEXT_METADATA)
+        else:
+            if _monotonic() >= entry.expires:     # expired or evicted
+                aead, entry, n, h = self._opened_entry(key, data,
+                                                       _CONTEXT_METADATA)
+        try:
+            return aead.decrypt(data[n:h], data[h:], data[:h])
+        except (InvalidTag, ValueError):
+            _read_dek_id(data, _CONTEXT_METADATA)
+            return entry.sealer.open_metadata(data)   # raises its error
+
     def record_fast_path(self, key):
         """Return ``open_fast(data, oid)``: the plaintext of the storage
         record ``data`` of ``oid`` when it is a hit of the table that
@@ -428,19 +470,21 @@ class EncryptionService:
         return hit
 
     def key_id_of(self, data, oid=None):
-        """Return the DEK id (hex) named by the envelope ``data``: a data
-        or object state envelope, or a storage record when ``oid`` is
-        given.  The header is validated (its errors are those of
-        :meth:`decrypt`); nothing is decrypted."""
+        """Return the DEK id (hex) named by the envelope ``data``: a data,
+        object state or transaction metadata envelope, or a storage record
+        when ``oid`` is given.  The header is validated (its errors are
+        those of :meth:`decrypt`); nothing is decrypted."""
         if oid is not None:
             return _read_dek_id(data, _CONTEXT_RECORD).hex()
         try:
             return _read_dek_id(data, _CONTEXT_DATA).hex()
         except UnsupportedFormatError as e:
-            try:
-                return _read_dek_id(data, _CONTEXT_STATE).hex()
-            except UnsupportedFormatError:
-                raise e from None
+            for context in (_CONTEXT_STATE, _CONTEXT_METADATA):
+                try:
+                    return _read_dek_id(data, context).hex()
+                except UnsupportedFormatError:
+                    pass
+            raise e from None
 
     def encrypt_file(self, key, fsrc, fdst, chunk_size=None, oid=None):
         """Encrypt the binary file object ``fsrc`` (read to its end) into

@@ -149,6 +149,34 @@ class IRecordFastPath(zope.interface.Interface):
         ``decrypt``, which raises the documented errors."""
 
 
+class IMetadataEncryption(zope.interface.Interface):
+    """An encryption service that seals the metadata of ZODB transactions
+    (user, description, extension) in an envelope context of their own,
+    used by :class:`~zodbkmi.storage.EncryptingStorage` in ``tpc_begin``
+    and in the listings that show it (``undoLog``, ``undoInfo``,
+    ``history``, iterators).  A storage whose facility does not provide
+    it refuses to open (it could not keep the metadata out of the
+    storage)."""
+
+    def encrypt_metadata(key, data):
+        """Return ``data`` (bytes: the encoded metadata of one transaction,
+        see ``docs/format.rst``) sealed under the active DEK of ``key``.
+
+        The result is a record envelope of the transaction metadata
+        context (version 2, context 3), not bound to anything beyond its
+        header: it opens with :meth:`decrypt_metadata` only, and
+        :meth:`decrypt_metadata` opens no envelope of another context.
+        Raises the errors of :meth:`IEncryptionService.encrypt`.
+        """
+
+    def decrypt_metadata(key, data):
+        """Return the plaintext of the transaction metadata envelope
+        ``data``; ``key`` is a KEK or a list of KEKs, as for
+        :meth:`IEncryptionService.decrypt`, whose errors it raises
+        (:class:`~zodbkmi.exceptions.UnsupportedFormatError` for an
+        envelope of another context)."""
+
+
 class IKeyManagementFacility(IEncryptionService, IKeyGenerationService):
     """A key management facility: generation plus encryption services."""
 
@@ -156,6 +184,7 @@ class IKeyManagementFacility(IEncryptionService, IKeyGenerationService):
 class IExtendedKeyManagementFacility(IKeyManagementFacility,
                                      IInPlaceFileEncryption,
                                      IRecordFastPath,
+                                     IMetadataEncryption,
                                      mapping.IEnumerableMapping):
     """A facility that is also a read-only mapping of DEK ids to wrapped DEKs.
 

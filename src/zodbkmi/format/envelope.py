@@ -10,6 +10,8 @@ Layout, version 2 (written; all of it specified in ``docs/format.rst``)::
     5       1     context 0x00 = data (facility.encrypt), not bound
                           0x01 = storage record, bound to its 8 byte oid
                           0x02 = object state (EncryptedPersistent)
+                          0x03 = transaction metadata (EncryptingStorage),
+                                 not bound
     6       16    DEK id
     22      4     salt    selects the subkey
     26      12    nonce   unique under the subkey: the writer's random
@@ -66,6 +68,8 @@ SUITE_HKDF_AES256_GCM = 1       # version 2: under an HKDF-SHA256 subkey
 CONTEXT_DATA = 0
 CONTEXT_RECORD = 1
 CONTEXT_STATE = 2
+#: Transaction metadata sealed by the storage wrapper (version 2 only).
+CONTEXT_METADATA = 3
 DEK_ID_SIZE = 16
 SALT_SIZE = 4
 NONCE_SIZE = 12
@@ -100,9 +104,11 @@ SUBKEY_INFO = b'zodbkmi/envelope/v2/subkey'
 SUBKEY_CACHE_SIZE = 4096
 
 _CONTEXT_NAMES = {CONTEXT_DATA: 'data', CONTEXT_RECORD: 'storage record',
-                  CONTEXT_STATE: 'object state'}
+                  CONTEXT_STATE: 'object state',
+                  CONTEXT_METADATA: 'transaction metadata'}
 _A_CONTEXT = {CONTEXT_DATA: 'a data', CONTEXT_RECORD: 'a storage record',
-              CONTEXT_STATE: 'an object state'}
+              CONTEXT_STATE: 'an object state',
+              CONTEXT_METADATA: 'a transaction metadata'}
 _CONTEXTS = tuple(_CONTEXT_NAMES)
 _V1_CONTEXTS = (CONTEXT_DATA, CONTEXT_RECORD)
 _V1_PREFIX = MAGIC + bytes([VERSION_1, SUITE_AES256_GCM])
@@ -121,6 +127,8 @@ _ACCEPTED = {
                      _V1_PREFIX + b'\x01': V1_OVERHEAD},
     CONTEXT_STATE: {_V2_PREFIX + b'\x02': OVERHEAD,
                     _V1_PREFIX + b'\x00': V1_OVERHEAD},
+    # version 2 only: metadata was never sealed before
+    CONTEXT_METADATA: {_V2_PREFIX + b'\x03': OVERHEAD},
 }
 _V2_BYTE = VERSION_2
 # random(n): the operating system's generator.  On Linux os.getrandom is
@@ -319,7 +327,7 @@ def _deriver(dek):
 
 # The current subkey of a writer is one tuple, replaced as a whole (so a
 # thread never pairs one subkey's context with another's header):
-#   (use counter, AESGCM, header prefix per context (0, 1, 2), salt)
+#   (use counter, IV, AESGCM, header prefix per context (0, 1, 2, 3), salt)
 
 
 class Sealer:
@@ -344,7 +352,7 @@ class Sealer:
         self._aead = AESGCM(dek)        # version 1: the DEK itself
         self._derive = _deriver(dek)
         # this thread's current subkey: (count, IV, AES-GCM context, the
-        # three header prefixes, salt)
+        # four header prefixes, salt)
         self._local = threading.local()
         self._subkeys = {}
         self._v1_heads = tuple(_V1_PREFIX + bytes([c]) + dek_id
@@ -386,7 +394,7 @@ class Sealer:
         """The salt of this thread's current subkey (None before its first
         seal)."""
         current = getattr(self._local, 'current', None)
-        return None if current is None else current[6]
+        return None if current is None else current[-1]
 
     # -- sealing ---------------------------------------------------------
 
@@ -409,6 +417,8 @@ class Sealer:
             return self.seal_record(plaintext, oid)
         if context == CONTEXT_STATE:
             return self.seal_state(plaintext)
+        if context == CONTEXT_METADATA:
+            return self.seal_metadata(plaintext)
         return self.seal_data(plaintext)
 
     def _seal_fixed(self, plaintext, context, aad, nonce, salt):
@@ -428,7 +438,7 @@ class Sealer:
         return header + self._subkey(salt).encrypt(nonce, plaintext,
                                                    header + aad)
 
-    # The three seal_* methods repeat the same steps inline (the fork
+    # The seal_* methods repeat the same steps inline (the fork
     # marker, this thread's subkey, its count): they are the hot path of
     # every object state, record and facility.encrypt.
 
@@ -463,6 +473,23 @@ class Sealer:
             i = next(current[0])
         nonce = (current[1] ^ i).to_bytes(12, 'big')
         header = current[5] + nonce
+        return header + current[2].encrypt(nonce, plaintext, header)
+
+    def seal_metadata(self, plaintext):
+        """:meth:`seal` for the transaction metadata context (the storage
+        wrapper's ``tpc_begin``: once per transaction, not a hot path)."""
+        if not _marker[0]:
+            _after_fork()
+        try:
+            current = self._local.current
+        except AttributeError:
+            current = self._renew()
+        i = next(current[0])
+        if i > SUBKEY_LIMIT:
+            current = self._renew()
+            i = next(current[0])
+        nonce = (current[1] ^ i).to_bytes(12, 'big')
+        header = current[6] + nonce
         return header + current[2].encrypt(nonce, plaintext, header)
 
     def seal_record(self, plaintext, oid):
@@ -521,8 +548,8 @@ class Sealer:
                                   data[:V1_HEADER_SIZE] + tail)
 
     def open_data(self, data):
-        """:meth:`open` for the data and object state contexts (either
-        version)."""
+        """:meth:`open` for the data, object state and transaction
+        metadata contexts (either version; metadata: version 2 only)."""
         try:
             return self._open(data, b'')
         except InvalidTag:
@@ -531,6 +558,7 @@ class Sealer:
                 'wrong key)' % self.dek_id.hex()) from None
 
     open_state = open_data
+    open_metadata = open_data
 
     def open(self, data, context=CONTEXT_DATA, oid=None):
         """Return the plaintext of ``data``, sealed under this DEK.

@@ -11,6 +11,9 @@ server side of a ZEO deployment whose clients encrypt.  The modules:
     undo, pack);
 ``checks``
     the downgrade checks of migrate mode;
+``metadata``
+    the transaction metadata (user, description, extension), sealed and
+    opened;
 ``blobs``
     blob files and their plaintext copies;
 ``connections``

@@ -13,13 +13,17 @@ class ServerEncryptingStorage(EncryptingStorage):
     server storage with ``pack-gc false`` (see ``docs/storage.rst``).
     """
 
-    #: Methods carrying records that the server takes from the base
-    #: storage as they are (ciphertext for the clients to open).
+    #: Methods carrying records or transaction metadata that the server
+    #: takes from the base storage as they are (ciphertext and sealed
+    #: metadata for the clients to open; the clients sealed the metadata
+    #: of their transactions before ``tpc_begin`` reached the server).
     passed_through = ('load', 'loadBefore', 'loadSerial', 'record_iternext',
                       'iterator', 'loadBlob', 'openCommittedBlobFile',
+                      'tpc_begin', 'undoLog', 'undoInfo', 'history',
                       'temporaryDirectory')
 
     _own_mvcc = False      # the ZEO server reads the storage itself
+    _seals_metadata = False
 
     def __init__(self, base, *args, **kw):
         kw['blob_cache_size'] = 0       # the server opens no blob

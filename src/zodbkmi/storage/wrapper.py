@@ -24,13 +24,15 @@ Three modes (see ``docs/storage.rst``):
 
 The blob methods are in :mod:`zodbkmi.storage.blobs`, the checks of
 migrate mode in :mod:`zodbkmi.storage.checks`, the oids of records given
-without one in :mod:`zodbkmi.storage.oids` and the storages of
-connections in :mod:`zodbkmi.storage.connections`.
+without one in :mod:`zodbkmi.storage.oids`, the transaction metadata in
+:mod:`zodbkmi.storage.metadata` and the storages of connections in
+:mod:`zodbkmi.storage.connections`.
 """
 import logging
 import os
 import threading
 
+import ZODB._compat
 import ZODB.blob
 import ZODB.interfaces
 import zope.interface
@@ -55,6 +57,7 @@ from zodbkmi.storage.common import STRICT
 from zodbkmi.storage.common import annotate
 from zodbkmi.storage.common import is_sealed
 from zodbkmi.storage.common import oid_text
+from zodbkmi.storage.metadata import MetadataSealing
 from zodbkmi.storage.oids import OidRecovery
 from zodbkmi.storage.oids import stored_records
 from zodbkmi.storage.oids import undone_oids
@@ -82,9 +85,9 @@ CONDITIONAL_INTERFACES = (
 #: Methods of the provided interfaces that carry no record data and go to
 #: the base storage unchanged (with the reason in ``docs/storage.rst``).
 PASS_THROUGH = frozenset((
-    'close', 'getName', 'getSize', 'history', 'isReadOnly',
-    'lastTransaction', 'new_oid', 'sortKey', 'tpc_begin', 'tpc_vote',
-    'supportsUndo', 'undoLog', 'undoInfo', 'checkCurrentSerialInTransaction',
+    'close', 'getName', 'getSize', 'isReadOnly',
+    'lastTransaction', 'new_oid', 'sortKey', 'tpc_vote',
+    'supportsUndo', 'checkCurrentSerialInTransaction',
     'deleteObject', 'prefetch', 'afterCompletion',
 ))
 
@@ -126,6 +129,8 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
 
     # the MVCC layer for a base without one (ServerEncryptingStorage: no)
     _own_mvcc = True
+    # seals and opens the transaction metadata (ServerEncryptingStorage: no)
+    _seals_metadata = True
 
     def __init__(self, base, facility, key=None, previous_keys=(),
                  keyholder=None, mode=STRICT, plaintext_dir=None,
@@ -159,6 +164,11 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             if IRecordFastPath.providedBy(facility) else _no_fast_path)
         self._write_plaintext = mode == DECRYPT_ONLY
         self._read_plaintext = mode != STRICT
+        # transaction metadata (user, description, extension)
+        self._metadata = (MetadataSealing(facility, key,
+                                          self._decrypt_keys,
+                                          self._write_plaintext)
+                          if self._seals_metadata else None)
         # migrate mode: (oid, revision) pairs found clean, and the layout
         # the history of an oid is read in
         self._checked = {}
@@ -326,12 +336,43 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             return self.base.tpc_finish(transaction, func)
         finally:
             self._oids.forget(transaction)
+            self._metadata_ended(transaction)
 
     def tpc_abort(self, transaction):
         try:
             return self.base.tpc_abort(transaction)
         finally:
             self._oids.forget(transaction)
+            self._metadata_ended(transaction)
+
+    # -- transaction metadata (zodbkmi.storage.metadata) -------------------
+
+    def tpc_begin(self, transaction, *args, **kw):
+        """Begin in the base storage with the metadata of ``transaction``
+        (user, description, extension) sealed; ``transaction`` gets its
+        own back when it ends."""
+        return self._metadata.tpc_begin(self.base.tpc_begin, transaction,
+                                        *args, **kw)
+
+    def _metadata_ended(self, transaction):
+        if self._metadata is not None:
+            self._metadata.ended(transaction)
+
+    def undoLog(self, first=0, last=-20, filter=None):
+        """The base storage's undo log with the metadata opened; a
+        ``filter`` sees the opened metadata."""
+        return self._metadata.undoLog(self.base.undoLog, first, last, filter)
+
+    def undoInfo(self, first=0, last=-20, specification=None):
+        """As :meth:`undoLog`, with a ``specification`` matched against
+        the opened metadata."""
+        return self._metadata.undoInfo(self.base.undoLog, self.base.undoInfo,
+                                       first, last, specification)
+
+    def history(self, oid, size=1):
+        """The base storage's history of ``oid`` with the metadata
+        opened."""
+        return self._metadata.open_entries(self.base.history(oid, size))
 
     # -- iteration -------------------------------------------------------
 
@@ -533,11 +574,26 @@ class _Iterator:
 
 
 class _Transaction:
-    """One transaction of an iteration; its records are opened."""
+    """One transaction of an iteration; its records and its metadata are
+    opened (when its metadata does not open, the iteration raises the
+    facility's error, naming the transaction id)."""
 
     def __init__(self, storage, txn):
         self._storage = storage
         self._txn = txn
+        metadata = storage._metadata
+        opened = None if metadata is None else metadata.opened(txn)
+        if opened is not None:
+            # attributes of its own: tpc_begin (copyTransactionsFrom)
+            # replaces and restores them
+            self.user, self.description, self.extension_bytes = opened
+            self.extension = (ZODB._compat.loads(self.extension_bytes)
+                              if self.extension_bytes else {})
+
+    @property
+    def _extension(self):
+        # ZODB's deprecated name, still read by some tools
+        return self.extension
 
     def __iter__(self):
         unseal = self._storage.unseal
