@@ -549,6 +549,9 @@ class BlobTests(_TempDir, unittest.TestCase):
     def _makeOne(self, **kw):
         from zodbkmi.storage import EncryptingStorage
         from zodbkmi.testing import KeyEncryptingKey
+        # the private copies (the cache of repeated loads is tested in
+        # tests/test_storage_blobs.py)
+        kw.setdefault('blob_cache_size', 0)
         return EncryptingStorage(
             ZODB.FileStorage.FileStorage('Data.fs', blob_dir='blobs'),
             self.facility, KeyEncryptingKey, **kw)
@@ -763,10 +766,13 @@ class BlobTests(_TempDir, unittest.TestCase):
         conn.close()
         db.close()
 
-    def test_copies_removed_at_end_of_explicit_transaction(self):
+    def test_copies_removed_after_explicit_transaction(self):
         # a connection with a transaction manager of its own (pyramid_tm's
-        # explicit mode): its copies go when its transaction ends, not
-        # with the thread's default transaction
+        # explicit mode): its copies go after its transaction ends, not
+        # with the thread's default transaction: at once when the
+        # connection starts its next transaction itself (not explicit),
+        # else when the next transaction begins (the blob objects that
+        # name them are invalidated then)
         db = self._five_blobs()
         for explicit in (True, False):
             tm = transaction.TransactionManager(explicit=explicit)
@@ -779,8 +785,12 @@ class BlobTests(_TempDir, unittest.TestCase):
             transaction.abort()     # the thread's default transaction
             self.assertTrue(all(os.path.exists(n) for n in names))
             tm.abort()
+            if explicit:
+                self.assertTrue(all(os.path.exists(n) for n in names))
+                tm.begin()
             self.assertFalse([n for n in names if os.path.exists(n)])
-            tm.begin()
+            if not explicit:
+                tm.begin()
             with conn.root()[0].open() as f:     # decrypted again
                 self.assertEqual(f.read(), b'blob 0')
             tm.commit()
@@ -820,8 +830,15 @@ class BlobTests(_TempDir, unittest.TestCase):
         conn = db.open(tm)
         name = conn.root()[2].committed()
         conn.close()      # inside the transaction, nothing changed
+        # the pooled connection's blob object still names the copy: it
+        # goes when the connection next polls (its next transaction)
+        self.assertTrue(os.path.exists(name))
+        tm.abort()
+        tm.begin()
+        self.assertIs(db.open(tm), conn)
         self.assertFalse(os.path.exists(name))
         tm.abort()
+        conn.close()
         db.close()
         self.assertFalse(os.path.exists(os.path.dirname(name)))
 
@@ -840,7 +857,10 @@ class BlobTests(_TempDir, unittest.TestCase):
         with conn.root()[3].open() as f:
             self.assertEqual(f.read(), b'blob 3')
         tm.abort()
+        self.assertTrue(os.path.exists(name))     # explicit: see above
+        tm.begin()
         self.assertFalse(os.path.exists(name))
+        tm.abort()
         conn.close()
         db.close()
 
@@ -914,10 +934,6 @@ class BlobTests(_TempDir, unittest.TestCase):
             with open(os.path.join(path, 'copy.blob'), 'wb') as f:
                 f.write(SECRET.encode())
         self._store().close()
-        from zodbkmi import storage
-        self.assertNotIn(os.path.abspath('plain'), storage.blobs._swept)
-        self.addCleanup(storage.blobs._swept.discard,
-                        os.path.abspath('plain'))
         db = ZODB.DB(self._makeOne(plaintext_dir='plain'))
         with db.transaction() as conn:
             with conn.root()['blob'].open() as f:

@@ -229,13 +229,6 @@ class _Stack(unittest.TestCase):
             for _ in revisions))
 
 
-BLOBS_HELPER = (
-    'defect 2 of issue #17, helper "blobs": uncommitted blob files are '
-    'written in plaintext to the base storage\'s temporaryDirectory() (the '
-    'S3 staging directory, ZEO\'s blob_dir/tmp: the server\'s when '
-    'shared, RelStorage\'s blob cache/tmp), savepoint copies (.spb) too')
-
-
 def _with_plaintext_dir(config, here):
     os.makedirs(os.path.join(here, 'plain'), exist_ok=True)
     return config.replace('<encryptingstorage>\n',
@@ -365,7 +358,6 @@ class S3BlobsTests(_Stack):
     def test_conflict_resolution(self):
         self.check_conflict_resolution(self.open_config(self.config()))
 
-    @unittest.skip(BLOBS_HELPER)
     def test_uncommitted_blob(self):
         db = self.open_config(_with_plaintext_dir(self.config(), self.tmp))
         self.write_uncommitted(
@@ -626,7 +618,6 @@ class RelStorageBlobTests(_Stack):
             self.assertTrue(self.assertOnlyCiphertext(
                 files_under(self.path(cache))), cache)
 
-    @unittest.skip(BLOBS_HELPER)
     def test_uncommitted_blob(self):
         self.write_uncommitted(self.open_config(_with_plaintext_dir(
             self.config('cache'), self.tmp)))
@@ -699,12 +690,10 @@ class ZEOBlobTests(_Stack):
     def test_blob_cache(self):
         self.check(shared=False)
 
-    @unittest.skip(BLOBS_HELPER)
     def test_uncommitted_blob_shared(self):
         self.write_uncommitted(self.open_config(_with_plaintext_dir(
             self.config(self.server_blobs, True), self.tmp)))
 
-    @unittest.skip(BLOBS_HELPER)
     def test_uncommitted_blob_cache(self):
         self.write_uncommitted(self.open_config(_with_plaintext_dir(
             self.config(self.path('cache'), False), self.tmp)))

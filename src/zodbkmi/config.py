@@ -73,7 +73,20 @@ class EncryptingStorageFactory:
         return _wrap(self._factory, c.base.open(), facility, key, previous,
                      mode=c.mode, plaintext_dir=c.plaintext_dir,
                      migrate_since=c.migrate_since,
-                     create_key=c.create_key)
+                     create_key=c.create_key,
+                     **blob_cache_settings(c.blob_cache_size,
+                                           c.blob_cache_dir))
+
+
+def blob_cache_settings(size, directory):
+    """The keywords of the blob cache settings given (unset: the
+    defaults)."""
+    kw = {}
+    if size is not None:
+        kw['blob_cache_size'] = size
+    if directory is not None:
+        kw['blob_cache_dir'] = directory
+    return kw
 
 
 class ServerEncryptingStorageFactory(EncryptingStorageFactory):
@@ -84,7 +97,8 @@ class ServerEncryptingStorageFactory(EncryptingStorageFactory):
 
 #: Query parameters of the zodburi scheme that belong to zodbkmi.
 URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode',
-                  'plaintext_dir', 'migrate_since', 'create_key')
+                  'plaintext_dir', 'migrate_since', 'create_key',
+                  'blob_cache_size', 'blob_cache_dir')
 
 
 def uri_resolver(uri):
@@ -93,8 +107,9 @@ def uri_resolver(uri):
     The URI is the URI of the storage to wrap with ``zodbkmi+`` in front
     and the key settings in its query: ``key_file`` and ``key_dir``
     (required), ``previous_key_file`` (repeatable), ``mode``,
-    ``plaintext_dir``, ``migrate_since`` and ``create_key`` (``auto``,
-    the default, ``true`` or ``false``).  Returns
+    ``plaintext_dir``, ``migrate_since``, ``create_key`` (``auto``,
+    the default, ``true`` or ``false``), ``blob_cache_size`` (bytes, 0:
+    off) and ``blob_cache_dir``.  Returns
     ``(factory, dbkw)`` as zodburi resolvers do.
     """
     import urllib.parse
@@ -129,6 +144,15 @@ def uri_resolver(uri):
     if plaintext_dir is not None and not os.path.isdir(plaintext_dir):
         raise ValueError('zodbkmi URI: plaintext_dir %r is not a directory'
                          % plaintext_dir)
+    cache_size = ours.get('blob_cache_size') or None
+    if cache_size is not None:
+        try:
+            cache_size = int(cache_size)
+        except ValueError:
+            raise ValueError('zodbkmi URI: blob_cache_size %r is not a '
+                             'number of bytes' % cache_size) from None
+    cache = blob_cache_settings(cache_size,
+                                ours.get('blob_cache_dir') or None)
     inner = inner_scheme + ':' + path
     if others:
         inner += '?' + urllib.parse.urlencode(others)
@@ -140,5 +164,5 @@ def uri_resolver(uri):
                                         previous, wanted)
         return _wrap(EncryptingStorage, base_factory(), facility, key,
                      prev, mode=wanted, plaintext_dir=plaintext_dir,
-                     migrate_since=since, create_key=creates)
+                     migrate_since=since, create_key=creates, **cache)
     return factory, dbkw

@@ -3,6 +3,7 @@ import os
 import shutil
 import stat
 import tempfile
+import weakref
 
 import transaction
 
@@ -21,16 +22,15 @@ _STREAM_MAGIC = stream.MAGIC
 _STREAM_MAGIC_SIZE = len(_STREAM_MAGIC)
 
 PRIVATE_PREFIX = 'zodbkmi-blobs-'
-_swept = set()
 
 
 def sweep_plaintext_dirs(parent=None):
     """Remove the private directories of plaintext blob copies that
     processes of this user left in ``parent`` (default: the system's
     temporary directory) when they were killed: those whose process no
-    longer runs.  Return the paths removed.  The first
-    ``EncryptingStorage`` of a process that makes its private directory in
-    ``parent`` calls it first."""
+    longer runs.  Return the paths removed.  Each ``EncryptingStorage``
+    calls it on its ``plaintext_dir`` when it opens, and the blob cache on
+    its directory (:mod:`zodbkmi.storage.blobcache`)."""
     parent = parent or tempfile.gettempdir()
     removed = []
     try:
@@ -66,14 +66,35 @@ class _PlaintextCopies:
     ``PRIVATE_PREFIX`` + process id, so that :func:`sweep_plaintext_dirs`
     finds it after a crash); a connection's directory is made inside the
     storage's (``parent``).  A copy is named by oid and serial: loading a
-    blob twice in one scope decrypts it once.
+    blob twice in one scope decrypts it once.  With a blob cache (see
+    :mod:`zodbkmi.storage.blobcache`), a copy is the cache's file, pinned
+    until it is removed here.
+
+    A connection's copies are released when its transaction ends
+    (:meth:`release_all`), but removed only once no blob object can use
+    them: when the connection polls invalidations, :meth:`collect` removes
+    the released copies and returns their oids for the connection to
+    invalidate (so the blob objects become ghosts and load a fresh copy
+    when used again), except those of blob objects still open for
+    reading, kept until a later poll finds them closed, and the cache's
+    files, kept pinned for their blob objects as long as the cache is not
+    crowded (:meth:`~zodbkmi.storage.blobcache.BlobCache.crowded`).
     """
 
     def __init__(self, storage, parent=None):
         self.storage = storage      # the EncryptingStorage that decrypts
         self.parent = parent
         self.path = None
-        self.names = {}             # the copies made (an ordered set)
+        self.names = {}             # the copies made: name -> (oid, serial)
+        self.keys = {}              # (oid, serial) -> name
+        self.cached = set()         # names that are pinned cache files
+        self.active = set()         # keys used since the transaction end
+        self.released = set()       # keys released at a transaction end
+        self.held = {}              # oid -> serials of cache files kept
+        self.readers = {}           # oid -> weak reference to its blob
+        if parent is None and getattr(storage, '_sweeps', True):
+            # what killed processes left: swept when a storage opens
+            sweep_plaintext_dirs(storage._plaintext_dir)
 
     def directory(self):
         path = self.path
@@ -83,55 +104,181 @@ class _PlaintextCopies:
                                         dir=self.parent.directory())
             else:
                 where = self.storage._plaintext_dir
-                parent = where or tempfile.gettempdir()
-                if parent not in _swept:
-                    # once per directory and process
-                    _swept.add(parent)
-                    sweep_plaintext_dirs(parent)
                 path = tempfile.mkdtemp(
                     prefix='%s%d-' % (PRIVATE_PREFIX, os.getpid()), dir=where)
             self.path = path
+        return path
+
+    def temporary(self):
+        """The directory of uncommitted blob files (mode 0700), inside the
+        private directory."""
+        path = os.path.join(self.directory(), 'tmp')
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
         return path
 
     def _name(self, oid, serial):
         return os.path.join(self.directory(),
                             '%s-%s.blob' % (oid.hex(), serial.hex()))
 
+    def _known(self, key):
+        name = self.keys.get(key)
+        if name is not None and (name in self.cached or
+                                 os.path.exists(name)):
+            return name
+        return None
+
+    def _cache(self):
+        return getattr(self.storage, '_blob_cache', None)
+
+    def _fill(self, oid, serial):
+        storage = self.storage
+        return lambda name: storage._open_blob_plain(oid, serial, None, name)
+
     def load(self, oid, serial):
         """Return the name of the copy of the blob and whether it was made
-        by this call."""
-        name = self._name(oid, serial)
-        if os.path.exists(name):
+        (or taken from the cache) by this call."""
+        key = (oid, serial)
+        name = self._known(key)
+        if name is not None:
+            self._use(key)
             return name, False
-        self.storage._open_blob_plain(oid, serial, None, name)
-        self.names[name] = None
+        cache = self._cache()
+        if cache is not None:
+            name = cache.acquire(oid, serial, self._fill(oid, serial))
+            if name is not None:
+                self.cached.add(name)
+        if name is None:
+            name = self._name(oid, serial)
+            if not os.path.exists(name):
+                self.storage._open_blob_plain(oid, serial, None, name)
+        self.names[name] = key
+        self.keys[key] = name
+        self.active.add(key)
         return name, True
+
+    def _use(self, key):
+        self.active.add(key)
+        self.released.discard(key)
+        self._unhold(key)
+
+    def _unhold(self, key):
+        serials = self.held.get(key[0])
+        if serials is not None:
+            serials.discard(key[1])
+            if not serials:
+                del self.held[key[0]]
+
+    def _open(self, name, blob):
+        if blob is None:
+            return open(name, 'rb')
+        return ZODB.blob.BlobFile(name, 'r', blob)
 
     def open(self, oid, serial, blob=None):
         """An open file on the plaintext of the blob: the copy when there
-        is one, else a new copy whose name is removed at once."""
-        name = self._name(oid, serial)
-        temporary = not os.path.exists(name)
-        if temporary:
-            name = self.storage._open_blob_plain(oid, serial,
-                                                 self.directory())
+        is one, else the cache's, else a new copy whose name is removed at
+        once."""
+        if blob is not None and self.parent is not None:
+            # a connection's: its blob objects are invalidated at polls
+            self.readers[oid] = weakref.ref(blob)
+        name = self._known((oid, serial))
+        if name is not None:
+            return self._open(name, blob)
+        cache = self._cache()
+        if cache is not None:
+            name = cache.acquire(oid, serial, self._fill(oid, serial))
+            if name is not None:
+                try:
+                    return self._open(name, blob)
+                finally:
+                    cache.release(oid, serial)
+        name = self.storage._open_blob_plain(oid, serial, self.directory())
         try:
-            if blob is None:
-                return open(name, 'rb')
-            return ZODB.blob.BlobFile(name, 'r', blob)
+            return self._open(name, blob)
         finally:
-            if temporary:
-                _remove(name)
+            _remove(name)
 
     def remove(self, names=None):
         """Remove the copies ``names`` (default: all)."""
         for name in list(self.names) if names is None else names:
-            self.names.pop(name, None)
-            _remove(name)
+            key = self.names.pop(name, None)
+            if key is not None:
+                self.keys.pop(key, None)
+                self.active.discard(key)
+                self.released.discard(key)
+                self._unhold(key)
+            if name in self.cached:
+                self.cached.discard(name)
+                cache = self._cache()
+                if cache is not None and key is not None:
+                    cache.release(*key)
+            else:
+                _remove(name)
+
+    def release_all(self):
+        """The connection's transaction ended: its copies may go once no
+        blob object uses them (see :meth:`collect`)."""
+        self.released.update(self.active)
+        self.active.clear()
+
+    def collect(self, invalidated=()):
+        """Remove the released copies whose blob objects are not open
+        (every released copy when ``invalidated`` is None: the connection
+        then invalidates its whole cache), except the cache's files, kept
+        pinned (held) while the cache is not crowded and their oids are not
+        invalidated; return the oids to invalidate besides ``invalidated``
+        so that the blob objects of the removed copies become ghosts."""
+        everything = invalidated is None
+        invalidated = set(invalidated or ())
+        cache = self._cache()
+        crowded = cache is not None and cache.crowded()
+        candidates = set(self.released)
+        if self.held:
+            if everything or crowded:
+                held = self.held
+                self.held = {}
+            else:
+                held = {oid: self.held.pop(oid) for oid in invalidated
+                        if oid in self.held}
+            for oid, serials in held.items():
+                candidates.update((oid, serial) for serial in serials)
+        if not candidates:
+            return []
+        keep_cached = cache is not None and not everything and not crowded
+        changed = frozenset(invalidated)
+        oids = []
+        for key in candidates:
+            oid = key[0]
+            name = self.keys.get(key)
+            if name is None:
+                self.released.discard(key)
+                continue
+            if not everything and oid not in changed:
+                ref = self.readers.get(oid)
+                blob = ref() if ref is not None else None
+                if blob is not None and blob.opened():
+                    # an open file would be closed: kept until a later poll
+                    self.released.add(key)
+                    continue
+                if keep_cached and name in self.cached:
+                    # the cache's file stays pinned for the blob object
+                    self.released.discard(key)
+                    self.held.setdefault(oid, set()).add(key[1])
+                    continue
+            self.remove([name])
+            self.readers.pop(oid, None)
+            if oid not in invalidated:
+                invalidated.add(oid)
+                oids.append(oid)
+        return oids
 
     def close(self):
         """Remove every copy and the directory."""
         self.remove()
+        self.readers.clear()
+        self.held.clear()
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
@@ -165,10 +312,12 @@ class BlobMethods:
         (the plaintext removed).  Return the name of the encrypted file."""
         if self._write_plaintext or filename is None:
             return filename
-        if self._seal_blob_in_place(filename, oid):
+        elsewhere = self._base_temporary_elsewhere(filename)
+        if elsewhere is None and self._seal_blob_in_place(filename, oid):
             return filename
         fd, sealed = tempfile.mkstemp(
-            suffix='.zks', dir=os.path.dirname(os.path.abspath(filename)))
+            suffix='.zks',
+            dir=elsewhere or os.path.dirname(os.path.abspath(filename)))
         try:
             with open(filename, 'rb') as src, os.fdopen(fd, 'wb') as dst:
                 self.facility.encrypt_file(self._key, src, dst, oid=oid)
@@ -177,6 +326,39 @@ class BlobMethods:
             raise
         ZODB.blob.remove_committed(filename)
         return sealed
+
+    def _base_temporary_elsewhere(self, filename):
+        """The base storage's temporary directory when it is on another
+        file system than ``filename`` (the base would copy a file sealed in
+        place: it is sealed into a new file there instead), else None."""
+        temporary = getattr(self.base, 'temporaryDirectory', None)
+        if temporary is None:
+            return None
+        try:
+            directory = temporary()
+            if os.stat(directory).st_dev != os.stat(filename).st_dev:
+                return directory
+        except (OSError, TypeError, AttributeError):
+            pass
+        return None
+
+    def temporaryDirectory(self):
+        """The directory of blob files being written (uncommitted, in
+        plaintext): ``tmp`` in the storage's private directory (mode 0700,
+        swept after a killed process like the copies), not the base
+        storage's.  The blob files are sealed when committed."""
+        return self._copies.temporary()
+
+    @property
+    def blob_cache(self):
+        """The cache of plaintext blob copies for repeated loads (a
+        :class:`~zodbkmi.storage.blobcache.BlobCache`), or None when off."""
+        return getattr(self, '_blob_cache', None)
+
+    def _close_blob_cache(self):
+        cache = getattr(self, '_blob_cache', None)
+        if cache is not None and getattr(self, '_owns_blob_cache', True):
+            cache.close()
 
     def _seal_blob_in_place(self, filename, oid):
         if not IInPlaceFileEncryption.providedBy(self.facility):

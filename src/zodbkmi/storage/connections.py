@@ -2,8 +2,14 @@
 
 :meth:`EncryptingStorage.new_instance
 <zodbkmi.storage.EncryptingStorage.new_instance>` gives each connection a
-storage of its own, which removes the connection's plaintext blob copies
-when its transaction ends, whatever its transaction manager.  Over an MVCC
+storage of its own, which keeps the connection's plaintext blob copies
+apart.  A copy is released when the connection's transaction ends
+(``afterCompletion``, whatever its transaction manager) and removed when
+the connection next polls invalidations: its oid is then invalidated too,
+so that the blob object, whose ``_p_blob_committed`` names the copy,
+becomes a ghost and loads a fresh copy when used again (ZODB's ``'a'`` and
+``'r+'`` open that name).  A blob object still open for reading keeps its
+copy until a later poll finds it closed.  Over an MVCC
 base (RelStorage) that is a wrapper of a new base instance
 (:class:`_InstanceStorage`); over any other base, the wrapper is the MVCC
 layer itself, with ZODB's MVCCAdapter reading through the outermost
@@ -19,7 +25,8 @@ from zodbkmi.storage.wrapper import EncryptingStorage
 
 class _CopiesOfConnection:
     """Blob methods of a connection's storage: plaintext copies in the
-    connection's own directory, removed when its transaction ends."""
+    connection's own directory, released when its transaction ends and
+    removed, with their blob objects invalidated, when it polls."""
 
     def loadBlob(self, oid, serial):
         return self._copies.load(oid, serial)[0]
@@ -30,15 +37,26 @@ class _CopiesOfConnection:
     def afterCompletion(self):
         # called by the connection at the end of each transaction of its
         # transaction manager, and when it is closed
-        self._copies.remove()
+        self._copies.release_all()
+
+    def _with_released(self, invalidated):
+        # the oids of the released copies, invalidated with those of the
+        # storage (None: the whole cache)
+        more = self._copies.collect(invalidated)
+        if invalidated is None or not more:
+            return invalidated
+        return list(invalidated) + more
 
 
 class _InstanceStorage(_CopiesOfConnection, EncryptingStorage):
     """The wrapper of an instance of an MVCC base storage (RelStorage): the
-    storage of one connection.  Its plaintext blob copies are removed when
-    the connection's transaction ends (``afterCompletion``, called by the
-    connection whatever its transaction manager, and when it is closed),
-    when it syncs and when it is released."""
+    storage of one connection.  Its plaintext blob copies are released
+    when the connection's transaction ends (``afterCompletion``, called by
+    the connection whatever its transaction manager, and when it is
+    closed), removed when it polls invalidations and when it is
+    released."""
+
+    _sweeps = False     # its storage swept when it opened
 
     _checks_keys = False    # checked when the storage was opened
 
@@ -49,8 +67,10 @@ class _InstanceStorage(_CopiesOfConnection, EncryptingStorage):
             after()
 
     def sync(self, force=True):
-        self._copies.remove()
         return self.base.sync(force)
+
+    def poll_invalidations(self):
+        return self._with_released(self.base.poll_invalidations())
 
     def release(self):
         self._copies.close()
@@ -63,6 +83,9 @@ class _HistoricalInstance(HistoricalStorageAdapter):
 
     def afterCompletion(self):
         self._storage.afterCompletion()
+
+    def poll_invalidations(self):
+        return self._storage._with_released([])
 
 
 class _MVCCAdapter(MVCCAdapter):
@@ -92,9 +115,9 @@ class _ConnectionStorage(_CopiesOfConnection, MVCCAdapterInstance):
         storage = adapter._encrypting
         self._copies = _PlaintextCopies(storage, storage._copies)
 
-    def sync(self, force=True):
-        self._copies.remove()
-        MVCCAdapterInstance.sync(self, force)
+    def poll_invalidations(self):
+        return self._with_released(
+            MVCCAdapterInstance.poll_invalidations(self))
 
     def release(self):
         self._copies.close()
@@ -112,6 +135,9 @@ class _HistoricalConnectionStorage(_CopiesOfConnection,
         HistoricalStorageAdapter.__init__(self, adapter._storage, before)
         storage = adapter._encrypting
         self._copies = _PlaintextCopies(storage, storage._copies)
+
+    def poll_invalidations(self):
+        return self._with_released([])
 
     def release(self):
         self._copies.close()

@@ -19,12 +19,14 @@ class ServerEncryptingStorage(EncryptingStorage):
     #: of their transactions before ``tpc_begin`` reached the server).
     passed_through = ('load', 'loadBefore', 'loadSerial', 'record_iternext',
                       'iterator', 'loadBlob', 'openCommittedBlobFile',
-                      'tpc_begin', 'undoLog', 'undoInfo', 'history')
+                      'tpc_begin', 'undoLog', 'undoInfo', 'history',
+                      'temporaryDirectory')
 
     _own_mvcc = False      # the ZEO server reads the storage itself
     _seals_metadata = False
 
     def __init__(self, base, *args, **kw):
+        kw['blob_cache_size'] = 0       # the server opens no blob
         EncryptingStorage.__init__(self, base, *args, **kw)
         for name in self.passed_through:
             method = getattr(base, name, None)

@@ -42,6 +42,7 @@ from zodbkmi.exceptions import NotEncryptedError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.interfaces import IRecordFastPath
 from zodbkmi.storage.blobs import BlobMethods
+from zodbkmi.storage.blobcache import make_cache
 from zodbkmi.storage.blobs import _PlaintextCopies
 from zodbkmi.storage.checks import UNCHECKED
 from zodbkmi.storage.checks import DowngradeChecks
@@ -90,7 +91,7 @@ PASS_THROUGH = frozenset((
     'close', 'getName', 'getSize', 'isReadOnly',
     'lastTransaction', 'new_oid', 'sortKey', 'tpc_vote',
     'supportsUndo', 'checkCurrentSerialInTransaction',
-    'deleteObject', 'prefetch', 'temporaryDirectory', 'afterCompletion',
+    'deleteObject', 'prefetch', 'afterCompletion',
 ))
 
 
@@ -110,6 +111,10 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
     ``plaintext_dir`` is the directory in which the storage makes its
     private directory of plaintext blob copies (default: the system's
     temporary directory; a RAM-backed file system keeps them off disks).
+    ``blob_cache_size`` (bytes; None: 256 MiB, 0: off) and
+    ``blob_cache_dir`` (default ``/dev/shm`` when it is RAM-backed, else
+    no cache) set the cache of plaintext blob copies kept for repeated
+    loads (see :mod:`zodbkmi.storage.blobcache`).
 
     ``create_key`` says whether opening creates the active data key of
     ``key`` (``False``, the default: never; ``'auto'``: for a database
@@ -143,7 +148,8 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
 
     def __init__(self, base, facility, key=None, previous_keys=(),
                  keyholder=None, mode=STRICT, plaintext_dir=None,
-                 migrate_since=None, create_key=False):
+                 migrate_since=None, create_key=False, blob_cache_size=None,
+                 blob_cache_dir=None):
         if keyholder is not None:
             if key is not None:
                 raise TypeError('give key or keyholder, not both')
@@ -199,6 +205,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         self._plaintext_dir = (os.path.abspath(plaintext_dir)
                                if plaintext_dir else None)
         self._copies = _PlaintextCopies(self)
+        self._blob_cache = make_cache(blob_cache_size, blob_cache_dir)
         self.db = None
 
         self._base_mvcc = ZODB.interfaces.IMVCCStorage.providedBy(base)
@@ -213,7 +220,13 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             provided.append(ZODB.interfaces.IMVCCStorage)
         zope.interface.directlyProvides(self, *provided)
         if self._checks_keys:
-            self.check_keys(create_key)
+            try:
+                self.check_keys(create_key)
+            except BaseException:
+                # refused: nothing of this storage stays behind
+                self._copies.close()
+                self._close_blob_cache()
+                raise
         self.register_with_base()
 
     def __repr__(self):
@@ -339,6 +352,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
             return self.base.close()
         finally:
             self._copies.close()
+            self._close_blob_cache()
 
     def tpc_finish(self, transaction, func=lambda tid: None):
         try:
@@ -541,8 +555,10 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         other = _InstanceStorage(
             base_instance, self.facility, self._key, self._previous_keys,
             mode=self.mode, plaintext_dir=self._plaintext_dir,
-            migrate_since=since)
+            migrate_since=since, blob_cache_size=0)
         other._checked = self._checked
+        other._blob_cache = self._blob_cache       # one cache, shared
+        other._owns_blob_cache = False
         other._copies.parent = self._copies
         if self.db is not None:
             other.registerDB(self.db)
