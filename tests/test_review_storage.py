@@ -518,26 +518,54 @@ class PlaintextAfterStartTests(_MigrateBase, unittest.TestCase):
     def test_plaintext_blob_file_under_an_encrypted_record(self):
         # migrate mode reads plaintext blob files of plaintext records
         # only: a plaintext file put in place of an encrypted one is refused
+        # (without the cache of plaintext copies: with it, see below)
         from zodbkmi.storage import MIGRATE
         storage = self._wrap(ZODB.FileStorage.FileStorage(
-            'Blobs.fs', blob_dir='blobs'), mode=MIGRATE)
+            'Blobs.fs', blob_dir='blobs'), mode=MIGRATE, blob_cache_size=0)
         db = ZODB.DB(storage)
         try:
-            with db.transaction() as conn:
-                conn.root()['scan'] = ZODB.blob.Blob(SECRET)
-            with db.transaction() as conn:
-                blob = conn.root()['scan']
-                blob._p_activate()
-                oid, serial = blob._p_oid, blob._p_serial
-            path = storage.fshelper.getBlobFilename(oid, serial)
-            os.chmod(path, 0o644)
-            with open(path, 'wb') as f:
-                f.write(FORGED)
+            oid, serial = self._forge_blob_file(db, storage)
             with self.assertRaises(exceptions.NotEncryptedError) as cm:
                 storage.openCommittedBlobFile(oid, serial)
             self.assertIn('its record is', str(cm.exception))
         finally:
             db.close()
+
+    def test_plaintext_blob_file_under_a_cached_revision(self):
+        # a revision the cache of plaintext copies holds was authenticated
+        # when it was decrypted, and a revision never changes: a file
+        # forged afterwards is not read at all
+        from zodbkmi.storage import MIGRATE
+        from zodbkmi.storage.blobcache import default_directory
+        if default_directory() is None:
+            self.skipTest('no RAM-backed file system for the cache')
+        cache = tempfile.mkdtemp(dir=default_directory())
+        self.addCleanup(shutil.rmtree, cache, True)
+        storage = self._wrap(ZODB.FileStorage.FileStorage(
+            'Blobs.fs', blob_dir='blobs'), mode=MIGRATE,
+            blob_cache_dir=cache)
+        db = ZODB.DB(storage)
+        try:
+            oid, serial = self._forge_blob_file(db, storage)
+            with storage.openCommittedBlobFile(oid, serial) as f:
+                self.assertEqual(f.read(), SECRET)
+        finally:
+            db.close()
+
+    def _forge_blob_file(self, db, storage):
+        """Commit and load a blob, then put a plaintext file in place of
+        its encrypted one; return its oid and serial."""
+        with db.transaction() as conn:
+            conn.root()['scan'] = ZODB.blob.Blob(SECRET)
+        with db.transaction() as conn:
+            blob = conn.root()['scan']
+            blob._p_activate()
+            oid, serial = blob._p_oid, blob._p_serial
+        path = storage.fshelper.getBlobFilename(oid, serial)
+        os.chmod(path, 0o644)
+        with open(path, 'wb') as f:
+            f.write(FORGED)
+        return oid, serial
 
 
 class ConflictResolutionTests(_MigrateBase, unittest.TestCase):

@@ -290,17 +290,19 @@ class BlobMethods:
 
     def storeBlob(self, oid, oldserial, data, blobfilename, version,
                   transaction):
-        return self.base.storeBlob(oid, oldserial,
-                                   self._sealed(data, oid, transaction),
-                                   self._seal_blob(blobfilename, oid), version,
-                                   transaction)
+        data = self._sealed(data, oid, transaction)
+        sealed = self._seal_blob(blobfilename, oid)
+        with self._ending:      # see EncryptingStorage.__init__
+            return self.base.storeBlob(oid, oldserial, data, sealed, version,
+                                       transaction)
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
                     transaction):
-        return self.base.restoreBlob(oid, serial,
-                                     self._sealed(data, oid, transaction),
-                                     self._seal_blob(blobfilename, oid), prev_txn,
-                                     transaction)
+        data = self._sealed(data, oid, transaction)
+        sealed = self._seal_blob(blobfilename, oid)
+        with self._ending:
+            return self.base.restoreBlob(oid, serial, data, sealed, prev_txn,
+                                         transaction)
 
     # -- blobs -----------------------------------------------------------
 

@@ -208,6 +208,19 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         self._blob_cache = make_cache(blob_cache_size, blob_cache_dir)
         self.db = None
 
+        # Held around the calls that write blob files into the base storage
+        # and around the ends of transactions.  ZODB's BlobStorage proxy
+        # keeps the blob files of the transaction being committed in one
+        # list shared by every transaction (``dirty_oids``), and clears it
+        # in tpc_finish only after the storage inside it has released its
+        # commit lock: a transaction that gets the lock in between and
+        # aborts removes the files of the one just committed (a blob
+        # record without its file: POSKeyError for good; plain ZODB loses
+        # them the same way).  Ending transactions one at a time through
+        # this wrapper closes that window (tests/test_storage_blobproxy.py).
+        # Commits are serialised by the base storage anyway.
+        self._ending = threading.RLock()
+
         self._base_mvcc = ZODB.interfaces.IMVCCStorage.providedBy(base)
         self._mvcc = None
         self._adapter_lock = threading.Lock()
@@ -343,7 +356,8 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         if self.migrate_since is not None:
             self._refuse_plaintext_undo(transaction_id, oids.candidates)
         try:
-            return self.base.undo(transaction_id, transaction)
+            with self._ending:
+                return self.base.undo(transaction_id, transaction)
         finally:
             oids.candidates = ()
 
@@ -356,14 +370,16 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
 
     def tpc_finish(self, transaction, func=lambda tid: None):
         try:
-            return self.base.tpc_finish(transaction, func)
+            with self._ending:
+                return self.base.tpc_finish(transaction, func)
         finally:
             self._oids.forget(transaction)
             self._metadata_ended(transaction)
 
     def tpc_abort(self, transaction):
         try:
-            return self.base.tpc_abort(transaction)
+            with self._ending:
+                return self.base.tpc_abort(transaction)
         finally:
             self._oids.forget(transaction)
             self._metadata_ended(transaction)
