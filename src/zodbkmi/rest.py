@@ -341,7 +341,8 @@ class KeyServerApp:
     def status(self, environ, client):
         n = len(self.facility)
         return 200, {'keys': n,
-                     'message': 'KMS server holding %d keys' % n}, []
+                     'message': 'KMS server holding %d key%s'
+                                % (n, '' if n == 1 else 's')}, []
 
     def openapi(self, environ, client):
         return 200, self._openapi, []
