@@ -68,7 +68,7 @@ setup(
     long_description_content_type='text/x-rst',
     license='ZPL-2.1',
     license_files=['LICENSE.txt'],
-    author='The zodbkmi authors',
+    author='The zodbkmi developers',
     url='https://github.com/zodbkmi/zodbkmi',
     project_urls={
         'Source': 'https://github.com/zodbkmi/zodbkmi',

@@ -1,10 +1,11 @@
-"""The source distribution: complete, installable, its tests run.
+"""The distributions: complete, installable, their tests run.
 
-Built as a release is built (``python -m build --sdist``): it must hold
-every file of the repository (the docs are doctests, the tests need their
-vectors, legacy data and server helpers), pass ``twine check``, install
-in a fresh virtual environment, and the installed package must pass the
-format tests of the sdist's own test suite.
+Built as a release is built (``python -m build``: the sdist, then the
+wheel from the sdist): the sdist must hold every file of the repository
+(the docs are doctests, the tests need their vectors, legacy data and
+server helpers), both must pass ``twine check``, each must install in a
+fresh virtual environment, and the installed package must pass the
+doctests of README.rst and the format tests of the sdist's test suite.
 """
 import glob
 import os
@@ -53,13 +54,13 @@ class SdistLayer:
             cls.tmp = None
             return
         cls.tmp = tempfile.mkdtemp(prefix='zodbkmi-sdist-')
-        out = _run(sys.executable, '-m', 'build', '--sdist', '--outdir',
-                   cls.tmp, HERE)
+        out = _run(sys.executable, '-m', 'build', '--outdir', cls.tmp, HERE)
         cls.output = out.stdout
         if out.returncode:
             raise AssertionError('the sdist does not build:\n' +
                                  out.stdout[-3000:])
         (cls.sdist,) = glob.glob(os.path.join(cls.tmp, '*.tar.gz'))
+        (cls.wheel,) = glob.glob(os.path.join(cls.tmp, '*.whl'))
         with tarfile.open(cls.sdist) as tar:
             names = tar.getnames()
             top = names[0].split('/')[0]
@@ -81,7 +82,7 @@ class SdistTests(unittest.TestCase):
     def setUp(self):
         if SdistLayer.tmp is None:
             self.skipTest('needs the build and twine packages')
-        for name in ('tmp', 'sdist', 'members', 'unpacked'):
+        for name in ('tmp', 'sdist', 'wheel', 'members', 'unpacked'):
             setattr(self, name, getattr(SdistLayer, name))
 
     def test_holds_every_file_of_the_repository(self):
@@ -104,11 +105,11 @@ class SdistTests(unittest.TestCase):
 
     def test_twine_check(self):
         out = _run(sys.executable, '-m', 'twine', 'check', '--strict',
-                   self.sdist)
+                   self.sdist, self.wheel)
         self.assertEqual(out.returncode, 0, out.stdout[-3000:])
 
-    def test_installs_in_a_fresh_venv_and_its_tests_pass(self):
-        venv = os.path.join(self.tmp, 'venv')
+    def _install_and_test(self, dist, *tests):
+        venv = tempfile.mkdtemp(prefix='venv-', dir=self.tmp)
         _run(sys.executable, '-m', 'venv', venv, check=True)
         python = os.path.join(venv, 'bin', 'python')
         site = _run(python, '-c',
@@ -119,22 +120,37 @@ class SdistTests(unittest.TestCase):
         # of the checkout, are not processed), after the fresh one
         with open(os.path.join(site, 'deps.pth'), 'w') as f:
             f.write(sysconfig.get_path('purelib') + '\n')
-        out = _run(python, '-m', 'pip', 'install', '-q', '--no-deps',
-                   self.sdist)
+        out = _run(python, '-m', 'pip', 'install', '-q', '--no-deps', dist)
         self.assertEqual(out.returncode, 0, out.stdout[-3000:])
         out = _run(python, '-c', 'import zodbkmi.facility; '
                    'print(zodbkmi.facility.__file__)', cwd=self.tmp)
         self.assertEqual(out.returncode, 0, out.stdout[-3000:])
         self.assertTrue(out.stdout.strip().startswith(site), out.stdout)
-        # the format tests of the sdist, against the installed package
+        # README.rst (and ``tests``) of the sdist, run against the
+        # installed package
+        selected = ['-t', 'README.rst']
+        for name in tests:
+            selected += ['-t', name]
         out = _run(python, '-m', 'zope.testrunner', '--path', self.unpacked,
-                   '--tests-pattern', '^tests$', '-t', 'test_format_vectors',
-                   '-t', 'test_envelope', '-t', 'format.rst',
+                   '--tests-pattern', '^tests$', *selected,
                    cwd=self.unpacked)
         self.assertEqual(out.returncode, 0, out.stdout[-3000:])
+        self.assertIn('README.rst', _run(
+            python, '-m', 'zope.testrunner', '--path', self.unpacked,
+            '--tests-pattern', '^tests$', '-t', 'README.rst', '--list-tests',
+            cwd=self.unpacked).stdout)
         ran = re.findall(r'Ran (\d+) tests with 0 failures, 0 errors',
                          out.stdout)
-        self.assertTrue(ran and int(ran[-1]) >= 20, out.stdout[-3000:])
+        self.assertTrue(ran, out.stdout[-3000:])
+        return int(ran[-1])
+
+    def test_sdist_installs_in_a_fresh_venv_and_its_tests_pass(self):
+        ran = self._install_and_test(self.sdist, 'test_format_vectors',
+                                     'test_envelope', 'format.rst')
+        self.assertGreaterEqual(ran, 20)
+
+    def test_wheel_installs_in_a_fresh_venv_and_its_tests_pass(self):
+        self.assertGreaterEqual(self._install_and_test(self.wheel), 1)
 
     def test_builds_without_warnings(self):
         # setuptools warns on every install about deprecated metadata
