@@ -12,6 +12,7 @@ import unittest
 from zodbkmi.facility import KeyManagementFacility
 from zodbkmi.keyholder import write_key_file
 from zodbkmi.server import generate_self_signed
+from zodbkmi.testing import child_environ
 
 
 def free_port():
@@ -40,7 +41,7 @@ class _CLI(unittest.TestCase):
         proc = subprocess.run(
             [sys.executable, '-m', 'zodbkmi.cli'] + list(argv),
             capture_output=True, text=True, timeout=300,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+            env=child_environ())
         self.assertEqual(proc.returncode, 2, proc.stderr)
         self.assertNotIn('Traceback', proc.stderr)
         self.assertNotIn('[Errno', proc.stderr)
@@ -120,7 +121,7 @@ class TLSMessageTests(_CLI):
 
     def test_http_to_a_tls_server(self):
         port = free_port()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env = child_environ()
         with open('serve.log', 'wb') as log:
             server = subprocess.Popen(
                 [sys.executable, '-m', 'zodbkmi.cli', 'serve', '--port',
