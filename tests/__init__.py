@@ -10,3 +10,16 @@ def _start_dek_reaper():
 
 
 _start_dek_reaper()
+
+
+def _children_import_what_the_runner_imports():
+    """Python child processes of the tests (the CLI, key servers, repozo,
+    ZEO) run ``sys.executable``; under zc.buildout's ``bin/test`` the eggs
+    are on the runner's ``sys.path`` only.  Children inherit it through
+    ``PYTHONPATH`` (:func:`zodbkmi.testing.child_environ`)."""
+    import os
+    from zodbkmi.testing import child_environ
+    os.environ['PYTHONPATH'] = child_environ()['PYTHONPATH']
+
+
+_children_import_what_the_runner_imports()

@@ -25,13 +25,28 @@ if [ "${ZODBKMI_SKIP_SETUP:-0}" != 1 ]; then
         fi
     fi
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    # pip's output, shown only when it fails, without the warnings a pip
+    # configuration with index directories that do not exist repeats for
+    # every package
+    pip_install() {
+        pip_log=$(mktemp)
+        if "$VENV/bin/python" -m pip install -q "$@" >"$pip_log" 2>&1; then
+            grep -v -e "is ignored: it is neither a file nor a directory" \
+                -e '^ *$' "$pip_log" >&2 || true
+            rm -f "$pip_log"
+        else
+            cat "$pip_log" >&2
+            rm -f "$pip_log"
+            echo "tests/run.sh: pip install $* failed" >&2
+            exit 1
+        fi
+    }
+    pip_install --upgrade pip
+    pip_install -e '.[test]'
     # zodb-s3blobs (setup.py, S3_TEST_REQUIRE) declares Python >= 3.12;
     # 1.2.1 runs on older ones too: install it without the declaration
     if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
-        "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python \
-            'zodb-s3blobs == 1.2.1'
+        pip_install --no-deps --ignore-requires-python 'zodb-s3blobs == 1.2.1'
     fi
 fi
 

@@ -14,6 +14,7 @@ from zodbkmi.facility import KeyManagementFacility
 from zodbkmi.format import stream
 from zodbkmi.kek import RSAKeyEncryptingKey
 from zodbkmi.keyholder import write_key_file
+from zodbkmi.testing import child_environ
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -31,7 +32,7 @@ def cli(*args, **kw):
     return subprocess.run(
         [sys.executable, '-m', 'zodbkmi.cli'] + list(args),
         capture_output=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), **kw)
+        env=child_environ(), **kw)
 
 
 class _Base(unittest.TestCase):
@@ -162,7 +163,7 @@ class EncryptFileTests(_Base):
             '"%s" -m zodbkmi.cli decrypt-file -k kek.key -d keys data.zks'
             ' | head -c 10 > /dev/null' % sys.executable, shell=True,
             capture_output=True, timeout=120,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+            env=child_environ())
         self.assertEqual(proc.returncode, 0)
         self.assertEqual(proc.stderr, b'')
 
@@ -176,7 +177,7 @@ class EncryptFileTests(_Base):
             [sys.executable, '-m', 'zodbkmi.cli', 'decrypt-file', '-k',
              'kek.key', '-d', 'keys', '-o', 'plain'],
             stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+            env=child_environ(),
             # a shell ignores SIGINT in the jobs it puts in the
             # background, and the child would inherit that
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -298,7 +299,7 @@ class GiBPipeTests(_Base):
     """
 
     def test_1GiB_roundtrip_through_pipes_in_constant_memory(self):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env = child_environ()
         key = ['-k', 'kek.key', '-d', 'keys']
         enc = subprocess.Popen(
             [sys.executable, '-c', MEASURE, 'enc.rss', 'encrypt-file'] + key,

@@ -17,6 +17,8 @@ import unittest
 import transaction
 import zope.component.testing
 
+from zodbkmi.testing import child_environ
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 
@@ -84,7 +86,7 @@ class SphinxBuildTests(unittest.TestCase):
                  '-b', 'html', os.path.join(TOP, 'docs'), out],
                 capture_output=True, text=True, timeout=300,
                 # buildout's bin/test puts the eggs on sys.path only
-                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                env=child_environ())
         finally:
             shutil.rmtree(out, ignore_errors=True)
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])

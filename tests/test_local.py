@@ -186,7 +186,7 @@ class LocalKeyManagementFacilityTests(unittest.TestCase):
         with self.assertRaises(KeyError):
             local['f' * 32]
         self.assertEqual(local.status(), {
-            'keys': 1, 'message': 'KMS server holding 1 keys'})
+            'keys': 1, 'message': 'KMS server holding 1 key'})
         with self.assertRaises(exceptions.UnknownKeyError):
             local.entry('../etc')
 

@@ -89,7 +89,7 @@ class KeyServerAppTests(RestTestBase):
         status, _, body = call(app, 'GET', '/v1/status', token=CLIENT)
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(body),
-                         {'keys': 1, 'message': 'KMS server holding 1 keys'})
+                         {'keys': 1, 'message': 'KMS server holding 1 key'})
 
     def test_create_fetch_list_retire_delete(self):
         app = self._makeApp()

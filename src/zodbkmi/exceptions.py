@@ -195,14 +195,18 @@ class KeyServerError(ZodbKmiError, ConnectionError):
 
 
 class SettingsError(ZodbKmiError, ValueError):
-    """Encryption settings are malformed.
+    """Settings are malformed.
 
     Raised by :mod:`zodbkmi.sources.settings` for an unknown or missing
     setting, a value of the wrong type, an unknown key source or algorithm,
-    and a settings file or environment variable that is not JSON; and by
-    :class:`zodbkmi.facility.LocalKeyManagementFacility` for a key server
-    URL that is not ``https://`` (``http://`` needs ``allow_http=True``).
-    The message is one line naming the setting, never its secret value.
+    and a settings file or environment variable that is not JSON; by
+    :mod:`zodbkmi.server` for a key server setting that is unknown or of
+    the wrong type; by :mod:`zodbkmi.tls` for a TLS certificate, key or CA
+    file that cannot be used (the message names the setting and the file);
+    and by :class:`zodbkmi.facility.LocalKeyManagementFacility` for a key
+    server URL that is not ``https://`` (``http://`` needs
+    ``allow_http=True``).  The message is one line naming the setting,
+    never its secret value.
     """
 
 

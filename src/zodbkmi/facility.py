@@ -861,10 +861,16 @@ class LocalKeyManagementFacility(EncryptionService):
                         'key server %s: TLS refused (%s)'
                         % (self.url, e.reason or e.strerror)) from None
                 if attempt == self.retries:
+                    reason = e.strerror or type(e).__name__
+                    if not e.strerror and isinstance(e, ConnectionError):
+                        # the server closed the connection without an
+                        # HTTP answer: a TLS server asked in plain HTTP
+                        reason = 'closed without an answer'
+                        if self.url.lower().startswith('http://'):
+                            reason += ' (is it an https:// server?)'
                     raise KeyServerError(
                         'key server %s cannot be reached (%d attempts): %s'
-                        % (self.url, attempt + 1,
-                           e.strerror or type(e).__name__)) from None
+                        % (self.url, attempt + 1, reason)) from None
                 time.sleep(delay)
                 delay *= 2
         if status == 404 and missing_ok:

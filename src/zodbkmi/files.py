@@ -126,8 +126,12 @@ def atomic_output(path, overwrite=False, mode=0o600, buffering=-1):
         # never rename over a device, a FIFO or a socket (/dev/null!)
         raise ValueError('%s is not a regular file' % path)
     directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, suffix=PART_SUFFIX,
-                               dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, suffix=PART_SUFFIX,
+                                   dir=directory)
+    except OSError as e:
+        # named by the file asked for, not by its temporary name
+        raise OSError(e.errno, e.strerror, 'output file %s' % path) from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb', buffering) as f:
@@ -225,7 +229,11 @@ def transform(func, source=None, target=None, overwrite=False,
             fsrc, name = stdin, 'stdin'
         else:
             # unbuffered: the stream format reads 256 KiB at a time
-            fsrc = stack.enter_context(open(source, 'rb', buffering=0))
+            try:
+                fsrc = stack.enter_context(open(source, 'rb', buffering=0))
+            except OSError as e:
+                raise OSError(e.errno, e.strerror,
+                              'input file %s' % source) from None
             name = os.path.basename(source)
         try:
             st = os.fstat(fsrc.fileno())

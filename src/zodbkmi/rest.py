@@ -341,7 +341,8 @@ class KeyServerApp:
     def status(self, environ, client):
         n = len(self.facility)
         return 200, {'keys': n,
-                     'message': 'KMS server holding %d keys' % n}, []
+                     'message': 'KMS server holding %d key%s'
+                                % (n, '' if n == 1 else 's')}, []
 
     def openapi(self, environ, client):
         return 200, self._openapi, []
@@ -529,11 +530,8 @@ class HTTPTransport:
         self.timeout = timeout
         self.context = None
         if self.scheme == 'https':
-            import ssl
-            self.context = ssl.create_default_context(cafile=ca_file)
-            self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-            if client_cert:
-                self.context.load_cert_chain(client_cert, client_key)
+            from zodbkmi.tls import client_context
+            self.context = client_context(ca_file, client_cert, client_key)
         self._local = threading.local()
 
     def _connection(self):

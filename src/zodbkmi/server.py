@@ -18,11 +18,10 @@ try:
 except ImportError:     # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
+from zodbkmi.exceptions import SettingsError
 from zodbkmi.exceptions import ZodbKmiError
+from zodbkmi.tls import server_context
 from zodbkmi.vault import write_atomic
-
-class SettingsError(ZodbKmiError, ValueError):
-    """A setting is unknown or has a value of the wrong type."""
 
 
 def _bool(value):
@@ -204,19 +203,6 @@ def fingerprint(cert_path):
     return ':'.join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
-def server_context(cert, key, client_ca=None):
-    """The server's TLS context: TLS 1.2 minimum; client certificates
-    verified against ``client_ca`` when given (optional, so token clients
-    still connect)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if client_ca:
-        ctx.load_verify_locations(cafile=client_ca)
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
-
-
 # -- tokens ------------------------------------------------------------------
 
 def ensure_tokens(tokens_file):
@@ -286,12 +272,9 @@ def prepare(settings, out=sys.stdout):
                                          settings['host'])
     elif not key:
         raise SettingsError('tls_cert needs tls_key')
-    # fail early, with a short message, on unusable TLS material
-    try:
-        server_context(cert, key, settings['client_ca'])
-    except (ssl.SSLError, OSError) as e:
-        raise SettingsError('unusable TLS certificate or key: %s'
-                            % (getattr(e, 'reason', None) or e)) from None
+    # fail early, with a short message naming the file, on unusable TLS
+    # material
+    server_context(cert, key, settings['client_ca'])
     return 'https', cert, key
 
 

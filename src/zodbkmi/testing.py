@@ -27,6 +27,18 @@ TESTING_DEK_ID = hashlib.sha256(b'zodbkmi public testing DEK id').digest()[:16]
 _TESTING_DEK = hashlib.sha256(b'zodbkmi public testing DEK').digest()
 
 
+
+def child_environ(extra=None):
+    """The environment for a Python child process that must import what
+    this process imports: ``os.environ`` with ``PYTHONPATH`` set to this
+    process's ``sys.path`` (under zc.buildout, ``bin/test`` puts the eggs
+    on ``sys.path`` itself, and ``sys.executable`` alone knows none of
+    them), and ``extra`` on top."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in sys.path if p)
+    env.update(extra or {})
+    return env
+
 class TestingKeyManagementFacility(facility.KeyManagementFacility):
     """A master facility that always hands out the same (public) KEK."""
 
@@ -141,7 +153,7 @@ class ServerProcess:
             [sys.executable, '-m', 'zodbkmi.cli', 'serve',
              '--port', str(self.port)] + self.args,
             cwd=self.dir, stdout=self.out, stderr=self.err,
-            env=dict(os.environ, **self.env),
+            env=child_environ(self.env),
             start_new_session=self.new_session)
         deadline = time.monotonic() + self.timeout
         while True:

@@ -30,6 +30,18 @@ def make_parser():
     return parser
 
 
+def error_text(error):
+    """One line for a user error: an ``OSError`` as ``FILE: what`` (its
+    file name says the file's role where zodbkmi set it, such as ``input
+    file report.txt``), without Python's ``[Errno N]``."""
+    if isinstance(error, OSError) and not isinstance(error, ZodbKmiError) \
+            and error.strerror:
+        if error.filename is not None:
+            return '%s: %s' % (error.filename, error.strerror)
+        return error.strerror
+    return str(error)
+
+
 def main(argv=None):
     """Run the command line; return the exit code."""
     parser = make_parser()
@@ -40,7 +52,8 @@ def main(argv=None):
     try:
         return args.func(args) or 0
     except (ZodbKmiError, OSError) as e:
-        print('zodbkmi %s: error: %s' % (args.command, e), file=sys.stderr)
+        print('zodbkmi %s: error: %s' % (args.command, error_text(e)),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('zodbkmi %s: interrupted' % args.command, file=sys.stderr)

@@ -6,6 +6,7 @@ backup can be encrypted while it is written::
     repozo -B -F -r /backup -f Data.fs ... ; tar cf - /backup \\
         | zodbkmi encrypt-file --recipient backup.pub -o backup.tar.zks
 """
+import argparse
 import os
 import sys
 
@@ -17,8 +18,14 @@ from zodbkmi.vault import write_atomic
 
 
 def _chunk_size(text):
-    value = int(text, 0)
-    stream._exponent(value)      # validates; ValueError -> argparse error
+    try:
+        value = int(text, 0)
+        stream._exponent(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            '%r is not a chunk size: a power of two from %d to %d bytes'
+            % (text, 1 << stream.MIN_EXPONENT, 1 << stream.MAX_EXPONENT)
+        ) from None
     return value
 
 

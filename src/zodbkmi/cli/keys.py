@@ -1,5 +1,6 @@
-"""Key server client commands: ``new``, ``get``, ``status``, ``list``,
-``rotate``, ``retire``, ``delete`` (the successor of keas.kmi's testclient).
+"""Key commands: ``kek-file`` and ``create-key`` work locally; ``new``,
+``get``, ``status``, ``list``, ``rotate``, ``retire``, ``delete`` are the
+key server's client (the successor of keas.kmi's testclient).
 
 The server is named by ``--url`` (or ``ZODBKMI_URL``), its CA by
 ``--ca-file`` (``ZODBKMI_CA_FILE``), the bearer token by ``--token-file``
@@ -43,6 +44,35 @@ def _common(p, admin=False):
 
 
 def register(subparsers):
+    p = subparsers.add_parser(
+        'kek-file', help='write a new key encrypting key file',
+        description='Generate a key encrypting key and write it to '
+                    'KEK_FILE (atomically, mode 0600; an existing file is '
+                    'never overwritten): one base64 line of an AES-256 '
+                    'key, or with --rsa the PEM of an RSA private key.  '
+                    'Print the KEK id.  Keep the file: it is stored '
+                    'nowhere else, and what its data keys encrypt cannot '
+                    'be read without it.')
+    p.add_argument('kek_file', help='where to write the KEK (must not '
+                                    'exist)')
+    p.add_argument('--rsa', action='store_true',
+                   help='an RSA key (3072 bits) instead of AES-256')
+    p.set_defaults(func=cmd_kek_file)
+
+    p = subparsers.add_parser(
+        'create-key', help='create a data key for a KEK',
+        description='Create a data key wrapped by the KEK in KEK_FILE and '
+                    'make it the active data key of that KEK (the previous '
+                    'one becomes decrypt-only); print its id.  In a local '
+                    'key directory with --key-dir (made if missing), else '
+                    'on the key server.  KEK_FILE is read as the key '
+                    'holder reads it (mode 0600).')
+    p.add_argument('kek_file')
+    p.add_argument('--key-dir', default=None,
+                   help='a local key directory instead of the key server')
+    _common(p, admin=True)
+    p.set_defaults(func=cmd_create_key)
+
     p = subparsers.add_parser(
         'new', help='create a KEK here and a data key on the server',
         description='Create an RSA key encrypting key locally and an active '
@@ -149,6 +179,35 @@ def facility(args, environ=None):
             request_timeout=args.timeout, retries=1, allow_http=allow_http)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def cmd_kek_file(args):
+    from zodbkmi.kek import AES_KEY_SIZE
+    from zodbkmi.kek import RSAKeyEncryptingKey
+    from zodbkmi.kek import as_kek
+    from zodbkmi.keyholder import write_key_file
+    if os.path.lexists(args.kek_file):
+        raise UsageError('%s exists: refusing to overwrite a key'
+                         % args.kek_file)
+    if args.rsa:
+        key = RSAKeyEncryptingKey.generate().private_pem()
+    else:
+        key = os.urandom(AES_KEY_SIZE)
+    write_key_file(args.kek_file, key)
+    print(as_kek(key).key_id)
+    return 0
+
+
+def cmd_create_key(args):
+    from zodbkmi.keyholder import read_key_file
+    kek = read_key_file(args.kek_file)
+    if args.key_dir is not None:
+        from zodbkmi.facility import KeyManagementFacility
+        target = KeyManagementFacility(args.key_dir)
+    else:
+        target = facility(args)
+    print(target.create_key(kek))
+    return 0
 
 
 def cmd_new(args):

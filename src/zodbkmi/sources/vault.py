@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import re
-import ssl
 
 from zope.interface import implementer
 
@@ -29,6 +28,7 @@ from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import KeySourceError
+from zodbkmi.exceptions import SettingsError
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
 from zodbkmi.kek import as_kek
@@ -108,11 +108,11 @@ class VaultClient:
             self._headers['X-Vault-Namespace'] = namespace
         kw = {}
         if url.startswith('https://'):
+            from zodbkmi.tls import client_context
             try:
-                ctx = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as e:
-                raise KeySourceError('cannot load CA file %s for %s: %s'
-                                     % (ca_file, url, e), url) from None
+                ctx = client_context(ca_file)
+            except SettingsError as e:
+                raise KeySourceError('%s (for %s)' % (e, url), url) from None
             kw['ssl_context'] = ctx
         self._pool = urllib3.PoolManager(
             num_pools=4, maxsize=8, block=False,
