@@ -197,6 +197,7 @@ class PyramidAppTests(unittest.TestCase):
                              % (len(results), results[:3]))
         finally:
             server.shutdown()
+            server.runner.join(60)     # its loop wakes every 0.5 s
         self.assertFalse(self.failed.records,
                          '%d failed conflict resolutions, the first: %r'
                          % (len(self.failed.records), self.failed.records[:3]))
