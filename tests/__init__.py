@@ -23,3 +23,12 @@ def _children_import_what_the_runner_imports():
 
 
 _children_import_what_the_runner_imports()
+
+
+def foreign_environ():
+    """The environment for another Python installation (a virtual
+    environment a test makes): without the runner's ``PYTHONPATH``."""
+    import os
+    env = dict(os.environ)
+    env.pop('PYTHONPATH', None)
+    return env

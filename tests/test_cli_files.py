@@ -196,7 +196,7 @@ class EncryptFileTests(_Base):
         # wait with standard input still open: closing it first (as
         # communicate() does) could end the stream before the signal is
         # handled, and the run would fail on a cut stream instead
-        proc.wait(timeout=60)
+        proc.wait(timeout=300)    # a loaded machine
         err = proc.stderr.read()
         proc.stdin.close()
         proc.stderr.close()

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import unittest
 
+from tests import foreign_environ
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SECRET_MODULE = '''\
@@ -56,7 +58,8 @@ class KeasLayer:
             proc = subprocess.run(
                 [os.path.join(venv, 'bin', 'pip'), 'install', '-q',
                  'keas.kmi==3.3.0', 'ZODB', 'zope.component'],
-                capture_output=True, text=True, timeout=900)
+                capture_output=True, text=True, timeout=900,
+                env=foreign_environ())
             if proc.returncode:
                 raise RuntimeError('cannot install keas.kmi 3.3.0 from PyPI:'
                                    ' %s' % proc.stderr[-2000:])
@@ -67,7 +70,8 @@ class KeasLayer:
         proc = subprocess.run(
             [os.path.join(venv, 'bin', 'python'),
              os.path.join(HERE, 'legacy', 'make_keas_db.py'), cls.data],
-            capture_output=True, text=True, timeout=300)
+            capture_output=True, text=True, timeout=300,
+            env=foreign_environ())
         if proc.returncode:
             raise RuntimeError('keas.kmi could not make its database: %s'
                                % proc.stderr[-2000:])

@@ -18,6 +18,9 @@ import tarfile
 import tempfile
 import unittest
 
+from tests import foreign_environ
+from zodbkmi.testing import child_environ
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,15 +32,9 @@ def _has(module):
     return True
 
 
-def _clean_env():
-    # nothing from the environment of the suite decides what is imported
-    env = dict(os.environ)
-    env.pop('PYTHONPATH', None)
-    return env
-
-
 def _run(*args, **kw):
-    kw.setdefault('env', _clean_env())
+    # the fresh virtual environments import nothing of the runner's path
+    kw.setdefault('env', foreign_environ())
     kw.setdefault('stdout', subprocess.PIPE)
     kw.setdefault('stderr', subprocess.STDOUT)
     kw.setdefault('text', True)
@@ -54,7 +51,8 @@ class SdistLayer:
             cls.tmp = None
             return
         cls.tmp = tempfile.mkdtemp(prefix='zodbkmi-sdist-')
-        out = _run(sys.executable, '-m', 'build', '--outdir', cls.tmp, HERE)
+        out = _run(sys.executable, '-m', 'build', '--outdir', cls.tmp, HERE,
+                   env=child_environ())
         cls.output = out.stdout
         if out.returncode:
             raise AssertionError('the sdist does not build:\n' +
@@ -105,7 +103,7 @@ class SdistTests(unittest.TestCase):
 
     def test_twine_check(self):
         out = _run(sys.executable, '-m', 'twine', 'check', '--strict',
-                   self.sdist, self.wheel)
+                   self.sdist, self.wheel, env=child_environ())
         self.assertEqual(out.returncode, 0, out.stdout[-3000:])
 
     def _install_and_test(self, dist, *tests):

@@ -340,7 +340,9 @@ class EvictionTests(_Base):
 
     def test_expiry_drops_the_key_without_any_further_call(self):
         kek = os.urandom(32)
-        app = self.facility(timeout=0.2)
+        # long enough for self.use to look at the key before it expires,
+        # however loaded the machine
+        app = self.facility(timeout=3)
         dek_id = app.create_key(kek)
         entry = self.use(app, kek, dek_id)
         # the reaper evicts it at its expiry time: nothing else is called

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from zodbkmi.testing import child_environ
 from zodbkmi.testing import free_port
 
 #: The ``<zeo>`` section of a server that lets its clients resolve
@@ -54,15 +55,13 @@ class ZEOServer:
         with open(self.conf, 'w') as f:
             f.write((zeo % values) + '\n' + (storage % values))
         self._log = open(os.path.join(directory, 'zeo.log'), 'wb')
-        runzeo = os.path.join(os.path.dirname(sys.executable), 'runzeo')
-        environ = dict(os.environ)
         # the server imports zodbkmi (<serverencryptingstorage>) from the
-        # same place as the tests
-        environ['PYTHONPATH'] = os.pathsep.join(
-            p for p in sys.path if p and os.path.isdir(p))
-        environ.update(env or {})
+        # same place as the tests; runzeo's module, as its script is not
+        # there under zc.buildout
+        environ = child_environ(env)
         self.process = subprocess.Popen(
-            [runzeo, '-C', self.conf], stdout=self._log,
+            [sys.executable, '-m', 'ZEO.runzeo', '-C', self.conf],
+            stdout=self._log,
             stderr=subprocess.STDOUT, cwd=directory, env=environ)
         deadline = time.monotonic() + 60
         while True:
