@@ -143,3 +143,74 @@ class TLSMessageTests(_CLI):
         finally:
             server.terminate()
             server.wait(60)
+
+
+class MigrateMessageTests(_CLI):
+    """``zodbkmi migrate`` on the databases users point it at."""
+
+    def setUp(self):
+        super().setUp()
+        import ZODB
+        import ZODB.FileStorage
+        db = ZODB.DB(ZODB.FileStorage.FileStorage('Data.fs'))
+        with db.transaction() as conn:
+            conn.root()['x'] = 1
+        db.close()
+        self.keys = ('--key-file', 'kek.key', '--key-dir', 'keys',
+                     '--no-progress')
+
+    def migrate(self, *argv):
+        return subprocess.run(
+            [sys.executable, '-m', 'zodbkmi.cli', 'migrate'] + list(argv)
+            + list(self.keys), capture_output=True, text=True, timeout=300,
+            env=child_environ())
+
+    def test_zodb_section_as_zodb_config_reads_it(self):
+        with open('zodb.conf', 'w') as f:
+            f.write('<zodb>\n  <filestorage>\n    path %s/Data.fs\n'
+                    '  </filestorage>\n</zodb>\n' % self.tmp)
+        proc = self.migrate('scan', 'zodb.conf')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_unknown_zconfig_key(self):
+        with open('bad.conf', 'w') as f:
+            f.write('<filestorage>\n  path %s/Data.fs\n  colour red\n'
+                    '</filestorage>\n' % self.tmp)
+        self.assertEqual(
+            self.error('migrate', 'scan', 'bad.conf', *self.keys),
+            "zodbkmi migrate: error: cannot open bad.conf: 'colour' is not "
+            "a known key name")
+
+    def test_unknown_zodburi_parameter(self):
+        uri = 'file://%s/Data.fs?colour=red' % self.tmp
+        self.assertEqual(
+            self.error('migrate', 'scan', uri, *self.keys),
+            'zodbkmi migrate: error: cannot open %s: Unrecognized database '
+            'keyword(s): colour' % uri)
+
+    def test_not_a_filestorage_leaves_nothing_beside_it(self):
+        with open('notes.txt', 'w') as f:
+            f.write('not a database\n')
+        self.assertEqual(
+            self.error('migrate', 'encrypt', 'notes.txt', *self.keys),
+            'zodbkmi migrate: error: cannot open notes.txt: not a '
+            'FileStorage file')
+        self.assertEqual(sorted(n for n in os.listdir('.')
+                                if n.startswith('notes.txt')), ['notes.txt'])
+
+    def test_locked_database(self):
+        import ZODB.FileStorage
+        running = ZODB.FileStorage.FileStorage('Data.fs')   # the application
+        try:
+            self.assertEqual(
+                self.error('migrate', 'encrypt', 'Data.fs', *self.keys),
+                'zodbkmi migrate: error: cannot open Data.fs: it is locked '
+                'by another process (stop the application, or migrate '
+                'through a ZEO client or RelStorage)')
+            # a scan and a dry run only read: they open it read-only
+            for argv in (('scan', 'Data.fs'),
+                         ('encrypt', '--dry-run', 'Data.fs')):
+                proc = self.migrate(*argv)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+        finally:
+            running.close()

@@ -45,7 +45,13 @@ def error_text(error):
 def main(argv=None):
     """Run the command line; return the exit code."""
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # a subcommand may understand what argparse left over (see
+        # zodbkmi.cli.migrate: a positional after options)
+        understood = getattr(args, 'extra_arguments', None)
+        if understood is None or not understood(args, extra):
+            parser.error('unrecognized arguments: %s' % ' '.join(extra))
     if not getattr(args, 'func', None):
         parser.print_help(sys.stderr)
         return 2

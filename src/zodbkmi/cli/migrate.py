@@ -1,5 +1,6 @@
 """``zodbkmi migrate``: encrypt, rekey, decrypt or scan a database; rotate a KEK."""
 import argparse
+import io
 import os
 import sys
 
@@ -73,7 +74,7 @@ def register(subparsers):
                         help='one line per chunk')
     parser.add_argument('--no-progress', action='store_true',
                         help='no progress bar, even on a terminal')
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, extra_arguments=_database_after_options)
 
 
 def _read_kek(path):
@@ -147,10 +148,55 @@ def _provide_keys(facility, new, old):
     zope.component.provideUtility(facility, IEncryptionService)
 
 
-def open_storage(spec, blob_dir=None):
+def _database_after_options(args, extra):
+    """``migrate encrypt --dry-run Data.fs``: argparse gives the database
+    positional its (empty) value when it meets the mode, before the
+    options; the database is then left over.  Take it; True when the
+    leftovers were understood."""
+    if args.database is None and len(extra) == 1 and \
+            not extra[0].startswith('-'):
+        args.database = extra[0]
+        return True
+    return False
+
+
+def open_storage(spec, blob_dir=None, read_only=False):
     """Open the storage named by ``spec``: a zodburi URI, a ZConfig file
-    (``<filestorage>`` ...) or the path of a FileStorage file (with its
-    ``blob_dir``, if it has blobs)."""
+    (a storage section such as ``<filestorage>``, or a ``<zodb>`` section
+    as ``ZODB.config`` reads it) or the path of a FileStorage file (with
+    its ``blob_dir``, if it has blobs; opened read-only when
+    ``read_only``).  The mistakes users make (a file that is not a
+    database, an unknown setting, a database a running application holds)
+    raise one :class:`~zodbkmi.exceptions.ZodbKmiError` naming the
+    database."""
+    try:
+        return _open_storage(spec, blob_dir, read_only)
+    except ZodbKmiError:
+        raise
+    except Exception as e:
+        raise ZodbKmiError('cannot open %s: %s' % (spec, _reason(e))) \
+            from None
+
+
+def _reason(error):
+    """What was wrong, in one line, for the errors of opening a storage."""
+    import zc.lockfile
+    if isinstance(error, zc.lockfile.LockError):
+        return ('it is locked by another process (stop the application, '
+                'or migrate through a ZEO client or RelStorage)')
+    try:
+        from ZODB.FileStorage.FileStorage import FileStorageFormatError
+    except ImportError:          # pragma: no cover
+        FileStorageFormatError = ()
+    if isinstance(error, FileStorageFormatError):
+        return 'not a FileStorage file'
+    text = ' '.join(str(error).split()) or type(error).__name__
+    if type(error).__name__ == 'UnknownDatabaseKeywords':
+        text = text.strip("'\"")
+    return text
+
+
+def _open_storage(spec, blob_dir, read_only):
     if '://' in spec:
         _no_blob_dir(blob_dir)
         try:
@@ -166,11 +212,34 @@ def open_storage(spec, blob_dir=None):
         head = f.read(64).lstrip()
     if head.startswith(b'<') or head.startswith(b'%'):
         _no_blob_dir(blob_dir)
-        import ZODB.config
-        with open(spec) as f:
-            return ZODB.config.storageFromFile(f)
+        return _storage_from_config(spec)
     import ZODB.FileStorage
-    return ZODB.FileStorage.FileStorage(spec, blob_dir=blob_dir)
+    with open(spec, 'rb') as f:
+        magic = f.read(4)
+    if magic and magic != ZODB.FileStorage.packed_version:
+        # refused before FileStorage makes its .lock and .tmp files
+        raise ZodbKmiError('cannot open %s: not a FileStorage file' % spec)
+    return ZODB.FileStorage.FileStorage(spec, blob_dir=blob_dir,
+                                        read_only=read_only)
+
+
+def _storage_from_config(spec):
+    """The storage of a ZConfig file: a storage section, or the storage of
+    the (first) ``<zodb>`` section."""
+    import ZConfig
+    import ZODB.config
+    with open(spec) as f:
+        text = f.read()
+    try:
+        return ZODB.config.storageFromString(text)
+    except ZConfig.ConfigurationSyntaxError as e:
+        if "type='zodb'" not in str(e):
+            raise
+    schema = ZODB.config.getDbSchema()
+    config, _ = ZConfig.loadConfigFile(schema, io.StringIO(text))
+    if not config.database:
+        raise ZodbKmiError('cannot open %s: no <zodb> section' % spec)
+    return config.database[0].config.storage.open()
 
 
 def _check_keys(storage, facility, keys):
@@ -220,7 +289,8 @@ def run(args, stdout=None, stderr=None):
     for path in reversed(args.python_path):
         sys.path.insert(0, os.path.abspath(path))
     writes = args.mode != migrate.SCAN and not args.dry_run
-    storage = open_storage(args.database, args.blob_dir)
+    storage = open_storage(args.database, args.blob_dir,
+                           read_only=not writes)
     db = None
     try:
         wrapped = migrate.unwrap(storage)[1] is not None
