@@ -21,11 +21,11 @@ Expired entries are evicted by a reaper thread at their expiry time
 (:func:`_reaper`), not only when they are next looked up.
 """
 import os
-import signal
 import threading
 import time
 import weakref
 
+from zodbkmi import threads
 from zodbkmi.exceptions import EvictedKeyError
 
 DEFAULT_TTL = 3600
@@ -247,20 +247,15 @@ class _Reaper:
             self._start()
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name='zodbkmi-dek-reaper', daemon=True)
                 self._due = due
-                self._thread.start()
+                # every signal blocked from its start (zodbkmi.threads)
+                self._thread = threads.spawn(self._run,
+                                             name='zodbkmi-dek-reaper')
             elif self._due is None or due < self._due:
                 self._due = due
                 self._cond.notify()
 
     def _run(self):
-        # Signals sent to the process must reach the main thread: one that
-        # the kernel gave this thread would not interrupt a system call
-        # the main thread waits in (Ctrl-C during a blocking read).
-        if hasattr(signal, 'pthread_sigmask'):
-            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while True:
             with self._cond:
                 while self._due is None:

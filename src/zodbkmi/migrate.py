@@ -32,7 +32,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 from ZODB.Connection import TransactionMetaData
@@ -41,6 +40,7 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
+from zodbkmi import threads
 from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import UnknownKeyError
@@ -589,8 +589,7 @@ class RecordTransformer:
             except BaseException as e:   # reported to the caller below
                 failure.append(e)
 
-        thread = threading.Thread(target=decrypt, daemon=True)
-        thread.start()
+        thread = threads.spawn(decrypt)
         try:
             with os.fdopen(r, 'rb') as plain:
                 service.encrypt_file(self.keys.new, plain, dst, oid=oid)

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from zodbkmi import threads
 from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import TruncatedDataError
@@ -241,9 +242,7 @@ class _Output:
         self._work = queue.SimpleQueue()
         self._free.put(self._view)
         self._free.put(memoryview(buf))
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name='zodbkmi stream writer')
-        self._thread.start()
+        self._thread = threads.spawn(self._run, name='zodbkmi stream writer')
 
     def _run(self):
         while True:
