@@ -70,7 +70,7 @@ export TMPDIR
 
 touch "$TEST_TMP/.started"
 rc=0
-"$VENV/bin/zope-testrunner" --path=. --tests-pattern='^tests$' "$@" || rc=$?
+"$VENV/bin/python" scripts/testrunner.py --path=. --tests-pattern='^tests$' "$@" || rc=$?
 
 # The cache of plaintext blob copies lives on a RAM-backed file system
 # (/dev/shm by default), outside TMPDIR: what the run left there (a

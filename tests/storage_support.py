@@ -17,3 +17,9 @@ def wrap(base, **kw):
     kw.setdefault('key', KeyEncryptingKey)
     return EncryptingStorage(base, kw.pop('facility', None) or facility(),
                              **kw)
+
+
+def read_blob(blob):
+    """The data of ``blob``, read through a file that is closed."""
+    with blob.open() as f:
+        return f.read()

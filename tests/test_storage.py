@@ -16,6 +16,7 @@ from ZODB.utils import p64
 from zope.interface.verify import verifyObject
 
 from tests.storage_support import facility
+from tests.storage_support import read_blob
 
 SECRET = 'THE-STORED-SECRET-VALUE'
 
@@ -849,7 +850,7 @@ class BlobTests(_TempDir, unittest.TestCase):
             conn.root()[3] = ZODB.blob.Blob(b'new blob 3')
         before = db.storage.lastTransaction()
         with db.transaction() as conn:
-            self.assertEqual(conn.root()[3].open().read(), b'new blob 3')
+            self.assertEqual(read_blob(conn.root()[3]), b'new blob 3')
         tm = transaction.TransactionManager(explicit=True)
         tm.begin()
         conn = db.open(tm, before=before)

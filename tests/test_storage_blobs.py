@@ -775,20 +775,20 @@ class CacheThroughStorageTests(_Stack):
         before = p64(u64(db.lastTransaction()) + 1)
         tm1 = transaction.TransactionManager()
         c1 = db.open(tm1)
-        self.assertEqual(c1.root()['b'].open().read(), FIRST)
-        self.assertEqual(c1.root()['c'].open().read(), SECOND)
+        self.assertEqual(read_blob(c1.root()['b']), FIRST)
+        self.assertEqual(read_blob(c1.root()['c']), SECOND)
         tm1.commit()
         with db.transaction() as conn:
             with conn.root()['b'].open('w') as f:
                 f.write(b'third revision')
         tm1.begin()
-        self.assertEqual(c1.root()['b'].open().read(), b'third revision')
+        self.assertEqual(read_blob(c1.root()['b']), b'third revision')
         with open(c1.root()['b'].committed(), 'rb') as f:
             self.assertEqual(f.read(), b'third revision')
         tm1.abort()
         tm = transaction.TransactionManager()
         old = db.open(tm, before=before)
-        self.assertEqual(old.root()['b'].open().read(), FIRST)
+        self.assertEqual(read_blob(old.root()['b']), FIRST)
         with open(old.root()['b'].committed(), 'rb') as f:
             self.assertEqual(f.read(), FIRST)
         tm.abort()

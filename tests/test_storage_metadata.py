@@ -85,6 +85,16 @@ def text(value):
     return value.decode('utf-8') if isinstance(value, bytes) else value
 
 
+def transactions(storage, start=None):
+    """The transactions of ``storage`` from ``start``, in a list; the
+    iterator is closed (an iterator left open keeps the file open)."""
+    it = storage.iterator(start)
+    try:
+        return list(it)
+    finally:
+        it.close()
+
+
 class _Checks:
     """Assertions shared by the storages."""
 
@@ -120,7 +130,7 @@ class _Checks:
             entry = storage.history(p64(0), 1)[0]
             self.assertEqual(entry['tid'], tid)
             self.assertOpened(entry)
-        txn = [t for t in storage.iterator() if t.tid == tid][0]
+        txn = [t for t in transactions(storage) if t.tid == tid][0]
         self.assertEqual(txn.user, ('/ ' + USER).encode())
         self.assertEqual(txn.description, (PATH + '\n' + NOTE).encode())
         self.assertEqual(txn.extension, {'request_path': EXTENSION_VALUE})
@@ -295,8 +305,10 @@ class FileStorageMetadataTests(_Checks, unittest.TestCase):
             0, 20, lambda d: ERROR_KEY in d)), 2)
         # the iterator raises, naming the transaction
         from zodbkmi.exceptions import WrongKeyError
+        it = other.iterator()
+        self.addCleanup(it.close)
         with self.assertRaises(WrongKeyError) as cm:
-            next(other.iterator())
+            next(it)
         self.assertIn('transaction 0x', str(cm.exception))
         self.assertIsNotNone(cm.exception.tid)
 
@@ -305,8 +317,8 @@ class FileStorageMetadataTests(_Checks, unittest.TestCase):
         Data.fs."""
         base = ZODB.FileStorage.FileStorage('Data.fs', read_only=True)
         try:
-            sealed = [t for t in base.iterator() if t.tid == tid][0] \
-                .extension[KEY]
+            sealed = [t for t in transactions(base)
+                      if t.tid == tid][0].extension[KEY]
         finally:
             base.close()
         raw = bytearray(self._raw())
@@ -333,8 +345,10 @@ class FileStorageMetadataTests(_Checks, unittest.TestCase):
         self.assertIn(dek_id, log[1][ERROR_KEY])
         self.assertEqual(text(log[2]['description']),
                          'initial database creation')
+        it = db.storage.iterator()
+        self.addCleanup(it.close)
         with self.assertRaises(AuthenticationError) as cm:
-            list(db.storage.iterator())
+            list(it)
         self.assertIn(tid_repr(tid), str(cm.exception))
         # the records of the transaction are untouched
         with db.transaction() as conn:
@@ -408,9 +422,9 @@ class FileStorageMetadataTests(_Checks, unittest.TestCase):
         new = commit_with_metadata(db, user='newuser')
         users = [text(d['user_name']) for d in db.undoLog(0, 2)]
         self.assertEqual(users, ['/ newuser', '/ olduser'])
-        self.assertEqual([t.user for t in db.storage.iterator(old)],
+        self.assertEqual([t.user for t in transactions(db.storage, old)],
                          [b'/ olduser', b'/ newuser'])
-        self.assertEqual(db.storage.iterator(new).__next__().tid, new)
+        self.assertEqual(transactions(db.storage, new)[0].tid, new)
         db.close()
         raw = self._raw()
         self.assertIn(b'olduser', raw)
