@@ -127,7 +127,8 @@ setup(
         'server': SERVER_REQUIRE,
         'vault': VAULT_REQUIRE,
         'pkcs11': PKCS11_REQUIRE,
-        'docs': ['Sphinx'],
+        # the API reference imports zodbkmi.zcml (zope.configuration)
+        'docs': ['Sphinx'] + ZCML_REQUIRE,
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,
         'zcml': ZCML_REQUIRE,

@@ -79,8 +79,8 @@ def _entry_and_dek(lookup, *args):
 class EncryptionService:
     """Encryption and decryption with DEKs found through the caller's KEK.
 
-    Subclasses say where wrapped DEKs come from: :meth:`_wrapped_key`
-    (by DEK id) and :meth:`_active_key_id` (the active DEK of a KEK).
+    Subclasses say where wrapped DEKs come from: ``_wrapped_key()``
+    (by DEK id) and ``_active_key_id()`` (the active DEK of a KEK).
 
     ``key`` arguments are a KEK (see :func:`zodbkmi.kek.as_kek`) or, for
     decryption, a list or tuple of KEKs (the current one and previous ones
@@ -157,10 +157,10 @@ class EncryptionService:
         """Fetch and unwrap the DEK ``raw_id`` with the KEK of ``keks``
         ({KEK id: KEK object}) that wrapped it; return ``(kek, dek)``.
 
-        Refuses, before any use of the DEK, a wrapped DEK stored under
-        another id, one that does not prove its maker held the KEK's
-        secret (:class:`UnauthenticatedKeyError`), one wrapped by a KEK not
-        given, and one that does not authenticate under it."""
+        Refuses, before any use of the DEK, a wrapped DEK stored under another
+        id, one that does not prove its maker held the KEK's secret
+        (:class:`~zodbkmi.exceptions.UnauthenticatedKeyError`), one wrapped by
+        a KEK not given, and one that does not authenticate under it."""
         dek_id = raw_id.hex()
         data = self._wrapped_key(dek_id)
         parsed = wrapped.parse(data)
@@ -742,10 +742,11 @@ class KeyManagementFacility(EncryptionService):
         (same DEK, id, state and creation time); return how many.
 
         A version 1 RSA-wrapped DEK can be made by anyone holding the public
-        key, so it is refused (:class:`UnauthenticatedKeyError`) until the
-        holder of the private key runs this, vouching for the entries the
-        vault holds at that moment (``docs/keys.rst``, "Upgrading a key
-        store").  Running it twice is harmless.  :meth:`rewrap` upgrades
+        key, so it is refused
+        (:class:`~zodbkmi.exceptions.UnauthenticatedKeyError`) until the holder
+        of the private key runs this, vouching for the entries the vault holds
+        at that moment (``docs/keys.rst``, "Upgrading a key store").  Running
+        it twice is harmless.  :meth:`rewrap` upgrades
         too."""
         kek = as_kek(key)
         return self._rewrite(

@@ -111,7 +111,7 @@ def decrypt_with_private_key(key, fsrc, fdst):
 def atomic_output(path, overwrite=False, mode=0o600, buffering=-1):
     """Open ``path`` for writing so that it appears only when complete.
 
-    Yields a binary file object (``buffering`` as for :func:`open`) on a
+    Yields a binary file object (``buffering`` as for ``open()``) on a
     temporary file in the same directory (``.NAME.XXXXXXXX.part``, created
     with ``mode``); a symbolic link is followed, the file it names is
     replaced.  When the block ends normally the data is flushed, synced and
@@ -195,6 +195,7 @@ class ProgressReader:
         self._next = self._clock() + self._interval
 
     def done(self):
+        """Show the last state and end the line."""
         self.show()
         self._out.write('\n')
         self._out.flush()

@@ -128,11 +128,11 @@ class IInPlaceFileEncryption(zope.interface.Interface):
     plaintext pages overwritten rather than copied)."""
 
     def encrypt_file_in_place(key, fd, chunk_size=None, oid=None):
-        """Encrypt the regular file open for reading and writing on the
-        file descriptor ``fd`` into itself, byte for byte as
-        :meth:`encrypt_file` would into another file; return the number
-        of plaintext bytes.  On an error the file holds a mix of plaintext
-        and ciphertext and must be discarded.
+        """Encrypt the regular file open for reading and writing on the file
+        descriptor ``fd`` into itself, byte for byte as
+        :meth:`IEncryptionService.encrypt_file` would into another file; return
+        the number of plaintext bytes.  On an error the file holds a mix of
+        plaintext and ciphertext and must be discarded.
         """
 
 
@@ -224,9 +224,9 @@ class IExtendedKeyManagementFacility(IKeyManagementFacility,
         chunks that hold them; return the number of bytes written (fewer
         when the range passes the end).
 
-        Every chunk read is authenticated; ``oid`` and ``self_contained``
-        as for :meth:`decrypt_file`, whose errors it raises, and
-        ``ValueError`` for a negative range or a source that cannot seek.
+        Every chunk read is authenticated; ``oid`` and ``self_contained`` as
+        for :meth:`IEncryptionService.decrypt_file`, whose errors it raises,
+        and ``ValueError`` for a negative range or a source that cannot seek.
         """
 
 
@@ -303,7 +303,8 @@ class IKeyVault(zope.interface.Interface):
         """Replace the stored entry of ``entry.dek_id`` (state or wrapping)."""
 
     def remove(dek_id):
-        """Destroy the entry; raises :class:`UnknownKeyError` if absent."""
+        """Destroy the entry; raises
+        :class:`~zodbkmi.exceptions.UnknownKeyError` if absent."""
 
     def ids():
         """Return the DEK ids of all entries, sorted."""

@@ -254,17 +254,17 @@ _kek_lock = threading.Lock()
 
 
 def as_kek(key):
-    """Return the :class:`IKeyEncryptingKey` for ``key``.
+    """Return the :class:`~zodbkmi.interfaces.IKeyEncryptingKey` for ``key``.
 
     ``key`` is an IKeyEncryptingKey (returned as is), PEM bytes of an RSA
     private key or 32 bytes of an AES-256 master key.  Parsed keys are
     cached per process (parsing an RSA key checks it and costs
     milliseconds; this is on the path of every encryption).
 
-    A ``str`` is refused with :class:`InvalidKeyError`: text is no key.
-    Encoding it would make different non-ASCII texts one key, and would
-    turn a 32 character passphrase into an AES KEK whose public key id
-    lets anyone test guesses offline.  PEM text read as ``str`` must be
+    A ``str`` is refused with :class:`~zodbkmi.exceptions.InvalidKeyError`:
+    text is no key.  Encoding it would make different non-ASCII texts one key,
+    and would turn a 32 character passphrase into an AES KEK whose public key
+    id lets anyone test guesses offline.  PEM text read as ``str`` must be
     encoded by its reader (``pem.encode('ascii')``).
     """
     kek = _kek_cache.get(key) if type(key) is bytes else None

@@ -81,9 +81,10 @@ def read_secret_text(path, role='token', encoding='ascii'):
 
 
 def parse_key_file(data, path):
-    """Return the KEK in ``data``, the content of the key file ``path``:
-    PEM bytes as they are, or the 32 bytes of one base64 line.  Raises
-    :class:`InvalidKeyError` (naming ``path``, never the content)."""
+    """Return the KEK in ``data``, the content of the key file ``path``: PEM
+    bytes as they are, or the 32 bytes of one base64 line.  Raises
+    :class:`~zodbkmi.exceptions.InvalidKeyError` (naming ``path``, never the
+    content)."""
     if data.lstrip().startswith(PEM_PREFIX):
         key = data
     else:
@@ -103,17 +104,18 @@ def read_key_file(path):
     """Return the KEK stored in ``path`` (PEM bytes or 32 AES bytes).
 
     Reads through :func:`read_secret_file`: raises
-    :class:`~zodbkmi.exceptions.SecretFileError` (a :class:`KeyStoreError`)
-    when the file cannot be read or group or others can access it,
-    :class:`InvalidKeyError` when it holds no key.
+    :class:`~zodbkmi.exceptions.SecretFileError` (a
+    :class:`~zodbkmi.exceptions.KeyStoreError`) when the file cannot be read or
+    group or others can access it, :class:`~zodbkmi.exceptions.InvalidKeyError`
+    when it holds no key.
     """
     return parse_key_file(read_secret_file(path, 'key'), path)
 
 
 def write_key_file(path, key):
-    """Store ``key`` (PEM bytes or 32 AES bytes) in ``path``, atomically,
-    mode 0600.  Raises :class:`InvalidKeyError` (writing nothing) when
-    ``key`` is not a key encrypting key."""
+    """Store ``key`` (PEM bytes or 32 AES bytes) in ``path``, atomically, mode
+    0600.  Raises :class:`~zodbkmi.exceptions.InvalidKeyError` (writing
+    nothing) when ``key`` is not a key encrypting key."""
     as_kek(key)  # validates
     if not key.lstrip().startswith(PEM_PREFIX):
         key = base64.b64encode(key) + b'\n'

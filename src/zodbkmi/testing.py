@@ -256,4 +256,5 @@ class ServerProcess:
         return rc
 
     def cleanup(self):
+        """Remove the directory the server ran in."""
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -56,7 +56,7 @@ TEMP_SUFFIX = '.part'
 
 def check_dek_id(dek_id):
     """Return ``dek_id`` if it is 32 lowercase hex digits, else raise
-    :class:`UnknownKeyError` (an id that cannot exist)."""
+    :class:`~zodbkmi.exceptions.UnknownKeyError` (an id that cannot exist)."""
     if (not isinstance(dek_id, str) or len(dek_id) != 32
             or dek_id.strip('0123456789abcdef')):
         raise UnknownKeyError('invalid key id %r: 32 lowercase hex digits '
@@ -199,10 +199,10 @@ def write_atomic(path, data, mode=0o600):
 
 
 def check_key_directory(path):
-    """Refuse the key directory ``path`` when group or others can write
-    it (``mode & 0o022``: they could plant, swap or delete entries) or
-    when it belongs to another user; raise :class:`KeyStoreError` naming
-    the path and the command that fixes it."""
+    """Refuse the key directory ``path`` when group or others can write it
+    (``mode & 0o022``: they could plant, swap or delete entries) or when it
+    belongs to another user; raise :class:`~zodbkmi.exceptions.KeyStoreError`
+    naming the path and the command that fixes it."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -243,9 +243,10 @@ class DirectoryVault:
     first key is written (until then the vault is empty, and opening it
     with a mistyped path leaves nothing behind: the default of
     :class:`~zodbkmi.facility.KeyManagementFacility`), ``False`` never
-    (:class:`KeyStoreError` at once).  An existing directory is refused
-    (:class:`KeyStoreError`) when group or others can write it or when
-    another user owns it (see :func:`check_key_directory`).
+    (:class:`~zodbkmi.exceptions.KeyStoreError` at once).  An existing
+    directory is refused (:class:`~zodbkmi.exceptions.KeyStoreError`) when
+    group or others can write it or when another user owns it (see
+    :func:`check_key_directory`).
 
     Thread-safe.  Entries are cached in memory after the first read; the
     directory listing is read again when its modification time changes, so
@@ -387,6 +388,7 @@ class DirectoryVault:
         return entry
 
     def remove(self, dek_id):
+        """Delete the entry of ``dek_id`` and sweep its temporary files."""
         with self._lock:
             try:
                 os.unlink(self._file(dek_id))

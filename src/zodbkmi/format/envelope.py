@@ -526,7 +526,7 @@ class Sealer:
         :func:`read_dek_id` validated: ``(key, aead, nonce_start,
         header_size)``, where ``key`` is the part of the header that
         selects ``aead`` (format, context, DEK id and, in version 2, the
-        salt: :data:`KEYED_PREFIX_SIZE` or :data:`V1_KEYED_PREFIX_SIZE`
+        salt: :data:`KEYED_PREFIX_SIZE` or ``V1_KEYED_PREFIX_SIZE``
         bytes).  The envelope opens as ``aead.decrypt(data[nonce_start:
         header_size], data[header_size:], data[:header_size] + oid)``
         (no oid outside storage records), and so does every envelope of

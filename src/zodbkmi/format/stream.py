@@ -299,9 +299,10 @@ def read_header(fsrc):
     """Read and validate the stream header at the current position of
     ``fsrc``; return a :class:`StreamHeader`.
 
-    Reads exactly the header's bytes.  Checks, in this order: magic,
-    version, suite, chunk size, key kind, length.  Raises
-    :class:`UnsupportedFormatError` or :class:`TruncatedDataError`.
+    Reads exactly the header's bytes.  Checks, in this order: magic, version,
+    suite, chunk size, key kind, length.  Raises
+    :class:`~zodbkmi.exceptions.UnsupportedFormatError` or
+    :class:`~zodbkmi.exceptions.TruncatedDataError`.
     """
     fixed = _read_exact(fsrc, FIXED_SIZE)
     if fixed[:3] != MAGIC:
@@ -598,12 +599,13 @@ def decrypt(fsrc, fdst, dek, header, aad=b''):
     after they authenticated; the end of the stream is checked (final chunk
     flag, nothing after it).  Return the number of plaintext bytes.
 
-    Raises :class:`AuthenticationError` (wrong key, altered, reordered,
-    dropped or duplicated chunks, data after the final chunk, a stream cut
-    inside a chunk) and :class:`TruncatedDataError` (the stream ends at a
-    chunk boundary before its final chunk, or inside a tag).  The chunks
-    before the one that failed have been written: write to a temporary
-    file and keep it only on success (see :mod:`zodbkmi.files`).
+    Raises :class:`~zodbkmi.exceptions.AuthenticationError` (wrong key,
+    altered, reordered, dropped or duplicated chunks, data after the final
+    chunk, a stream cut inside a chunk) and
+    :class:`~zodbkmi.exceptions.TruncatedDataError` (the stream ends at a chunk
+    boundary before its final chunk, or inside a tag).  The chunks before the
+    one that failed have been written: write to a temporary file and keep it
+    only on success (see :mod:`zodbkmi.files`).
     """
     aead = AESGCM(payload_key(header, dek, aad))
     cs = header.chunk_size
@@ -723,7 +725,8 @@ def decrypt_range(fsrc, fdst, dek, header, offset, length=None, aad=b''):
 
 
 def check_dek_id(header, dek_id):
-    """Raise :class:`UnknownKeyError` unless ``header`` names ``dek_id``."""
+    """Raise :class:`~zodbkmi.exceptions.UnknownKeyError` unless ``header``
+    names ``dek_id``."""
     if header.dek_id != dek_id:
         raise UnknownKeyError(
             'stream is encrypted under DEK %s, not %s'

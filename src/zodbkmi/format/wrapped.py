@@ -134,10 +134,11 @@ def _signed(header):
 def wrap(kek, dek_id, dek, created=None, version=VERSION):
     """Wrap ``dek`` under ``kek`` (an IKeyEncryptingKey); return bytes.
 
-    Version 2 (the default) needs the KEK's secret for every suite: the
-    public half of an RSA KEK raises :class:`InvalidKeyError`.  Version 1
-    is written only for self-contained streams (``encrypt-file
-    --recipient``), where the public key is all the writer has."""
+    Version 2 (the default) needs the KEK's secret for every suite: the public
+    half of an RSA KEK raises
+    :class:`~zodbkmi.exceptions.InvalidKeyError`.  Version 1 is written only
+    for self-contained streams (``encrypt-file --recipient``), where the public
+    key is all the writer has."""
     if not isinstance(dek, bytes) or len(dek) != DEK_SIZE:
         raise ValueError('a data encrypting key has %d bytes' % DEK_SIZE)
     header = build_header(kek.suite, dek_id, kek.key_id, version, created)
@@ -150,10 +151,11 @@ def parse(data):
     """Parse a wrapped DEK; validates the header only.
 
     Checks, in this order: the type, the magic, the version, the suite, the
-    header length, the KEK id length, that a wrapping follows, and that the
-    KEK id is ASCII.  Raises :class:`UnsupportedFormatError` for a bad magic,
-    version, suite or KEK id and :class:`TruncatedDataError` for data ending
-    inside the magic or the header or with an empty wrapping.
+    header length, the KEK id length, that a wrapping follows, and that the KEK
+    id is ASCII.  Raises :class:`~zodbkmi.exceptions.UnsupportedFormatError`
+    for a bad magic, version, suite or KEK id and
+    :class:`~zodbkmi.exceptions.TruncatedDataError` for data ending inside the
+    magic or the header or with an empty wrapping.
     """
     if not isinstance(data, bytes):
         raise TypeError('a wrapped DEK is bytes, not %s' % type(data).__name__)
@@ -195,11 +197,11 @@ def parse(data):
 def unwrap(kek, data):
     """Return ``(dek_id, dek)`` from the wrapped DEK ``data``.
 
-    Raises :class:`WrongKeyError` when ``data`` names another KEK (before
-    any cryptographic work), the KEK's :class:`AuthenticationError` when it
-    does not authenticate (for a version 2 RSA wrapping: when its signature
-    does not verify, before the private key decrypts), and the errors of
-    :func:`parse`.
+    Raises :class:`~zodbkmi.exceptions.WrongKeyError` when ``data`` names
+    another KEK (before any cryptographic work), the KEK's
+    :class:`~zodbkmi.exceptions.AuthenticationError` when it does not
+    authenticate (for a version 2 RSA wrapping: when its signature does not
+    verify, before the private key decrypts), and the errors of :func:`parse`.
     """
     wk = parse(data)
     if wk.kek_id != kek.key_id or wk.suite != kek.suite:

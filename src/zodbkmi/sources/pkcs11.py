@@ -181,6 +181,7 @@ class PKCS11KeyEncryptingKey:
         return '<%s %s>' % (type(self).__name__, self.key_id)
 
     def close(self):
+        """Close the PKCS#11 session: the key wraps and unwraps no more."""
         session, self._session = self._session, None
         if session is not None:
             try:

@@ -1,7 +1,7 @@
 """Encrypting storages: every record and blob of a ZODB storage encrypted.
 
 :class:`EncryptingStorage` wraps any ZODB storage (see
-:mod:`zodbkmi.storage.wrapper`); :class:`ServerEncryptingStorage` is the
+``zodbkmi.storage.wrapper``); :class:`ServerEncryptingStorage` is the
 server side of a ZEO deployment whose clients encrypt.  The modules:
 
 ``wrapper``

@@ -11,7 +11,7 @@ connection's blob object holds is pinned and never evicted while held.
 
 The cache directory is named like the private directories of plaintext
 copies (``zodbkmi-blobs-<pid>-cache-...``), so that
-:func:`~zodbkmi.storage.blobs.sweep_plaintext_dirs` removes it after its
+:func:`~zodbkmi.storage.sweep_plaintext_dirs` removes it after its
 process was killed.
 """
 import collections

@@ -2,7 +2,7 @@
 
 ZODB stores three pieces of metadata with every transaction, in the
 clear: ``user``, ``description`` and the extension (a dict: Zope puts the
-request path and the user name there).  :class:`MetadataSealing` seals
+request path and the user name there).  ``MetadataSealing`` seals
 them into one envelope of the transaction metadata context
 (``docs/format.rst``, "Transaction metadata, version 1") in ``tpc_begin``:
 the base storage is given an empty user and description and the extension

@@ -454,7 +454,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         created.  Then create the active data key of the KEK if
         ``create_key`` asks for it: ``True`` (when missing), ``'auto'``
         (only for a database without encrypted records) or ``False``
-        (never).  See :mod:`zodbkmi.storage.keys`."""
+        (never).  See ``zodbkmi.storage.keys``."""
         return check_keys(self, create_key)
 
     # -- IStorageWrapper -------------------------------------------------
@@ -463,7 +463,7 @@ class EncryptingStorage(BlobMethods, DowngradeChecks):
         """Register as the database of the base storage, and of the
         storage inside ZODB's ``BlobStorage`` proxy, so that conflict
         resolution reads records through this wrapper (see
-        :mod:`zodbkmi.storage.registration`)."""
+        ``zodbkmi.storage.registration``)."""
         register_with_base(self, self.base)
 
     def registerDB(self, db):
