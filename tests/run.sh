@@ -1,11 +1,19 @@
 #!/bin/sh
 # Set up everything the test suite needs on a fresh Debian machine, then run
-# every test.  Usage: sh tests/run.sh [zope-testrunner options]
+# every test.  Usage: sh tests/run.sh [--buildout] [zope-testrunner options]
+# --buildout: run the suite as a zc.buildout user does (buildout.cfg):
+# zc.buildout in its own virtual environment (BUILDOUT_VENV, default
+# .venv-buildout), `buildout`, then `bin/test`.
 # Environment: VENV (default .venv), ZODBKMI_SKIP_SETUP=1 to skip installs.
 set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+BUILDOUT=0
+if [ "${1:-}" = --buildout ]; then
+    BUILDOUT=1
+    shift
+fi
 
 if [ "${ZODBKMI_SKIP_SETUP:-0}" != 1 ]; then
     # Debian packages for the real components the tests start (servers on
@@ -68,9 +76,25 @@ chmod 711 "$TEST_TMP"
 TMPDIR=$TEST_TMP
 export TMPDIR
 
+if [ "$BUILDOUT" = 1 ]; then
+    BVENV=${BUILDOUT_VENV:-.venv-buildout}
+    if [ ! -x "$BVENV/bin/buildout" ]; then
+        "$PY" -m venv "$BVENV"
+        "$BVENV/bin/python" -m pip install -q zc.buildout
+    fi
+    # buildout fetches the eggs into ./eggs (pip's cache is not used);
+    # bin/test runs in parts/test with the eggs' paths baked in
+    "$BVENV/bin/buildout" -q
+fi
+
 touch "$TEST_TMP/.started"
 rc=0
-"$VENV/bin/python" scripts/testrunner.py --path=. --tests-pattern='^tests$' "$@" || rc=$?
+if [ "$BUILDOUT" = 1 ]; then
+    bin/test "$@" || rc=$?
+else
+    "$VENV/bin/python" scripts/testrunner.py --path=. \
+        --tests-pattern='^tests$' "$@" || rc=$?
+fi
 
 # The cache of plaintext blob copies lives on a RAM-backed file system
 # (/dev/shm by default), outside TMPDIR: what the run left there (a
