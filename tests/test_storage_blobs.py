@@ -39,6 +39,7 @@ from ZODB.utils import u64
 
 from tests.postgres import PostgresLayer
 from tests.postgres import needs_postgres
+from tests.storage_support import read_blob
 from tests.test_storage_stacking import CANARY
 from tests.test_storage_stacking import _Stack
 from tests.test_storage_stacking import files_under
