@@ -51,11 +51,13 @@ def key_options(key_file, key_settings, previous_key_files=(),
     """
     from zodbkmi.sources import load_settings
     file_name, settings_name, previous_name = names
-    if (key_file is None) == (key_settings is None):
+    if key_file is not None and key_settings is not None:
+        raise SettingsError('give %s or %s, not both'
+                            % (file_name, settings_name))
+    if key_file is None and key_settings is None:
         raise SettingsError('give %s (a local key encrypting key) or %s '
-                            '(encryption settings, e.g. OpenBao Transit), '
-                            '%s' % (file_name, settings_name,
-                                    'not both' if key_file else 'one of them'))
+                            '(encryption settings, e.g. OpenBao Transit)'
+                            % (file_name, settings_name))
     if key_settings is None:
         return None
     if previous_key_files:
