@@ -27,6 +27,8 @@ import ZODB.FileStorage
 import ZODB.blob
 from persistent.mapping import PersistentMapping
 
+from zodbkmi.persistent import EncryptedPersistent
+
 from zodbkmi.testing import child_environ
 from tests.bao import ROOT_TOKEN
 from tests.bao import BaoServer
@@ -152,6 +154,114 @@ class SnippetTests(unittest.TestCase):
         settings = parse_settings(snippet('encryption.json'))
         self.assertEqual(settings.params['source'], 'vaultTransit')
         self.assertEqual(settings.params['keyName'], 'zope-kek')
+
+
+class Patient(EncryptedPersistent):
+    """An object-level encrypted record, indexed by its title."""
+
+    def __init__(self, title, text=''):
+        self.title = title
+        self.text = text
+
+    def getPhysicalPath(self):
+        return ('', 'p1')
+
+
+try:
+    from Products.ZCatalog.ZCatalog import ZCatalog
+except ImportError:
+    ZCatalog = None
+
+
+class IndexLeakTests(unittest.TestCase):
+    """What the page says of object-level encryption: an index over an
+    encrypted object stores its values in clear; EncryptingStorage does
+    not."""
+
+    TITLE = 'Alice Oncology-Ward 7'
+    WORD = 'malignantlymphoma'
+
+    def setUp(self):
+        import zope.component.testing
+        from zope.component import provideUtility
+        from zodbkmi.testing import TestingKeyHolder
+        from zodbkmi.testing import TestingKeyManagementFacility
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-leak-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        provideUtility(TestingKeyHolder())
+        provideUtility(TestingKeyManagementFacility(
+            os.path.join(self.tmp, 'keys')))
+
+    def _raw(self, fill, encrypting):
+        path = os.path.join(self.tmp, 'Data.fs')
+        storage = ZODB.FileStorage.FileStorage(path)
+        if encrypting:
+            from zodbkmi.facility import KeyManagementFacility
+            from zodbkmi.storage import EncryptingStorage
+            storage = EncryptingStorage(
+                storage, KeyManagementFacility(os.path.join(self.tmp, 'sk')),
+                os.urandom(32), create_key=True)
+        db = ZODB.DB(storage)
+        try:
+            with db.transaction() as conn:
+                fill(conn.root())
+        finally:
+            db.close()
+        with open(path, 'rb') as f:
+            data = f.read()
+        for name in os.listdir(self.tmp):
+            if name.startswith('Data.fs'):
+                os.unlink(os.path.join(self.tmp, name))
+        return data
+
+    def _btree(self, root):
+        from BTrees.OOBTree import OOBTree
+        folder = root['patients'] = PersistentMapping()
+        folder['p1'] = patient = Patient(self.TITLE)
+        folder['by_title'] = OOBTree({patient.title: 'p1'})
+
+    def test_btree_index_w_encrypted_persistent(self):
+        def without_index(root):
+            root['patients'] = PersistentMapping(p1=Patient(self.TITLE))
+        # the object alone: its title is encrypted
+        self.assertNotIn(self.TITLE.encode(),
+                         self._raw(without_index, False))
+        # indexed by title in an OOBTree: the title is in clear
+        self.assertIn(self.TITLE.encode(), self._raw(self._btree, False))
+        # the whole storage encrypted: nowhere
+        self.assertNotIn(self.TITLE.encode(), self._raw(self._btree, True))
+
+    @unittest.skipIf(ZCatalog is None, 'needs Products.ZCatalog')
+    def test_zcatalog_w_encrypted_persistent(self):
+        from Products.PluginIndexes.FieldIndex.FieldIndex import FieldIndex
+        from Products.ZCTextIndex.Lexicon import CaseNormalizer
+        from Products.ZCTextIndex.Lexicon import Splitter
+        from Products.ZCTextIndex.ZCTextIndex import PLexicon
+        from Products.ZCTextIndex.ZCTextIndex import ZCTextIndex
+
+        class Extra:
+            doc_attr = 'text'
+            index_type = 'Okapi BM25 Rank'
+            lexicon_id = 'lexicon'
+
+        def fill(root):
+            catalog = root['catalog'] = ZCatalog('catalog')
+            catalog._setObject('lexicon', PLexicon(
+                'lexicon', '', Splitter(), CaseNormalizer()))
+            catalog.addIndex('title', FieldIndex('title'))
+            catalog.addIndex('text', ZCTextIndex('text', extra=Extra(),
+                                                 caller=catalog))
+            catalog.addColumn('title')
+            root['p1'] = patient = Patient(self.TITLE, 'a %s' % self.WORD)
+            catalog.catalog_object(patient, uid='/p1')
+        raw = self._raw(fill, False)
+        self.assertIn(self.TITLE.encode(), raw)   # index and metadata
+        self.assertIn(self.WORD.encode(), raw)    # the lexicon
+        raw = self._raw(fill, True)
+        self.assertNotIn(self.TITLE.encode(), raw)
+        self.assertNotIn(self.WORD.encode(), raw)
 
 
 class DeployingTests(unittest.TestCase):
