@@ -1,4 +1,4 @@
-"""EncryptingStorage inside a real Pyramid application (issue #17).
+"""EncryptingStorage inside a real Pyramid application (issues #17 and #18).
 
 A Pyramid app as its users write it: pyramid_zodbconn opens the database
 from a ``zodbkmi+file`` URI (with a blob directory: zodburi puts ZODB's
@@ -13,6 +13,9 @@ changes conflict resolution merges, and a line appended to the blob with
 The checks: no request fails, conflict resolution never fails (ZODB logs
 each failed resolution), every note and line is there, and no file of the
 database (records, blobs, keys) holds a plaintext marker.
+
+:class:`PyramidDeployingTests` runs the same with the ``zodbconn.uri`` of
+docs/deploying.rst (the KEK in OpenBao Transit).
 """
 import http.client
 import logging
@@ -32,6 +35,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
 from zodbkmi.keyholder import write_key_file
+from tests.bao import BaoLayer
 
 try:
     with warnings.catch_warnings():
@@ -242,3 +246,40 @@ class PyramidAppTests(unittest.TestCase):
                     at = data.find(marker.encode())
                     self.assertEqual(at, -1, '%r in clear in %s: %r' % (
                         marker, path, data[max(0, at - 40):at + 60]))
+
+
+class PyramidDeployingTests(PyramidAppTests):
+    """The same application, its database opened from the ``zodbconn.uri``
+    of docs/deploying.rst: ``key_settings`` naming a settings file whose
+    KEK is a Transit key of a real OpenBao server."""
+
+    layer = BaoLayer
+
+    def setUp(self):
+        import configparser
+        from tests.bao import ROOT_TOKEN
+        from tests.bao import skip_requested
+        from tests.test_deploying import snippet
+        if skip_requested():
+            self.skipTest('ZODBKMI_SKIP_BAO=1')
+        super().setUp()
+        bao = BaoLayer.server
+        bao.api('POST', 'transit/keys/zope-kek', {'derived': True})
+        # the page's files, made in the application's directory
+        app = self.tmp
+        etc = os.path.join(app, 'etc')
+        os.makedirs(os.path.join(etc, 'zodbkmi'), 0o700)
+        os.makedirs(os.path.join(app, 'var', 'keys'), 0o700)
+        fd = os.open(os.path.join(etc, 'zodbkmi', 'bao-token'),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            f.write(ROOT_TOKEN + '\n')
+        shutil.copy(bao.ca_file, os.path.join(etc, 'zodbkmi', 'bao-ca.pem'))
+        with open(os.path.join(etc, 'encryption.json'), 'w') as f:
+            f.write(snippet('encryption.json', instance=app, url=bao.url))
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(snippet('pyramid.ini', app=app))
+        # one pooled connection per writer, as in PyramidAppTests
+        self.uri = (parser['app:main']['zodbconn.uri']
+                    + '&connection_pool_size=%d' % WRITERS)
+        self.assertIn('key_settings=%s/etc/encryption.json' % app, self.uri)

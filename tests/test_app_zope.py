@@ -1,4 +1,4 @@
-"""EncryptingStorage inside a real Zope instance (issue #17).
+"""EncryptingStorage inside a real Zope instance (issues #17 and #18).
 
 A Zope instance made by ``mkwsgiinstance``, its ``zope.conf`` changed as
 docs/storage.rst says (``%import zodbkmi`` and ``<encryptingstorage>``
@@ -12,6 +12,12 @@ Then the instance is stopped and the database files are read: the data
 (ids, titles, file content) and the transaction notes (user name, request
 paths) must be nowhere in clear, and the database opens with the keys to
 the state the ZMI left.
+
+:class:`DeployingZopeTests` runs the ``zope.conf`` of docs/deploying.rst
+(``key-settings``: the KEK in OpenBao Transit, prepared by the page's shell
+steps against a real OpenBao server) and checks what the page says about
+plaintext outside the database: the page template cache, exports saved on
+the server, the access log.
 """
 import base64
 import html
@@ -65,48 +71,50 @@ def free_port():
         return s.getsockname()[1]
 
 
-@unittest.skipIf(Zope2 is None, 'needs Zope')
-class ZopeInstanceTests(unittest.TestCase):
+class _ZopeInstance:
+    """An instance made by ``mkwsgiinstance`` in a temporary directory,
+    started with ``runwsgi`` on 127.0.0.1 (:meth:`start`) and stopped with
+    SIGINT (:meth:`_stop`)."""
 
-    def setUp(self):
+    def make_instance(self):
         self.tmp = tempfile.mkdtemp(prefix='zodbkmi-zope-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.instance = os.path.join(self.tmp, 'instance')
         self.password = uuid.uuid4().hex
         subprocess.run(
             [os.path.join(BIN, 'mkwsgiinstance'), '-d', self.instance,
              '-u', '%s:%s' % (USER, self.password)],
             check=True, stdout=subprocess.DEVNULL)
-        self.key_file = os.path.join(self.tmp, 'kek.key')
-        write_key_file(self.key_file, os.urandom(32))
-        etc = os.path.join(self.instance, 'etc')
-        with open(os.path.join(etc, 'zope.conf'), 'w') as f:
-            f.write(ZOPE_CONF % dict(instance=self.instance,
-                                     key_file=self.key_file))
+        self.etc = os.path.join(self.instance, 'etc')
+        auth = base64.b64encode(
+            ('%s:%s' % (USER, self.password)).encode()).decode()
+        self.headers = {'Authorization': 'Basic ' + auth}
+        self.zope = None
+
+    def write_zope_conf(self, text):
+        with open(os.path.join(self.etc, 'zope.conf'), 'w') as f:
+            f.write(text)
+
+    def start(self, env=None):
         self.port = free_port()
-        ini = os.path.join(etc, 'zope.ini')
+        ini = os.path.join(self.etc, 'zope.ini')
         with open(ini) as f:
             text = f.read()
         text = re.sub(r'(?m)^port = \d+$', 'port = %d' % self.port, text)
         text = re.sub(r'(?m)^host = .*$', 'host = 127.0.0.1', text)
         with open(ini, 'w') as f:
             f.write(text)
-        self.log = open(os.path.join(self.tmp, 'runwsgi.log'), 'wb')
+        self.log = open(os.path.join(self.tmp, 'runwsgi.log'), 'ab')
         self.zope = subprocess.Popen(
             [os.path.join(BIN, 'runwsgi'), ini], cwd=self.instance,
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.addCleanup(self.log.close)
+        self.addCleanup(self._stop)
         self.base = 'http://127.0.0.1:%d' % self.port
-        auth = base64.b64encode(
-            ('%s:%s' % (USER, self.password)).encode()).decode()
-        self.headers = {'Authorization': 'Basic ' + auth}
         self._wait_for_zope()
 
-    def tearDown(self):
-        self._stop()
-        self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
     def _stop(self):
-        if self.zope.poll() is None:
+        if self.zope is not None and self.zope.poll() is None:
             self.zope.send_signal(signal.SIGINT)
             try:
                 self.zope.wait(60)
@@ -130,9 +138,10 @@ class ZopeInstanceTests(unittest.TestCase):
                 time.sleep(0.2)
         self.fail('Zope did not answer: %s' % self._log_text())
 
-    def request(self, path, fields=None, files=None):
+    def request(self, path, fields=None, files=None, raw=False):
         """GET ``path``, or POST ``fields`` (multipart with ``files``:
-        ``{name: (filename, bytes)}``); return the body as text."""
+        ``{name: (filename, bytes)}``); return the body as text (bytes
+        when ``raw``)."""
         data = None
         headers = dict(self.headers)
         if files:
@@ -159,12 +168,25 @@ class ZopeInstanceTests(unittest.TestCase):
                                      headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
-                return r.read().decode()
+                body = r.read()
+                return body if raw else body.decode()
         except urllib.error.HTTPError as e:
             if e.code >= 500:
                 self.fail('%s: HTTP %d %s' % (path, e.code,
                                                e.read().decode()[-2000:]))
             raise
+
+
+@unittest.skipIf(Zope2 is None, 'needs Zope')
+class ZopeInstanceTests(_ZopeInstance, unittest.TestCase):
+
+    def setUp(self):
+        self.make_instance()
+        self.key_file = os.path.join(self.tmp, 'kek.key')
+        write_key_file(self.key_file, os.urandom(32))
+        self.write_zope_conf(ZOPE_CONF % dict(instance=self.instance,
+                                              key_file=self.key_file))
+        self.start()
 
     def test_zmi_add_edit_undo(self):
         self.request('/manage_addProduct/OFSP/manage_addFolder',
@@ -232,3 +254,127 @@ class ZopeInstanceTests(unittest.TestCase):
             self.assertIn('manage_addFile', descriptions)
         finally:
             db.close()
+
+
+class ZopeBaoLayer:
+    """An OpenBao server for the Zope tests: the page's steps enable
+    Transit and make the key themselves."""
+
+    server = None
+
+    @classmethod
+    def setUp(cls):
+        from tests.bao import BaoServer
+        from tests.bao import skip_requested
+        if not skip_requested():
+            cls.server = BaoServer().start()
+
+    @classmethod
+    def tearDown(cls):
+        if cls.server is not None:
+            cls.server.stop()
+            cls.server = None
+
+
+#: In the page template, in its text (cached when CHAMELEON_CACHE is set)
+#: and in what it renders (never cached).
+TEMPLATE_MARK = 'Template-Text-Haematology'
+TITLE_MARK = 'Folder-Title-Oncology'
+TEMPLATE = ('<html><body><p>%s</p><p tal:content="context/title">x</p>'
+            '</body></html>' % TEMPLATE_MARK)
+CHAMELEON = """
+<environment>
+  CHAMELEON_CACHE $INSTANCE/var/cache
+</environment>
+"""
+
+
+@unittest.skipIf(Zope2 is None, 'needs Zope')
+class DeployingZopeTests(_ZopeInstance, unittest.TestCase):
+
+    layer = ZopeBaoLayer
+
+    def setUp(self):
+        from tests.bao import skip_requested
+        from tests.test_deploying import prepare_openbao
+        from tests.test_deploying import snippet
+        if skip_requested():
+            self.skipTest('ZODBKMI_SKIP_BAO=1')
+        self.make_instance()
+        prepare_openbao(ZopeBaoLayer.server, self.instance)
+        self.conf = snippet('zope.conf', self.instance)
+        self.write_zope_conf(self.conf)
+        # the page's zope.conf has no CHAMELEON_CACHE; nor has the process
+        self.env = dict(os.environ)
+        self.env.pop('CHAMELEON_CACHE', None)
+        self.var = os.path.join(self.instance, 'var')
+
+    def _files(self, top):
+        return [os.path.join(d, n) for d, _, ns in os.walk(top) for n in ns]
+
+    def _holds(self, path, marker):
+        with open(path, 'rb') as f:
+            return marker.encode() in f.read()
+
+    def test_deploying_zope_conf(self):
+        self.start(self.env)
+        self.request('/manage_addProduct/OFSP/manage_addFolder',
+                     {'id': 'oncology', 'title': TITLE_MARK})
+        self.request('/oncology/manage_addProduct/PageTemplates/'
+                     'manage_addPageTemplate',
+                     {'id': 'report', 'title': 'report', 'text': TEMPLATE})
+        page = self.request('/oncology/report')
+        self.assertIn(TEMPLATE_MARK, page)
+        self.assertIn(TITLE_MARK, page)
+        # an export saved on the server, and one downloaded
+        self.request('/manage_exportObject',
+                     {'id': 'oncology', 'download:int': 0})
+        download = self.request('/manage_exportObject',
+                                {'id': 'oncology', 'download:int': 1},
+                                raw=True)
+        self._stop()
+        self.assertEqual(self.zope.returncode, 0, self._log_text())
+
+        # the database (records, blobs, keys): nothing in clear
+        database = [p for p in self._files(self.var)
+                    if os.path.relpath(p, self.var).split(os.sep)[0] in
+                    ('Data.fs', 'Data.fs.index', 'Data.fs.tmp', 'blobs',
+                     'keys')]
+        self.assertGreaterEqual(len(database), 4)
+        for path in database:
+            for marker in (TEMPLATE_MARK, TITLE_MARK, 'oncology'):
+                self.assertFalse(self._holds(path, marker), (marker, path))
+        (key,) = os.listdir(os.path.join(self.var, 'keys'))
+        with open(os.path.join(self.var, 'keys', key)) as f:
+            self.assertIn('"kek_id": "transit:transit:zope-kek"', f.read())
+        # without CHAMELEON_CACHE the cache directory stays empty
+        self.assertEqual(os.listdir(os.path.join(self.var, 'cache')),
+                         ['README.txt'])
+        # what the page says of exports: in clear, and the one on the
+        # server with the mode of the umask
+        zexp = os.path.join(self.var, 'oncology.zexp')
+        self.assertTrue(self._holds(zexp, TEMPLATE_MARK))
+        self.assertTrue(self._holds(zexp, TITLE_MARK))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        self.assertEqual(os.stat(zexp).st_mode & 0o777, 0o666 & ~umask)
+        self.assertIn(TITLE_MARK.encode(), download)
+        # and of the access log: the paths
+        self.assertTrue(self._holds(os.path.join(self.var, 'log', 'Z4.log'),
+                                    '/oncology/report'))
+
+        # with the CHAMELEON_CACHE of mkwsgiinstance: the template's text
+        # is written to var/cache, what it renders is not
+        self.write_zope_conf(self.conf + CHAMELEON)
+        self.start(self.env)
+        page = self.request('/oncology/report')
+        self.assertIn(TITLE_MARK, page)
+        self._stop()
+        self.assertEqual(self.zope.returncode, 0, self._log_text())
+        cache = self._files(os.path.join(self.var, 'cache'))
+        sources = [p for p in cache if p.endswith('.py')
+                   and self._holds(p, TEMPLATE_MARK)]
+        self.assertEqual(len(sources), 1, cache)
+        self.assertTrue([p for p in cache if p.endswith('.pyc')
+                         and self._holds(p, TEMPLATE_MARK)])
+        self.assertFalse([p for p in cache if self._holds(p, TITLE_MARK)])

@@ -1,6 +1,8 @@
 """ZConfig factories of the storage wrappers (``%import zodbkmi``)."""
 import os
 
+from zodbkmi.exceptions import SettingsError
+from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.facility import KeyManagementFacility
 from zodbkmi.keyholder import read_key_file
 from zodbkmi.storage import MODES
@@ -33,18 +35,90 @@ def create_key(value):
     return parse_create_key(value)
 
 
-def open_keys(key_file, key_dir, previous_key_files=(), mode='strict'):
-    """Return ``(facility, key, previous_keys)`` for the key settings.
+def key_options(key_file, key_settings, previous_key_files=(),
+                names=('key-file', 'key-settings', 'previous-key-file')):
+    """Check the key options of a storage and read its settings file.
+
+    Exactly one of ``key_file`` (a local KEK) and ``key_settings`` (the
+    path of a JSON file of encryption settings, see
+    :mod:`zodbkmi.sources.settings`) is given; previous key files go with
+    ``key_file`` only (the settings list their own previous keys).
+    Returns the :class:`~zodbkmi.sources.settings.EncryptionSettings` of
+    ``key_settings``, read and checked now (None for ``key_file``); the
+    keys are fetched by :func:`open_keys`.  ``names`` are the option names
+    of the messages.  Raises :class:`~zodbkmi.exceptions.SettingsError`
+    (a ``ValueError``), one line naming the option and the file.
+    """
+    from zodbkmi.sources import load_settings
+    file_name, settings_name, previous_name = names
+    if key_file is not None and key_settings is not None:
+        raise SettingsError('give %s or %s, not both'
+                            % (file_name, settings_name))
+    if key_file is None and key_settings is None:
+        raise SettingsError('give %s (a local key encrypting key) or %s '
+                            '(encryption settings, e.g. OpenBao Transit)'
+                            % (file_name, settings_name))
+    if key_settings is None:
+        return None
+    if previous_key_files:
+        raise SettingsError('%s goes with %s: list the previous keys in the '
+                            '"previous" of %s %s' % (previous_name, file_name,
+                                                     settings_name,
+                                                     key_settings))
+    try:
+        settings = load_settings(key_settings)
+    except SettingsError as e:
+        raise SettingsError('%s: %s' % (settings_name, e)) from None
+    if not settings.enabled:
+        raise SettingsError(
+            '%s: %s says "enabled": false; an encrypting storage needs a key '
+            '(to read the database in clear, decrypt it with "zodbkmi '
+            'migrate decrypt")' % (settings_name, key_settings))
+    return settings
+
+
+def open_keys(key_file, key_dir, previous_key_files=(), mode='strict',
+              settings=None, settings_file=None):
+    """Return ``(facility, key, previous_keys)`` for the key settings: the
+    KEK in ``key_file`` (with ``previous_key_files``), or else the keys of
+    the encryption ``settings`` (see :func:`key_options`), fetched from
+    their key sources by :class:`~zodbkmi.sources.SettingsKeyHolder`;
+    ``settings_file`` names them in the messages.
 
     Nothing is created: the key directory is made with its first key, and
     the storage creates the active data key when it is opened, if its
     ``create_key`` says so (see :mod:`zodbkmi.storage.keys`).  ``mode`` is
     accepted for compatibility and ignored.
     """
-    key = read_key_file(key_file)
-    previous = tuple(read_key_file(p) for p in previous_key_files or ())
+    if settings is not None:
+        key, previous = _settings_keys(settings, settings_file)
+    else:
+        key = read_key_file(key_file)
+        previous = tuple(read_key_file(p) for p in previous_key_files or ())
     facility = KeyManagementFacility(os.path.abspath(key_dir))
     return facility, key, previous
+
+
+def _settings_keys(settings, path):
+    """The current and previous KEKs of ``settings``; an error of their key
+    sources (server down, token refused, no such key, wrong key) is raised
+    again, with the same class, naming the settings file."""
+    from zodbkmi.sources import SettingsKeyHolder
+    try:
+        holder = SettingsKeyHolder(settings)
+    except ZodbKmiError as e:
+        raise _error_like(e, 'key-settings %s: cannot get the keys: %s'
+                          % (path or '(given)', e)) from None
+    return holder.key, holder.previous_keys
+
+
+def _error_like(error, message):
+    """A new error of the class of ``error`` with ``message`` (classes
+    whose constructor takes more than the message: a ZodbKmiError)."""
+    try:
+        return type(error)(message)
+    except TypeError:      # pragma: no cover
+        return ZodbKmiError(message)
 
 
 def _wrap(factory, base, *args, **kw):
@@ -65,11 +139,17 @@ class EncryptingStorageFactory:
     def __init__(self, config):
         self.config = config
         self.name = config.getSectionName()
+        # the settings file is read and checked with the configuration
+        # (ValueError: ZConfig's DataConversionError); the keys are fetched
+        # when the storage is opened
+        self.settings = key_options(config.key_file, config.key_settings,
+                                    config.previous_key_files)
 
     def open(self):
         c = self.config
         facility, key, previous = open_keys(
-            c.key_file, c.key_dir, c.previous_key_files, c.mode)
+            c.key_file, c.key_dir, c.previous_key_files, c.mode,
+            self.settings, c.key_settings)
         return _wrap(self._factory, c.base.open(), facility, key, previous,
                      mode=c.mode, plaintext_dir=c.plaintext_dir,
                      migrate_since=c.migrate_since,
@@ -96,7 +176,8 @@ class ServerEncryptingStorageFactory(EncryptingStorageFactory):
 
 
 #: Query parameters of the zodburi scheme that belong to zodbkmi.
-URI_PARAMETERS = ('key_file', 'key_dir', 'previous_key_file', 'mode',
+URI_PARAMETERS = ('key_file', 'key_settings', 'key_dir',
+                  'previous_key_file', 'mode',
                   'plaintext_dir', 'migrate_since', 'create_key',
                   'blob_cache_size', 'blob_cache_dir')
 
@@ -105,8 +186,11 @@ def uri_resolver(uri):
     """zodburi resolver of ``zodbkmi+<scheme>://...``.
 
     The URI is the URI of the storage to wrap with ``zodbkmi+`` in front
-    and the key settings in its query: ``key_file`` and ``key_dir``
-    (required), ``previous_key_file`` (repeatable), ``mode``,
+    and the key settings in its query: ``key_file`` (a local KEK) or
+    ``key_settings`` (a JSON file of encryption settings, e.g. OpenBao
+    Transit: read and checked now, the keys fetched when the storage is
+    opened), ``key_dir`` (required), ``previous_key_file`` (repeatable,
+    with ``key_file``), ``mode``,
     ``plaintext_dir``, ``migrate_since``, ``create_key`` (``auto``,
     the default, ``true`` or ``false``), ``blob_cache_size`` (bytes, 0:
     off) and ``blob_cache_dir``.  Returns
@@ -132,9 +216,14 @@ def uri_resolver(uri):
             ours[name] = value
         else:
             others.append((name, value))
-    for name in ('key_file', 'key_dir'):
-        if not ours.get(name):
-            raise ValueError('zodbkmi URI without %s' % name)
+    if not ours.get('key_dir'):
+        raise ValueError('zodbkmi URI without key_dir')
+    try:
+        settings = key_options(
+            ours.get('key_file') or None, ours.get('key_settings') or None,
+            previous, ('key_file', 'key_settings', 'previous_key_file'))
+    except SettingsError as e:
+        raise ValueError('zodbkmi URI: %s' % e) from None
     wanted = mode(ours.get('mode', 'strict'))
     plaintext_dir = ours.get('plaintext_dir') or None
     since = ours.get('migrate_since') or None
@@ -160,8 +249,9 @@ def uri_resolver(uri):
     base_factory, dbkw = zodburi._get_uri_factory_and_dbkw(inner)
 
     def factory():
-        facility, key, prev = open_keys(ours['key_file'], ours['key_dir'],
-                                        previous, wanted)
+        facility, key, prev = open_keys(
+            ours.get('key_file'), ours['key_dir'], previous, wanted,
+            settings, ours.get('key_settings'))
         return _wrap(EncryptingStorage, base_factory(), facility, key,
                      prev, mode=wanted, plaintext_dir=plaintext_dir,
                      migrate_since=since, create_key=creates, **cache)
