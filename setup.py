@@ -45,6 +45,8 @@ S3_TEST_REQUIRE = [
 # a real Zope instance and a real Pyramid application.
 APPS_TEST_REQUIRE = [
     'Zope >= 5',
+    # tests/test_deploying.py: a catalog's indexes keep what they index
+    'Products.ZCatalog',
     'Paste',
     'PasteDeploy',
     'pyramid >= 2',
@@ -72,6 +74,8 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     # twine check
     'build',
     'twine',
+    # tests/test_lint.py
+    'flake8',
 ] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE + S3_TEST_REQUIRE + \
     APPS_TEST_REQUIRE
 
