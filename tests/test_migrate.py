@@ -1114,7 +1114,11 @@ class EncryptingStorageIntegrationTests(_TempDir, unittest.TestCase):
 
     def _read_all(self, wrapper):
         import ZODB
-        db = ZODB.DB(wrapper)
+        try:
+            db = ZODB.DB(wrapper)       # opening reads the root
+        except BaseException:
+            wrapper.close()
+            raise
         try:
             with db.transaction() as conn:
                 tree = conn.root()['tree']
