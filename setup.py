@@ -1,4 +1,4 @@
-"""zodbkmi: encryption at rest for ZODB with a real key management infrastructure."""
+"""zodbkmi: encryption at rest for ZODB with key management."""
 import os
 
 from setuptools import find_packages

@@ -5,8 +5,8 @@ Usage: python benchmarks/bench_facility.py [--rounds 9] [--number 50000]
 The raw baselines are what any correct use of AES-GCM from ``cryptography``
 must do per message: draw a fresh random 96-bit nonce (``os.urandom``),
 encrypt, decrypt; the second baseline also authenticates a 38 byte header,
-as the envelope (version 2) does.  Variants alternate within each round; the ratios are
-medians of the per-round ratios.
+as the envelope (version 2) does.  Variants alternate within each round;
+the ratios are medians of the per-round ratios.
 """
 import argparse
 import os
@@ -48,7 +48,8 @@ def main(argv=None):
             facility.decrypt(kek, facility.encrypt(kek, data))
 
         ours()
-        variants = [('raw AES-GCM', raw), ('raw AES-GCM + header AAD', raw_aad),
+        variants = [('raw AES-GCM', raw),
+                    ('raw AES-GCM + header AAD', raw_aad),
                     ('KeyManagementFacility', ours)]
         times = {name: [] for name, _ in variants}
         for _ in range(args.rounds):

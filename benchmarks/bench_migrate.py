@@ -145,8 +145,8 @@ def main(argv=None):
     copy = statistics.median(r['seconds'] for r in results['copy'])
     print('%d objects, %d rounds, chunk size %d (medians)'
           % (args.objects, args.rounds, args.chunk_size))
-    print('%-8s %9s %12s %9s %12s' % ('variant', 'seconds', 'objects/s',
-                                       'x copy', 'peak RSS MB'))
+    print('%-8s %9s %12s %9s %12s'
+          % ('variant', 'seconds', 'objects/s', 'x copy', 'peak RSS MB'))
     for variant in ('copy', 'encrypt', 'rekey'):
         seconds = statistics.median(r['seconds'] for r in results[variant])
         rss = statistics.median(r['rss_kb'] for r in results[variant])

@@ -142,7 +142,7 @@ def _commit_and_load(item, path, count):
             'load_cpu': load_cpu, 'size': size}
 
 
-# -- the driver -----------------------------------------------------------------
+# -- the driver ---------------------------------------------------------------
 
 def keas_environment(tmp):
     """Create a virtual environment with keas.kmi 3.3.0; return its python
@@ -180,7 +180,8 @@ def measure(python, variant, tmp, count, repeat):
 
 
 def versions(python, modules):
-    code = ('import importlib.metadata as m, sys; print(sys.version.split()[0],'
+    code = ('import importlib.metadata as m, sys; '
+            'print(sys.version.split()[0],'
             ' *[n + " " + m.version(n) for n in sys.argv[1:]], sep=", ")')
     return subprocess.run([python, '-c', code] + modules, capture_output=True,
                           text=True).stdout.strip()

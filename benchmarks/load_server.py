@@ -287,8 +287,9 @@ class Client:
                 b'{"wrapped": "not base64!"}',
                 b'{"wrapped": "' + base64.b64encode(os.urandom(90)) + b'"}',
                 b'{"wrapped": 12}', b'{"key": "x", "wrapped": "eA=="}',
-                b'{"wrapped": "' + base64.b64encode(b'zkw\x01\x02' + b'x' * 16
-                                                   + b'\x00xx') + b'"}',
+                b'{"wrapped": "'
+                + base64.b64encode(b'zkw\x01\x02' + b'x' * 16 + b'\x00xx')
+                + b'"}',
                 json.dumps({'wrapped': 'A' * 9000}).encode()]))
         elif name == 'unknown_key':
             data = request('GET', '/v1/keys/' + os.urandom(16).hex(), client)

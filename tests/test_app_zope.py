@@ -172,8 +172,8 @@ class _ZopeInstance:
                 return body if raw else body.decode()
         except urllib.error.HTTPError as e:
             if e.code >= 500:
-                self.fail('%s: HTTP %d %s' % (path, e.code,
-                                               e.read().decode()[-2000:]))
+                self.fail('%s: HTTP %d %s'
+                          % (path, e.code, e.read().decode()[-2000:]))
             raise
 
 

@@ -30,7 +30,6 @@ from persistent.mapping import PersistentMapping
 from zodbkmi.persistent import EncryptedPersistent
 
 from zodbkmi.testing import child_environ
-from tests.bao import ROOT_TOKEN
 from tests.bao import BaoServer
 from tests.bao import bao_binary
 from tests.bao import skip_requested
@@ -145,7 +144,8 @@ class SnippetTests(unittest.TestCase):
 
     def test_every_snippet_is_found(self):
         self.assertEqual(sorted(snippets()), [
-            'backup', 'destroy-old', 'encryption.json', 'keydir', 'migrate', 'openbao',
+            'backup', 'destroy-old', 'encryption.json', 'keydir', 'migrate',
+            'openbao',
             'pyramid.ini', 'token', 'transit-retire', 'transit-rewrap',
             'transit-rotate', 'zope.conf'])
 

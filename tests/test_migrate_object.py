@@ -255,7 +255,6 @@ class _Codec:
         return unpickler.load()
 
 
-
 OBJECT_KILL_SCRIPT = '''\
 """Encrypt at the object level; SIGKILL this process at KILL_AT."""
 import base64, os, signal, sys

@@ -680,7 +680,8 @@ class VersionOneTests(FacilityCase):
         self.assertIn(data[:22], self.facility._opened[0][self.kek])
         # and still refuses what it must
         for bad, error in ((data[:49], exceptions.TruncatedDataError),
-                           (data[:-1] + bytes([data[-1] ^ 1]), exceptions.AuthenticationError),
+                           (data[:-1] + bytes([data[-1] ^ 1]),
+                            exceptions.AuthenticationError),
                            (record, exceptions.UnsupportedFormatError)):
             with self.assertRaises(error):
                 self.facility.decrypt(self.kek, bad)

@@ -38,8 +38,8 @@ class PKCS11KeyEncryptingKeyTests(SoftHSMTestCase):
 
     def test_key_id_and_repr(self):
         kek = self._makeOne()
-        self.assertEqual(kek.key_id, 'pkcs11:%s:%s' % (TOKEN_LABEL,
-                                                        KEY_LABEL))
+        self.assertEqual(kek.key_id,
+                         'pkcs11:%s:%s' % (TOKEN_LABEL, KEY_LABEL))
         self.assertEqual(repr(kek), '<PKCS11KeyEncryptingKey %s>'
                          % kek.key_id)
         self.assertNotIn(PIN, repr(vars(kek).get('source')))

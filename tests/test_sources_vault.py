@@ -64,7 +64,8 @@ class VaultKVTests(_Base):
         self.put_secret({'key': b64(k1), 'algorithm': 'aes256-gcm'})
         self.put_secret({'key': b64(k2), 'algorithm': 'aes256-gcm'})
         kek = self._callFUT(self.params('vaultKV', path=self.path))
-        self.assertEqual(kek.key_id, 'vaultkv:secret:%s:v2' % self.path.replace('/', ':'))
+        self.assertEqual(kek.key_id, 'vaultkv:secret:%s:v2'
+                         % self.path.replace('/', ':'))
         self.assertEqual(kek.version, 2)
         from zodbkmi.sources.local import key_check_value
         self.assertEqual(kek.check_value, key_check_value(k2))
@@ -74,7 +75,8 @@ class VaultKVTests(_Base):
         self.put_secret({'key': b64(k1), 'algorithm': 'aes256-gcm'})
         self.put_secret({'key': b64(k2), 'algorithm': 'aes256-gcm'})
         kek = self._callFUT(self.params('vaultKV', path=self.path, version=1))
-        self.assertEqual(kek.key_id, 'vaultkv:secret:%s:v1' % self.path.replace('/', ':'))
+        self.assertEqual(kek.key_id, 'vaultkv:secret:%s:v1'
+                         % self.path.replace('/', ':'))
         from zodbkmi.kek import AESKeyEncryptingKey
         blob = AESKeyEncryptingKey(k1).wrap(b'x' * 32, b'h')
         self.assertEqual(kek.unwrap(blob, b'h'), b'x' * 32)

@@ -76,7 +76,8 @@ class EncryptingStorageTests(_TempDir, unittest.TestCase):
             self.assertFalse(
                 ZODB.interfaces.IStorageUndoable.providedBy(storage))
             self.assertFalse(ZODB.interfaces.IBlobStorage.providedBy(storage))
-            self.assertTrue(ZODB.interfaces.IStorageWrapper.providedBy(storage))
+            self.assertTrue(
+                ZODB.interfaces.IStorageWrapper.providedBy(storage))
         finally:
             storage.close()
 

@@ -25,7 +25,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import unittest
 import uuid
 
@@ -275,8 +274,8 @@ class _Matrix:
     inner = None
 
     def plain_config(self, name):
-        return '%%import zodbkmi\n%%import relstorage\n<zodb>\n%s\n</zodb>\n' % (
-            self.inner(name))
+        return ('%%import zodbkmi\n%%import relstorage\n'
+                '<zodb>\n%s\n</zodb>\n' % self.inner(name))
 
     def wrapped_config(self, name, settings=''):
         return ('%%import zodbkmi\n%%import relstorage\n<zodb>\n'

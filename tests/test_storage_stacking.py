@@ -699,8 +699,8 @@ class ZEOBlobTests(_Stack):
             self.config(self.path('cache'), False), self.tmp)))
 
 
-
 # -- backups -----------------------------------------------------------------
+
 
 class BackupTests(_Stack):
     """repozo backs up an encrypted FileStorage as it is: the backup, and

@@ -199,7 +199,8 @@ class RoundTripTests(unittest.TestCase):
         sealed = stream.encrypt_bytes(DEK_ID, DEK, marker)
         self.assertEqual(stream.decrypt_bytes(DEK_ID, DEK, sealed), marker)
         with self.assertRaises(exceptions.AuthenticationError):
-            stream.decrypt_bytes(DEK_ID, DEK, sealed[:-1] + bytes([sealed[-1] ^ 1]))
+            stream.decrypt_bytes(DEK_ID, DEK,
+                                 sealed[:-1] + bytes([sealed[-1] ^ 1]))
         pool = stream._pool.buffers
         self.assertTrue(pool)
         for buf in pool:

@@ -503,7 +503,7 @@ class EncryptedPersistent(Persistent):
             setattr(cls, name, wrap(method))
 
 
-# -- conversion ------------------------------------------------------------------
+# -- conversion ---------------------------------------------------------------
 
 def convert_object_to_encrypted(obj):
     """Mark ``obj``, stored with a plaintext state, to be stored encrypted.

@@ -74,7 +74,7 @@ def vectors():
         return data
 
     add('empty', 'no user, description nor extension (the wrapper '
-                'does not seal these; a reader opens them)', b'', b'', b'')
+        'does not seal these; a reader opens them)', b'', b'', b'')
     zope = add('zope-edit', 'what Zope writes: the user (path of its user '
                'folder and name), the request path as description, an '
                'extension', b'/ admin', b'admin/patients/p123/manage_edit',

@@ -1,4 +1,4 @@
-"""Encryption settings: one structure for Python, a JSON file and the environment.
+"""Encryption settings: one structure for Python, a JSON file, the environment.
 
 The shape is the one users of database encryption know::
 

@@ -115,7 +115,7 @@ class BlobCache:
         self.path = None
         self.used = 0                       # bytes of the copies
         self.pinned = 0                     # bytes of the pinned ones
-        self._entries = collections.OrderedDict()    # key -> [name, size, pins]
+        self._entries = collections.OrderedDict()  # key -> [name, size, pins]
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 

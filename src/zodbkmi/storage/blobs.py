@@ -457,4 +457,3 @@ class BlobMethods:
         """An open file on the plaintext of the blob; its name is removed
         at once, so no plaintext file stays behind when it is closed."""
         return self._copies.open(oid, serial, blob)
-

@@ -108,7 +108,6 @@ def _revisions(base, oid):
     yield from _revisions_before(base, oid, tid)
 
 
-
 class DowngradeChecks:
     """The checks of migrate mode, a mix-in of the wrapper (its
     ``base``, ``migrate_since``, ``_checked`` and ``_filestorage``)."""
@@ -193,7 +192,6 @@ class DowngradeChecks:
                                 % _tid_text(serial))
         self._check_plaintext(oid, serial, record)
 
-
     def _refuse_plaintext_undo(self, transaction_id, oids):
         tid = undone_tid(transaction_id)
         for oid in oids:
@@ -208,4 +206,3 @@ class DowngradeChecks:
                          'revision, which migrate mode refuses (it is newer '
                          'than the start of the migration): refused'
                          % _tid_text(tid))
-

@@ -144,4 +144,3 @@ class _HistoricalConnectionStorage(_CopiesOfConnection,
         HistoricalStorageAdapter.release(self)
 
     close = release
-

@@ -119,7 +119,7 @@ class MetadataSealing:
         if not (user or description or extension):
             return begin(transaction, *args, **kw)
         sealed = {EXTENSION_KEY: self.seal(user, description, extension)}
-        saved = self._replace(transaction, sealed)
+        self._replace(transaction, sealed)
         try:
             return begin(transaction, *args, **kw)
         except BaseException:
