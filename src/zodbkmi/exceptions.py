@@ -210,6 +210,18 @@ class SettingsError(ZodbKmiError, ValueError):
     """
 
 
+class UsageError(ZodbKmiError):
+    """A command line that cannot be carried out.
+
+    Raised by the ``zodbkmi`` command line (:mod:`zodbkmi.cli`) for
+    options that contradict each other or name nothing usable: no
+    credentials for the key server, a plain ``http://`` URL without
+    ``--allow-http``, a key directory that does not exist, an output file
+    that exists without ``--force``.  The command prints its one-line
+    message and exits with status 2.
+    """
+
+
 class KeySourceError(ZodbKmiError):
     """A key source or an external KMS/HSM cannot deliver its service.
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from zodbkmi import files
-from zodbkmi.cli import UsageError
+from zodbkmi.exceptions import UsageError
 from zodbkmi.format import stream
 from zodbkmi.keyholder import read_key_file
 from zodbkmi.vault import write_atomic

@@ -12,13 +12,9 @@ import json
 import os
 import sys
 
-from zodbkmi.exceptions import ZodbKmiError
+from zodbkmi.exceptions import UsageError
 
 DEFAULT_URL = 'https://127.0.0.1:8443'
-
-
-class UsageError(ZodbKmiError):
-    """A client command that cannot be carried out."""
 
 
 def _common(p, admin=False):
