@@ -241,7 +241,7 @@ class KeySourceError(ZodbKmiError):
 class SecretFileError(KeyStoreError, KeySourceError):
     """A key, PIN, token or password file cannot be used.
 
-    Raised by :func:`zodbkmi.keyholder.read_secret_file`, the one reader of
+    Raised by :func:`zodbkmi.fileutil.read_secret_file`, the one reader of
     such files, when the file cannot be read, is larger than 1 MiB, or when
     group or others have any access to it (any bit of ``0o077`` in its
     mode); the message names the file, its role, its mode and the

@@ -790,7 +790,7 @@ class LocalKeyManagementFacility(EncryptionService):
     reached or refuses, :class:`zodbkmi.exceptions.KeyServerError` is
     raised.
 
-    The token file is read by :func:`zodbkmi.keyholder.read_secret_file`
+    The token file is read by :func:`zodbkmi.fileutil.read_secret_file`
     (refused when group or others can access it).  An ``http://`` URL is
     refused with :class:`zodbkmi.exceptions.SettingsError` unless
     ``allow_http=True`` is given (development only: the bearer token and
@@ -808,7 +808,7 @@ class LocalKeyManagementFacility(EncryptionService):
         from zodbkmi.rest import check_url
         check_url(url, allow_http)
         if token is None and token_file is not None:
-            from zodbkmi.keyholder import read_secret_text
+            from zodbkmi.fileutil import read_secret_text
             token = read_secret_text(token_file, 'token')
         super().__init__(timeout, cache_size, use_limit)
         self.url = url

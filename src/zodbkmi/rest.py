@@ -120,9 +120,9 @@ class TokenTable:
     @classmethod
     def load(cls, path):
         """Read the table in ``path``, through
-        :func:`zodbkmi.keyholder.read_secret_file`: a table that others can
+        :func:`zodbkmi.fileutil.read_secret_file`: a table that others can
         write would let them add an admin token."""
-        from zodbkmi.keyholder import read_secret_file
+        from zodbkmi.fileutil import read_secret_file
         data = read_secret_file(path, 'token table')
         try:
             doc = json.loads(data)

@@ -169,7 +169,7 @@ class ServerProcess:
                     self._failed()
                     raise RuntimeError('server did not start')
                 time.sleep(0.02)
-        from zodbkmi.keyholder import read_secret_text
+        from zodbkmi.fileutil import read_secret_text
         self.admin = read_secret_text(
             os.path.join(self.dir, 'var', 'admin.token'), 'token')
         self.client = read_secret_text(

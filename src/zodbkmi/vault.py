@@ -26,7 +26,6 @@ import binascii
 import json
 import os
 import stat
-import tempfile
 import threading
 import time
 
@@ -35,6 +34,10 @@ from zope.interface import implementer
 from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import UnknownKeyError
+# the temporary files of write_atomic are never taken for entries
+from zodbkmi.fileutil import TEMP_PREFIX
+from zodbkmi.fileutil import TEMP_SUFFIX
+from zodbkmi.fileutil import write_atomic
 from zodbkmi.format import wrapped as wrappedmod
 from zodbkmi.interfaces import IKeyVault
 
@@ -49,9 +52,6 @@ ENTRY_VERSIONS = wrappedmod.VERSIONS
 #: an empty vault and is made when the first key is written, so opening a
 #: vault at a mistyped path creates nothing.
 ON_FIRST_KEY = 'on-first-key'
-# the temporary files of write_atomic (never taken for entries)
-TEMP_PREFIX = '.tmp-'
-TEMP_SUFFIX = '.part'
 
 
 def check_dek_id(dek_id):
@@ -167,35 +167,6 @@ def active_entries(vault, kek_id):
     return sorted((e for e in vault.entries()
                    if e.kek_id == kek_id and e.state == ACTIVE),
                   key=lambda e: (e.created, e.dek_id))
-
-
-def write_atomic(path, data, mode=0o600):
-    """Write ``data`` to ``path`` atomically with ``mode``.
-
-    Temporary file in the same directory, fsync, rename, fsync of the
-    directory.  Key files everywhere in zodbkmi are written this way.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX,
-                               suffix=TEMP_SUFFIX)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def check_key_directory(path):

@@ -316,7 +316,7 @@ def localKeyManagementFacility(_context, url, caFile=None, tokenFile=None,
 def _make_local(directive, url, ca_file, token_file, token_env, client_cert,
                 client_key, allow_http=False, **kw):
     from zodbkmi.facility import LocalKeyManagementFacility
-    from zodbkmi.keyholder import read_secret_text
+    from zodbkmi.fileutil import read_secret_text
     where = '%s (%s)' % (directive, url)
     try:
         if token_file is not None:

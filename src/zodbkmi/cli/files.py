@@ -12,9 +12,9 @@ import sys
 
 from zodbkmi import files
 from zodbkmi.exceptions import UsageError
+from zodbkmi.fileutil import write_atomic
 from zodbkmi.format import stream
 from zodbkmi.keyholder import read_key_file
-from zodbkmi.vault import write_atomic
 
 
 def _chunk_size(text):

@@ -208,14 +208,14 @@ def cmd_create_key(args):
 
 def cmd_new(args):
     from zodbkmi.kek import RSAKeyEncryptingKey
-    from zodbkmi.vault import write_atomic
+    from zodbkmi.fileutil import write_atomic
     if os.path.exists(args.kek_file):
         raise UsageError('%s exists: refusing to overwrite a key'
                          % args.kek_file)
     local = facility(args)
     kek = RSAKeyEncryptingKey.generate(local.rsa_bits)
     dek_id = local.create_key(kek)
-    write_atomic(args.kek_file, kek.private_pem())
+    write_atomic(args.kek_file, kek.private_pem(), overwrite=False)
     print(dek_id)
     return 0
 

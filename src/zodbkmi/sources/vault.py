@@ -29,12 +29,12 @@ from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import KeySourceError
 from zodbkmi.exceptions import SettingsError
+from zodbkmi.fileutil import read_secret_text
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
 from zodbkmi.kek import as_kek
 from zodbkmi.sources.local import MasterKey
 from zodbkmi.sources.local import decode_key
-from zodbkmi.keyholder import read_secret_text
 from zodbkmi.sources.settings import DEFAULT_TIMEOUT
 
 try:
