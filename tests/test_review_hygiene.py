@@ -332,7 +332,7 @@ class PlainHTTPTests(_TmpDir):
         self.assertEqual(local._transport.scheme, 'http')
 
     def test_transport_refuses_http_too(self):
-        from zodbkmi.rest import HTTPTransport
+        from zodbkmi.client import HTTPTransport
         with self.assertRaisesRegex(SettingsError, 'allow_http'):
             HTTPTransport('http://127.0.0.1:1')
         HTTPTransport('http://127.0.0.1:1', allow_http=True)
@@ -519,7 +519,7 @@ class NestedJSONTests(_TmpDir):
         self.assertEqual(call(app, 'GET', '/v1/health')[0], 200)
 
     def test_through_the_wsgi_transport(self):
-        from zodbkmi.rest import WSGITransport
+        from zodbkmi.client import WSGITransport
         from tests.test_rest import ADMIN
         transport = WSGITransport(self._app())
         status, data = transport.request(

@@ -180,7 +180,7 @@ class EvictedKeyError(KeyStateError):
 class KeyServerError(ZodbKmiError, ConnectionError):
     """The key server cannot be reached or refused a request.
 
-    Raised by :class:`zodbkmi.facility.LocalKeyManagementFacility` when the
+    Raised by :class:`zodbkmi.client.LocalKeyManagementFacility` when the
     server does not answer within the timeout after the retries, when TLS
     verification of the server fails, and when the server answers with an
     error other than "unknown key" (for example 401 or 403: missing or wrong
@@ -203,7 +203,7 @@ class SettingsError(ZodbKmiError, ValueError):
     :mod:`zodbkmi.server` for a key server setting that is unknown or of
     the wrong type; by :mod:`zodbkmi.tls` for a TLS certificate, key or CA
     file that cannot be used (the message names the setting and the file);
-    and by :class:`zodbkmi.facility.LocalKeyManagementFacility` for a key
+    and by :class:`zodbkmi.client.LocalKeyManagementFacility` for a key
     server URL that is not ``https://`` (``http://`` needs
     ``allow_http=True``).  The message is one line naming the setting,
     never its secret value.

@@ -146,7 +146,7 @@ def register(subparsers):
 
 def facility(args, environ=None):
     """The LocalKeyManagementFacility the arguments describe."""
-    from zodbkmi.facility import LocalKeyManagementFacility
+    from zodbkmi.client import LocalKeyManagementFacility
     env = os.environ if environ is None else environ
     url = args.url or env.get('ZODBKMI_URL') or DEFAULT_URL
     ca = args.ca_file or env.get('ZODBKMI_CA_FILE')
