@@ -198,13 +198,13 @@ class ReadSecretFileTests(_TmpDir):
         with self.assertRaisesRegex(SecretFileError, 'empty'):
             read_secret_text(self.write('e', b'\n', 0o600))
 
-    def test_old_homes_in_keyholder_and_vault(self):
+    def test_old_homes_in_keyholder_and_keystore(self):
         from zodbkmi import fileutil
         from zodbkmi import keyholder
-        from zodbkmi import vault
+        from zodbkmi import keystore
         self.assertIs(keyholder.read_secret_file, fileutil.read_secret_file)
         self.assertIs(keyholder.read_secret_text, fileutil.read_secret_text)
-        self.assertIs(vault.write_atomic, fileutil.write_atomic)
+        self.assertIs(keystore.write_atomic, fileutil.write_atomic)
 
 
 class LayeringTests(unittest.TestCase):

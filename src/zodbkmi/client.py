@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from zope.interface import implementer
 
-from zodbkmi import vault as vaultmod
+from zodbkmi import keystore
 from zodbkmi.cache import DEFAULT_MAXSIZE
 from zodbkmi.cache import DEFAULT_TTL
 from zodbkmi.cache import DEFAULT_USE_LIMIT
@@ -300,7 +300,7 @@ class LocalKeyManagementFacility(EncryptionService):
     # -- EncryptionService -----------------------------------------------
 
     def _wrapped_key(self, dek_id):
-        vaultmod.check_dek_id(dek_id)
+        keystore.check_dek_id(dek_id)
         answer = self._request('GET', '/v1/keys/' + dek_id)
         try:
             return base64.b64decode(answer['wrapped'], validate=True)
@@ -359,13 +359,13 @@ class LocalKeyManagementFacility(EncryptionService):
         return self._request('GET', '/v1/keys')['keys']
 
     def entry(self, dek_id):
-        """Return the :class:`zodbkmi.vault.VaultEntry` of ``dek_id`` as
-        the server has it; raise UnknownKeyError."""
-        vaultmod.check_dek_id(dek_id)
+        """Return the :class:`zodbkmi.keystore.KeyStoreEntry` of
+        ``dek_id`` as the server has it; raise UnknownKeyError."""
+        keystore.check_dek_id(dek_id)
         a = self._request('GET', '/v1/keys/' + dek_id)
-        return vaultmod.VaultEntry(a['dek_id'], a['kek_id'],
-                                   base64.b64decode(a['wrapped']),
-                                   a['state'], a['created'])
+        return keystore.KeyStoreEntry(a['dek_id'], a['kek_id'],
+                                      base64.b64decode(a['wrapped']),
+                                      a['state'], a['created'])
 
     # -- key lifecycle ---------------------------------------------------
 
@@ -382,7 +382,7 @@ class LocalKeyManagementFacility(EncryptionService):
         is retired).  Return the new DEK id."""
         kek = as_kek(key)
         raw_id = os.urandom(16)
-        created = vaultmod.created_after(max(
+        created = keystore.created_after(max(
             (m['created'] for m in self.metadata()
              if m['kek_id'] == kek.key_id and m.get('version') == 2),
             default=None))
@@ -423,14 +423,14 @@ class LocalKeyManagementFacility(EncryptionService):
 
     def retire(self, dek_id):
         """Make ``dek_id`` decrypt-only on the server."""
-        vaultmod.check_dek_id(dek_id)
+        keystore.check_dek_id(dek_id)
         self._request('POST', '/v1/keys/%s/retire' % dek_id)
         self._forget_active()
         evict_everywhere(dek_id)
 
     def delete(self, dek_id):
         """Destroy ``dek_id`` on the server; it cannot be undone."""
-        vaultmod.check_dek_id(dek_id)
+        keystore.check_dek_id(dek_id)
         self._request('DELETE', '/v1/keys/' + dek_id)
         self._forget_active()
         evict_everywhere(dek_id)

@@ -1,6 +1,6 @@
 """Key management facilities: the keas.kmi API over envelope encryption.
 
-:class:`KeyManagementFacility` is the master facility: a key vault (a
+:class:`KeyManagementFacility` is the master facility: a key store (a
 directory) of data keys wrapped by key encrypting keys that the callers
 hold.  ``generate()`` creates an RSA KEK and a DEK wrapped by it and returns
 the KEK; ``encrypt(key, data)`` / ``decrypt(key, data)`` unwrap the DEK with
@@ -17,7 +17,7 @@ import time
 from cryptography.exceptions import InvalidTag
 from zope.interface import implementer
 
-from zodbkmi import vault as vaultmod
+from zodbkmi import keystore
 from zodbkmi.cache import DEFAULT_MAXSIZE
 from zodbkmi.cache import DEFAULT_TTL
 from zodbkmi.cache import DEFAULT_USE_LIMIT
@@ -527,7 +527,7 @@ class EncryptionService:
         :func:`zodbkmi.format.stream.decrypt` for the errors and for what
         was written when one is raised.
 
-        Only a stream that names a DEK of this facility's vault opens,
+        Only a stream that names a DEK of this facility's key store opens,
         unless ``self_contained`` is true: a self-contained stream (its
         wrapped DEK embedded, ``encrypt-file --recipient``), which anyone
         holding the public half of an RSA KEK can make, is refused with
@@ -557,14 +557,14 @@ class EncryptionService:
                                     _file_aad(oid))
 
     def _stream_dek(self, key, header, self_contained=False):
-        """The DEK of a stream: found by id in the vault, or embedded (a
+        """The DEK of a stream: found by id in the key store, or embedded (a
         self-contained stream, unwrapped with the KEK of ``key`` that
         wrapped it) when ``self_contained`` allows it."""
         if header.wrapped is not None and not self_contained:
             raise SelfContainedStreamError(
                 'stream embeds its wrapped DEK %s (a self-contained stream, '
                 'which anyone holding the public key can make): only a '
-                'stream naming a DEK of the key vault opens here'
+                'stream naming a DEK of the key store opens here'
                 % header.dek_id.hex())
         if header.wrapped is None:
             return _entry_and_dek(self._decryption_entry, key,
@@ -581,7 +581,9 @@ class EncryptionService:
 
 @implementer(IExtendedKeyManagementFacility)
 class KeyManagementFacility(EncryptionService):
-    """The master facility: wrapped DEKs in ``storage_dir``.
+    """The master facility: wrapped DEKs in ``storage_dir``, a
+    :class:`~zodbkmi.keystore.DirectoryKeyStore` (its :attr:`key_store`;
+    ``vault`` is the deprecated old name of that attribute).
 
     A read-only mapping of DEK ids to wrapped DEKs; keys are created with
     :meth:`generate` or :meth:`create_key`, rotated with :meth:`rotate` and
@@ -592,54 +594,64 @@ class KeyManagementFacility(EncryptionService):
 
     def __init__(self, storage_dir, timeout=DEFAULT_TTL,
                  cache_size=DEFAULT_MAXSIZE, use_limit=DEFAULT_USE_LIMIT,
-                 create=vaultmod.ON_FIRST_KEY):
+                 create=keystore.ON_FIRST_KEY):
         super().__init__(timeout, cache_size, use_limit)
         self.storage_dir = storage_dir
         # by default the directory is made with the first key: opening a
         # facility at a mistyped path creates nothing
-        self.vault = vaultmod.DirectoryVault(storage_dir, create=create)
+        self.key_store = keystore.DirectoryKeyStore(storage_dir,
+                                                    create=create)
         self._write_lock = threading.RLock()
 
     def __repr__(self):
         return '<%s (%i)>' % (type(self).__name__, len(self))
 
+    @property
+    def vault(self):
+        """Deprecated: the old name of :attr:`key_store`."""
+        return self.key_store
+
+    @vault.setter
+    def vault(self, value):
+        self.key_store = value
+
     # -- read-only mapping -----------------------------------------------
 
     def keys(self):
-        return self.vault.ids()
+        return self.key_store.ids()
 
     def __iter__(self):
         return iter(self.keys())
 
     def __len__(self):
-        return len(self.vault.ids())
+        return len(self.key_store.ids())
 
     def __contains__(self, dek_id):
-        return self.vault.get(dek_id) is not None
+        return self.key_store.get(dek_id) is not None
 
     def __getitem__(self, dek_id):
-        entry = self.vault.get(dek_id)
+        entry = self.key_store.get(dek_id)
         if entry is None:
             raise KeyError(dek_id)
         return entry.wrapped
 
     def get(self, dek_id, default=None):
-        entry = self.vault.get(dek_id)
+        entry = self.key_store.get(dek_id)
         return default if entry is None else entry.wrapped
 
     def values(self):
-        return [e.wrapped for e in self.vault.entries()]
+        return [e.wrapped for e in self.key_store.entries()]
 
     def items(self):
-        return [(e.dek_id, e.wrapped) for e in self.vault.entries()]
+        return [(e.dek_id, e.wrapped) for e in self.key_store.entries()]
 
     def entry(self, dek_id):
-        """Return the :class:`zodbkmi.vault.VaultEntry` (state, KEK id,
+        """Return the :class:`zodbkmi.keystore.KeyStoreEntry` (state, KEK id,
         creation time) of ``dek_id``; raise UnknownKeyError."""
-        entry = self.vault.get(dek_id)
+        entry = self.key_store.get(dek_id)
         if entry is None:
             raise UnknownKeyError('no key %s in %s'
-                                  % (dek_id, self.vault.path), dek_id)
+                                  % (dek_id, self.key_store.path), dek_id)
         return entry
 
     # -- EncryptionService -----------------------------------------------
@@ -648,7 +660,7 @@ class KeyManagementFacility(EncryptionService):
         return self.entry(dek_id).wrapped
 
     def _active_key_id(self, kek_id):
-        entry = self.vault.active_for(kek_id)
+        entry = self.key_store.active_for(kek_id)
         return None if entry is None else entry.dek_id
 
     # -- key lifecycle ---------------------------------------------------
@@ -672,13 +684,14 @@ class KeyManagementFacility(EncryptionService):
         dek = _dek or os.urandom(32)
         raw_id = _dek_id or os.urandom(16)
         with self._write_lock:
-            created = vaultmod.next_created(self.vault.entries(), kek.key_id)
-            entry = vaultmod.VaultEntry(
+            created = keystore.next_created(self.key_store.entries(),
+                                            kek.key_id)
+            entry = keystore.KeyStoreEntry(
                 raw_id.hex(), kek.key_id,
                 wrapped.wrap(kek, raw_id, dek, created=created))
             # all of them: a crash between add and retire may have left two
-            previous = vaultmod.active_entries(self.vault, kek.key_id)
-            self.vault.add(entry)
+            previous = keystore.active_entries(self.key_store, kek.key_id)
+            self.key_store.add(entry)
             for old in previous:
                 self._retire_entry(old)
             self._forget_active()
@@ -693,16 +706,16 @@ class KeyManagementFacility(EncryptionService):
         """Return the active DEK id of ``key``, creating one if needed."""
         kek = as_kek(key)
         with self._write_lock:
-            current = self.vault.active_for(kek.key_id)
+            current = self.key_store.active_for(kek.key_id)
             if current is not None:
                 return current.dek_id
             return self.create_key(kek)
 
     def _retire_entry(self, entry):
-        entry = vaultmod.VaultEntry(entry.dek_id, entry.kek_id,
-                                    entry.wrapped, vaultmod.RETIRED,
-                                    entry.created)
-        self.vault.update(entry)
+        entry = keystore.KeyStoreEntry(entry.dek_id, entry.kek_id,
+                                       entry.wrapped, keystore.RETIRED,
+                                       entry.created)
+        self.key_store.update(entry)
         self._forget_active()
 
     def retire(self, dek_id):
@@ -710,7 +723,7 @@ class KeyManagementFacility(EncryptionService):
         no-op."""
         with self._write_lock:
             entry = self.entry(dek_id)
-            if entry.state != vaultmod.RETIRED:
+            if entry.state != keystore.RETIRED:
                 self._retire_entry(entry)
         evict_everywhere(dek_id)
 
@@ -721,7 +734,7 @@ class KeyManagementFacility(EncryptionService):
         process; other processes forget it within their cache timeout.
         """
         with self._write_lock:
-            self.vault.remove(dek_id)   # UnknownKeyError when absent
+            self.key_store.remove(dek_id)   # UnknownKeyError when absent
             self._forget_active()
         evict_everywhere(dek_id)
 
@@ -746,7 +759,7 @@ class KeyManagementFacility(EncryptionService):
         A version 1 RSA-wrapped DEK can be made by anyone holding the public
         key, so it is refused (:class:`UnauthenticatedKeyError`) until the
         holder of the private key runs this, vouching for the entries the
-        vault holds at that moment (``docs/keys.rst``, "Upgrading a key
+        key store holds at that moment (``docs/keys.rst``, "Upgrading a key
         store").  Running it twice is harmless.  :meth:`rewrap` upgrades
         too."""
         kek = as_kek(key)
@@ -758,11 +771,11 @@ class KeyManagementFacility(EncryptionService):
         version 2, creation time kept); return how many."""
         rewrapped = []
         with self._write_lock:
-            for entry in self.vault.entries():
+            for entry in self.key_store.entries():
                 if entry.kek_id != old.key_id or not wanted(entry):
                     continue
                 raw_id, dek = wrapped.unwrap(old, entry.wrapped)
-                self.vault.update(vaultmod.VaultEntry(
+                self.key_store.update(keystore.KeyStoreEntry(
                     entry.dek_id, new.key_id,
                     wrapped.wrap(new, raw_id, dek, created=entry.created),
                     entry.state, entry.created))
@@ -770,7 +783,7 @@ class KeyManagementFacility(EncryptionService):
                 rewrapped.append(entry.dek_id)
             self._forget_active()
             # copies wrapped by the old KEK that killed writers left behind
-            sweep = getattr(self.vault, 'sweep', None)
+            sweep = getattr(self.key_store, 'sweep', None)
             if sweep is not None:
                 sweep(rewrapped)
         return len(rewrapped)

@@ -9,13 +9,13 @@ KEK
 
 DEK
     A data encrypting key: 32 random bytes for AES-256-GCM.  It is stored
-    only wrapped by a KEK, in a key vault, under a random *DEK id*.
+    only wrapped by a KEK, in a key store, under a random *DEK id*.
 
 Key id
     In the keas.kmi compatible API "key id" means DEK id: the facility is a
     mapping of DEK ids to wrapped DEKs.
 
-Key lifecycle (the states of a DEK in a vault):
+Key lifecycle (the states of a DEK in a key store):
 
 ============  ===========================  ==============================
 state         encrypts new data            decrypts existing data
@@ -98,7 +98,7 @@ class IEncryptionService(zope.interface.Interface):
         """Decrypt the binary file object ``fsrc`` into ``fdst``.
 
         ``oid`` (8 bytes) is the oid a blob file is bound to.  Only a
-        stream that names its DEK by id (a DEK of the service's vault)
+        stream that names its DEK by id (a DEK of the service's key store)
         opens, unless ``self_contained`` is true: a self-contained stream
         (its wrapped DEK embedded, which anyone holding the public half of
         an RSA KEK can make) is refused with
@@ -282,15 +282,17 @@ class IKeyEncryptingKey(zope.interface.Interface):
         """
 
 
-class IKeyVault(zope.interface.Interface):
+class IKeyStore(zope.interface.Interface):
     """Stores wrapped data keys with their lifecycle state.
 
-    A vault never sees an unwrapped DEK nor a KEK.  Writes are atomic: after
-    a crash an entry is either complete or absent.
+    Called the "key vault" (``IKeyVault``) before 2026-12; "Vault" now
+    names HashiCorp Vault/OpenBao only.  A key store never sees an
+    unwrapped DEK nor a KEK.  Writes are atomic: after a crash an entry is
+    either complete or absent.
     """
 
     def add(entry):
-        """Store a new :class:`zodbkmi.vault.VaultEntry`.
+        """Store a new :class:`zodbkmi.keystore.KeyStoreEntry`.
 
         Raises :class:`~zodbkmi.exceptions.KeyStoreError` when it cannot be
         written and ``ValueError`` when the DEK id exists already.
@@ -314,3 +316,7 @@ class IKeyVault(zope.interface.Interface):
         When several are active (two processes rotated at once), the newest
         wins.
         """
+
+
+#: Deprecated: the old name of :class:`IKeyStore`.
+IKeyVault = IKeyStore

@@ -39,7 +39,7 @@ import re
 import threading
 import time
 
-from zodbkmi import vault as vaultmod
+from zodbkmi import keystore
 from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import KeyStoreError
@@ -348,12 +348,12 @@ class KeyServerApp:
         return 200, self._openapi, []
 
     def list_keys(self, environ, client):
-        keys = [_metadata(e) for e in self.facility.vault.entries()]
+        keys = [_metadata(e) for e in self.facility.key_store.entries()]
         self.audit.write(client, 'list', None, 'ok')
         return 200, {'keys': keys}, []
 
     def get_key(self, environ, client, dek_id):
-        entry = self.facility.vault.get(dek_id)
+        entry = self.facility.key_store.get(dek_id)
         if entry is None:
             self.audit.write(client, 'fetch', dek_id, 'not found')
             raise HTTPError(404, 'no key %s' % dek_id)
@@ -363,7 +363,7 @@ class KeyServerApp:
         return 200, doc, []
 
     def active(self, environ, client, kek_id):
-        entry = self.facility.vault.active_for(kek_id)
+        entry = self.facility.key_store.active_for(kek_id)
         if entry is None:
             self.audit.write(client, 'active', None, 'not found')
             raise HTTPError(404, 'KEK %s has no active key' % kek_id)
@@ -400,14 +400,14 @@ class KeyServerApp:
     def create_key(self, environ, client):
         data, parsed = self._wrapped_from_body(environ, client, 'create')
         dek_id = parsed.dek_id.hex()
-        entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data)
-        vault = self.facility.vault
+        entry = keystore.KeyStoreEntry(dek_id, parsed.kek_id, data)
+        store = self.facility.key_store
         with self._lock:
             # all of them: a server killed between add and retire may
             # have left two active keys of one KEK
-            previous = vaultmod.active_entries(vault, parsed.kek_id)
+            previous = keystore.active_entries(store, parsed.kek_id)
             try:
-                vault.add(entry)
+                store.add(entry)
             except ValueError:
                 self.audit.write(client, 'create', dek_id, 'exists')
                 raise HTTPError(409, 'key %s exists already'
@@ -427,15 +427,15 @@ class KeyServerApp:
         if parsed.dek_id.hex() != dek_id:
             self.audit.write(client, 'rewrap', dek_id, 'invalid')
             raise HTTPError(400, 'the wrapped DEK names another key')
-        vault = self.facility.vault
+        store = self.facility.key_store
         with self._lock:
-            old = vault.get(dek_id)
+            old = store.get(dek_id)
             if old is None:
                 self.audit.write(client, 'rewrap', dek_id, 'not found')
                 raise HTTPError(404, 'no key %s' % dek_id)
-            entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data,
-                                        old.state)
-            vault.update(entry)
+            entry = keystore.KeyStoreEntry(dek_id, parsed.kek_id, data,
+                                           old.state)
+            store.update(entry)
         evict_everywhere(dek_id)
         self.audit.write(client, 'rewrap', dek_id, 'ok')
         return 200, _metadata(entry), []
@@ -447,7 +447,7 @@ class KeyServerApp:
             self.audit.write(client, 'retire', dek_id, 'not found')
             raise HTTPError(404, 'no key %s' % dek_id) from None
         self.audit.write(client, 'retire', dek_id, 'ok')
-        return 200, _metadata(self.facility.vault.get(dek_id)), []
+        return 200, _metadata(self.facility.key_store.get(dek_id)), []
 
     def delete_key(self, environ, client, dek_id):
         try:

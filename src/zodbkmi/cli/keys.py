@@ -271,8 +271,8 @@ def cmd_upgrade_keys(args):
     kek = read_key_file(args.kek_file)
     if args.key_dir is not None:
         from zodbkmi.facility import KeyManagementFacility
-        from zodbkmi.vault import DirectoryVault
-        DirectoryVault(args.key_dir, create=False)   # must exist
+        from zodbkmi.keystore import DirectoryKeyStore
+        DirectoryKeyStore(args.key_dir, create=False)   # must exist
         target = KeyManagementFacility(args.key_dir)
     else:
         target = facility(args)
