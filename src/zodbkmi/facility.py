@@ -34,6 +34,7 @@ from zodbkmi.format import envelope
 from zodbkmi.format import stream
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IExtendedKeyManagementFacility
+from zodbkmi.interfaces import IKeyStoreSweep
 from zodbkmi.kek import RSA_DEFAULT_BITS
 from zodbkmi.kek import RSAKeyEncryptingKey
 from zodbkmi.kek import as_kek
@@ -583,7 +584,11 @@ class EncryptionService:
 class KeyManagementFacility(EncryptionService):
     """The master facility: wrapped DEKs in ``storage_dir``, a
     :class:`~zodbkmi.keystore.DirectoryKeyStore` (its :attr:`key_store`;
-    ``vault`` is the deprecated old name of that attribute).
+    ``vault`` is the deprecated old name of that attribute).  Besides
+    :class:`~zodbkmi.interfaces.IExtendedKeyManagementFacility` it has
+    :meth:`rewrap`, the method of
+    :class:`~zodbkmi.interfaces.IKeyRewrapping` (not declared: a
+    utility registered without ``provides`` must provide one interface).
 
     A read-only mapping of DEK ids to wrapped DEKs; keys are created with
     :meth:`generate` or :meth:`create_key`, rotated with :meth:`rotate` and
@@ -783,9 +788,8 @@ class KeyManagementFacility(EncryptionService):
                 rewrapped.append(entry.dek_id)
             self._forget_active()
             # copies wrapped by the old KEK that killed writers left behind
-            sweep = getattr(self.key_store, 'sweep', None)
-            if sweep is not None:
-                sweep(rewrapped)
+            if IKeyStoreSweep.providedBy(self.key_store):
+                self.key_store.sweep(rewrapped)
         return len(rewrapped)
 
 

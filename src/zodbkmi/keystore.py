@@ -48,6 +48,8 @@ from zodbkmi.fileutil import TEMP_SUFFIX
 from zodbkmi.fileutil import write_atomic
 from zodbkmi.format import wrapped as wrappedmod
 from zodbkmi.interfaces import IKeyStore
+from zodbkmi.interfaces import IKeyStoreEntry
+from zodbkmi.interfaces import IKeyStoreSweep
 
 ACTIVE = 'active'
 RETIRED = 'retired'
@@ -74,6 +76,7 @@ def check_dek_id(dek_id):
     return dek_id
 
 
+@implementer(IKeyStoreEntry)
 class KeyStoreEntry:
     """One wrapped DEK with its metadata; ``wrapped`` is the binary
     wrapped-DEK format, ``dek_id`` 32 hex digits.
@@ -223,7 +226,7 @@ def _check_can_make(path):
                             'directory' % (path, parent))
 
 
-@implementer(IKeyStore)
+@implementer(IKeyStore, IKeyStoreSweep)
 class DirectoryKeyStore:
     """Wrapped DEKs in a directory, created with mode 0700.
 
