@@ -932,7 +932,7 @@ def _wrapped_header_size(data):
     return len(wrapped.parse(data).header)
 
 
-class VaultEntryTests(AdversarialBase):
+class KeyStoreEntryTests(AdversarialBase):
     """Vault entries (JSON files) and the wrapped DEKs inside them, read
     by a fresh facility on a copy of the key directory."""
 

@@ -37,10 +37,10 @@ from zodbkmi.format import wrapped
 from zodbkmi.kek import AESKeyEncryptingKey
 from zodbkmi.testing import ServerProcess
 from zodbkmi.testing import free_port
-from zodbkmi.vault import ACTIVE
-from zodbkmi.vault import RETIRED
-from zodbkmi.vault import SUFFIX
-from zodbkmi.vault import VaultEntry
+from zodbkmi.keystore import ACTIVE
+from zodbkmi.keystore import RETIRED
+from zodbkmi.keystore import SUFFIX
+from zodbkmi.keystore import KeyStoreEntry
 from zodbkmi.testing import StaticKeyHolder as Holder
 
 ZODBKMI = [sys.executable, '-m', 'zodbkmi.cli']
@@ -108,7 +108,7 @@ def check_vault(test, key_dir, keks, acknowledged,
     for name in dek_files:
         with open(os.path.join(key_dir, name), 'rb') as f:
             data = f.read()
-        entry = VaultEntry.from_json(data, name)   # complete JSON
+        entry = KeyStoreEntry.from_json(data, name)   # complete JSON
         test.assertEqual(entry.dek_id + SUFFIX, name)
         test.assertIn(entry.kek_id, keks)
         test.assertIn(entry.state, (ACTIVE, RETIRED))
@@ -133,7 +133,7 @@ def check_vault(test, key_dir, keks, acknowledged,
     for kek_entries in by_kek.values():
         kek_entries.sort(key=lambda e: (e.created, e.dek_id))
         newest = kek_entries[-1]
-        active = facility.vault.active_for(newest.kek_id)
+        active = facility.key_store.active_for(newest.kek_id)
         test.assertEqual(active.dek_id, newest.dek_id)
         test.assertEqual(newest.state, ACTIVE)
         acked = [i for i, e in enumerate(kek_entries)
@@ -162,7 +162,7 @@ from zodbkmi.facility import KeyManagementFacility
 facility = KeyManagementFacility(sys.argv[1])
 keks = writer_keks(bytes.fromhex(sys.argv[2]))
 index = {k.key_id: i for i, k in enumerate(keks)}
-used = sorted({index[e.kek_id] for e in facility.vault.entries()})
+used = sorted({index[e.kek_id] for e in facility.key_store.entries()})
 current = used[-1] if used else 0
 for i in used[:-1]:   # finish a KEK rotation a kill interrupted
     facility.rewrap(keks[i], keks[current])
@@ -215,7 +215,7 @@ class SigkillTests(unittest.TestCase):
                                      group=lambda e: 0)
         self.assertGreater(len(acknowledged), 0)
         print('\n  writer killed 6 times: %d keys acknowledged, %d in the '
-              'vault, %d stale temporary files'
+              'key store, %d stale temporary files'
               % (len(acknowledged), len(os.listdir(key_dir)) - temp_files,
                  temp_files), end=' ')
 
@@ -280,7 +280,7 @@ class SigkillTests(unittest.TestCase):
         facility = KeyManagementFacility(server.key_dir)
         for kek in keks.values():
             facility.rotate(kek)
-        states = [e.state for e in facility.vault.entries()]
+        states = [e.state for e in facility.key_store.entries()]
         self.assertEqual(states.count(ACTIVE), len(keks))
         # a KEK rotation leaves no copy wrapped by an old KEK behind
         for kek in keks.values():
@@ -292,7 +292,7 @@ class SigkillTests(unittest.TestCase):
                 for dek_id in facility.keys():
                     self.assertNotIn(dek_id.encode(), data)
         print('\n  key server killed %d times: %d keys acknowledged, %d in '
-              'the vault, %d stale temporary files'
+              'the key store, %d stale temporary files'
               % (kills, len(acknowledged), len(states), temp_files),
               end=' ')
 
@@ -301,18 +301,18 @@ class SigkillTests(unittest.TestCase):
         not yet retired (two active keys of one KEK), and temporary files
         of writers killed before their rename."""
         from zodbkmi.facility import KeyManagementFacility
-        from zodbkmi.vault import TEMP_PREFIX, TEMP_SUFFIX
+        from zodbkmi.keystore import TEMP_PREFIX, TEMP_SUFFIX
         facility = KeyManagementFacility(os.path.join(self.tmp, name))
         kek = AESKeyEncryptingKey(os.urandom(32))
         first = facility.create_key(kek)
         raw_id = os.urandom(16)
-        second = VaultEntry(raw_id.hex(), kek.key_id,
-                            wrapped.wrap(kek, raw_id, os.urandom(32)))
-        facility.vault.add(second)       # killed before the retire
+        second = KeyStoreEntry(raw_id.hex(), kek.key_id,
+                               wrapped.wrap(kek, raw_id, os.urandom(32)))
+        facility.key_store.add(second)       # killed before the retire
         leftovers = []
         for entry in (facility.entry(first), second,
-                      VaultEntry(os.urandom(16).hex(), kek.key_id, b'x')):
-            fd, name = tempfile.mkstemp(dir=facility.vault.path,
+                      KeyStoreEntry(os.urandom(16).hex(), kek.key_id, b'x')):
+            fd, name = tempfile.mkstemp(dir=facility.key_store.path,
                                         prefix=TEMP_PREFIX,
                                         suffix=TEMP_SUFFIX)
             os.write(fd, entry.to_json())   # killed before the rename
@@ -322,11 +322,11 @@ class SigkillTests(unittest.TestCase):
 
     def test_crash_between_add_and_retire_heals_on_next_rotation(self):
         facility, kek, first, second, _ = self._crashed_vault()
-        self.assertEqual(facility.vault.active_for(kek.key_id).dek_id,
+        self.assertEqual(facility.key_store.active_for(kek.key_id).dek_id,
                          second)   # the newest wins meanwhile
         third = facility.rotate(kek)
         self.assertEqual([(e.dek_id, e.state)
-                          for e in facility.vault.entries()
+                          for e in facility.key_store.entries()
                           if e.state == ACTIVE], [(third, ACTIVE)])
         self.assertEqual(facility.entry(first).state, RETIRED)
 
@@ -348,8 +348,8 @@ class SigkillTests(unittest.TestCase):
         # no copy wrapped by the old KEK of a key of the vault is left
         self.assertEqual([os.path.exists(n) for n in leftovers],
                          [False, False, True])
-        self.assertEqual(facility.vault.sweep([first]), 0)
-        check_vault(self, facility.vault.path, {new.key_id: new}, {})
+        self.assertEqual(facility.key_store.sweep([first]), 0)
+        check_vault(self, facility.key_store.path, {new.key_id: new}, {})
         # a destroyed key leaves no copy behind either
         other, _, first, _, leftovers = self._crashed_vault('other')
         other.delete(first)
@@ -360,7 +360,7 @@ class SigkillTests(unittest.TestCase):
         # SIGKILL cannot lose what reached the page cache; a power cut can.
         # So write_atomic must fsync the file before the rename and the
         # directory after it: watched here (os.fsync still runs).
-        from zodbkmi import vault
+        from zodbkmi import keystore
         synced = []
         real = os.fsync
 
@@ -368,11 +368,11 @@ class SigkillTests(unittest.TestCase):
             synced.append(os.path.realpath('/proc/self/fd/%d' % fd))
             return real(fd)
         path = os.path.join(self.tmp, 'k.dek')
-        vault.os.fsync = watching
+        keystore.os.fsync = watching
         try:
-            vault.write_atomic(path, b'{}')
+            keystore.write_atomic(path, b'{}')
         finally:
-            vault.os.fsync = real
+            keystore.os.fsync = real
         self.assertEqual(len(synced), 2)
         self.assertTrue(os.path.basename(synced[0]).startswith('.tmp-'))
         self.assertEqual(synced[1], os.path.realpath(self.tmp))
@@ -438,14 +438,15 @@ class DiskFullTests(unittest.TestCase):
             self.assertNotIn(raw_kek.hex(), message)
             # no partial nor temporary file, the old key unchanged
             self.assertEqual(sorted(os.listdir(key_dir)), before)
-        self.assertEqual(facility.vault.active_for(kek.key_id).dek_id, first)
+        self.assertEqual(facility.key_store.active_for(kek.key_id).dek_id,
+                         first)
         other = KeyManagementFacility(key_dir)   # existing keys still load
         self.assertEqual(other.decrypt(kek, sealed),
                          b'written before the disk filled')
         self.assertEqual(other.keys(), [first])
         os.unlink(filler)
         second = facility.rotate(kek)
-        self.assertEqual(other.vault.active_for(kek.key_id).dek_id, second)
+        self.assertEqual(other.key_store.active_for(kek.key_id).dek_id, second)
         self.assertEqual(other.entry(first).state, RETIRED)
         check_vault(self, key_dir, {kek.key_id: kek},
                     {first: kek.key_id, second: kek.key_id})

@@ -388,24 +388,24 @@ class WrappedVectorTests(VectorChecks, unittest.TestCase):
             'AuthenticationError', 'WrongKeyError', 'InvalidKeyError'})
 
 
-class VaultEntryVectorTests(VectorChecks, unittest.TestCase):
+class KeyStoreEntryVectorTests(VectorChecks, unittest.TestCase):
 
     name = 'vault-entry.json'
 
     def test_valid_vectors_are_written_exactly(self):
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         for v in self.doc['valid']:
             with self.subTest(v['name']):
-                entry = VaultEntry(v['dek_id'], v['kek_id'],
-                                   unhex(v['wrapped']), v['state'],
-                                   v['created'])
+                entry = KeyStoreEntry(v['dek_id'], v['kek_id'],
+                                      unhex(v['wrapped']), v['state'],
+                                      v['created'])
                 self.assertEqual(entry.to_json(), v['json'].encode())
 
     def test_valid_vectors_are_read(self):
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         for v in self.doc['valid']:
             with self.subTest(v['name']):
-                entry = VaultEntry.from_json(v['json'].encode())
+                entry = KeyStoreEntry.from_json(v['json'].encode())
                 self.assertEqual(
                     (entry.dek_id, entry.kek_id, entry.state, entry.created,
                      entry.wrapped),
@@ -413,11 +413,11 @@ class VaultEntryVectorTests(VectorChecks, unittest.TestCase):
                      unhex(v['wrapped'])))
 
     def test_invalid_vectors_raise_their_error(self):
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         for v in self.doc['invalid']:
             with self.subTest(v['name']):
                 e = self.assertRaisesExactly(
-                    v['error'], VaultEntry.from_json, v['json'].encode(),
+                    v['error'], KeyStoreEntry.from_json, v['json'].encode(),
                     'vector')
                 self.assertIn('vector', str(e))
 
@@ -506,7 +506,7 @@ class WrappedV2VectorTests(WrappedVectorTests):
             'AuthenticationError', 'WrongKeyError', 'InvalidKeyError'})
 
 
-class VaultEntryV2VectorTests(VaultEntryVectorTests):
+class KeyStoreEntryV2VectorTests(KeyStoreEntryVectorTests):
 
     name = 'vault-entry-v2.json'
 

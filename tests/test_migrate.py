@@ -758,7 +758,8 @@ class RotateKekTests(_TempDir, unittest.TestCase):
             ciphertexts.append(facility.encrypt(old, b'data %d' % i))
         facility.create_key(other)
         self.assertEqual(self._callFUT(facility, old, new), 3)
-        self.assertEqual(sorted(e.kek_id for e in facility.vault.entries()),
+        self.assertEqual(sorted(e.kek_id
+                                for e in facility.key_store.entries()),
                          sorted([new.key_id] * 3 + [other.key_id]))
         fresh = KeyManagementFacility(self.path('keys'))
         self.assertEqual([fresh.decrypt(new, c) for c in ciphertexts],
@@ -883,7 +884,7 @@ class CommandTests(_TempDir, unittest.TestCase):
 
     def test_key_settings(self):
         import json
-        from zodbkmi.vault import write_atomic
+        from zodbkmi.keystore import write_atomic
 
         def settings(current, *previous):
             write_atomic(self.path('settings.json'), json.dumps({

@@ -134,14 +134,14 @@ class WrappedProperties(unittest.TestCase):
             wrapped.unwrap(self.kek, data)
 
 
-class VaultEntryProperties(unittest.TestCase):
+class KeyStoreEntryProperties(unittest.TestCase):
 
     @SETTINGS
     @given(st.binary(max_size=500))
     def test_arbitrary_entry_bytes(self, data):
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         try:
-            VaultEntry.from_json(data)
+            KeyStoreEntry.from_json(data)
         except exceptions.KeyStoreError:
             pass
 
@@ -154,9 +154,9 @@ class VaultEntryProperties(unittest.TestCase):
                   st.just(base64.b64encode(os.urandom(60)).decode()))))
     def test_arbitrary_entry_documents(self, doc):
         import json
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         try:
-            VaultEntry.from_json(json.dumps(doc).encode())
+            KeyStoreEntry.from_json(json.dumps(doc).encode())
         except exceptions.KeyStoreError:
             pass
 

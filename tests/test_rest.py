@@ -293,7 +293,7 @@ class BadInputTests(RestTestBase):
         self.addCleanup(setattr, log, 'disabled', False)
         # the key directory is made with the first key; then it goes
         self.facility.create_key(os.urandom(32))
-        shutil.rmtree(self.facility.vault.path)
+        shutil.rmtree(self.facility.key_store.path)
         status, _, body = call(app, 'GET', '/v1/keys', token=CLIENT)
         self.assertEqual((status, json.loads(body)),
                          (503, {'error': 'key store unavailable'}))

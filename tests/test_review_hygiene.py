@@ -251,12 +251,12 @@ class KeyDirectoryTests(_TmpDir):
 
     def test_group_or_world_writable_directory_refused(self):
         from zodbkmi.facility import KeyManagementFacility
-        from zodbkmi.vault import DirectoryVault
+        from zodbkmi.keystore import DirectoryKeyStore
         for mode in (0o777, 0o770, 0o730, 0o702, 0o1777):
             path = self.path('keys-%o' % mode)
             os.mkdir(path)
             os.chmod(path, mode)
-            for factory in (DirectoryVault, KeyManagementFacility):
+            for factory in (DirectoryKeyStore, KeyManagementFacility):
                 with self.assertRaises(KeyStoreError) as cm:
                     factory(path)
                 message = str(cm.exception)
@@ -267,11 +267,11 @@ class KeyDirectoryTests(_TmpDir):
 
     def test_readable_directory_still_accepted(self):
         # others may list (see key ids) but not write: not refused
-        from zodbkmi.vault import DirectoryVault
+        from zodbkmi.keystore import DirectoryKeyStore
         path = self.path('keys')
         os.mkdir(path)
         os.chmod(path, 0o755)
-        DirectoryVault(path)
+        DirectoryKeyStore(path)
 
     def test_new_directory_made_0700_whatever_the_umask(self):
         from zodbkmi.facility import KeyManagementFacility
@@ -332,7 +332,7 @@ class PlainHTTPTests(_TmpDir):
         self.assertEqual(local._transport.scheme, 'http')
 
     def test_transport_refuses_http_too(self):
-        from zodbkmi.rest import HTTPTransport
+        from zodbkmi.client import HTTPTransport
         with self.assertRaisesRegex(SettingsError, 'allow_http'):
             HTTPTransport('http://127.0.0.1:1')
         HTTPTransport('http://127.0.0.1:1', allow_http=True)
@@ -519,7 +519,7 @@ class NestedJSONTests(_TmpDir):
         self.assertEqual(call(app, 'GET', '/v1/health')[0], 200)
 
     def test_through_the_wsgi_transport(self):
-        from zodbkmi.rest import WSGITransport
+        from zodbkmi.client import WSGITransport
         from tests.test_rest import ADMIN
         transport = WSGITransport(self._app())
         status, data = transport.request(
@@ -554,8 +554,8 @@ class NestedJSONTests(_TmpDir):
         facility = KeyManagementFacility(self.path('keys'), create=True)
         dek_id = 'ab' * 16
         self.write(os.path.join('keys', dek_id + '.dek'), DEEP_OBJECT)
-        with self.assertRaisesRegex(KeyStoreError, 'corrupt vault entry'):
-            facility.vault.get(dek_id)
+        with self.assertRaisesRegex(KeyStoreError, 'corrupt key store entry'):
+            facility.key_store.get(dek_id)
 
     def test_token_table_with_nested_json_is_a_key_store_error(self):
         from zodbkmi.rest import TokenTable

@@ -50,22 +50,22 @@ def write_entry(key_dir, entry):
 def planted_v2_entry(public, dek, created=FAR_FUTURE):
     """A version 2 entry made with the public key only: OAEP is public,
     the signature cannot be made, so it is random bytes."""
-    from zodbkmi.vault import VaultEntry
+    from zodbkmi.keystore import KeyStoreEntry
     raw_id = os.urandom(16)
     header = wrapped.build_header(public.suite, raw_id, public.key_id,
                                   created=created)
     blob = public.wrap(dek, header) + os.urandom(public._size)
-    return VaultEntry(raw_id.hex(), public.key_id, header + blob)
+    return KeyStoreEntry(raw_id.hex(), public.key_id, header + blob)
 
 
 def planted_v1_entry(public, dek):
     """A version 1 entry made with the public key: a genuine OAEP
     wrapping, exactly what the code before 2026-12-04 accepted."""
-    from zodbkmi.vault import VaultEntry
+    from zodbkmi.keystore import KeyStoreEntry
     raw_id = os.urandom(16)
-    return VaultEntry(raw_id.hex(), public.key_id,
-                      wrapped.wrap(public, raw_id, dek, version=1),
-                      created=FAR_FUTURE)
+    return KeyStoreEntry(raw_id.hex(), public.key_id,
+                         wrapped.wrap(public, raw_id, dek, version=1),
+                         created=FAR_FUTURE)
 
 
 class _Base(unittest.TestCase):
@@ -103,7 +103,7 @@ class PlantedKeyTests(_Base):
         write_entry(self.keys, planted)
         # the application restarts: the planted entry is the newest
         app = self.facility()
-        self.assertEqual(app.vault.active_for(self.kek.key_id).dek_id,
+        self.assertEqual(app.key_store.active_for(self.kek.key_id).dek_id,
                          planted.dek_id)
         with self.assertRaises(exceptions.AuthenticationError) as cm:
             app.encrypt(self.kek, b'patient record')
@@ -144,17 +144,17 @@ class PlantedKeyTests(_Base):
     def test_reactivating_an_older_key_changes_nothing(self):
         # the attacker retires the newest key and marks an older one
         # active again: the application never seals under the older one
-        from zodbkmi.vault import RETIRED
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import RETIRED
+        from zodbkmi.keystore import KeyStoreEntry
         new_id = self.app.rotate(self.kek)
         old = self.app.entry(self.dek_id)
         new = self.app.entry(new_id)
-        write_entry(self.keys, VaultEntry(old.dek_id, old.kek_id,
-                                          old.wrapped, 'active',
-                                          old.created))
-        write_entry(self.keys, VaultEntry(new.dek_id, new.kek_id,
-                                          new.wrapped, RETIRED,
-                                          new.created))
+        write_entry(self.keys, KeyStoreEntry(old.dek_id, old.kek_id,
+                                             old.wrapped, 'active',
+                                             old.created))
+        write_entry(self.keys, KeyStoreEntry(new.dek_id, new.kek_id,
+                                             new.wrapped, RETIRED,
+                                             new.created))
         app = self.facility()
         with self.assertRaises(exceptions.UnknownKeyError):
             app.encrypt(self.kek, b'x')
@@ -165,9 +165,9 @@ class PlantedKeyTests(_Base):
     def test_rotation_wins_over_a_clock_ahead(self):
         # a key made by a machine whose clock is ahead stays older than
         # the next key made here
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         raw_id = os.urandom(16)
-        ahead = VaultEntry(raw_id.hex(), self.kek.key_id, wrapped.wrap(
+        ahead = KeyStoreEntry(raw_id.hex(), self.kek.key_id, wrapped.wrap(
             self.kek, raw_id, os.urandom(32), created=FAR_FUTURE))
         write_entry(self.keys, ahead)
         app = self.facility()
@@ -179,7 +179,7 @@ class PlantedKeyTests(_Base):
         # an attacker without the AES KEK cannot make a wrapping that
         # authenticates, whatever the version
         from zodbkmi.kek import AESKeyEncryptingKey
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         kek = AESKeyEncryptingKey.generate()
         app = self.facility()
         app.create_key(kek)
@@ -188,7 +188,7 @@ class PlantedKeyTests(_Base):
             header = wrapped.build_header(
                 kek.suite, raw_id, kek.key_id, version,
                 FAR_FUTURE if version == 2 else None)
-            write_entry(self.keys, VaultEntry(
+            write_entry(self.keys, KeyStoreEntry(
                 raw_id.hex(), kek.key_id, header + os.urandom(60),
                 created=FAR_FUTURE))
             forged = envelope.seal(raw_id, self.attacker_dek, b'forged')
@@ -236,11 +236,11 @@ class KeyServerPlantingTests(_Base):
             self.local.encrypt(self.kek, b'x')
 
     def test_upgrade_through_the_server(self):
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         raw_id = os.urandom(16)
-        legacy = VaultEntry(raw_id.hex(), self.kek.key_id, wrapped.wrap(
+        legacy = KeyStoreEntry(raw_id.hex(), self.kek.key_id, wrapped.wrap(
             self.kek, raw_id, os.urandom(32), version=1), created=1)
-        self.master.vault.add(legacy)      # as the old code stored it
+        self.master.key_store.add(legacy)      # as the old code stored it
         sealed = envelope.seal(raw_id, wrapped.unwrap(
             self.kek, legacy.wrapped)[1], b'old data')
         with self.assertRaises(exceptions.UnauthenticatedKeyError):
@@ -433,7 +433,7 @@ class LegacyKeyStoreTests(_Base):
         self.check_opens(app, self.rsa, store)
         self.assertEqual(app.key_id_of(app.encrypt(self.rsa, b'new')),
                          store['active'])
-        for entry in app.vault.entries():
+        for entry in app.key_store.entries():
             self.assertEqual(entry.version, 2)
 
     def test_rotate_kek_upgrades(self):
@@ -480,7 +480,7 @@ def _transit_case():
         def test_planted_entry(self):
             from zodbkmi.sources.vault import TransitKeyEncryptingKey
             from zodbkmi.sources.vault import VaultClient
-            from zodbkmi.vault import VaultEntry
+            from zodbkmi.keystore import KeyStoreEntry
             tmp = tempfile.mkdtemp(prefix='zodbkmi-test-')
             self.addCleanup(shutil.rmtree, tmp, True)
             self.bao.api('POST', 'transit/keys/review-planted',
@@ -496,8 +496,8 @@ def _transit_case():
             header = wrapped.build_header(kek.suite, raw_id, kek.key_id,
                                           created=FAR_FUTURE)
             blob = b'vault:v1:' + base64.b64encode(os.urandom(60))
-            write_entry(keys, VaultEntry(raw_id.hex(), kek.key_id,
-                                         header + blob))
+            write_entry(keys, KeyStoreEntry(raw_id.hex(), kek.key_id,
+                                            header + blob))
             with self.assertRaises(exceptions.AuthenticationError):
                 KeyManagementFacility(keys).encrypt(kek, b'x')
 
@@ -518,7 +518,7 @@ def _pkcs11_case():
         def test_planted_entry(self):
             from zodbkmi.facility import KeyManagementFacility
             from zodbkmi.sources.pkcs11 import PKCS11KeyEncryptingKey
-            from zodbkmi.vault import VaultEntry
+            from zodbkmi.keystore import KeyStoreEntry
             tmp = tempfile.mkdtemp(prefix='zodbkmi-test-')
             self.addCleanup(shutil.rmtree, tmp, True)
             kek = PKCS11KeyEncryptingKey(LIBRARY, TOKEN_LABEL, KEY_LABEL, PIN)
@@ -528,8 +528,8 @@ def _pkcs11_case():
             raw_id = os.urandom(16)
             header = wrapped.build_header(kek.suite, raw_id, kek.key_id,
                                           created=FAR_FUTURE)
-            write_entry(keys, VaultEntry(raw_id.hex(), kek.key_id,
-                                         header + os.urandom(60)))
+            write_entry(keys, KeyStoreEntry(raw_id.hex(), kek.key_id,
+                                            header + os.urandom(60)))
             with self.assertRaises(exceptions.AuthenticationError):
                 KeyManagementFacility(keys).encrypt(kek, b'x')
 

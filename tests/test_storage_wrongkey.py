@@ -151,7 +151,7 @@ class ZConfigTests(_WrongKey):
         with self.assertRaises(DatabaseKeyError) as cm:
             self.open_config(key_dir=self.path('kyes'))
         self.assertRefused(cm.exception, self.kek)
-        self.assertIn('not in the key vault given', str(cm.exception))
+        self.assertIn('not in the key store given', str(cm.exception))
         # nothing created: no directory, no key
         self.assertFalse(os.path.exists(self.path('kyes')))
         self.assertEqual(sorted(tree(self.tmp)), sorted(before))
@@ -386,7 +386,7 @@ class VaultTests(unittest.TestCase):
     """The key directory is made with its first key."""
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-vault-')
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-keystore-')
 
     def tearDown(self):
         shutil.rmtree(self.tmp, ignore_errors=True)

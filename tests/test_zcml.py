@@ -327,15 +327,16 @@ class FacilityTests(ZCMLTestBase):
         self.assertEqual(registered, {IEncryptionService: facility,
                                       IKeyGenerationService: facility,
                                       IKeyManagementFacility: facility})
-        self.assertEqual(facility.vault.path,
+        self.assertEqual(facility.key_store.path,
                          os.path.join(self.tmp, 'var', 'keys'))
         self.assertEqual(facility.timeout, 60)
         self.assertEqual(facility._cache.maxsize, 10)
         self.assertEqual(len(facility), 0)
         # the directory is made with its first key
-        self.assertFalse(os.path.exists(facility.vault.path))
+        self.assertFalse(os.path.exists(facility.key_store.path))
         facility.ensure_key(os.urandom(32))
-        self.assertEqual(os.stat(facility.vault.path).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(facility.key_store.path).st_mode & 0o777,
+                         0o700)
 
     def test_ensure_key_creates_one_active_data_key(self):
         self.write('enc.json', self.settings())

@@ -23,7 +23,7 @@ class InvalidKeyError(ZodbKmiError, ValueError):
 class UnknownKeyError(ZodbKmiError, LookupError):
     """The key needed for an operation is not available.
 
-    Raised when a key id names no key in the vault, when a data key was
+    Raised when a key id names no key in the key store, when a data key was
     destroyed, when the key encrypting key that wrapped a data key is not
     held by the caller, and when a key encrypting key has no active data key
     yet.  ``key_id`` holds the id that was looked up.
@@ -43,7 +43,7 @@ class DatabaseKeyError(UnknownKeyError):
     names a data key that none of the key encrypting keys given can open:
     the wrong KEK file, or a key directory that is not the database's
     (mistyped, or empty).  The message names the KEK ids given, the data
-    key the database needs (and its KEK when the vault knows it) and the
+    key the database needs (and its KEK when the key store knows it) and the
     oid of the record; never key material.  ``key_id`` holds the DEK id,
     ``kek_ids`` the ids of the KEKs given and ``oid`` the oid.  Not a
     ``KeyError``: an application catching ``KeyError`` around a mapping
@@ -93,11 +93,11 @@ class WrongKeyError(AuthenticationError):
 class UnauthenticatedKeyError(AuthenticationError):
     """A data key's origin cannot be proven, so it is never used.
 
-    Raised for a vault entry whose wrapped data key is in version 1 of the
+    Raised for a key store entry whose wrapped data key is in version 1 of the
     format with the RSA suite: anyone holding the public half of the RSA
     KEK can make one (a planted key).  ``zodbkmi upgrade-keys`` (or
     ``migrate rotate-kek``), run by the holder of the private key, rewrites
-    the entries of a vault it trusts in version 2, which only the private
+    the entries of a key store it trusts in version 2, which only the private
     key can make.  ``key_id`` holds the DEK id.
     """
 
@@ -125,7 +125,7 @@ class UnsupportedFormatError(DecryptionError):
 
 class SelfContainedStreamError(UnsupportedFormatError):
     """A self-contained stream was given where only a stream naming a DEK
-    of the key vault may open.
+    of the key store may open.
 
     A self-contained stream embeds its wrapped DEK (``encrypt-file
     --recipient``); anyone holding the public half of an RSA KEK can make
@@ -148,7 +148,7 @@ class NotEncryptedError(DecryptionError):
 
 
 class KeyStoreError(ZodbKmiError, OSError):
-    """The key vault cannot be read or written.
+    """The key store cannot be read or written.
 
     Raised when the storage directory is missing and cannot be created, is
     not writable, holds an entry that cannot be parsed, or is an existing
@@ -180,7 +180,7 @@ class EvictedKeyError(KeyStateError):
 class KeyServerError(ZodbKmiError, ConnectionError):
     """The key server cannot be reached or refused a request.
 
-    Raised by :class:`zodbkmi.facility.LocalKeyManagementFacility` when the
+    Raised by :class:`zodbkmi.client.LocalKeyManagementFacility` when the
     server does not answer within the timeout after the retries, when TLS
     verification of the server fails, and when the server answers with an
     error other than "unknown key" (for example 401 or 403: missing or wrong
@@ -203,10 +203,22 @@ class SettingsError(ZodbKmiError, ValueError):
     :mod:`zodbkmi.server` for a key server setting that is unknown or of
     the wrong type; by :mod:`zodbkmi.tls` for a TLS certificate, key or CA
     file that cannot be used (the message names the setting and the file);
-    and by :class:`zodbkmi.facility.LocalKeyManagementFacility` for a key
+    and by :class:`zodbkmi.client.LocalKeyManagementFacility` for a key
     server URL that is not ``https://`` (``http://`` needs
     ``allow_http=True``).  The message is one line naming the setting,
     never its secret value.
+    """
+
+
+class UsageError(ZodbKmiError):
+    """A command line that cannot be carried out.
+
+    Raised by the ``zodbkmi`` command line (:mod:`zodbkmi.cli`) for
+    options that contradict each other or name nothing usable: no
+    credentials for the key server, a plain ``http://`` URL without
+    ``--allow-http``, a key directory that does not exist, an output file
+    that exists without ``--force``.  The command prints its one-line
+    message and exits with status 2.
     """
 
 
@@ -229,7 +241,7 @@ class KeySourceError(ZodbKmiError):
 class SecretFileError(KeyStoreError, KeySourceError):
     """A key, PIN, token or password file cannot be used.
 
-    Raised by :func:`zodbkmi.keyholder.read_secret_file`, the one reader of
+    Raised by :func:`zodbkmi.fileutil.read_secret_file`, the one reader of
     such files, when the file cannot be read, is larger than 1 MiB, or when
     group or others have any access to it (any bit of ``0o077`` in its
     mode); the message names the file, its role, its mode and the

@@ -1,11 +1,13 @@
 """Key management facilities: the keas.kmi API over envelope encryption.
 
-:class:`KeyManagementFacility` is the master facility: a key vault (a
+:class:`KeyManagementFacility` is the master facility: a key store (a
 directory) of data keys wrapped by key encrypting keys that the callers
 hold.  ``generate()`` creates an RSA KEK and a DEK wrapped by it and returns
 the KEK; ``encrypt(key, data)`` / ``decrypt(key, data)`` unwrap the DEK with
 the caller's KEK (once, then from the cache) and seal or open a record
-envelope.
+envelope.  :class:`EncryptionService` is what it shares with the key
+server's client, :class:`zodbkmi.client.LocalKeyManagementFacility`,
+which keas.kmi users import from here (it stays importable from here).
 """
 import hmac
 import os
@@ -15,7 +17,7 @@ import time
 from cryptography.exceptions import InvalidTag
 from zope.interface import implementer
 
-from zodbkmi import vault as vaultmod
+from zodbkmi import keystore
 from zodbkmi.cache import DEFAULT_MAXSIZE
 from zodbkmi.cache import DEFAULT_TTL
 from zodbkmi.cache import DEFAULT_USE_LIMIT
@@ -32,6 +34,7 @@ from zodbkmi.format import envelope
 from zodbkmi.format import stream
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IExtendedKeyManagementFacility
+from zodbkmi.interfaces import IKeyStoreSweep
 from zodbkmi.kek import RSA_DEFAULT_BITS
 from zodbkmi.kek import RSAKeyEncryptingKey
 from zodbkmi.kek import as_kek
@@ -525,7 +528,7 @@ class EncryptionService:
         :func:`zodbkmi.format.stream.decrypt` for the errors and for what
         was written when one is raised.
 
-        Only a stream that names a DEK of this facility's vault opens,
+        Only a stream that names a DEK of this facility's key store opens,
         unless ``self_contained`` is true: a self-contained stream (its
         wrapped DEK embedded, ``encrypt-file --recipient``), which anyone
         holding the public half of an RSA KEK can make, is refused with
@@ -555,14 +558,14 @@ class EncryptionService:
                                     _file_aad(oid))
 
     def _stream_dek(self, key, header, self_contained=False):
-        """The DEK of a stream: found by id in the vault, or embedded (a
+        """The DEK of a stream: found by id in the key store, or embedded (a
         self-contained stream, unwrapped with the KEK of ``key`` that
         wrapped it) when ``self_contained`` allows it."""
         if header.wrapped is not None and not self_contained:
             raise SelfContainedStreamError(
                 'stream embeds its wrapped DEK %s (a self-contained stream, '
                 'which anyone holding the public key can make): only a '
-                'stream naming a DEK of the key vault opens here'
+                'stream naming a DEK of the key store opens here'
                 % header.dek_id.hex())
         if header.wrapped is None:
             return _entry_and_dek(self._decryption_entry, key,
@@ -579,7 +582,13 @@ class EncryptionService:
 
 @implementer(IExtendedKeyManagementFacility)
 class KeyManagementFacility(EncryptionService):
-    """The master facility: wrapped DEKs in ``storage_dir``.
+    """The master facility: wrapped DEKs in ``storage_dir``, a
+    :class:`~zodbkmi.keystore.DirectoryKeyStore` (its :attr:`key_store`;
+    ``vault`` is the deprecated old name of that attribute).  Besides
+    :class:`~zodbkmi.interfaces.IExtendedKeyManagementFacility` it has
+    :meth:`rewrap`, the method of
+    :class:`~zodbkmi.interfaces.IKeyRewrapping` (not declared: a
+    utility registered without ``provides`` must provide one interface).
 
     A read-only mapping of DEK ids to wrapped DEKs; keys are created with
     :meth:`generate` or :meth:`create_key`, rotated with :meth:`rotate` and
@@ -590,54 +599,64 @@ class KeyManagementFacility(EncryptionService):
 
     def __init__(self, storage_dir, timeout=DEFAULT_TTL,
                  cache_size=DEFAULT_MAXSIZE, use_limit=DEFAULT_USE_LIMIT,
-                 create=vaultmod.ON_FIRST_KEY):
+                 create=keystore.ON_FIRST_KEY):
         super().__init__(timeout, cache_size, use_limit)
         self.storage_dir = storage_dir
         # by default the directory is made with the first key: opening a
         # facility at a mistyped path creates nothing
-        self.vault = vaultmod.DirectoryVault(storage_dir, create=create)
+        self.key_store = keystore.DirectoryKeyStore(storage_dir,
+                                                    create=create)
         self._write_lock = threading.RLock()
 
     def __repr__(self):
         return '<%s (%i)>' % (type(self).__name__, len(self))
 
+    @property
+    def vault(self):
+        """Deprecated: the old name of :attr:`key_store`."""
+        return self.key_store
+
+    @vault.setter
+    def vault(self, value):
+        self.key_store = value
+
     # -- read-only mapping -----------------------------------------------
 
     def keys(self):
-        return self.vault.ids()
+        return self.key_store.ids()
 
     def __iter__(self):
         return iter(self.keys())
 
     def __len__(self):
-        return len(self.vault.ids())
+        return len(self.key_store.ids())
 
     def __contains__(self, dek_id):
-        return self.vault.get(dek_id) is not None
+        return self.key_store.get(dek_id) is not None
 
     def __getitem__(self, dek_id):
-        entry = self.vault.get(dek_id)
+        entry = self.key_store.get(dek_id)
         if entry is None:
             raise KeyError(dek_id)
         return entry.wrapped
 
     def get(self, dek_id, default=None):
-        entry = self.vault.get(dek_id)
+        entry = self.key_store.get(dek_id)
         return default if entry is None else entry.wrapped
 
     def values(self):
-        return [e.wrapped for e in self.vault.entries()]
+        return [e.wrapped for e in self.key_store.entries()]
 
     def items(self):
-        return [(e.dek_id, e.wrapped) for e in self.vault.entries()]
+        return [(e.dek_id, e.wrapped) for e in self.key_store.entries()]
 
     def entry(self, dek_id):
-        """Return the :class:`zodbkmi.vault.VaultEntry` (state, KEK id,
+        """Return the :class:`zodbkmi.keystore.KeyStoreEntry` (state, KEK id,
         creation time) of ``dek_id``; raise UnknownKeyError."""
-        entry = self.vault.get(dek_id)
+        entry = self.key_store.get(dek_id)
         if entry is None:
             raise UnknownKeyError('no key %s in %s'
-                                  % (dek_id, self.vault.path), dek_id)
+                                  % (dek_id, self.key_store.path), dek_id)
         return entry
 
     # -- EncryptionService -----------------------------------------------
@@ -646,7 +665,7 @@ class KeyManagementFacility(EncryptionService):
         return self.entry(dek_id).wrapped
 
     def _active_key_id(self, kek_id):
-        entry = self.vault.active_for(kek_id)
+        entry = self.key_store.active_for(kek_id)
         return None if entry is None else entry.dek_id
 
     # -- key lifecycle ---------------------------------------------------
@@ -670,13 +689,14 @@ class KeyManagementFacility(EncryptionService):
         dek = _dek or os.urandom(32)
         raw_id = _dek_id or os.urandom(16)
         with self._write_lock:
-            created = vaultmod.next_created(self.vault.entries(), kek.key_id)
-            entry = vaultmod.VaultEntry(
+            created = keystore.next_created(self.key_store.entries(),
+                                            kek.key_id)
+            entry = keystore.KeyStoreEntry(
                 raw_id.hex(), kek.key_id,
                 wrapped.wrap(kek, raw_id, dek, created=created))
             # all of them: a crash between add and retire may have left two
-            previous = vaultmod.active_entries(self.vault, kek.key_id)
-            self.vault.add(entry)
+            previous = keystore.active_entries(self.key_store, kek.key_id)
+            self.key_store.add(entry)
             for old in previous:
                 self._retire_entry(old)
             self._forget_active()
@@ -691,16 +711,16 @@ class KeyManagementFacility(EncryptionService):
         """Return the active DEK id of ``key``, creating one if needed."""
         kek = as_kek(key)
         with self._write_lock:
-            current = self.vault.active_for(kek.key_id)
+            current = self.key_store.active_for(kek.key_id)
             if current is not None:
                 return current.dek_id
             return self.create_key(kek)
 
     def _retire_entry(self, entry):
-        entry = vaultmod.VaultEntry(entry.dek_id, entry.kek_id,
-                                    entry.wrapped, vaultmod.RETIRED,
-                                    entry.created)
-        self.vault.update(entry)
+        entry = keystore.KeyStoreEntry(entry.dek_id, entry.kek_id,
+                                       entry.wrapped, keystore.RETIRED,
+                                       entry.created)
+        self.key_store.update(entry)
         self._forget_active()
 
     def retire(self, dek_id):
@@ -708,7 +728,7 @@ class KeyManagementFacility(EncryptionService):
         no-op."""
         with self._write_lock:
             entry = self.entry(dek_id)
-            if entry.state != vaultmod.RETIRED:
+            if entry.state != keystore.RETIRED:
                 self._retire_entry(entry)
         evict_everywhere(dek_id)
 
@@ -719,7 +739,7 @@ class KeyManagementFacility(EncryptionService):
         process; other processes forget it within their cache timeout.
         """
         with self._write_lock:
-            self.vault.remove(dek_id)   # UnknownKeyError when absent
+            self.key_store.remove(dek_id)   # UnknownKeyError when absent
             self._forget_active()
         evict_everywhere(dek_id)
 
@@ -743,10 +763,10 @@ class KeyManagementFacility(EncryptionService):
 
         A version 1 RSA-wrapped DEK can be made by anyone holding the public
         key, so it is refused
-        (:class:`~zodbkmi.exceptions.UnauthenticatedKeyError`) until the holder
-        of the private key runs this, vouching for the entries the vault holds
-        at that moment (``docs/keys.rst``, "Upgrading a key store").  Running
-        it twice is harmless.  :meth:`rewrap` upgrades
+        (:class:`~zodbkmi.exceptions.UnauthenticatedKeyError`) until the
+        holder of the private key runs this, vouching for the entries the
+        key store holds at that moment (``docs/keys.rst``, "Upgrading a key
+        store").  Running it twice is harmless.  :meth:`rewrap` upgrades
         too."""
         kek = as_kek(key)
         return self._rewrite(
@@ -757,11 +777,11 @@ class KeyManagementFacility(EncryptionService):
         version 2, creation time kept); return how many."""
         rewrapped = []
         with self._write_lock:
-            for entry in self.vault.entries():
+            for entry in self.key_store.entries():
                 if entry.kek_id != old.key_id or not wanted(entry):
                     continue
                 raw_id, dek = wrapped.unwrap(old, entry.wrapped)
-                self.vault.update(vaultmod.VaultEntry(
+                self.key_store.update(keystore.KeyStoreEntry(
                     entry.dek_id, new.key_id,
                     wrapped.wrap(new, raw_id, dek, created=entry.created),
                     entry.state, entry.created))
@@ -769,272 +789,20 @@ class KeyManagementFacility(EncryptionService):
                 rewrapped.append(entry.dek_id)
             self._forget_active()
             # copies wrapped by the old KEK that killed writers left behind
-            sweep = getattr(self.vault, 'sweep', None)
-            if sweep is not None:
-                sweep(rewrapped)
+            if IKeyStoreSweep.providedBy(self.key_store):
+                self.key_store.sweep(rewrapped)
         return len(rewrapped)
 
 
-@implementer(IExtendedKeyManagementFacility)
-class LocalKeyManagementFacility(EncryptionService):
-    """A facility whose wrapped DEKs live on a key server (the REST API of
-    :mod:`zodbkmi.rest`); the keas.kmi "local" facility.
+def __getattr__(name):
+    # The key server client lives in zodbkmi.client (it imports this
+    # module for EncryptionService, so it cannot be imported here at the
+    # top); keas.kmi users import it from here, which keeps working.
+    if name == 'LocalKeyManagementFacility':
+        from zodbkmi.client import LocalKeyManagementFacility
+        return LocalKeyManagementFacility
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))
 
-    The KEK never leaves this process: new DEKs are created and wrapped
-    here and uploaded in wrapped form; fetched wrapped DEKs are unwrapped
-    here and kept in the DEK cache (``timeout`` seconds, ``cache_size``
-    entries).  Error answers are never cached.  ``token`` is a bearer token
-    (``token_file`` names a file holding one); ``ca_file`` the CA that
-    signed the server's certificate; ``request_timeout`` bounds every
-    attempt, ``retries`` more attempts follow a connection error, after
-    ``backoff``, ``2 * backoff``, ... seconds.  When the server cannot be
-    reached or refuses, :class:`zodbkmi.exceptions.KeyServerError` is
-    raised.
 
-    The token file is read by :func:`zodbkmi.keyholder.read_secret_file`
-    (refused when group or others can access it).  An ``http://`` URL is
-    refused with :class:`zodbkmi.exceptions.SettingsError` unless
-    ``allow_http=True`` is given (development only: the bearer token and
-    the wrapped keys would travel in clear; loopback is no exception).
-    """
-
-    rsa_bits = RSA_DEFAULT_BITS
-
-    def __init__(self, url, token=None, ca_file=None, token_file=None,
-                 timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
-                 use_limit=DEFAULT_USE_LIMIT, request_timeout=5.0,
-                 retries=3, backoff=0.05, client_cert=None,
-                 client_key=None, transport=None, allow_http=False):
-        from zodbkmi.rest import HTTPTransport
-        from zodbkmi.rest import check_url
-        check_url(url, allow_http)
-        if token is None and token_file is not None:
-            from zodbkmi.keyholder import read_secret_text
-            token = read_secret_text(token_file, 'token')
-        super().__init__(timeout, cache_size, use_limit)
-        self.url = url
-        self._token = token
-        self.retries = retries
-        self.backoff = backoff
-        self._transport = transport or HTTPTransport(
-            url, ca_file=ca_file, timeout=request_timeout,
-            client_cert=client_cert, client_key=client_key,
-            allow_http=allow_http)
-
-    def __repr__(self):
-        return '<%s %s>' % (type(self).__name__, self.url)
-
-    def close(self):
-        """Close this thread's connection to the server (it is opened
-        again when needed)."""
-        self._transport.close()
-
-    # -- HTTP ------------------------------------------------------------
-
-    def _request(self, method, path, doc=None, missing_ok=False):
-        """Return the JSON answer, None for a 404 when ``missing_ok``."""
-        import json
-        import time
-
-        from zodbkmi.exceptions import KeyServerError
-        headers = {'Accept': 'application/json'}
-        if self._token:
-            headers['Authorization'] = 'Bearer ' + self._token
-        body = None
-        if doc is not None:
-            body = json.dumps(doc).encode('ascii')
-            headers['Content-Type'] = 'application/json'
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                status, data = self._transport.request(
-                    method, path, body, headers)
-                break
-            except OSError as e:
-                import ssl
-                if isinstance(e, ssl.SSLCertVerificationError):
-                    raise KeyServerError(
-                        'key server %s: certificate verification failed '
-                        '(%s)' % (self.url, e.verify_message)) from None
-                if isinstance(e, ssl.SSLError) and not isinstance(
-                        e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                    raise KeyServerError(
-                        'key server %s: TLS refused (%s)'
-                        % (self.url, e.reason or e.strerror)) from None
-                if attempt == self.retries:
-                    reason = e.strerror or type(e).__name__
-                    if not e.strerror and isinstance(e, ConnectionError):
-                        # the server closed the connection without an
-                        # HTTP answer: a TLS server asked in plain HTTP
-                        reason = 'closed without an answer'
-                        if self.url.lower().startswith('http://'):
-                            reason += ' (is it an https:// server?)'
-                    raise KeyServerError(
-                        'key server %s cannot be reached (%d attempts): %s'
-                        % (self.url, attempt + 1, reason)) from None
-                time.sleep(delay)
-                delay *= 2
-        if status == 404 and missing_ok:
-            return None
-        try:
-            answer = json.loads(data)
-        except (ValueError, RecursionError):   # not JSON, or nested too deep
-            answer = None
-        if not 200 <= status < 300 or not isinstance(answer, dict):
-            reason = None
-            if isinstance(answer, dict) and isinstance(
-                    answer.get('error'), str):
-                reason = answer['error'][:200]
-            if status == 404 and path.startswith('/v1/keys/'):
-                dek_id = path.split('/')[3]
-                raise UnknownKeyError('no key %s on the key server'
-                                      % dek_id, dek_id)
-            raise KeyServerError(
-                'key server %s refused %s %s: %d %s'
-                % (self.url, method, path, status, reason or ''),
-                status, reason)
-        return answer
-
-    # -- EncryptionService -----------------------------------------------
-
-    def _wrapped_key(self, dek_id):
-        import base64
-        vaultmod.check_dek_id(dek_id)
-        answer = self._request('GET', '/v1/keys/' + dek_id)
-        try:
-            return base64.b64decode(answer['wrapped'], validate=True)
-        except (KeyError, TypeError, ValueError):
-            from zodbkmi.exceptions import KeyServerError
-            raise KeyServerError('key server %s sent a malformed answer for '
-                                 'key %s' % (self.url, dek_id)) from None
-
-    def _active_key_id(self, kek_id):
-        from urllib.parse import quote
-        answer = self._request('GET', '/v1/keks/%s/active'
-                               % quote(kek_id, safe=''), missing_ok=True)
-        return None if answer is None else answer.get('dek_id')
-
-    # -- read-only mapping -----------------------------------------------
-
-    def keys(self):
-        return [k['dek_id'] for k in self.metadata()]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return self._request('GET', '/v1/status')['keys']
-
-    def __contains__(self, dek_id):
-        try:
-            self._wrapped_key(dek_id)
-        except UnknownKeyError:
-            return False
-        return True
-
-    def __getitem__(self, dek_id):
-        try:
-            return self._wrapped_key(dek_id)
-        except UnknownKeyError:
-            raise KeyError(dek_id) from None
-
-    def get(self, dek_id, default=None):
-        try:
-            return self._wrapped_key(dek_id)
-        except UnknownKeyError:
-            return default
-
-    def values(self):
-        return [self[dek_id] for dek_id in self.keys()]
-
-    def items(self):
-        return [(dek_id, self[dek_id]) for dek_id in self.keys()]
-
-    def status(self):
-        """The server's status: ``{"keys": N, "message": ...}``."""
-        return self._request('GET', '/v1/status')
-
-    def metadata(self):
-        """Metadata of every key on the server: a list of dicts with
-        ``dek_id``, ``kek_id``, ``state`` and ``created``."""
-        return self._request('GET', '/v1/keys')['keys']
-
-    def entry(self, dek_id):
-        """Return the :class:`zodbkmi.vault.VaultEntry` of ``dek_id`` as
-        the server has it; raise UnknownKeyError."""
-        import base64
-        vaultmod.check_dek_id(dek_id)
-        a = self._request('GET', '/v1/keys/' + dek_id)
-        return vaultmod.VaultEntry(a['dek_id'], a['kek_id'],
-                                   base64.b64decode(a['wrapped']),
-                                   a['state'], a['created'])
-
-    # -- key lifecycle ---------------------------------------------------
-
-    def generate(self):
-        """Create an RSA KEK here and an active DEK wrapped by it on the
-        server; return the KEK as PEM.  Keep it: it is stored nowhere."""
-        kek = RSAKeyEncryptingKey.generate(self.rsa_bits)
-        self.create_key(kek)
-        return kek.private_pem()
-
-    def create_key(self, key):
-        """Create a DEK here, wrap it with ``key`` here and upload the
-        wrapped DEK; it becomes the active DEK of ``key`` (the previous one
-        is retired).  Return the new DEK id."""
-        import base64
-        kek = as_kek(key)
-        raw_id = os.urandom(16)
-        created = vaultmod.created_after(max(
-            (m['created'] for m in self.metadata()
-             if m['kek_id'] == kek.key_id and m.get('version') == 2),
-            default=None))
-        data = wrapped.wrap(kek, raw_id, os.urandom(32), created=created)
-        answer = self._request('POST', '/v1/keys', {
-            'wrapped': base64.b64encode(data).decode('ascii')})
-        self._forget_active()
-        return answer['dek_id']
-
-    def upgrade(self, key):
-        """Rewrite every version 1 entry of the KEK ``key`` on the server
-        in version 2 (see :meth:`KeyManagementFacility.upgrade`); return
-        how many.  The DEKs are unwrapped and wrapped again here; the
-        server only stores the result."""
-        import base64
-        kek = as_kek(key)
-        done = 0
-        for m in self.metadata():
-            if m['kek_id'] != kek.key_id or m.get('version') != 1:
-                continue
-            raw_id, dek = wrapped.unwrap(kek, self._wrapped_key(m['dek_id']))
-            data = wrapped.wrap(kek, raw_id, dek, created=m['created'])
-            self._request('PUT', '/v1/keys/' + m['dek_id'], {
-                'wrapped': base64.b64encode(data).decode('ascii')})
-            evict_everywhere(m['dek_id'])
-            done += 1
-        self._forget_active()
-        return done
-
-    def rotate(self, key):
-        """DEK rotation: new writes go to a new DEK; return its id."""
-        return self.create_key(key)
-
-    def ensure_key(self, key):
-        """Return the active DEK id of ``key``, creating one if needed."""
-        kek = as_kek(key)
-        current = self._active_key_id(kek.key_id)
-        return current if current is not None else self.create_key(kek)
-
-    def retire(self, dek_id):
-        """Make ``dek_id`` decrypt-only on the server."""
-        vaultmod.check_dek_id(dek_id)
-        self._request('POST', '/v1/keys/%s/retire' % dek_id)
-        self._forget_active()
-        evict_everywhere(dek_id)
-
-    def delete(self, dek_id):
-        """Destroy ``dek_id`` on the server; it cannot be undone."""
-        vaultmod.check_dek_id(dek_id)
-        self._request('DELETE', '/v1/keys/' + dek_id)
-        self._forget_active()
-        evict_everywhere(dek_id)
+def __dir__():
+    return sorted(list(globals()) + ['LocalKeyManagementFacility'])

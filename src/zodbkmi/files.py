@@ -9,8 +9,9 @@ facility:
   digital envelope.  A fresh DEK per file, wrapped by the recipient's RSA
   public key and embedded in the stream header, so that the machine that
   writes a backup never holds a key that could read it.
-- :func:`atomic_output`: an output file that appears under its name only
-  once it is complete (a temporary name, then a rename).
+- :func:`atomic_output` (from :mod:`zodbkmi.fileutil`): an output file
+  that appears under its name only once it is complete (a temporary name,
+  then a rename).
 - :func:`transform`: runs one of those functions from a path or standard
   input to a path or standard output, with an optional progress display.
 """
@@ -18,18 +19,19 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 import time
 
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.fileutil import TEMP_SUFFIX
+from zodbkmi.fileutil import atomic_output
 from zodbkmi.format import stream
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
 from zodbkmi.kek import RSAPublicKeyEncryptingKey
 from zodbkmi.kek import as_kek
 
-PART_SUFFIX = '.part'
+PART_SUFFIX = TEMP_SUFFIX
 
 
 def recipient_kek(recipient):
@@ -105,46 +107,6 @@ def decrypt_with_private_key(key, fsrc, fdst):
     kek_id = wrapped.parse(header.wrapped).kek_id
     _, dek = wrapped.unwrap(keks.get(kek_id, kek), header.wrapped)
     return stream.decrypt(fsrc, fdst, dek, header)
-
-
-@contextlib.contextmanager
-def atomic_output(path, overwrite=False, mode=0o600, buffering=-1):
-    """Open ``path`` for writing so that it appears only when complete.
-
-    Yields a binary file object (``buffering`` as for ``open()``) on a
-    temporary file in the same directory (``.NAME.XXXXXXXX.part``, created
-    with ``mode``); a symbolic link is followed, the file it names is
-    replaced.  When the block ends normally the data is flushed, synced and
-    the file renamed to ``path``; when it raises (including
-    KeyboardInterrupt) the temporary file is removed.  Raises
-    ``FileExistsError`` if ``path`` exists, unless ``overwrite``.
-    """
-    path = os.path.realpath(path)
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError('%s exists (overwrite it with --force)' % path)
-    if os.path.lexists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        # never rename over a device, a FIFO or a socket (/dev/null!)
-        raise ValueError('%s is not a regular file' % path)
-    directory, name = os.path.split(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, suffix=PART_SUFFIX,
-                                   dir=directory)
-    except OSError as e:
-        # named by the file asked for, not by its temporary name
-        raise OSError(e.errno, e.strerror, 'output file %s' % path) from None
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, 'wb', buffering) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite and os.path.lexists(path):
-            raise FileExistsError('%s appeared while writing' % path)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class ProgressReader:

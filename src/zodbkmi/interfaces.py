@@ -9,13 +9,13 @@ KEK
 
 DEK
     A data encrypting key: 32 random bytes for AES-256-GCM.  It is stored
-    only wrapped by a KEK, in a key vault, under a random *DEK id*.
+    only wrapped by a KEK, in a key store, under a random *DEK id*.
 
 Key id
     In the keas.kmi compatible API "key id" means DEK id: the facility is a
     mapping of DEK ids to wrapped DEKs.
 
-Key lifecycle (the states of a DEK in a vault):
+Key lifecycle (the states of a DEK in a key store):
 
 ============  ===========================  ==============================
 state         encrypts new data            decrypts existing data
@@ -27,6 +27,27 @@ destroyed     no                           no (the entry is gone)
 
 Transitions: ``active -> retired`` (rotation or retire), ``active ->
 destroyed`` and ``retired -> destroyed`` (delete).  There is no way back.
+The methods that make them are those of :class:`IKeyLifecycle`:
+
+======================  =====================================================
+method                  transition
+======================  =====================================================
+``create_key(kek)``     new DEK ``active``; the previous active DEK of the
+                        KEK ``retired``
+``rotate(kek)``         the same (DEK rotation)
+``retire(dek_id)``      ``active -> retired`` (a retired key: no change)
+``delete(dek_id)``      ``active`` or ``retired`` ``-> destroyed``
+``rewrap(old, new)``    none: every DEK of KEK ``old`` is wrapped by ``new``
+                        instead, its state kept (KEK rotation,
+                        :class:`IKeyRewrapping`)
+``upgrade(kek)``        none: version 1 entries of the KEK rewritten in
+                        version 2, their state kept
+======================  =====================================================
+
+The state of a DEK is stored in its key store entry
+(:class:`IKeyStoreEntry`); it is not authenticated, so it only ever
+restricts: a key store takes the active DEK of a KEK to be its newest
+entry, and none when that one is retired.
 """
 import zope.interface
 from zope.interface.common import mapping
@@ -41,23 +62,31 @@ class IEncryptionService(zope.interface.Interface):
     guards and never stores or sends ``key`` anywhere.
     """
 
-    def encrypt(key, data):
+    def encrypt(key, data, oid=None):
         """Return ``data`` (bytes) encrypted under the active DEK of ``key``.
 
-        The result is a record envelope (see ``docs/format.rst``) of the
-        data context naming the DEK id; only :meth:`decrypt` opens it.  Two
-        calls with the same arguments give different results.
+        The result is a record envelope (see ``docs/format.rst``) naming
+        the DEK id; only :meth:`decrypt` opens it.  Without ``oid`` it is
+        an envelope of the data context (what keas.kmi callers get).  With
+        ``oid`` (8 bytes, a ZODB object id) it is a storage record bound
+        to that oid: :meth:`decrypt` then needs the same oid, so a record
+        moved to another object does not open.  Two calls with the same
+        arguments give different results.
 
         Raises :class:`~zodbkmi.exceptions.InvalidKeyError` when ``key`` is
         not a key, :class:`~zodbkmi.exceptions.UnknownKeyError` when ``key``
         guards no active DEK, ``TypeError`` when ``data`` is not bytes.
         """
 
-    def decrypt(key, data):
+    def decrypt(key, data, oid=None):
         """Return the plaintext of the record envelope ``data``.
 
         The DEK is the one named in ``data``; it must be wrapped by ``key``
-        (or by a previous KEK known to the service).
+        or, when ``key`` is a list or tuple of KEKs (the current one and
+        previous ones after a KEK rotation), by one of them, found by id.
+        ``oid``: the oid ``data`` was bound to by :meth:`encrypt` (None for
+        a data envelope); an envelope opens only with the oid it was
+        sealed with.
 
         Raises :class:`~zodbkmi.exceptions.UnsupportedFormatError`,
         :class:`~zodbkmi.exceptions.TruncatedDataError`,
@@ -87,18 +116,23 @@ class IEncryptionService(zope.interface.Interface):
         record).
         """
 
-    def encrypt_file(key, fsrc, fdst):
-        """Encrypt the binary file object ``fsrc`` into ``fdst``.
+    def encrypt_file(key, fsrc, fdst, chunk_size=None, oid=None):
+        """Encrypt the binary file object ``fsrc`` (read to its end) into
+        ``fdst`` under the active DEK of ``key``; return the number of
+        plaintext bytes.
 
         Streams in constant memory (pipes work); see the stream format in
-        ``docs/format.rst``.
+        ``docs/format.rst``.  ``chunk_size`` is the plaintext size of a
+        chunk (default 64 KiB).  With ``oid`` (8 bytes: blob files) the
+        stream is bound to that oid and :meth:`decrypt_file` needs the
+        same one.  Raises the errors of :meth:`encrypt`.
         """
 
     def decrypt_file(key, fsrc, fdst, oid=None, self_contained=False):
         """Decrypt the binary file object ``fsrc`` into ``fdst``.
 
         ``oid`` (8 bytes) is the oid a blob file is bound to.  Only a
-        stream that names its DEK by id (a DEK of the service's vault)
+        stream that names its DEK by id (a DEK of the service's key store)
         opens, unless ``self_contained`` is true: a self-contained stream
         (its wrapped DEK embedded, which anyone holding the public half of
         an RSA KEK can make) is refused with
@@ -200,12 +234,52 @@ class IDataKeyCreation(zope.interface.Interface):
         nothing."""
 
 
+class IKeyLifecycle(zope.interface.Interface):
+    """A facility that manages the lifecycle of its data keys (the table
+    of this module): rotation, retirement, destruction, upgrade.
+
+    Every change evicts the DEK from every cache of this process; other
+    processes see it within their cache timeout.
+    """
+
+    def entry(dek_id):
+        """Return the :class:`IKeyStoreEntry` of ``dek_id`` (state, KEK
+        id, creation time, wrapped DEK).
+
+        Raises :class:`~zodbkmi.exceptions.UnknownKeyError` when there is
+        no such key (or ``dek_id`` is not 32 lowercase hex digits)."""
+
+    def rotate(key):
+        """DEK rotation: create a new DEK for the KEK ``key`` and make it
+        active (as :meth:`IDataKeyCreation.create_key`); the previous one
+        becomes retired, decrypt-only.  Return the new DEK id."""
+
+    def retire(dek_id):
+        """Make ``dek_id`` retired: it decrypts, it never encrypts again.
+        Retiring a retired key changes nothing.  Raises
+        :class:`~zodbkmi.exceptions.UnknownKeyError` when there is no
+        such key."""
+
+    def delete(dek_id):
+        """Destroy ``dek_id``: the data encrypted under it becomes
+        unreadable, for good.  Raises
+        :class:`~zodbkmi.exceptions.UnknownKeyError` when there is no
+        such key."""
+
+    def upgrade(key):
+        """Rewrite every version 1 entry of the KEK ``key`` in version 2
+        (same DEK, id, state and creation time); return how many.  Only
+        the holder of ``key``'s secret can; it vouches for the entries
+        the key store holds at that moment (``docs/keys.rst``)."""
+
+
 class IKeyManagementFacility(IEncryptionService, IKeyGenerationService):
     """A key management facility: generation plus encryption services."""
 
 
 class IExtendedKeyManagementFacility(IKeyManagementFacility,
                                      IDataKeyCreation,
+                                     IKeyLifecycle,
                                      IInPlaceFileEncryption,
                                      IRecordFastPath,
                                      IMetadataEncryption,
@@ -215,6 +289,13 @@ class IExtendedKeyManagementFacility(IKeyManagementFacility,
     Values are wrapped-DEK blobs (``docs/format.rst``); they are useless
     without the KEK that wrapped them.
     """
+
+    def key_id_of(data, oid=None):
+        """Return the DEK id (hex) named by the envelope ``data`` (a data,
+        object state or transaction metadata envelope, or a storage record
+        when ``oid`` is given), after validating its header; nothing is
+        decrypted.  Raises the header errors of
+        :meth:`IEncryptionService.decrypt`."""
 
     def decrypt_file_range(key, fsrc, fdst, offset, length=None, oid=None,
                            self_contained=False):
@@ -235,12 +316,20 @@ class IKeyHolder(zope.interface.Interface):
 
     Registered as a utility; :class:`zodbkmi.persistent.EncryptedPersistent`
     encrypts with ``key`` and decrypts with ``key`` or any of
-    ``previous_keys``.
+    ``previous_keys``; :class:`zodbkmi.storage.EncryptingStorage` given a
+    ``keyholder`` does the same.  A key holder written for keas.kmi has
+    only ``key``: zodbkmi then reads with ``key`` alone.
     """
 
     key = zope.interface.Attribute(
         'The current key encrypting key (PEM bytes, 32 AES bytes, or an '
         'IKeyEncryptingKey); it encrypts all new data.')
+
+    previous_keys = zope.interface.Attribute(
+        'A tuple of older key encrypting keys (same forms as ``key``), '
+        'kept after a KEK rotation so that data whose DEKs they wrap can '
+        'still be read; never used to encrypt.  Empty when there was no '
+        'rotation.')
 
 
 class IKeyEncryptingKey(zope.interface.Interface):
@@ -282,15 +371,17 @@ class IKeyEncryptingKey(zope.interface.Interface):
         """
 
 
-class IKeyVault(zope.interface.Interface):
+class IKeyStore(zope.interface.Interface):
     """Stores wrapped data keys with their lifecycle state.
 
-    A vault never sees an unwrapped DEK nor a KEK.  Writes are atomic: after
-    a crash an entry is either complete or absent.
+    Called the "key vault" (``IKeyVault``) before 2026-12; "Vault" now
+    names HashiCorp Vault/OpenBao only.  A key store never sees an
+    unwrapped DEK nor a KEK.  Writes are atomic: after a crash an entry is
+    either complete or absent.
     """
 
     def add(entry):
-        """Store a new :class:`zodbkmi.vault.VaultEntry`.
+        """Store a new :class:`zodbkmi.keystore.KeyStoreEntry`.
 
         Raises :class:`~zodbkmi.exceptions.KeyStoreError` when it cannot be
         written and ``ValueError`` when the DEK id exists already.
@@ -309,9 +400,68 @@ class IKeyVault(zope.interface.Interface):
     def ids():
         """Return the DEK ids of all entries, sorted."""
 
+    def entries():
+        """Return every entry (:class:`IKeyStoreEntry`), sorted by DEK
+        id."""
+
     def active_for(kek_id):
         """Return the entry of the active DEK wrapped by ``kek_id`` or None.
 
         When several are active (two processes rotated at once), the newest
         wins.
         """
+
+
+class IKeyStoreSweep(zope.interface.Interface):
+    """A key store whose writers may leave temporary copies of entries
+    (a writer killed before its rename), and that can remove them."""
+
+    def sweep(dek_ids):
+        """Remove the leftover copies of the entries of ``dek_ids``; return
+        how many.  Called after those keys were destroyed or rewrapped, so
+        that no copy outlives a destroyed key nor a KEK rotation."""
+
+
+class IKeyStoreEntry(zope.interface.Interface):
+    """One wrapped data key in a key store, with its lifecycle state.
+
+    Only ``wrapped`` is authenticated (by the KEK): it binds ``dek_id``,
+    ``kek_id`` and, in version 2, ``created``, and a key store refuses an
+    entry whose fields differ from it.  ``state`` is not authenticated
+    (see the lifecycle table of this module).
+    """
+
+    dek_id = zope.interface.Attribute('The DEK id: 32 lowercase hex digits.')
+    kek_id = zope.interface.Attribute(
+        'The id of the KEK that wrapped the DEK.')
+    state = zope.interface.Attribute(
+        '``"active"`` or ``"retired"``; a destroyed key has no entry.')
+    created = zope.interface.Attribute(
+        'Creation time, in nanoseconds since the Unix epoch.')
+    wrapped = zope.interface.Attribute(
+        'The wrapped DEK (bytes, ``docs/format.rst``).')
+    version = zope.interface.Attribute(
+        'The version of the wrapped-DEK format of ``wrapped`` (1 or 2).')
+
+
+class IKeyRewrapping(zope.interface.Interface):
+    """A facility that holds its key store itself and rotates KEKs: the
+    master facility, :class:`zodbkmi.facility.KeyManagementFacility`.
+
+    It has this method without declaring the interface, so that it still
+    provides one interface only (what ``provideUtility(facility)``
+    without ``provides`` needs, as in keas.kmi)."""
+
+    def rewrap(old_key, new_key):
+        """KEK rotation: wrap every DEK of ``old_key`` with ``new_key``
+        instead (states and creation times kept); return how many.
+
+        Data is not touched.  Each entry is replaced atomically, so an
+        interruption leaves every DEK readable with either KEK; running it
+        again finishes the job.  Raises
+        :class:`~zodbkmi.exceptions.KeyStateError` when both are the same
+        key."""
+
+
+#: Deprecated: the old name of :class:`IKeyStore`.
+IKeyVault = IKeyStore

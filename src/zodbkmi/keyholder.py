@@ -2,82 +2,24 @@
 
 A key file holds either the PEM of an RSA private key (what
 ``facility.generate()`` returns) or one line of base64 encoding a 32 byte
-AES-256 master key.  Group and others must have no access to it.
-:func:`read_secret_file` is the one reader of every key, PIN, token and
-password file in zodbkmi.
+AES-256 master key.  Group and others must have no access to it: key
+files are read by :func:`zodbkmi.fileutil.read_secret_file`, the one
+reader of every key, PIN, token and password file in zodbkmi.
 """
 import base64
 import binascii
-import os
-import stat
 
 from zope.interface import implementer
 
 from zodbkmi.exceptions import InvalidKeyError
-from zodbkmi.exceptions import SecretFileError
+# the secret file reader lived here: kept importable from here
+from zodbkmi.fileutil import MAX_SECRET_FILE  # noqa: F401
+from zodbkmi.fileutil import read_secret_file
+from zodbkmi.fileutil import read_secret_text  # noqa: F401
+from zodbkmi.fileutil import write_atomic
 from zodbkmi.interfaces import IKeyHolder
 from zodbkmi.kek import PEM_PREFIX
 from zodbkmi.kek import as_kek
-from zodbkmi.vault import write_atomic
-
-
-#: The largest key, PIN, token or password file read (bytes).
-MAX_SECRET_FILE = 1 << 20
-
-
-def read_secret_file(path, role='key'):
-    """Return the bytes of the secret file ``path``: a key, PIN, token or
-    password file (``role`` says which, for the messages).
-
-    This is the one reader of such files in zodbkmi.  It refuses, with
-    :class:`~zodbkmi.exceptions.SecretFileError` (a ``KeyStoreError`` and a
-    ``KeySourceError``) naming the file, its role and its mode, a file that
-    cannot be read, one larger than 1 MiB, and one that group or others
-    can access in any way (any bit of ``0o077``: readable leaks the
-    secret, writable lets another user plant one); the message gives the
-    ``chmod`` that fixes it.  The mode is checked on the open file, so a
-    file swapped after the check is not read.  The content is never
-    shown.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
-    except OSError as e:
-        raise SecretFileError('%s file %s cannot be read: %s'
-                              % (role, path, e.strerror), path) from None
-    with os.fdopen(fd, 'rb') as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SecretFileError(
-                '%s file %s is accessible by group or others (mode %04o); '
-                'run: chmod 600 %s'
-                % (role, path, stat.S_IMODE(mode), path), path)
-        try:
-            data = f.read(MAX_SECRET_FILE + 1)
-        except OSError as e:
-            raise SecretFileError('%s file %s cannot be read: %s'
-                                  % (role, path, e.strerror), path) from None
-    if len(data) > MAX_SECRET_FILE:
-        raise SecretFileError('%s file %s is larger than %d bytes: not a %s '
-                              'file' % (role, path, MAX_SECRET_FILE, role),
-                              path)
-    return data
-
-
-def read_secret_text(path, role='token', encoding='ascii'):
-    """Return the text of the secret file ``path`` (a token, a PIN, a
-    password), stripped, read by :func:`read_secret_file`.  Text that is
-    not ``encoding``, and an empty file, raise
-    :class:`~zodbkmi.exceptions.SecretFileError`: a secret is never changed
-    by a lossy decoding."""
-    data = read_secret_file(path, role).strip()
-    if not data:
-        raise SecretFileError('%s file %s is empty' % (role, path), path)
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError:
-        raise SecretFileError('%s file %s does not hold %s text'
-                              % (role, path, encoding.upper()), path) \
-            from None
 
 
 def parse_key_file(data, path):
@@ -103,11 +45,11 @@ def parse_key_file(data, path):
 def read_key_file(path):
     """Return the KEK stored in ``path`` (PEM bytes or 32 AES bytes).
 
-    Reads through :func:`read_secret_file`: raises
+    Reads through :func:`zodbkmi.fileutil.read_secret_file`: raises
     :class:`~zodbkmi.exceptions.SecretFileError` (a
-    :class:`~zodbkmi.exceptions.KeyStoreError`) when the file cannot be read or
-    group or others can access it, :class:`~zodbkmi.exceptions.InvalidKeyError`
-    when it holds no key.
+    :class:`~zodbkmi.exceptions.KeyStoreError`) when the file cannot be read
+    or group or others can access it,
+    :class:`~zodbkmi.exceptions.InvalidKeyError` when it holds no key.
     """
     return parse_key_file(read_secret_file(path, 'key'), path)
 

@@ -114,9 +114,9 @@ class KeasKMIKeys:
     @classmethod
     def from_files(cls, kek_file, dek_dir):
         """Read the keas.kmi KEK from ``kek_file`` (through
-        :func:`zodbkmi.keyholder.read_secret_file`: mode 0600 or stricter)
+        :func:`zodbkmi.fileutil.read_secret_file`: mode 0600 or stricter)
         and the DEK from ``dek_dir``."""
-        from zodbkmi.keyholder import read_secret_file
+        from zodbkmi.fileutil import read_secret_file
         return cls(read_secret_file(kek_file, 'key'), dek_dir)
 
     def __repr__(self):

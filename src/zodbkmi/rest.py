@@ -39,7 +39,7 @@ import re
 import threading
 import time
 
-from zodbkmi import vault as vaultmod
+from zodbkmi import keystore
 from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import DecryptionError
 from zodbkmi.exceptions import KeyStoreError
@@ -120,9 +120,9 @@ class TokenTable:
     @classmethod
     def load(cls, path):
         """Read the table in ``path``, through
-        :func:`zodbkmi.keyholder.read_secret_file`: a table that others can
+        :func:`zodbkmi.fileutil.read_secret_file`: a table that others can
         write would let them add an admin token."""
-        from zodbkmi.keyholder import read_secret_file
+        from zodbkmi.fileutil import read_secret_file
         data = read_secret_file(path, 'token table')
         try:
             doc = json.loads(data)
@@ -348,12 +348,12 @@ class KeyServerApp:
         return 200, self._openapi, []
 
     def list_keys(self, environ, client):
-        keys = [_metadata(e) for e in self.facility.vault.entries()]
+        keys = [_metadata(e) for e in self.facility.key_store.entries()]
         self.audit.write(client, 'list', None, 'ok')
         return 200, {'keys': keys}, []
 
     def get_key(self, environ, client, dek_id):
-        entry = self.facility.vault.get(dek_id)
+        entry = self.facility.key_store.get(dek_id)
         if entry is None:
             self.audit.write(client, 'fetch', dek_id, 'not found')
             raise HTTPError(404, 'no key %s' % dek_id)
@@ -363,7 +363,7 @@ class KeyServerApp:
         return 200, doc, []
 
     def active(self, environ, client, kek_id):
-        entry = self.facility.vault.active_for(kek_id)
+        entry = self.facility.key_store.active_for(kek_id)
         if entry is None:
             self.audit.write(client, 'active', None, 'not found')
             raise HTTPError(404, 'KEK %s has no active key' % kek_id)
@@ -400,14 +400,14 @@ class KeyServerApp:
     def create_key(self, environ, client):
         data, parsed = self._wrapped_from_body(environ, client, 'create')
         dek_id = parsed.dek_id.hex()
-        entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data)
-        vault = self.facility.vault
+        entry = keystore.KeyStoreEntry(dek_id, parsed.kek_id, data)
+        store = self.facility.key_store
         with self._lock:
             # all of them: a server killed between add and retire may
             # have left two active keys of one KEK
-            previous = vaultmod.active_entries(vault, parsed.kek_id)
+            previous = keystore.active_entries(store, parsed.kek_id)
             try:
-                vault.add(entry)
+                store.add(entry)
             except ValueError:
                 self.audit.write(client, 'create', dek_id, 'exists')
                 raise HTTPError(409, 'key %s exists already'
@@ -427,15 +427,15 @@ class KeyServerApp:
         if parsed.dek_id.hex() != dek_id:
             self.audit.write(client, 'rewrap', dek_id, 'invalid')
             raise HTTPError(400, 'the wrapped DEK names another key')
-        vault = self.facility.vault
+        store = self.facility.key_store
         with self._lock:
-            old = vault.get(dek_id)
+            old = store.get(dek_id)
             if old is None:
                 self.audit.write(client, 'rewrap', dek_id, 'not found')
                 raise HTTPError(404, 'no key %s' % dek_id)
-            entry = vaultmod.VaultEntry(dek_id, parsed.kek_id, data,
-                                        old.state)
-            vault.update(entry)
+            entry = keystore.KeyStoreEntry(dek_id, parsed.kek_id, data,
+                                           old.state)
+            store.update(entry)
         evict_everywhere(dek_id)
         self.audit.write(client, 'rewrap', dek_id, 'ok')
         return 200, _metadata(entry), []
@@ -447,7 +447,7 @@ class KeyServerApp:
             self.audit.write(client, 'retire', dek_id, 'not found')
             raise HTTPError(404, 'no key %s' % dek_id) from None
         self.audit.write(client, 'retire', dek_id, 'ok')
-        return 200, _metadata(self.facility.vault.get(dek_id)), []
+        return 200, _metadata(self.facility.key_store.get(dek_id)), []
 
     def delete_key(self, environ, client, dek_id):
         try:
@@ -477,142 +477,10 @@ def make_app(facility, tokens, **kw):
     return KeyServerApp(facility, tokens, **kw)
 
 
-# -- client side: transports ---------------------------------------------------
-
-def check_url(url, allow_http=False):
-    """Check the key server URL ``url``; return its ``urlsplit`` parts.
-
-    It must be ``https://host[:port][/path]``; ``http://`` only with
-    ``allow_http`` (development only: the bearer token and the wrapped
-    keys would travel in clear, so loopback is no exception).  Raises
-    :class:`zodbkmi.exceptions.SettingsError` (a ``ValueError``).
-    """
-    from urllib.parse import urlsplit
-
-    from zodbkmi.exceptions import SettingsError
-    try:
-        parts = urlsplit(url)
-        parts.port
-    except (ValueError, TypeError, AttributeError):
-        raise SettingsError('key server URL %r is not a URL'
-                            % (url,)) from None
-    if parts.scheme not in ('https', 'http') or not parts.hostname:
-        raise SettingsError('key server URL must be https://host:port, '
-                            'not %r' % (url,))
-    if parts.scheme == 'http' and not allow_http:
-        raise SettingsError(
-            'key server URL %s is plain HTTP: the bearer token and the '
-            'wrapped keys would travel in clear; use https://, or pass '
-            'allow_http=True (development only)' % url)
-    return parts
-
-
-class HTTPTransport:
-    """HTTPS (or, with ``allow_http``, HTTP) requests to a key server.
-
-    One keep-alive connection per thread.  The server certificate is
-    verified against ``ca_file`` (or the system store); TLS 1.2 minimum.
-    ``request`` returns ``(status, body)`` or raises ``OSError`` for a
-    connection that failed (the caller retries).  The URL is checked by
-    :func:`check_url`.
-    """
-
-    def __init__(self, url, ca_file=None, timeout=5.0, client_cert=None,
-                 client_key=None, allow_http=False):
-        parts = check_url(url, allow_http)
-        self.url = url
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == 'https' else 80)
-        self.prefix = parts.path.rstrip('/')
-        if self.prefix.endswith(API_PREFIX):
-            self.prefix = self.prefix[:-len(API_PREFIX)]
-        self.timeout = timeout
-        self.context = None
-        if self.scheme == 'https':
-            from zodbkmi.tls import client_context
-            self.context = client_context(ca_file, client_cert, client_key)
-        self._local = threading.local()
-
-    def _connection(self):
-        import http.client
-        conn = getattr(self._local, 'conn', None)
-        if conn is None:
-            if self.context is not None:
-                conn = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout,
-                    context=self.context)
-            else:
-                conn = http.client.HTTPConnection(
-                    self.host, self.port, timeout=self.timeout)
-            self._local.conn = conn
-        return conn
-
-    def close(self):
-        conn = getattr(self._local, 'conn', None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    def request(self, method, path, body=None, headers=None):
-        import http.client
-        conn = self._connection()
-        try:
-            conn.request(method, self.prefix + path, body=body,
-                         headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException) as e:
-            self.close()
-            if isinstance(e, OSError):
-                raise
-            raise ConnectionError(str(e)[:100]) from None
-        if response.will_close:
-            self.close()
-        return response.status, data
-
-
-class WSGITransport:
-    """Requests handed to a WSGI application in this process (no socket):
-    what :func:`zodbkmi.testing.setupRestApi` uses."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def close(self):
-        pass
-
-    def request(self, method, path, body=None, headers=None):
-        import io
-        from urllib.parse import unquote
-        body = body or b''
-        environ = {
-            # PEP 3333: PATH_INFO is %-decoded, as a real server does.
-            'REQUEST_METHOD': method,
-            'PATH_INFO': unquote(path.split('?')[0], 'latin-1'),
-            'QUERY_STRING': '', 'SERVER_NAME': 'localhost',
-            'SERVER_PORT': '443', 'SERVER_PROTOCOL': 'HTTP/1.1',
-            'REMOTE_ADDR': '127.0.0.1', 'wsgi.url_scheme': 'https',
-            'wsgi.input': io.BytesIO(body), 'wsgi.errors': io.StringIO(),
-            'wsgi.version': (1, 0), 'wsgi.multithread': True,
-            'wsgi.multiprocess': False, 'wsgi.run_once': False,
-            'CONTENT_LENGTH': str(len(body)),
-        }
-        for name, value in (headers or {}).items():
-            key = name.upper().replace('-', '_')
-            if key == 'CONTENT_TYPE':
-                environ[key] = value
-            elif key != 'CONTENT_LENGTH':
-                environ['HTTP_' + key] = value
-        result = {}
-
-        def start_response(status, response_headers, exc_info=None):
-            result['status'] = int(status.split(' ', 1)[0])
-        chunks = self.app(environ, start_response)
-        try:
-            data = b''.join(chunks)
-        finally:
-            close = getattr(chunks, 'close', None)
-            if close is not None:
-                close()
-        return result['status'], data
+def __getattr__(name):
+    # The client side (transports, URL check) moved to zodbkmi.client;
+    # the old names are kept importable from here.
+    if name in ('HTTPTransport', 'WSGITransport', 'check_url'):
+        from zodbkmi import client
+        return getattr(client, name)
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))

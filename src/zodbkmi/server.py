@@ -20,8 +20,8 @@ except ImportError:     # Python 3.10: the same parser, from PyPI
 
 from zodbkmi.exceptions import SettingsError
 from zodbkmi.exceptions import ZodbKmiError
+from zodbkmi.fileutil import write_atomic
 from zodbkmi.tls import server_context
-from zodbkmi.vault import write_atomic
 
 
 def _bool(value):

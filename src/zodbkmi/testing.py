@@ -93,10 +93,11 @@ def setupRestApi(localFacility, masterFacility):
     function of the same name.  A fresh admin token is made for the pair.
     Return the WSGI application."""
     from zodbkmi import rest
+    from zodbkmi.client import WSGITransport
     token = rest.new_token()
     tokens = rest.TokenTable([('testing', 'admin', rest.hash_token(token))])
     app = rest.KeyServerApp(masterFacility, tokens)
-    localFacility._transport = rest.WSGITransport(app)
+    localFacility._transport = WSGITransport(app)
     localFacility._token = token
     localFacility.clear_cache()
     return app
@@ -169,7 +170,7 @@ class ServerProcess:
                     self._failed()
                     raise RuntimeError('server did not start')
                 time.sleep(0.02)
-        from zodbkmi.keyholder import read_secret_text
+        from zodbkmi.fileutil import read_secret_text
         self.admin = read_secret_text(
             os.path.join(self.dir, 'var', 'admin.token'), 'token')
         self.client = read_secret_text(

@@ -15,7 +15,7 @@ live in the namespace :data:`NAMESPACE` and need the ``zcml`` extra
     registers a :class:`~zodbkmi.facility.KeyManagementFacility` (wrapped
     data keys in ``storageDir``);
 ``localKeyManagementFacility``
-    registers a :class:`~zodbkmi.facility.LocalKeyManagementFacility` (a
+    registers a :class:`~zodbkmi.client.LocalKeyManagementFacility` (a
     client of the key server at ``url``).
 
 A facility is one object registered as the
@@ -315,8 +315,8 @@ def localKeyManagementFacility(_context, url, caFile=None, tokenFile=None,
 
 def _make_local(directive, url, ca_file, token_file, token_env, client_cert,
                 client_key, allow_http=False, **kw):
-    from zodbkmi.facility import LocalKeyManagementFacility
-    from zodbkmi.keyholder import read_secret_text
+    from zodbkmi.client import LocalKeyManagementFacility
+    from zodbkmi.fileutil import read_secret_text
     where = '%s (%s)' % (directive, url)
     try:
         if token_file is not None:

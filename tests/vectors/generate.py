@@ -35,7 +35,8 @@ from zodbkmi.format import envelope
 from zodbkmi.format import wrapped
 from zodbkmi.kek import AESKeyEncryptingKey
 from zodbkmi.kek import RSAKeyEncryptingKey
-from zodbkmi.vault import VaultEntry
+# the vectors (frozen) name the class by its old name
+from zodbkmi.keystore import KeyStoreEntry as VaultEntry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PUBLIC_TEST_KEY = ('PUBLIC TEST KEY: published with the test vectors, it '

@@ -27,7 +27,8 @@ from zodbkmi.format import wrapped
 from zodbkmi.kek import AESKeyEncryptingKey
 from zodbkmi.kek import _PSS
 from zodbkmi.kek import RSAKeyEncryptingKey
-from zodbkmi.vault import VaultEntry
+# the vectors (frozen) name the class by its old name
+from zodbkmi.keystore import KeyStoreEntry as VaultEntry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CREATED = 1796000000000000000       # 2026-11-30, nanoseconds

@@ -9,14 +9,11 @@ import argparse
 import importlib
 import sys
 
+from zodbkmi.exceptions import UsageError  # noqa: F401 (its old home)
 from zodbkmi.exceptions import ZodbKmiError
 
 #: The modules that add subcommands, in the order of ``--help``.
 COMMAND_MODULES = ('server', 'keys', 'files', 'migrate')
-
-
-class UsageError(ZodbKmiError):
-    """A command line that cannot be carried out."""
 
 
 def make_parser():

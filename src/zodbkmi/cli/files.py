@@ -11,10 +11,10 @@ import os
 import sys
 
 from zodbkmi import files
-from zodbkmi.cli import UsageError
+from zodbkmi.exceptions import UsageError
+from zodbkmi.fileutil import write_atomic
 from zodbkmi.format import stream
 from zodbkmi.keyholder import read_key_file
-from zodbkmi.vault import write_atomic
 
 
 def _chunk_size(text):
@@ -47,7 +47,7 @@ def _common(parser):
              'private key or a base64 AES-256 key, mode 0600')
     parser.add_argument(
         '-d', '--key-dir', metavar='DIR',
-        help='the key vault directory of the master facility (the DEKs '
+        help='the key store directory of the master facility (the DEKs '
              'wrapped by KEK)')
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -62,7 +62,7 @@ def register(subparsers):
     p = subparsers.add_parser(
         'encrypt-file', help='encrypt a file or a pipe (stream format)',
         description='Encrypt INPUT into OUTPUT in one pass, in constant '
-                    'memory: under the active DEK of KEK in the vault DIR '
+                    'memory: under the active DEK of KEK in the key store DIR '
                     '(--key-file and --key-dir), or for the holder of a '
                     'private key (--recipient).')
     _common(p)
@@ -109,7 +109,7 @@ def register(subparsers):
 def _facility(args):
     from zodbkmi.facility import KeyManagementFacility
     if not os.path.isdir(args.key_dir):
-        raise UsageError('key vault directory %s does not exist'
+        raise UsageError('key store directory %s does not exist'
                          % args.key_dir)
     return KeyManagementFacility(args.key_dir)
 

@@ -12,13 +12,9 @@ import json
 import os
 import sys
 
-from zodbkmi.exceptions import ZodbKmiError
+from zodbkmi.exceptions import UsageError
 
 DEFAULT_URL = 'https://127.0.0.1:8443'
-
-
-class UsageError(ZodbKmiError):
-    """A client command that cannot be carried out."""
 
 
 def _common(p, admin=False):
@@ -150,7 +146,7 @@ def register(subparsers):
 
 def facility(args, environ=None):
     """The LocalKeyManagementFacility the arguments describe."""
-    from zodbkmi.facility import LocalKeyManagementFacility
+    from zodbkmi.client import LocalKeyManagementFacility
     env = os.environ if environ is None else environ
     url = args.url or env.get('ZODBKMI_URL') or DEFAULT_URL
     ca = args.ca_file or env.get('ZODBKMI_CA_FILE')
@@ -212,14 +208,14 @@ def cmd_create_key(args):
 
 def cmd_new(args):
     from zodbkmi.kek import RSAKeyEncryptingKey
-    from zodbkmi.vault import write_atomic
+    from zodbkmi.fileutil import write_atomic
     if os.path.exists(args.kek_file):
         raise UsageError('%s exists: refusing to overwrite a key'
                          % args.kek_file)
     local = facility(args)
     kek = RSAKeyEncryptingKey.generate(local.rsa_bits)
     dek_id = local.create_key(kek)
-    write_atomic(args.kek_file, kek.private_pem())
+    write_atomic(args.kek_file, kek.private_pem(), overwrite=False)
     print(dek_id)
     return 0
 
@@ -275,8 +271,8 @@ def cmd_upgrade_keys(args):
     kek = read_key_file(args.kek_file)
     if args.key_dir is not None:
         from zodbkmi.facility import KeyManagementFacility
-        from zodbkmi.vault import DirectoryVault
-        DirectoryVault(args.key_dir, create=False)   # must exist
+        from zodbkmi.keystore import DirectoryKeyStore
+        DirectoryKeyStore(args.key_dir, create=False)   # must exist
         target = KeyManagementFacility(args.key_dir)
     else:
         target = facility(args)

@@ -12,9 +12,9 @@ import os
 
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import KeySourceError
+from zodbkmi.fileutil import read_secret_file
 from zodbkmi.kek import AES_KEY_SIZE
 from zodbkmi.kek import AESKeyEncryptingKey
-from zodbkmi.keyholder import read_secret_file
 
 CHECK_VALUE_LABEL = b'zodbkmi/key-check/v1'
 
@@ -94,7 +94,7 @@ def raw_key(params, algorithm='aes256-gcm'):
 
 def file_key(params, algorithm='aes256-gcm'):
     """The master key in the file ``params['path']`` (base64, mode 0600),
-    read by :func:`zodbkmi.keyholder.read_secret_file`."""
+    read by :func:`zodbkmi.fileutil.read_secret_file`."""
     path = params['path']
     source = 'key source file %s' % path
     key = decode_key(read_secret_file(path, 'key').strip(), source)

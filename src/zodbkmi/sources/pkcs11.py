@@ -20,9 +20,9 @@ from zope.interface import implementer
 
 from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import KeySourceError
+from zodbkmi.fileutil import read_secret_text
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
-from zodbkmi.keyholder import read_secret_text
 
 try:
     import pkcs11 as _p11

@@ -23,18 +23,18 @@ import re
 
 from zope.interface import implementer
 
-from zodbkmi import vault as vaultmod
+from zodbkmi import keystore
 from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import AuthenticationError
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import KeySourceError
 from zodbkmi.exceptions import SettingsError
+from zodbkmi.fileutil import read_secret_text
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
 from zodbkmi.kek import as_kek
 from zodbkmi.sources.local import MasterKey
 from zodbkmi.sources.local import decode_key
-from zodbkmi.keyholder import read_secret_text
 from zodbkmi.sources.settings import DEFAULT_TIMEOUT
 
 try:
@@ -467,14 +467,14 @@ def transit_rewrap(facility, kek):
     count = 0
     latest = kek.latest_version
     with facility._write_lock:
-        for entry in facility.vault.entries():
+        for entry in facility.key_store.entries():
             if entry.kek_id != kek.key_id:
                 continue
             wk = wrapped.parse(entry.wrapped)
             if ciphertext_version(wk.blob) >= latest:
                 continue
             blob = kek.rewrap(wk.blob, wk.header)
-            facility.vault.update(vaultmod.VaultEntry(
+            facility.key_store.update(keystore.KeyStoreEntry(
                 entry.dek_id, entry.kek_id, wk.header + blob, entry.state,
                 entry.created))
             evict_everywhere(entry.dek_id)

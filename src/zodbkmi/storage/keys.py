@@ -202,7 +202,7 @@ def database_key_error(facility, keks, oid, data):
             owner = None
     given = _kek_ids(keks)
     if owner is None:
-        whose = 'not in the key vault given'
+        whose = 'not in the key store given'
     else:
         whose = 'wrapped by KEK %s' % owner
     message = (

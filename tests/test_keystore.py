@@ -1,4 +1,4 @@
-"""Tests of zodbkmi.vault."""
+"""Tests of zodbkmi.keystore (and of zodbkmi.vault, its old name)."""
 import base64
 import json
 import os
@@ -17,26 +17,27 @@ def make_entry(dek_id=None, kek=None, state='active', created=None,
                dek=DEK, version=2):
     from zodbkmi.format import wrapped
     from zodbkmi.kek import AESKeyEncryptingKey
-    from zodbkmi.vault import VaultEntry
+    from zodbkmi.keystore import KeyStoreEntry
     kek = kek or AESKeyEncryptingKey(b'V' * 32)
     raw_id = os.urandom(16) if dek_id is None else bytes.fromhex(dek_id)
-    return VaultEntry(raw_id.hex(), kek.key_id,
-                      wrapped.wrap(kek, raw_id, dek, version=version,
-                                   created=created if version == 2 else None),
-                      state, created)
+    return KeyStoreEntry(
+        raw_id.hex(), kek.key_id,
+        wrapped.wrap(kek, raw_id, dek, version=version,
+                     created=created if version == 2 else None),
+        state, created)
 
 
 class TempDirMixin:
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-vault-')
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-keystore-')
         self.addCleanup(shutil.rmtree, self.tmp, True)
 
 
 class CheckDekIdTests(unittest.TestCase):
 
     def _callFUT(self, dek_id):
-        from zodbkmi.vault import check_dek_id
+        from zodbkmi.keystore import check_dek_id
         return check_dek_id(dek_id)
 
     def test_valid(self):
@@ -51,11 +52,11 @@ class CheckDekIdTests(unittest.TestCase):
             self.assertEqual(cm.exception.key_id, dek_id)
 
 
-class VaultEntryTests(unittest.TestCase):
+class KeyStoreEntryTests(unittest.TestCase):
 
     def _getTargetClass(self):
-        from zodbkmi.vault import VaultEntry
-        return VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
+        return KeyStoreEntry
 
     def test_defaults(self):
         before = time.time_ns()
@@ -112,7 +113,7 @@ class VaultEntryTests(unittest.TestCase):
 class WriteAtomicTests(TempDirMixin, unittest.TestCase):
 
     def _callFUT(self, path, data, *args):
-        from zodbkmi.vault import write_atomic
+        from zodbkmi.keystore import write_atomic
         return write_atomic(path, data, *args)
 
     def test_writes_0600(self):
@@ -156,31 +157,31 @@ class WriteAtomicTests(TempDirMixin, unittest.TestCase):
             self._callFUT(os.path.join(self.tmp, 'no', 'f'), b'x')
 
 
-class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
+class DirectoryKeyStoreTests(TempDirMixin, unittest.TestCase):
 
     def _getTargetClass(self):
-        from zodbkmi.vault import DirectoryVault
-        return DirectoryVault
+        from zodbkmi.keystore import DirectoryKeyStore
+        return DirectoryKeyStore
 
     def _makeOne(self, name='keys', **kw):
         return self._getTargetClass()(os.path.join(self.tmp, name), **kw)
 
-    def _files(self, vault):
-        return sorted(os.listdir(vault.path))
+    def _files(self, store):
+        return sorted(os.listdir(store.path))
 
     def test_provides_interface(self):
         from zope.interface.verify import verifyObject
-        from zodbkmi.interfaces import IKeyVault
-        self.assertTrue(verifyObject(IKeyVault, self._makeOne()))
+        from zodbkmi.interfaces import IKeyStore
+        self.assertTrue(verifyObject(IKeyStore, self._makeOne()))
 
     def test_creates_directory_0700(self):
         old = os.umask(0)
         try:
-            vault = self._makeOne('a/b/keys')
+            store = self._makeOne('a/b/keys')
         finally:
             os.umask(old)
-        self.assertEqual(os.stat(vault.path).st_mode & 0o777, 0o700)
-        self.assertEqual(repr(vault), '<DirectoryVault %s>' % vault.path)
+        self.assertEqual(os.stat(store.path).st_mode & 0o777, 0o700)
+        self.assertEqual(repr(store), '<DirectoryKeyStore %s>' % store.path)
 
     def test_missing_directory_wo_create(self):
         with self.assertRaises(exceptions.KeyStoreError):
@@ -195,13 +196,13 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         self.assertIn('file/keys', str(cm.exception))
 
     def test_add_get(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
-        self.assertEqual(vault.get(entry.dek_id).wrapped, entry.wrapped)
-        self.assertEqual(vault.ids(), [entry.dek_id])
-        self.assertEqual([e.dek_id for e in vault.entries()], [entry.dek_id])
-        # a new vault reads it from the file
+        store.add(entry)
+        self.assertEqual(store.get(entry.dek_id).wrapped, entry.wrapped)
+        self.assertEqual(store.ids(), [entry.dek_id])
+        self.assertEqual([e.dek_id for e in store.entries()], [entry.dek_id])
+        # a new store reads it from the file
         again = self._makeOne().get(entry.dek_id)
         self.assertEqual((again.dek_id, again.kek_id, again.wrapped,
                           again.created),
@@ -209,31 +210,31 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
                           entry.created))
 
     def test_files_0600_and_no_temporary_files(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         old = os.umask(0)
         try:
             entries = [make_entry() for _ in range(5)]
             for entry in entries:
-                vault.add(entry)
+                store.add(entry)
             for entry in entries:
-                vault.update(make_entry(entry.dek_id, state='retired'))
+                store.update(make_entry(entry.dek_id, state='retired'))
         finally:
             os.umask(old)
-        self.assertEqual(self._files(vault),
+        self.assertEqual(self._files(store),
                          sorted(e.dek_id + '.dek' for e in entries))
-        for name in self._files(vault):
+        for name in self._files(store):
             self.assertEqual(
-                os.stat(os.path.join(vault.path, name)).st_mode & 0o777,
+                os.stat(os.path.join(store.path, name)).st_mode & 0o777,
                 0o600)
 
     def test_no_unwrapped_dek_in_directory(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         for _ in range(3):
-            vault.add(make_entry())
+            store.add(make_entry())
         forms = [DEK, DEK.hex().encode(), base64.b64encode(DEK),
                  base64.b64encode(DEK).rstrip(b'=')]
-        for name in self._files(vault):
-            with open(os.path.join(vault.path, name), 'rb') as f:
+        for name in self._files(store):
+            with open(os.path.join(store.path, name), 'rb') as f:
                 data = f.read()
             doc = json.loads(data)
             blobs = [data, base64.b64decode(doc['wrapped'])]
@@ -242,18 +243,18 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
                     self.assertNotIn(form, blob)
 
     def test_add_existing(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
+        store.add(entry)
         with self.assertRaises(ValueError):
-            vault.add(make_entry(entry.dek_id))
+            store.add(make_entry(entry.dek_id))
 
     def test_update(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
-        vault.update(make_entry(entry.dek_id, state='retired'))
-        self.assertEqual(vault.get(entry.dek_id).state, 'retired')
+        store.add(entry)
+        store.update(make_entry(entry.dek_id, state='retired'))
+        self.assertEqual(store.get(entry.dek_id).state, 'retired')
         self.assertEqual(self._makeOne().get(entry.dek_id).state, 'retired')
 
     def test_update_missing(self):
@@ -263,19 +264,19 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         self.assertEqual(cm.exception.key_id, entry.dek_id)
 
     def test_remove(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
-        vault.remove(entry.dek_id)
-        self.assertIsNone(vault.get(entry.dek_id))
-        self.assertEqual(self._files(vault), [])
+        store.add(entry)
+        store.remove(entry.dek_id)
+        self.assertIsNone(store.get(entry.dek_id))
+        self.assertEqual(self._files(store), [])
         with self.assertRaises(exceptions.UnknownKeyError):
-            vault.remove(entry.dek_id)
+            store.remove(entry.dek_id)
 
     def test_get_w_invalid_or_unknown_id(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         for dek_id in ('0' * 32, 'x', '../../etc/passwd', None, 'A' * 32):
-            self.assertIsNone(vault.get(dek_id))
+            self.assertIsNone(store.get(dek_id))
 
     def test_remove_w_invalid_id(self):
         with self.assertRaises(exceptions.UnknownKeyError):
@@ -285,49 +286,49 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         from zodbkmi.kek import AESKeyEncryptingKey
         kek = AESKeyEncryptingKey(b'V' * 32)
         other = AESKeyEncryptingKey(b'W' * 32)
-        vault = self._makeOne()
-        self.assertIsNone(vault.active_for(kek.key_id))
+        store = self._makeOne()
+        self.assertIsNone(store.active_for(kek.key_id))
         old = make_entry(kek=kek, created=1)
         new = make_entry(kek=kek, created=2)
         retired = make_entry(kek=kek, created=3, state='retired')
         foreign = make_entry(kek=other, created=4)
         for entry in (new, old, retired, foreign):
-            vault.add(entry)
+            store.add(entry)
         # the newest entry of a KEK is the active one, if not retired
-        self.assertIsNone(vault.active_for(kek.key_id))
-        self.assertEqual(vault.active_for(other.key_id).dek_id,
+        self.assertIsNone(store.active_for(kek.key_id))
+        self.assertEqual(store.active_for(other.key_id).dek_id,
                          foreign.dek_id)
-        self.assertIsNone(vault.active_for('aes-none'))
-        vault.remove(retired.dek_id)
-        self.assertEqual(vault.active_for(kek.key_id).dek_id, new.dek_id)
+        self.assertIsNone(store.active_for('aes-none'))
+        store.remove(retired.dek_id)
+        self.assertEqual(store.active_for(kek.key_id).dek_id, new.dek_id)
 
     def test_active_for_never_a_version_1_entry(self):
         # its creation time is not authenticated: never the active key
         from zodbkmi.kek import AESKeyEncryptingKey
         kek = AESKeyEncryptingKey(b'V' * 32)
-        vault = self._makeOne()
+        store = self._makeOne()
         legacy = make_entry(kek=kek, created=2 ** 62, version=1)
-        vault.add(legacy)
-        self.assertIsNone(vault.active_for(kek.key_id))
+        store.add(legacy)
+        self.assertIsNone(store.active_for(kek.key_id))
         current = make_entry(kek=kek, created=1)
-        vault.add(current)
-        self.assertEqual(vault.active_for(kek.key_id).dek_id,
+        store.add(current)
+        self.assertEqual(store.active_for(kek.key_id).dek_id,
                          current.dek_id)
-        self.assertEqual(vault.get(legacy.dek_id).version, 1)
+        self.assertEqual(store.get(legacy.dek_id).version, 1)
 
     def test_marking_an_older_entry_active_changes_nothing(self):
         # the state is not authenticated, so it can only restrict
         from zodbkmi.kek import AESKeyEncryptingKey
-        from zodbkmi.vault import VaultEntry
+        from zodbkmi.keystore import KeyStoreEntry
         kek = AESKeyEncryptingKey(b'V' * 32)
-        vault = self._makeOne()
+        store = self._makeOne()
         old = make_entry(kek=kek, created=1, state='retired')
         new = make_entry(kek=kek, created=2, state='retired')
-        vault.add(old)
-        vault.add(new)
-        vault.update(VaultEntry(old.dek_id, old.kek_id, old.wrapped,
-                                'active', old.created))
-        self.assertIsNone(vault.active_for(kek.key_id))
+        store.add(old)
+        store.add(new)
+        store.update(KeyStoreEntry(old.dek_id, old.kek_id, old.wrapped,
+                                   'active', old.created))
+        self.assertIsNone(store.active_for(kek.key_id))
 
     def test_shared_between_instances(self):
         a = self._makeOne()
@@ -354,19 +355,19 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         self.assertEqual(b.get(entry.dek_id).dek_id, entry.dek_id)
 
     def test_ignores_other_files(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
+        store.add(entry)
         for name in ('README', '.tmp-x.part', 'abc.dek', 'a' * 33 + '.dek'):
-            with open(os.path.join(vault.path, name), 'w') as f:
+            with open(os.path.join(store.path, name), 'w') as f:
                 f.write('{}')
         self.assertEqual(self._makeOne().ids(), [entry.dek_id])
 
     def test_corrupt_entry(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
-        path = os.path.join(vault.path, entry.dek_id + '.dek')
+        store.add(entry)
+        path = os.path.join(store.path, entry.dek_id + '.dek')
         with open(path, 'wb') as f:
             f.write(b'{"format": "zodbkmi-vault-entry", "version": 1')
         fresh = self._makeOne()
@@ -377,39 +378,39 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
             fresh.ids()
 
     def test_entry_under_another_name(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
+        store.add(entry)
         other = 'f' * 32
-        shutil.copy(os.path.join(vault.path, entry.dek_id + '.dek'),
-                    os.path.join(vault.path, other + '.dek'))
+        shutil.copy(os.path.join(store.path, entry.dek_id + '.dek'),
+                    os.path.join(store.path, other + '.dek'))
         with self.assertRaises(exceptions.KeyStoreError) as cm:
             self._makeOne().get(other)
         self.assertIn(other, str(cm.exception))
 
     def test_unreadable_entry(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         dek_id = 'a' * 32
-        os.mkdir(os.path.join(vault.path, dek_id + '.dek'))
+        os.mkdir(os.path.join(store.path, dek_id + '.dek'))
         with self.assertRaises(exceptions.KeyStoreError):
-            vault.get(dek_id)
+            store.get(dek_id)
 
     def test_directory_removed(self):
-        vault = self._makeOne()
-        shutil.rmtree(vault.path)
+        store = self._makeOne()
+        shutil.rmtree(store.path)
         with self.assertRaises(exceptions.KeyStoreError):
-            vault.ids()
+            store.ids()
         with self.assertRaises(exceptions.KeyStoreError):
-            vault.add(make_entry())
+            store.add(make_entry())
 
     def test_directory_replaced_by_a_file(self):
-        vault = self._makeOne()
-        os.rmdir(vault.path)
-        with open(vault.path, 'w') as f:
+        store = self._makeOne()
+        os.rmdir(store.path)
+        with open(store.path, 'w') as f:
             f.write('x')
         with self.assertRaises(exceptions.KeyStoreError) as cm:
-            vault.add(make_entry())
-        self.assertIn(vault.path, str(cm.exception))
+            store.add(make_entry())
+        self.assertIn(store.path, str(cm.exception))
 
     def _make_read_only(self, path):
         """Make ``path`` not writable, even for root; return an undo."""
@@ -424,32 +425,32 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
         return lambda: subprocess.run(['chattr', '-i', path], check=True)
 
     def test_directory_not_writable(self):
-        vault = self._makeOne()
+        store = self._makeOne()
         entry = make_entry()
-        vault.add(entry)
-        undo = self._make_read_only(vault.path)
+        store.add(entry)
+        undo = self._make_read_only(store.path)
         self.addCleanup(undo)
         with self.assertRaises(exceptions.KeyStoreError) as cm:
-            vault.add(make_entry())
-        self.assertIn(vault.path, str(cm.exception))
+            store.add(make_entry())
+        self.assertIn(store.path, str(cm.exception))
         with self.assertRaises(exceptions.KeyStoreError):
-            vault.update(make_entry(entry.dek_id, state='retired'))
+            store.update(make_entry(entry.dek_id, state='retired'))
         with self.assertRaises(exceptions.KeyStoreError):
-            vault.remove(entry.dek_id)
+            store.remove(entry.dek_id)
         # reading still works, and nothing was left behind
-        self.assertEqual(vault.get(entry.dek_id).state, 'active')
-        self.assertEqual(self._files(vault), [entry.dek_id + '.dek'])
+        self.assertEqual(store.get(entry.dek_id).state, 'active')
+        self.assertEqual(self._files(store), [entry.dek_id + '.dek'])
 
     def test_thread_safe_adds(self):
         import threading
-        vault = self._makeOne()
+        store = self._makeOne()
         entries = [make_entry() for _ in range(40)]
 
         def add(part):
             for entry in part:
-                vault.add(entry)
-                vault.get(entry.dek_id)
-                vault.ids()
+                store.add(entry)
+                store.get(entry.dek_id)
+                store.ids()
 
         threads = [threading.Thread(target=add, args=(entries[i::4],))
                    for i in range(4)]
@@ -457,5 +458,81 @@ class DirectoryVaultTests(TempDirMixin, unittest.TestCase):
             t.start()
         for t in threads:
             t.join()
-        self.assertEqual(vault.ids(), sorted(e.dek_id for e in entries))
-        self.assertEqual(self._makeOne().ids(), vault.ids())
+        self.assertEqual(store.ids(), sorted(e.dek_id for e in entries))
+        self.assertEqual(self._makeOne().ids(), store.ids())
+
+
+class OldNamesTests(TempDirMixin, unittest.TestCase):
+    """The key store was the "vault" before 2026-12: the old names still
+    import and work (and say they are deprecated)."""
+
+    def _import_vault(self):
+        import importlib
+        import sys
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            if 'zodbkmi.vault' in sys.modules:
+                module = importlib.reload(sys.modules['zodbkmi.vault'])
+            else:
+                module = importlib.import_module('zodbkmi.vault')
+        self.assertEqual([w.category for w in caught], [DeprecationWarning])
+        self.assertIn('zodbkmi.keystore', str(caught[0].message))
+        return module
+
+    def test_old_module_names(self):
+        from zodbkmi import keystore
+        vault = self._import_vault()
+        self.assertIs(vault.DirectoryVault, keystore.DirectoryKeyStore)
+        self.assertIs(vault.VaultEntry, keystore.KeyStoreEntry)
+        for name in ('ACTIVE', 'RETIRED', 'STATES', 'SUFFIX', 'ENTRY_FORMAT',
+                     'ON_FIRST_KEY', 'TEMP_PREFIX', 'TEMP_SUFFIX',
+                     'check_dek_id', 'check_key_directory', 'active_entries',
+                     'newest_entry', 'next_created', 'created_after',
+                     'write_atomic'):
+            self.assertIs(getattr(vault, name), getattr(keystore, name),
+                          name)
+
+    def test_old_interface_name(self):
+        from zope.interface.verify import verifyObject
+        from zodbkmi.interfaces import IKeyStore
+        from zodbkmi.interfaces import IKeyVault
+        self.assertIs(IKeyVault, IKeyStore)
+        vault = self._import_vault()
+        self.assertTrue(verifyObject(
+            IKeyVault, vault.DirectoryVault(os.path.join(self.tmp, 'k'))))
+
+    def test_old_names_work(self):
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.kek import AESKeyEncryptingKey
+        vault = self._import_vault()
+        store = vault.DirectoryVault(os.path.join(self.tmp, 'keys'))
+        entry = make_entry()
+        store.add(entry)
+        self.assertIsInstance(store.get(entry.dek_id), vault.VaultEntry)
+        self.assertEqual(vault.active_entries(vault=store,
+                                              kek_id=entry.kek_id),
+                         [store.get(entry.dek_id)])
+        with self.assertRaises(TypeError):
+            vault.active_entries(store, entry.kek_id, vault=store)
+        # the facility's attribute
+        facility = KeyManagementFacility(os.path.join(self.tmp, 'f'))
+        self.assertIs(facility.vault, facility.key_store)
+        kek = AESKeyEncryptingKey(os.urandom(32))
+        dek_id = facility.create_key(kek)
+        self.assertEqual(facility.vault.get(dek_id).state, 'active')
+        other = facility.key_store.__class__(os.path.join(self.tmp, 'g'))
+        facility.vault = other
+        self.assertIs(facility.key_store, other)
+
+    def test_stored_names_unchanged(self):
+        # formats are frozen: the rename changed no byte on disk
+        from zodbkmi import keystore
+        entry = make_entry()
+        self.assertEqual(keystore.ENTRY_FORMAT, 'zodbkmi-vault-entry')
+        self.assertEqual(json.loads(entry.to_json())['format'],
+                         'zodbkmi-vault-entry')
+        self.assertEqual(keystore.SUFFIX, '.dek')
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.assertTrue(os.path.exists(
+            os.path.join(here, 'vectors', 'vault-entry.json')))
