@@ -632,7 +632,7 @@ class ObjectStateTests(AdversarialBase):
         cases.done(9 * len(env))
 
 
-# -- the stream format: blob files and encrypted files -------------------------
+# -- the stream format: blob files and encrypted files ------------------------
 
 def stream_expected(i, bit, e, strict_storage=False):
     """The exception of a flipped bit in a stream named by DEK id with the
@@ -1002,8 +1002,9 @@ class KeyStoreEntryTests(AdversarialBase):
         # Any change to the JSON is refused (KeyStoreError), except changes
         # that leave the wrapped DEK as it was (white space, the unused
         # bits of the base64): those decrypt correctly.  (The state is not
-        # authenticated but a flipped bit makes it an unknown state.)  A change of the wrapped DEK is judged by the
-        # rules of the previous test.
+        # authenticated but a flipped bit makes it an unknown state.)  A
+        # change of the wrapped DEK is judged by the rules of the previous
+        # test.
         e = self.entry
         plain = self.plain()
         cases = Cases(self)
@@ -1213,4 +1214,3 @@ class KeyFileTests(AdversarialBase):
                     cases.bad.append('byte %d: another key accepted' % i)
             cases.count += 1
         cases.done(16)
-

@@ -71,7 +71,7 @@ class _TmpDir(unittest.TestCase):
             self.assertIn(fragment, stderr)
 
 
-# -- 7. lossy text keys ---------------------------------------------------------
+# -- 7. lossy text keys -------------------------------------------------------
 
 class TextKeyTests(_TmpDir):
     """Finding 7: ``as_kek`` encoded a ``str`` with errors='replace'."""
@@ -597,7 +597,7 @@ class NestedJSONTests(_TmpDir):
             client.request('GET', 'secret/data/x')
 
 
-# -- 12. decrypt-file to standard output ------------------------------------------
+# -- 12. decrypt-file to standard output --------------------------------------
 
 def cli(*args, **kw):
     """Run ``python -m zodbkmi.cli ARGS`` in a child process."""

@@ -353,7 +353,6 @@ class EvictionTests(_Base):
         # and the key is fetched again when needed
         self.assertEqual(app.decrypt(kek, app.encrypt(kek, b'y')), b'y')
 
-
     @unittest.skipUnless(os.path.exists('/proc/self/task'), 'Linux /proc')
     def test_reaper_leaves_signals_to_the_main_thread(self):
         # a signal the kernel gave the reaper thread would not interrupt
@@ -362,6 +361,7 @@ class EvictionTests(_Base):
         import threading
         from zodbkmi.cache import _reaper
         _reaper.wake(float('inf'))
+
         def blocked():
             try:
                 with open('/proc/self/task/%d/status'

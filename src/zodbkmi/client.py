@@ -45,7 +45,7 @@ from zodbkmi.kek import RSAKeyEncryptingKey
 from zodbkmi.kek import as_kek
 from zodbkmi.tls import client_context
 
-#: The path prefix of the key server's API: :data:`zodbkmi.rest.API_PREFIX`
+#: The path prefix of the key server's API: ``zodbkmi.rest.API_PREFIX``
 #: (not imported from there: the client does not import the server).
 API_PREFIX = '/v1'
 
@@ -394,7 +394,8 @@ class LocalKeyManagementFacility(EncryptionService):
 
     def upgrade(self, key):
         """Rewrite every version 1 entry of the KEK ``key`` on the server
-        in version 2 (see :meth:`KeyManagementFacility.upgrade`); return
+        in version 2 (see
+        :meth:`zodbkmi.facility.KeyManagementFacility.upgrade`); return
         how many.  The DEKs are unwrapped and wrapped again here; the
         server only stores the result."""
         kek = as_kek(key)

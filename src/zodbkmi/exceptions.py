@@ -213,7 +213,7 @@ class SettingsError(ZodbKmiError, ValueError):
 class UsageError(ZodbKmiError):
     """A command line that cannot be carried out.
 
-    Raised by the ``zodbkmi`` command line (:mod:`zodbkmi.cli`) for
+    Raised by the ``zodbkmi`` command line (``zodbkmi.cli``) for
     options that contradict each other or name nothing usable: no
     credentials for the key server, a plain ``http://`` URL without
     ``--allow-http``, a key directory that does not exist, an output file
@@ -226,9 +226,10 @@ class KeySourceError(ZodbKmiError):
     """A key source or an external KMS/HSM cannot deliver its service.
 
     Raised when a key file or environment variable is missing or readable
-    by others (for files: :class:`SecretFileError`), when Vault/OpenBao is down, sealed, times out, refuses the
-    token (403), has no such secret or Transit key (404 and kin), and when
-    a PKCS#11 library, token or key is missing or the PIN is wrong.
+    by others (for files: :class:`SecretFileError`), when Vault/OpenBao is
+    down, sealed, times out, refuses the token (403), has no such secret or
+    Transit key (404 and kin), and when a PKCS#11 library, token or key is
+    missing or the PIN is wrong.
     ``source`` names the source (a URL and path, a file name, a token
     label), never a key, a token or a PIN.
     """

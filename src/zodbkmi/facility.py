@@ -583,7 +583,7 @@ class EncryptionService:
 @implementer(IExtendedKeyManagementFacility)
 class KeyManagementFacility(EncryptionService):
     """The master facility: wrapped DEKs in ``storage_dir``, a
-    :class:`~zodbkmi.keystore.DirectoryKeyStore` (its :attr:`key_store`;
+    :class:`~zodbkmi.keystore.DirectoryKeyStore` (its ``key_store``;
     ``vault`` is the deprecated old name of that attribute).  Besides
     :class:`~zodbkmi.interfaces.IExtendedKeyManagementFacility` it has
     :meth:`rewrap`, the method of
@@ -613,7 +613,7 @@ class KeyManagementFacility(EncryptionService):
 
     @property
     def vault(self):
-        """Deprecated: the old name of :attr:`key_store`."""
+        """Deprecated: the old name of ``key_store``."""
         return self.key_store
 
     @vault.setter

@@ -9,9 +9,9 @@ facility:
   digital envelope.  A fresh DEK per file, wrapped by the recipient's RSA
   public key and embedded in the stream header, so that the machine that
   writes a backup never holds a key that could read it.
-- :func:`atomic_output` (from :mod:`zodbkmi.fileutil`): an output file
-  that appears under its name only once it is complete (a temporary name,
-  then a rename).
+- :func:`~zodbkmi.fileutil.atomic_output` (from :mod:`zodbkmi.fileutil`):
+  an output file that appears under its name only once it is complete (a
+  temporary name, then a rename).
 - :func:`transform`: runs one of those functions from a path or standard
   input to a path or standard output, with an optional progress display.
 """
@@ -178,11 +178,11 @@ def transform(func, source=None, target=None, overwrite=False,
 
     ``source`` and ``target`` are paths, or ``None`` / ``'-'`` for standard
     input and output (pipes work: everything is one pass).  ``target`` is
-    written through :func:`atomic_output`: an interrupted or failed run
-    leaves no file under that name (a device or a FIFO, such as
-    ``/dev/null``, is written directly).  ``progress`` shows a progress line on
-    ``stderr``: True, False, or None for "when ``source`` is a regular file
-    and ``stderr`` is a terminal".
+    written through :func:`~zodbkmi.fileutil.atomic_output`: an
+    interrupted or failed run leaves no file under that name (a device or
+    a FIFO, such as ``/dev/null``, is written directly).  ``progress``
+    shows a progress line on ``stderr``: True, False, or None for "when
+    ``source`` is a regular file and ``stderr`` is a terminal".
     """
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdout = stdout if stdout is not None else sys.stdout.buffer

@@ -30,7 +30,7 @@ def atomic_output(path, overwrite=False, mode=0o600, buffering=-1,
                   temp_prefix=None):
     """Open ``path`` for writing so that it appears only when complete.
 
-    Yields a binary file object (``buffering`` as for :func:`open`) on a
+    Yields a binary file object (``buffering`` as for ``open()``) on a
     temporary file in the same directory (``.NAME.XXXXXXXX.part``, or
     ``temp_prefix`` + ``XXXXXXXX.part``), created with ``mode`` whatever
     the umask; a symbolic link is followed, the file it names is

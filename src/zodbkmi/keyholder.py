@@ -77,4 +77,4 @@ class KeyHolder:
 
     def __repr__(self):
         return '<%s %s (KEK %s)>' % (type(self).__name__, self.filename,
-                                      self.key_id)
+                                     self.key_id)

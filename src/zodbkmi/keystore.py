@@ -2,7 +2,7 @@
 
 The local store of wrapped DEKs was called the "vault" until 2026-12;
 the name now belongs to HashiCorp Vault/OpenBao alone
-(:mod:`zodbkmi.sources.vault`).  :mod:`zodbkmi.vault` keeps the old
+(:mod:`zodbkmi.sources.vault`).  ``zodbkmi.vault`` keeps the old
 names (``DirectoryVault``, ``VaultEntry``) as deprecated aliases.  The
 stored names do not change: an entry still says ``"format":
 "zodbkmi-vault-entry"`` and the test vectors are still
@@ -68,7 +68,7 @@ ON_FIRST_KEY = 'on-first-key'
 
 def check_dek_id(dek_id):
     """Return ``dek_id`` if it is 32 lowercase hex digits, else raise
-    :class:`UnknownKeyError` (an id that cannot exist)."""
+    :class:`~zodbkmi.exceptions.UnknownKeyError` (an id that cannot exist)."""
     if (not isinstance(dek_id, str) or len(dek_id) != 32
             or dek_id.strip('0123456789abcdef')):
         raise UnknownKeyError('invalid key id %r: 32 lowercase hex digits '
@@ -193,8 +193,9 @@ def active_entries(store=None, kek_id=None, *, vault=None):
 def check_key_directory(path):
     """Refuse the key directory ``path`` when group or others can write
     it (``mode & 0o022``: they could plant, swap or delete entries) or
-    when it belongs to another user; raise :class:`KeyStoreError` naming
-    the path and the command that fixes it."""
+    when it belongs to another user; raise
+    :class:`~zodbkmi.exceptions.KeyStoreError` naming the path and the
+    command that fixes it."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -235,8 +236,9 @@ class DirectoryKeyStore:
     first key is written (until then the key store is empty, and opening it
     with a mistyped path leaves nothing behind: the default of
     :class:`~zodbkmi.facility.KeyManagementFacility`), ``False`` never
-    (:class:`KeyStoreError` at once).  An existing directory is refused
-    (:class:`KeyStoreError`) when group or others can write it or when
+    (:class:`~zodbkmi.exceptions.KeyStoreError` at once).  An existing
+    directory is refused (:class:`~zodbkmi.exceptions.KeyStoreError`) when
+    group or others can write it or when
     another user owns it (see :func:`check_key_directory`).
 
     Thread-safe.  Entries are cached in memory after the first read; the
@@ -379,6 +381,7 @@ class DirectoryKeyStore:
         return entry
 
     def remove(self, dek_id):
+        """Delete the entry of ``dek_id`` and sweep its temporary files."""
         with self._lock:
             try:
                 os.unlink(self._file(dek_id))

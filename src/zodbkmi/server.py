@@ -19,7 +19,6 @@ except ImportError:     # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 from zodbkmi.exceptions import SettingsError
-from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.fileutil import write_atomic
 from zodbkmi.tls import server_context
 

@@ -27,7 +27,6 @@ TESTING_DEK_ID = hashlib.sha256(b'zodbkmi public testing DEK id').digest()[:16]
 _TESTING_DEK = hashlib.sha256(b'zodbkmi public testing DEK').digest()
 
 
-
 def child_environ(extra=None):
     """The environment for a Python child process that must import what
     this process imports: ``os.environ`` with ``PYTHONPATH`` set to this
@@ -38,6 +37,7 @@ def child_environ(extra=None):
     env['PYTHONPATH'] = os.pathsep.join(p for p in sys.path if p)
     env.update(extra or {})
     return env
+
 
 class TestingKeyManagementFacility(facility.KeyManagementFacility):
     """A master facility that always hands out the same (public) KEK."""

@@ -273,9 +273,9 @@ def wrapped_vectors(rsa_key):
         invalid.append({'name': name, 'comment': comment, 'kek': kek,
                         'wrapped': data.hex(), 'error': error})
 
-    T, U, A, W, I = ('TruncatedDataError', 'UnsupportedFormatError',
-                     'AuthenticationError', 'WrongKeyError',
-                     'InvalidKeyError')
+    T, U, A, W, I = (  # noqa: E741 (I: InvalidKeyError)
+        'TruncatedDataError', 'UnsupportedFormatError',
+        'AuthenticationError', 'WrongKeyError', 'InvalidKeyError')
     bad('empty', 'no bytes', b'', T)
     bad('truncated-in-magic', 'two bytes of the magic', b'zk', T)
     bad('truncated-after-magic', 'the magic only', a[:3], T)

@@ -95,9 +95,9 @@ def wrapped_v2_vectors(v1_doc):
         invalid.append({'name': name, 'comment': comment, 'kek': kek,
                         'wrapped': data.hex(), 'error': error})
 
-    T, U, A, W, I = ('TruncatedDataError', 'UnsupportedFormatError',
-                     'AuthenticationError', 'WrongKeyError',
-                     'InvalidKeyError')
+    T, U, A, W, I = (  # noqa: E741 (I: InvalidKeyError)
+        'TruncatedDataError', 'UnsupportedFormatError',
+        'AuthenticationError', 'WrongKeyError', 'InvalidKeyError')
     bad('truncated-after-version', 'magic and version 2', a[:4], T)
     bad('truncated-in-created', 'ends inside the creation time', a[:25], T)
     bad('truncated-before-kek-id-length', 'ends after the creation time',

@@ -397,11 +397,12 @@ class TransitKeyEncryptingKey:
         try:
             ciphertext = blob.decode('ascii')
         except UnicodeDecodeError:
-            raise AuthenticationError('wrapped DEK for KEK %s is not a Transit '
-                                      'ciphertext' % self.key_id) from None
+            raise AuthenticationError('wrapped DEK for KEK %s is not a '
+                                      'Transit ciphertext'
+                                      % self.key_id) from None
         if not _CIPHERTEXT.match(ciphertext):
-            raise AuthenticationError('wrapped DEK for KEK %s is not a Transit '
-                                      'ciphertext' % self.key_id)
+            raise AuthenticationError('wrapped DEK for KEK %s is not a '
+                                      'Transit ciphertext' % self.key_id)
         try:
             data = self._post('decrypt', {'ciphertext': ciphertext,
                                           'context': _b64(aad)})
