@@ -489,7 +489,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
                                    chunk_size=0)
 
     def test_progress_lines(self):
-        from zodbkmi.migrate import Progress
+        from zodbkmi.cli.progress import Progress
         out = io.StringIO()
         progress = Progress(len(self.original), out, verbose=True)
         report = self._run('encrypt', self.kek1, progress=progress)
@@ -500,7 +500,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
                             len(self.original)))
 
     def test_progress_bar_on_a_terminal(self):
-        from zodbkmi.migrate import Progress
+        from zodbkmi.cli.progress import Progress
         out = io.StringIO()
         progress = Progress(1000, out, tty=True)
         progress.update(1000, 1, 0)
@@ -707,7 +707,7 @@ class BlobMigrationTests(_TempDir, unittest.TestCase):
         storage.tpc_vote(txn)
         storage.tpc_finish(txn)
 
-        class Reader:   # what zodbkmi.legacy's readers provide
+        class Reader:   # what zodbkmi.migrate.legacy's readers provide
             def decrypt_record(self, data):
                 assert data == b'.e legacy'
                 return plain
