@@ -232,6 +232,45 @@ class KeysFromEnvironTests(unittest.TestCase):
         self.assertIsNone(old)
 
 
+class ReportTests(unittest.TestCase):
+
+    def _getTargetClass(self):
+        from zodbkmi.migrate import Report
+        return Report
+
+    def _makeOne(self, mode='scan'):
+        return self._getTargetClass()(mode, 'storage')
+
+    def _failures(self, report):
+        lines = report.format()
+        return lines[lines.index('  FAILED     %d' % report.failed) + 1:]
+
+    def test_failures_grouped_by_reason_most_frequent_first(self):
+        from ZODB.utils import p64
+        report = self._makeOne()
+        for i in range(1, 151):
+            report.fail(p64(i), 'authentication failed')
+        report.fail(p64(200), 'malformed envelope')
+        self.assertEqual(report.failed, 151)
+        self.assertEqual(len(report.failed_oids), 100)    # kept as before
+        self.assertEqual(self._failures(report), [
+            '    FAILED 150: authentication failed (oids 0x01, 0x02, 0x03 '
+            'and 147 more)',
+            '    FAILED 1: malformed envelope (oid 0xc8)'])
+
+    def test_few_failures_list_every_oid(self):
+        from ZODB.utils import p64
+        report = self._makeOne('rekey')
+        report.fail(p64(1), 'x')
+        report.fail(p64(2), 'x')
+        self.assertEqual(self._failures(report),
+                         ['    FAILED 2: x (oids 0x01, 0x02)'])
+
+    def test_no_failure_no_line(self):
+        self.assertFalse([line for line in self._makeOne().format()
+                          if 'FAILED' in line])
+
+
 class StorageMigrationTests(_TempDir, unittest.TestCase):
 
     def setUp(self):
@@ -389,6 +428,23 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
         self.assertIn('FAILED     2', text)
         self.assertIn('KEK %s: %d' % (self.kek1.key_id, len(self.original)),
                       text)
+
+    def test_scan_w_wrong_key_summarises_failures_by_reason(self):
+        from zodbkmi.kek import AESKeyEncryptingKey
+        self._run('encrypt', self.kek1)
+        report = self._run('scan', None, [AESKeyEncryptingKey.generate()])
+        n = len(self.original)
+        self.assertEqual(report.failed, n)
+        failed = [line for line in report.format() if 'FAILED' in line]
+        # the total, then one line for the one reason (not one per oid)
+        self.assertEqual(len(failed), 2, failed)
+        self.assertEqual(failed[0], '  FAILED     %d' % n)
+        first = ', '.join('0x%02x' % oid[-1] for oid in sorted(
+            self.original)[:3])
+        self.assertTrue(failed[1].startswith('    FAILED %d: ' % n))
+        self.assertIn('was not given', failed[1])
+        self.assertTrue(failed[1].endswith(
+            ' (oids %s and %d more)' % (first, n - 3)), failed[1])
 
     def test_scan_wo_keys_reads_headers_only(self):
         self._run('encrypt', self.kek1)

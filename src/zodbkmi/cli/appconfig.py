@@ -75,7 +75,7 @@ def _storage_types(imports):
         text.append('<import package="%s"/>' % package)
     text.append('</schema>')
     schema = ZConfig.loadSchemaFile(io.StringIO('\n'.join(text)))
-    storage = schema.getabstracttype('ZODB.storage')
+    storage = schema.gettype('ZODB.storage')
     return storage.hassubtype
 
 

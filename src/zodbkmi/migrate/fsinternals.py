@@ -35,16 +35,16 @@ ATTRIBUTES = (
      # FileStorage's own lock around _file and _index: held while a batch
      # of positions is read and the records are read from _file
      'keeps _index and _file still while a batch is read'),
-    ('storage', '_ltid', 'bytes',
+    ('storage', '_ltid', 'builtins.bytes',
      # the id of the last committed transaction: unchanged since a record
      # was read means nothing was written since, so no index lookup
      'tells whether anything was committed since a record was read'),
-    ('storage', '_tid', 'bytes',
+    ('storage', '_tid', 'builtins.bytes',
      # the id of the transaction being committed (set by tpc_begin):
      # restore() needs it as the serial of the records it writes
      'the serial of records written with restore() in the current '
      'transaction'),
-    ('storage', '_file_name', 'str',
+    ('storage', '_file_name', 'builtins.str',
      # the absolute path of the data file: the command line names the
      # '.old' file a pack leaves beside it
      'names the data file (and its .old file after a pack)'),
