@@ -122,4 +122,3 @@ class FileStorageInternalsTests(unittest.TestCase):
         self.addCleanup(sub.close)
         self.assertFalse(fsinternals.is_filestorage(sub))
         self.assertFalse(fsinternals.is_filestorage(MappingStorage()))
-

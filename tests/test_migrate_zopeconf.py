@@ -8,7 +8,6 @@ import sys
 import tempfile
 import unittest
 
-import transaction
 import ZODB
 import ZODB.FileStorage
 
