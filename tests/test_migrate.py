@@ -1442,3 +1442,33 @@ class CommandWithoutKeysTests(_TempDir, unittest.TestCase):
         self.assertIn('encrypt needs keys', err.getvalue())
         self.assertEqual(current_records(self.path('Data.fs')),
                          self.original)
+
+
+class InterfaceTests(unittest.TestCase):
+    """The classes that declare the migration interfaces provide them."""
+
+    def test_record_transformer(self):
+        from zope.interface.verify import verifyObject
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        from zodbkmi.migrate.interfaces import IBlobTransformer
+        verifyObject(IBlobTransformer,
+                     RecordTransformer(MigrationKeys(None)))
+
+    def test_object_transformer(self):
+        import ZODB
+        from zope.interface.verify import verifyObject
+        from zodbkmi.migrate import ObjectTransformer
+        from zodbkmi.migrate.interfaces import IBlobTransformer
+        from zodbkmi.migrate.interfaces import ITransformer
+        db = ZODB.DB(None)
+        self.addCleanup(db.close)
+        transformer = ObjectTransformer(db)
+        verifyObject(ITransformer, transformer)
+        self.assertFalse(IBlobTransformer.providedBy(transformer))
+
+    def test_progress(self):
+        from zope.interface.verify import verifyObject
+        from zodbkmi.cli.progress import Progress
+        from zodbkmi.migrate.interfaces import IMigrationProgress
+        verifyObject(IMigrationProgress, Progress(10, io.StringIO()))

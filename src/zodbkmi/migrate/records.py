@@ -44,6 +44,7 @@ class RecordTransformer:
     """
 
     level = 'storage'
+    _mode = None        # set by the engine (ITransformer)
 
     def __init__(self, keys, legacy=None):
         self.keys = keys
