@@ -209,6 +209,36 @@ class ZeoConfTests(_Base):
                 '<filestorage catalog>')[0])
         self.assertEqual(self.scanned(self.conf), 1)
 
+    def test_encrypting_storage_imported_by_the_file(self):
+        # %import zodbkmi and an <encryptingstorage>: the storage opens
+        # with its keys, and imports of packages not installed are left
+        # out (they belong to other sections)
+        from zodbkmi.facility import KeyManagementFacility
+        from zodbkmi.keyholder import write_key_file
+        write_key_file(self.path('kek.key'), os.urandom(32))
+        with open(self.conf, 'w') as f:
+            f.write('%%import zodbkmi\n%%import no_such_package_here\n'
+                    '<zeo>\n  address 8100\n</zeo>\n'
+                    '<encryptingstorage 1>\n'
+                    '  key-file %(d)s/kek.key\n  key-dir %(d)s/keys\n'
+                    '  <filestorage>\n    path %(d)s/Enc.fs\n'
+                    '  </filestorage>\n</encryptingstorage>\n'
+                    % {'d': self.tmp})
+        # an encrypted database, made through the same section
+        import ZODB.config
+        from zodbkmi.cli import appconfig
+        top = appconfig.read(self.conf)
+        self.assertEqual(sorted(appconfig.databases(top)), ['1'])
+        db = ZODB.DB(ZODB.config.storageFromString(
+            appconfig.render(appconfig.databases(top)['1'], top.imports[:1])))
+        with db.transaction() as conn:
+            conn.root()['a'] = 1
+        db.close()
+        self.assertEqual(len(KeyManagementFacility(self.path('keys'))), 1)
+        code, out, err = self.zodbkmi('migrate', 'scan', self.conf)
+        self.assertEqual(code, 0, err)
+        self.assertIn('encrypted  1', out)
+
     def test_database_with_a_plain_file(self):
         self.assertEqual(
             self.error('migrate', 'scan', self.path('Data.fs'),

@@ -67,11 +67,26 @@ def kind(top):
     return None
 
 
+def _installed(imports):
+    """The packages of ``%import`` lines that are installed: a Zope
+    configuration may import packages for other sections (``tempstorage``
+    for a ``<temporarystorage>``) that this process lacks."""
+    import importlib.util
+    found = []
+    for package in imports:
+        try:
+            if importlib.util.find_spec(package) is not None:
+                found.append(package)
+        except (ImportError, ValueError):
+            pass
+    return tuple(found)
+
+
 def _storage_types(imports):
     """A test of section types: True for those of a storage (the
     ``ZODB.storage`` abstract type, with what the file imports)."""
     text = ['<schema>', '<import package="ZODB"/>']
-    for package in imports:
+    for package in _installed(imports):
         text.append('<import package="%s"/>' % package)
     text.append('</schema>')
     schema = ZConfig.loadSchemaFile(io.StringIO('\n'.join(text)))
@@ -156,7 +171,7 @@ def open_storage(spec, top, name=None, read_only=False):
                                'file %s yet' % (spec, _label(top, section),
                                                 path))
     return ZODB.config.storageFromString(
-        render(section, top.imports, read_only))
+        render(section, _installed(top.imports), read_only))
 
 
 def _label(top, section):
