@@ -1,4 +1,4 @@
-"""Tests of zodbkmi.legacy and of imports from keas.kmi 3.3.0 and
+"""Tests of zodbkmi.migrate.legacy and of imports from keas.kmi 3.3.0 and
 cipher.encryptingstorage, on data written by keas.kmi itself.
 
 The layer installs keas.kmi 3.3.0 (with ZODB and zope.component) from PyPI
@@ -108,7 +108,7 @@ class _KeasTest:
         return os.path.join(self.tmp, *names)
 
     def keas_keys(self):
-        from zodbkmi.legacy import KeasKMIKeys
+        from zodbkmi.migrate.legacy import KeasKMIKeys
         return KeasKMIKeys.from_files(self.path('kek.pem'),
                                       self.path('keas-keys'))
 
@@ -120,7 +120,7 @@ class _KeasTest:
 class KeasKMIKeysTests(_KeasTest, unittest.TestCase):
 
     def _getTargetClass(self):
-        from zodbkmi.legacy import KeasKMIKeys
+        from zodbkmi.migrate.legacy import KeasKMIKeys
         return KeasKMIKeys
 
     def test_key_id_is_keas_md5_name(self):
@@ -130,7 +130,7 @@ class KeasKMIKeysTests(_KeasTest, unittest.TestCase):
         self.assertNotIn('PRIVATE', repr(keys))
 
     def test_decrypt_ces_records(self):
-        from zodbkmi.legacy import EncryptingStorageReader
+        from zodbkmi.migrate.legacy import EncryptingStorageReader
         reader = EncryptingStorageReader(self.keas_keys())
         plain = self.records('plain.fs')
         ces = self.records('ces.fs')
@@ -154,7 +154,7 @@ class KeasKMIKeysTests(_KeasTest, unittest.TestCase):
 
     def test_not_a_keas_kek(self):
         from zodbkmi.exceptions import InvalidKeyError
-        from zodbkmi.legacy import keas_key_id
+        from zodbkmi.migrate.legacy import keas_key_id
         bogus = b'-----BEGIN RSA PRIVATE KEY-----\nAAAA\n'
         shutil.copy(self.path('keas-keys', self.keas_keys().key_id + '.dek'),
                     self.path('keas-keys', keas_key_id(bogus) + '.dek'))
@@ -193,7 +193,7 @@ class EncryptingStorageImportTests(_KeasTest, unittest.TestCase):
 
     def _run(self, mode, new=None, old=(), legacy=True):
         import ZODB.FileStorage
-        from zodbkmi.legacy import EncryptingStorageReader
+        from zodbkmi.migrate.legacy import EncryptingStorageReader
         from zodbkmi.migrate import Migration
         from zodbkmi.migrate import MigrationKeys
         from zodbkmi.migrate import RecordTransformer
@@ -287,8 +287,8 @@ class KeasObjectImportTests(_KeasTest, unittest.TestCase):
             conn.close()
 
     def test_legacy_state_reads(self):
-        from zodbkmi.legacy import decrypt_keas_state
-        from zodbkmi.legacy import is_keas_state
+        from zodbkmi.migrate.legacy import decrypt_keas_state
+        from zodbkmi.migrate.legacy import is_keas_state
         db = self._open()
         conn = db.open()
         oid_hex, want = next(iter(KeasLayer.expected['secrets'].items()))

@@ -232,6 +232,45 @@ class KeysFromEnvironTests(unittest.TestCase):
         self.assertIsNone(old)
 
 
+class ReportTests(unittest.TestCase):
+
+    def _getTargetClass(self):
+        from zodbkmi.migrate import Report
+        return Report
+
+    def _makeOne(self, mode='scan'):
+        return self._getTargetClass()(mode, 'storage')
+
+    def _failures(self, report):
+        lines = report.format()
+        return lines[lines.index('  FAILED     %d' % report.failed) + 1:]
+
+    def test_failures_grouped_by_reason_most_frequent_first(self):
+        from ZODB.utils import p64
+        report = self._makeOne()
+        for i in range(1, 151):
+            report.fail(p64(i), 'authentication failed')
+        report.fail(p64(200), 'malformed envelope')
+        self.assertEqual(report.failed, 151)
+        self.assertEqual(len(report.failed_oids), 100)    # kept as before
+        self.assertEqual(self._failures(report), [
+            '    FAILED 150: authentication failed (oids 0x01, 0x02, 0x03 '
+            'and 147 more)',
+            '    FAILED 1: malformed envelope (oid 0xc8)'])
+
+    def test_few_failures_list_every_oid(self):
+        from ZODB.utils import p64
+        report = self._makeOne('rekey')
+        report.fail(p64(1), 'x')
+        report.fail(p64(2), 'x')
+        self.assertEqual(self._failures(report),
+                         ['    FAILED 2: x (oids 0x01, 0x02)'])
+
+    def test_no_failure_no_line(self):
+        self.assertFalse([line for line in self._makeOne().format()
+                          if 'FAILED' in line])
+
+
 class StorageMigrationTests(_TempDir, unittest.TestCase):
 
     def setUp(self):
@@ -390,6 +429,23 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
         self.assertIn('KEK %s: %d' % (self.kek1.key_id, len(self.original)),
                       text)
 
+    def test_scan_w_wrong_key_summarises_failures_by_reason(self):
+        from zodbkmi.kek import AESKeyEncryptingKey
+        self._run('encrypt', self.kek1)
+        report = self._run('scan', None, [AESKeyEncryptingKey.generate()])
+        n = len(self.original)
+        self.assertEqual(report.failed, n)
+        failed = [line for line in report.format() if 'FAILED' in line]
+        # the total, then one line for the one reason (not one per oid)
+        self.assertEqual(len(failed), 2, failed)
+        self.assertEqual(failed[0], '  FAILED     %d' % n)
+        first = ', '.join('0x%02x' % oid[-1] for oid in sorted(
+            self.original)[:3])
+        self.assertTrue(failed[1].startswith('    FAILED %d: ' % n))
+        self.assertIn('was not given', failed[1])
+        self.assertTrue(failed[1].endswith(
+            ' (oids %s and %d more)' % (first, n - 3)), failed[1])
+
     def test_scan_wo_keys_reads_headers_only(self):
         self._run('encrypt', self.kek1)
         report = self._run('scan')
@@ -489,7 +545,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
                                    chunk_size=0)
 
     def test_progress_lines(self):
-        from zodbkmi.migrate import Progress
+        from zodbkmi.cli.progress import Progress
         out = io.StringIO()
         progress = Progress(len(self.original), out, verbose=True)
         report = self._run('encrypt', self.kek1, progress=progress)
@@ -500,7 +556,7 @@ class StorageMigrationTests(_TempDir, unittest.TestCase):
                             len(self.original)))
 
     def test_progress_bar_on_a_terminal(self):
-        from zodbkmi.migrate import Progress
+        from zodbkmi.cli.progress import Progress
         out = io.StringIO()
         progress = Progress(1000, out, tty=True)
         progress.update(1000, 1, 0)
@@ -707,7 +763,7 @@ class BlobMigrationTests(_TempDir, unittest.TestCase):
         storage.tpc_vote(txn)
         storage.tpc_finish(txn)
 
-        class Reader:   # what zodbkmi.legacy's readers provide
+        class Reader:   # what zodbkmi.migrate.legacy's readers provide
             def decrypt_record(self, data):
                 assert data == b'.e legacy'
                 return plain
@@ -1386,3 +1442,33 @@ class CommandWithoutKeysTests(_TempDir, unittest.TestCase):
         self.assertIn('encrypt needs keys', err.getvalue())
         self.assertEqual(current_records(self.path('Data.fs')),
                          self.original)
+
+
+class InterfaceTests(unittest.TestCase):
+    """The classes that declare the migration interfaces provide them."""
+
+    def test_record_transformer(self):
+        from zope.interface.verify import verifyObject
+        from zodbkmi.migrate import MigrationKeys
+        from zodbkmi.migrate import RecordTransformer
+        from zodbkmi.migrate.interfaces import IBlobTransformer
+        verifyObject(IBlobTransformer,
+                     RecordTransformer(MigrationKeys(None)))
+
+    def test_object_transformer(self):
+        import ZODB
+        from zope.interface.verify import verifyObject
+        from zodbkmi.migrate import ObjectTransformer
+        from zodbkmi.migrate.interfaces import IBlobTransformer
+        from zodbkmi.migrate.interfaces import ITransformer
+        db = ZODB.DB(None)
+        self.addCleanup(db.close)
+        transformer = ObjectTransformer(db)
+        verifyObject(ITransformer, transformer)
+        self.assertFalse(IBlobTransformer.providedBy(transformer))
+
+    def test_progress(self):
+        from zope.interface.verify import verifyObject
+        from zodbkmi.cli.progress import Progress
+        from zodbkmi.migrate.interfaces import IMigrationProgress
+        verifyObject(IMigrationProgress, Progress(10, io.StringIO()))

@@ -199,7 +199,7 @@ class SecretFileReaderTests(_TmpDir):
                          ('admin', 'admin'))
 
     def test_keas_kmi_key_file(self):
-        from zodbkmi.legacy import KeasKMIKeys
+        from zodbkmi.migrate.legacy import KeasKMIKeys
         path = self.write('keas.pem', b'-----BEGIN RSA PRIVATE KEY-----\n',
                           0o644)
         with self.assertRaisesRegex(SecretFileError, 'key file'):

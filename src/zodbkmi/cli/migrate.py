@@ -5,6 +5,8 @@ import os
 import sys
 
 from zodbkmi import migrate
+from zodbkmi.cli.progress import Progress
+from zodbkmi.migrate import fsinternals
 from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import ZodbKmiError
 
@@ -34,8 +36,15 @@ def register(subparsers):
     parser.add_argument('mode', choices=migrate.MODES + ('rotate-kek',),
                         help='what to do')
     parser.add_argument('database', nargs='?',
-                        help='a ZConfig file, a zodburi URI or a '
-                             'FileStorage file (not for rotate-kek)')
+                        help='a ZConfig file (a storage or <zodb> section, '
+                             'a Zope zope.conf or a ZEO zeo.conf), a zodburi '
+                             'URI or a FileStorage file (not for '
+                             'rotate-kek)')
+    parser.add_argument('--database', metavar='NAME', dest='db_name',
+                        help='the database of a Zope configuration file '
+                             '(a <zodb_db NAME> section; default main) or '
+                             'the storage of a ZEO configuration file '
+                             '(default: the only one)')
     parser.add_argument('--blob-dir',
                         help='the blob directory of a FileStorage file '
                              'given by path (blob files are migrated with '
@@ -160,17 +169,19 @@ def _database_after_options(args, extra):
     return False
 
 
-def open_storage(spec, blob_dir=None, read_only=False):
+def open_storage(spec, blob_dir=None, read_only=False, database=None):
     """Open the storage named by ``spec``: a zodburi URI, a ZConfig file
-    (a storage section such as ``<filestorage>``, or a ``<zodb>`` section
-    as ``ZODB.config`` reads it) or the path of a FileStorage file (with
+    (a storage section such as ``<filestorage>``, a ``<zodb>`` section
+    as ``ZODB.config`` reads it, or a Zope or ZEO configuration file, of
+    which ``database`` names the database: see
+    :mod:`zodbkmi.cli.appconfig`) or the path of a FileStorage file (with
     its ``blob_dir``, if it has blobs; opened read-only when
     ``read_only``).  The mistakes users make (a file that is not a
     database, an unknown setting, a database a running application holds)
     raise one :class:`~zodbkmi.exceptions.ZodbKmiError` naming the
     database."""
     try:
-        return _open_storage(spec, blob_dir, read_only)
+        return _open_storage(spec, blob_dir, read_only, database)
     except ZodbKmiError:
         raise
     except Exception as e:
@@ -196,8 +207,9 @@ def _reason(error):
     return text
 
 
-def _open_storage(spec, blob_dir, read_only):
+def _open_storage(spec, blob_dir, read_only, database):
     if '://' in spec:
+        _no_database(database)
         _no_blob_dir(blob_dir)
         try:
             import zodburi
@@ -210,7 +222,18 @@ def _open_storage(spec, blob_dir, read_only):
         raise ZodbKmiError('no such database: %s' % spec)
     with open(spec, 'rb') as f:
         head = f.read(64).lstrip()
-    if head.startswith(b'<') or head.startswith(b'%'):
+    config = head.startswith(b'<') or head.startswith(b'%')
+    if config or _is_config_text(head):
+        from zodbkmi.cli import appconfig
+        try:
+            top = appconfig.read(spec)
+        except Exception:
+            top = None      # ZODB.config says what is wrong below
+        if top is not None and appconfig.kind(top) is not None:
+            _no_blob_dir(blob_dir)
+            return appconfig.open_storage(spec, top, database, read_only)
+    _no_database(database)
+    if config:
         _no_blob_dir(blob_dir)
         return _storage_from_config(spec)
     import ZODB.FileStorage
@@ -254,6 +277,26 @@ def _check_keys(storage, facility, keys):
                      + tuple(keys.old), *sealed)
 
 
+def _is_config_text(head):
+    """Tell whether the first bytes of a file may be those of a ZConfig
+    file that opens with a comment or a key (as a Zope or ZEO
+    configuration file may), not those of a FileStorage file."""
+    import ZODB.FileStorage
+    if head.startswith(ZODB.FileStorage.packed_version):
+        return False
+    try:
+        text = head.decode('ascii')
+    except UnicodeDecodeError:
+        return False
+    return text[:1] == '#' or text.split(' ', 1)[0].isidentifier()
+
+
+def _no_database(database):
+    if database is not None:
+        raise ZodbKmiError('--database goes with a Zope or ZEO '
+                           'configuration file')
+
+
 def _no_blob_dir(blob_dir):
     if blob_dir is not None:
         raise ZodbKmiError('--blob-dir goes with a FileStorage path; a '
@@ -283,14 +326,14 @@ def run(args, stdout=None, stderr=None):
         if not (args.keas_kek and args.keas_dek_dir):
             raise InvalidKeyError('import needs both --keas-kek and '
                                   '--keas-dek-dir')
-        from zodbkmi import legacy as legacymod
+        from zodbkmi.migrate import legacy as legacymod
         keas = legacymod.KeasKMIKeys.from_files(args.keas_kek,
                                                 args.keas_dek_dir)
     for path in reversed(args.python_path):
         sys.path.insert(0, os.path.abspath(path))
     writes = args.mode != migrate.SCAN and not args.dry_run
     storage = open_storage(args.database, args.blob_dir,
-                           read_only=not writes)
+                           read_only=not writes, database=args.db_name)
     db = None
     try:
         wrapped = migrate.unwrap(storage)[1] is not None
@@ -314,7 +357,7 @@ def run(args, stdout=None, stderr=None):
                   % (dek_id, new.key_id), file=stderr)
         progress = None
         if not args.no_progress:
-            progress = migrate.Progress(len(storage), stderr, args.verbose)
+            progress = Progress(len(storage), stderr, args.verbose)
         if args.level == 'object':
             import ZODB
             if new is not None or old:
@@ -327,7 +370,7 @@ def run(args, stdout=None, stderr=None):
         else:
             legacy = None
             if keas is not None:
-                from zodbkmi.legacy import EncryptingStorageReader
+                from zodbkmi.migrate.legacy import EncryptingStorageReader
                 legacy = EncryptingStorageReader(keas)
             migration = migrate.storage_migration(
                 storage, args.mode, keys if explicit or not wrapped
@@ -339,7 +382,7 @@ def run(args, stdout=None, stderr=None):
         if args.pack and writes:
             migrate.pack(migrate.unwrap(storage)[0])
             print('packed; destroy %s.old and every earlier copy'
-                  % getattr(storage, '_file_name', 'the old file'),
+                  % fsinternals.file_name(storage, 'the old file'),
                   file=stdout)
     finally:
         if db is not None:
