@@ -743,6 +743,27 @@ class BlobMigrationTests(_TempDir, unittest.TestCase):
             self.facility.key_id_of(
                 self.facility.encrypt(base64.b64decode(key), b''))})
 
+    def test_pack_names_the_old_blob_directory(self):
+        # FileStorage's pack keeps the dropped blob revisions in
+        # blobs.old, with hard links to every current blob file beside
+        # them: the command says which of its files to destroy
+        key = base64.b64encode(os.urandom(32)).decode()
+        code, out, err = call_migrate(
+            'encrypt', self.path('Data.fs'), '--key-dir', self.path('keys'),
+            '--no-progress', '--blob-dir', self.path('blobs'), '--pack',
+            NEW_ENCRYPTION_KEY=key, ENCRYPTION_ALGORITHM='aes256-gcm')
+        self.assertEqual(code, 0, out + err)
+        self.assertIn('destroy %s.old' % self.path('Data.fs'), out)
+        self.assertIn('the files of %s.old with one link only'
+                      % self.path('blobs'), out)
+        old = self.path('blobs') + '.old'
+        links = [os.stat(os.path.join(d, n)).st_nlink
+                 for d, _, names in os.walk(old) for n in names
+                 if n.endswith('.blob')]
+        self.assertIn(1, links)       # the dropped plaintext revisions
+        self.assertTrue([n for n in links if n > 1])   # current blobs
+        self.assertEqual(self._read(base64.b64decode(key)), self.payloads)
+
     def test_blob_of_legacy_record_is_not_imported(self):
         import shutil as sh
         from ZODB.Connection import TransactionMetaData
@@ -1244,8 +1265,9 @@ class OnlineRekeyTests(_TempDir, unittest.TestCase):
         self.addCleanup(log.close)
         # runzeo's module: its script is not there under zc.buildout
         self.server = subprocess.Popen(
-            [sys.executable, '-m', 'ZEO.runzeo', '-a', '127.0.0.1:%d' % self.port, '-f',
-             self.path('Data.fs')], stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, '-m', 'ZEO.runzeo',
+             '-a', '127.0.0.1:%d' % self.port, '-f', self.path('Data.fs')],
+            stdout=log, stderr=subprocess.STDOUT,
             cwd=self.tmp)
         self.addCleanup(self._stop)
         deadline = time.monotonic() + 30

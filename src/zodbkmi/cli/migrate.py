@@ -1,4 +1,4 @@
-"""``zodbkmi migrate``: encrypt, rekey, decrypt or scan a database; rotate a KEK."""
+"""``zodbkmi migrate``: encrypt, rekey, decrypt or scan a database."""
 import argparse
 import io
 import os
@@ -380,10 +380,19 @@ def run(args, stdout=None, stderr=None):
         for line in report.format():
             print(line, file=stdout)
         if args.pack and writes:
-            migrate.pack(migrate.unwrap(storage)[0])
+            base = migrate.unwrap(storage)[0]
+            migrate.pack(base)
             print('packed; destroy %s.old and every earlier copy'
                   % fsinternals.file_name(storage, 'the old file'),
                   file=stdout)
+            blob_dir = getattr(base, 'blob_dir', None)
+            if blob_dir and os.path.isdir(blob_dir + '.old'):
+                # FileStorage's pack hard-links every current blob file
+                # into blobs.old beside the revisions it dropped:
+                # shredding them all would destroy the current blobs
+                print('and the dropped blob revisions: the files of %s.old '
+                      'with one link only (the others are current blobs)'
+                      % blob_dir, file=stdout)
     finally:
         if db is not None:
             db.close()
