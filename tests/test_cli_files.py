@@ -167,12 +167,13 @@ class EncryptFileTests(_Base):
         self.assertEqual(proc.returncode, 0)
         self.assertEqual(proc.stderr, b'')
 
-    def test_interrupted_decrypt_leaves_no_output(self):
+    def interrupt_decrypt(self, sealed, timeout):
+        """Start ``decrypt-file -o plain`` on a pipe holding the first
+        chunks of ``sealed``, send it SIGINT as soon as its temporary
+        output exists, and return its exit status and standard error;
+        fail if it is still running ``timeout`` seconds later."""
         import signal
         import time
-        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
-                  '-o', 'data.zks')
-        sealed = self.read('data.zks')
         proc = subprocess.Popen(
             [sys.executable, '-m', 'zodbkmi.cli', 'decrypt-file', '-k',
              'kek.key', '-d', 'keys', '-o', 'plain'],
@@ -181,29 +182,60 @@ class EncryptFileTests(_Base):
             # a shell ignores SIGINT in the jobs it puts in the
             # background, and the child would inherit that
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        # the first chunks, then nothing more: the process waits for input
-        proc.stdin.write(sealed[:39 + 2 * 65552 + 100])
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not [n for n in os.listdir('.') if n.endswith('.part')]:
-            # until its temporary output exists (a loaded machine may
-            # take long to start it): a signal sent before the process
-            # reads its input tests nothing
-            self.assertLess(time.monotonic(), deadline, 'no output')
-            self.assertIsNone(proc.poll())
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        # wait with standard input still open: closing it first (as
-        # communicate() does) could end the stream before the signal is
-        # handled, and the run would fail on a cut stream instead
-        proc.wait(timeout=300)    # a loaded machine
-        err = proc.stderr.read()
-        proc.stdin.close()
-        proc.stderr.close()
-        self.assertEqual(proc.returncode, 130, err)
+        try:
+            # the first chunks, then nothing more: the process waits for
+            # input
+            proc.stdin.write(sealed[:39 + 2 * 65552 + 100])
+            proc.stdin.flush()
+            deadline = time.monotonic() + 120
+            while not [n for n in os.listdir('.') if n.endswith('.part')]:
+                # until its temporary output exists (a loaded machine may
+                # take long to start it): a signal sent before the process
+                # reads its input tests nothing
+                self.assertLess(time.monotonic(), deadline, 'no output')
+                self.assertIsNone(proc.poll())
+                time.sleep(0.05)
+            # at once: the signal comes while the process is between two
+            # reads of its input, or in one (the race of issue #18: the
+            # handler ran, then read() blocked for ever)
+            proc.send_signal(signal.SIGINT)
+            # wait with standard input still open: closing it first (as
+            # communicate() does) could end the stream before the signal
+            # is handled, and the run would fail on a cut stream instead
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.fail('decrypt-file ignored SIGINT: still reading its '
+                          'input %d seconds later' % timeout)
+            return proc.returncode, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdin.close()
+            proc.stderr.close()
+
+    def test_interrupted_decrypt_leaves_no_output(self):
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        rc, err = self.interrupt_decrypt(self.read('data.zks'), 300)
+        self.assertEqual(rc, 130, err)
         self.assertIn(b'interrupted', err)
         self.assertEqual(sorted(n for n in os.listdir('.')
                                 if 'plain' in n), [])
+
+    def test_interrupt_while_reading_a_pipe_is_never_lost(self):
+        # the signal and the blocking read() race: repeat it
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        sealed = self.read('data.zks')
+        for i in range(10):
+            # an exit takes well under a second; 20 allow for a loaded
+            # machine, and a hang fails in 20 seconds, not in 300
+            rc, err = self.interrupt_decrypt(sealed, 20)
+            self.assertEqual(rc, 130, 'run %d: %r' % (i, err))
+            self.assertEqual(sorted(n for n in os.listdir('.')
+                                    if 'plain' in n), [], 'run %d' % i)
 
 
 class RecipientCommandTests(_Base):

@@ -7,8 +7,14 @@ backup can be encrypted while it is written::
         | zodbkmi encrypt-file --recipient backup.pub -o backup.tar.zks
 """
 import argparse
+import contextlib
+import io
 import os
+import select
+import signal
+import stat
 import sys
+import threading
 
 from zodbkmi import files
 from zodbkmi.exceptions import UsageError
@@ -122,10 +128,104 @@ def _read_public(path):
     return files.recipient_kek(data)
 
 
+class _InterruptibleInput(io.RawIOBase):
+    """A pipe, terminal or socket read so that a signal is never lost.
+
+    Python runs a signal's handler (KeyboardInterrupt for SIGINT) between
+    two bytecodes of the main thread; its C-level handler only notes the
+    signal.  A signal that comes while the main thread is in C code but
+    not in a system call (between two ``read()`` of BufferedReader's
+    loop, or at any time when another thread takes it) interrupts
+    nothing, and the next ``read()`` on a pipe that stays silent blocks
+    for ever with the handler pending.  So: a wakeup fd
+    (:func:`signal.set_wakeup_fd`, written by the C-level handler), a
+    ``select()`` on the input and on it before each read, and one
+    ``read()`` per call, returning to Python code in between, where the
+    pending handler runs.  Either the signal came before ``select()``
+    (the wakeup fd is readable: it returns at once) or during it (EINTR:
+    Python runs the handler).  After ``select()`` says the input is
+    readable, ``read()`` does not block (unless another process sharing
+    this input takes the data first).
+    """
+
+    def __init__(self, fd, wakeup):
+        self._fd = fd
+        self._wakeup = wakeup
+        self._raw = io.FileIO(fd, 'rb', closefd=False)
+
+    def readable(self):
+        return True
+
+    def fileno(self):
+        return self._fd
+
+    def readinto(self, buf):
+        while True:
+            ready = select.select([self._fd, self._wakeup], [], [])[0]
+            if self._wakeup in ready:
+                # a signal: drain the fd; its handler runs before the
+                # next select(), as Python checks for pending signals
+                # at the loop's jump back
+                try:
+                    while os.read(self._wakeup, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            if self._fd in ready:
+                n = self._raw.readinto(buf)
+                if n is not None:       # None: non-blocking, taken
+                    return n
+
+
+@contextlib.contextmanager
+def _interruptible_stdin(source):
+    """Yield standard input (binary) for :func:`files.transform`, that
+    reads it when ``source`` is ``None`` or ``'-'``: as an
+    :class:`_InterruptibleInput` when it is not a regular file, as
+    ``sys.stdin.buffer`` otherwise (a file does not block: no
+    ``select()`` per read, today's fast path), in a thread other than
+    the main one (only that one can set a wakeup fd), or where
+    ``select()`` cannot take it (Windows pipes, an fd over FD_SETSIZE).
+
+    This belongs to the command line, not to :func:`files.transform`: a
+    wakeup fd is one per process, and a library must not take it over
+    from its caller (asyncio uses it).  The command line owns its
+    process."""
+    stdin = sys.stdin.buffer
+    if source not in (None, '-'):
+        yield stdin
+        return
+    try:
+        fd = stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode) \
+                or threading.current_thread() is not threading.main_thread():
+            fd = None
+        else:
+            select.select([fd], [], [], 0)
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        yield stdin
+        return
+    rfd, wfd = os.pipe()
+    try:
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)     # the C handler must not block
+        previous = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        try:
+            yield _InterruptibleInput(fd, rfd)
+        finally:
+            signal.set_wakeup_fd(previous)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
 def _run(func, args):
     try:
-        files.transform(func, args.input, args.output, args.force,
-                        args.progress)
+        with _interruptible_stdin(args.input) as stdin:
+            files.transform(func, args.input, args.output, args.force,
+                            args.progress, stdin=stdin)
     except BrokenPipeError:
         # the reader of our output went away (``| head``): not our error
         devnull = os.open(os.devnull, os.O_WRONLY)
