@@ -43,7 +43,6 @@ try:
 except ImportError:      # pragma: no cover
     Zope2 = None
 
-BIN = os.path.dirname(sys.executable)
 USER = 'admin'
 MARKERS = ('tumour', 'Ward 7', 'patients', 'manage_', 'scan-1234', USER)
 
@@ -82,7 +81,11 @@ class _ZopeInstance:
         self.instance = os.path.join(self.tmp, 'instance')
         self.password = uuid.uuid4().hex
         subprocess.run(
-            [os.path.join(BIN, 'mkwsgiinstance'), '-d', self.instance,
+            # through their modules: under zc.buildout the scripts are
+            # not beside sys.executable
+            [sys.executable, '-c',
+             'import sys; from Zope2.utilities.mkwsgiinstance import main; '
+             'sys.exit(main())', '-d', self.instance,
              '-u', '%s:%s' % (USER, self.password)],
             check=True, stdout=subprocess.DEVNULL)
         self.etc = os.path.join(self.instance, 'etc')
@@ -106,7 +109,8 @@ class _ZopeInstance:
             f.write(text)
         self.log = open(os.path.join(self.tmp, 'runwsgi.log'), 'ab')
         self.zope = subprocess.Popen(
-            [os.path.join(BIN, 'runwsgi'), ini], cwd=self.instance,
+            [sys.executable, '-m', 'Zope2.Startup.serve', ini],
+            cwd=self.instance,
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(self.log.close)
         self.addCleanup(self._stop)
