@@ -15,6 +15,7 @@ import configparser
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -86,11 +87,28 @@ def snippet(name, instance=None, url=None, app=None):
     return text
 
 
+def zodbkmi_bin_dir(tmp):
+    """A directory with the ``zodbkmi`` command: the installed script's,
+    or (under zc.buildout, whose bin/test is the only script) one made in
+    ``tmp`` that runs the module with this Python."""
+    here = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(here, 'zodbkmi')):
+        return here
+    bin_dir = os.path.join(tmp, 'bin')
+    os.makedirs(bin_dir, exist_ok=True)
+    script = os.path.join(bin_dir, 'zodbkmi')
+    with open(script, 'w') as f:
+        f.write('#!/bin/sh\nexec %s -m zodbkmi.cli "$@"\n'
+                % shlex.quote(sys.executable))
+    os.chmod(script, 0o755)
+    return bin_dir
+
+
 def bao_environ(server, instance, extra=None):
     """The environment of the shell steps: an administrator of ``server``
     (``BAO_*``), ``$INSTANCE``, ``bao`` and ``zodbkmi`` on the path."""
     path = os.pathsep.join([os.path.dirname(bao_binary()),
-                            os.path.dirname(sys.executable),
+                            zodbkmi_bin_dir(os.path.dirname(instance)),
                             os.environ.get('PATH', '')])
     env = child_environ(extra)
     env.update(server.environ(), INSTANCE=instance, PATH=path)

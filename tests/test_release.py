@@ -115,9 +115,13 @@ class SdistTests(unittest.TestCase):
                     check=True).stdout.strip()
         # the dependencies come from this environment: its site-packages
         # as a plain path (its .pth files, among them the editable install
-        # of the checkout, are not processed), after the fresh one
+        # of the checkout, are not processed), after the fresh one; under
+        # zc.buildout its eggs, each on sys.path (not the develop egg of
+        # the checkout, which is a src directory)
+        deps = [sysconfig.get_path('purelib')]
+        deps += [p for p in sys.path if p.endswith('.egg')]
         with open(os.path.join(site, 'deps.pth'), 'w') as f:
-            f.write(sysconfig.get_path('purelib') + '\n')
+            f.write(''.join(p + '\n' for p in deps))
         out = _run(python, '-m', 'pip', 'install', '-q', '--no-deps', dist)
         self.assertEqual(out.returncode, 0, out.stdout[-3000:])
         out = _run(python, '-c', 'import zodbkmi.facility; '
