@@ -127,6 +127,25 @@ class BaoServer:
                 'BAO_TOKEN': ROOT_TOKEN}
 
 
+def bare_layer(name, module, doc):
+    """A layer class ``name`` (of ``module``) with an OpenBao dev server of
+    its own (``server``) and nothing mounted, for tests that set it up as a
+    user does.  A new class per caller: zope.testrunner sets up each layer
+    class once, and sets up the bases of a subclass as layers too."""
+    def setUp(cls):
+        if not skip_requested():
+            cls.server = BaoServer().start()
+
+    def tearDown(cls):
+        if cls.server is not None:
+            cls.server.stop()
+            cls.server = None
+
+    return type(name, (), {'__doc__': doc, '__module__': module,
+                           'server': None, 'setUp': classmethod(setUp),
+                           'tearDown': classmethod(tearDown)})
+
+
 class BaoLayer:
     """One OpenBao dev server for the tests of the layer (``server``).
 

@@ -36,6 +36,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from tests.bao import bare_layer
 from zodbkmi.keyholder import write_key_file
 
 try:
@@ -260,24 +261,10 @@ class ZopeInstanceTests(_ZopeInstance, unittest.TestCase):
             db.close()
 
 
-class ZopeBaoLayer:
-    """An OpenBao server for the Zope tests: the page's steps enable
-    Transit and make the key themselves."""
-
-    server = None
-
-    @classmethod
-    def setUp(cls):
-        from tests.bao import BaoServer
-        from tests.bao import skip_requested
-        if not skip_requested():
-            cls.server = BaoServer().start()
-
-    @classmethod
-    def tearDown(cls):
-        if cls.server is not None:
-            cls.server.stop()
-            cls.server = None
+ZopeBaoLayer = bare_layer(
+    'ZopeBaoLayer', __name__,
+    "An OpenBao server for the Zope tests: the page's steps enable Transit "
+    "and make the key themselves.")
 
 
 #: In the page template, in its text (cached when CHAMELEON_CACHE is set)

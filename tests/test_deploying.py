@@ -31,8 +31,8 @@ from persistent.mapping import PersistentMapping
 from zodbkmi.persistent import EncryptedPersistent
 
 from zodbkmi.testing import child_environ
-from tests.bao import BaoServer
 from tests.bao import bao_binary
+from tests.bao import bare_layer
 from tests.bao import skip_requested
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -139,22 +139,9 @@ def prepare_openbao(server, instance):
     return path
 
 
-class DeployingLayer:
-    """An OpenBao server of its own: the page enables Transit itself."""
-
-    server = None
-
-    @classmethod
-    def setUp(cls):
-        if skip_requested():
-            return
-        cls.server = BaoServer().start()
-
-    @classmethod
-    def tearDown(cls):
-        if cls.server is not None:
-            cls.server.stop()
-            cls.server = None
+DeployingLayer = bare_layer(
+    'DeployingLayer', __name__,
+    'An OpenBao server of its own: the page enables Transit itself.')
 
 
 class SnippetTests(unittest.TestCase):
