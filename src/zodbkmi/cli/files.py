@@ -17,6 +17,7 @@ import sys
 import threading
 
 from zodbkmi import files
+from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import UsageError
 from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.fileutil import write_atomic
@@ -136,7 +137,10 @@ def _read_public(path):
         raise UsageError('--recipient %s holds %s that is no public key: '
                          'give its public half (zodbkmi public-key)'
                          % (path, name))
-    return files.recipient_kek(data)
+    try:
+        return files.recipient_kek(data)
+    except InvalidKeyError as e:
+        raise InvalidKeyError('key file %s: %s' % (path, e)) from None
 
 
 class _InterruptibleInput(io.RawIOBase):
