@@ -375,9 +375,9 @@ class LocalKeyManagementFacility(EncryptionService):
         """Create a KEK here and an active DEK wrapped by it on the
         server; return the KEK as PEM.  Keep it: it is stored nowhere.
 
-        ``kind`` (default :attr:`kek_kind`, ``'hybrid'``) is ``'hybrid'``
+        ``kind`` (default ``self.kek_kind``, ``'hybrid'``) is ``'hybrid'``
         (ML-KEM-768 + X25519 through HPKE, a ``ZODBKMI HYBRID PRIVATE
-        KEY``) or ``'rsa'`` (RSA of :attr:`rsa_bits` bits, PKCS#8)."""
+        KEY``) or ``'rsa'`` (RSA of ``self.rsa_bits`` bits, PKCS#8)."""
         kek = generate_kek(kind or self.kek_kind, self.rsa_bits)
         self.create_key(kek)
         return kek.private_pem()

@@ -502,7 +502,7 @@ class HybridKeyEncryptingKey(HybridPublicKeyEncryptingKey):
                                             self._x25519_public)
 
     def unwrap(self, blob, aad):
-        """Open an HPKE wrapping made by :meth:`wrap` with ``info = aad``."""
+        """Open an HPKE wrapping made by ``wrap`` with ``info = aad``."""
         if len(blob) < HYBRID_WRAPPED_SIZE:
             raise TruncatedDataError(
                 'wrapped DEK truncated: %d of %d bytes of HPKE for KEK %s'
