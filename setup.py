@@ -117,7 +117,7 @@ setup(
     package_data={'zodbkmi': ['*.zcml', '*.xml', '*.json', '*.yaml']},
     zip_safe=False,
     install_requires=[
-        'cryptography >= 47',   # AESGCM.encrypt_into, decrypt_into
+        'cryptography >= 50',   # hpke (ML-KEM-768 + X25519); AESGCM *_into
         'persistent >= 5',
         'zodbpickle >= 3',
         'ZODB >= 6',

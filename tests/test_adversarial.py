@@ -1214,3 +1214,195 @@ class KeyFileTests(AdversarialBase):
                     cases.bad.append('byte %d: another key accepted' % i)
             cases.count += 1
         cases.done(16)
+
+
+# -- the hybrid KEK (ML-KEM-768 + X25519 through HPKE) ------------------------
+
+def _hybrid_kek_id_expected(data, at):
+    """The error of a wrapped DEK whose KEK id length byte sits at ``at``
+    and whose KEK id differs from the KEK's."""
+    n = data[at]
+    if n == 0:
+        return X.UnsupportedFormatError
+    if len(data) <= at + 1 + n:
+        return X.TruncatedDataError
+    try:
+        data[at + 1:at + 1 + n].decode('ascii')
+    except UnicodeDecodeError:
+        return X.UnsupportedFormatError
+    return X.WrongKeyError
+
+
+class _HybridBase(unittest.TestCase):
+    """A hybrid KEK and a DEK it wrapped in both versions."""
+
+    def setUp(self):
+        from zodbkmi.format import wrapped
+        from zodbkmi.kek import HybridKeyEncryptingKey
+        self.kek = HybridKeyEncryptingKey.generate()
+        self.dek_id, self.dek = os.urandom(16), os.urandom(32)
+        self.v2 = wrapped.wrap(self.kek, self.dek_id, self.dek)
+        self.v1 = wrapped.wrap(self.kek.public(), self.dek_id, self.dek,
+                               version=wrapped.VERSION_1)
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-adv-hybrid-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def unwrap(self, data):
+        from zodbkmi.format import wrapped
+        return wrapped.unwrap(self.kek, data)[1]
+
+    def flip_expected(self, w, i, bit):
+        """The error of ``w`` with bit ``bit`` of byte ``i`` flipped."""
+        header = _wrapped_header_size(w)
+        at = 29 if w[3] == 2 else 21
+        if i < 3:
+            return X.UnsupportedFormatError       # magic
+        if i == 3:
+            return X.UnsupportedFormatError       # no version 0, 3, 5, 6...
+        if i == 4:                                # another suite: 1 or 4
+            return (X.WrongKeyError if w[4] ^ (1 << bit) in (1, 4)
+                    else X.UnsupportedFormatError)
+        if at <= i < header:
+            return _hybrid_kek_id_expected(flip(w, i, bit), at)
+        return X.AuthenticationError  # DEK id, created, HPKE, MAC
+
+    def sweep(self, name, w, bits=range(8), cases=None):
+        cases = cases or Cases(self)
+        self.assertEqual(self.unwrap(w), self.dek)
+        for i in range(len(w)):
+            for bit in (bits if bits is not None else (i % 8,)):
+                cases.check('%s byte %d bit %d' % (name, i, bit),
+                            self.flip_expected(w, i, bit), self.unwrap,
+                            flip(w, i, bit))
+        return cases
+
+
+class HybridTests(_HybridBase):
+    """The hybrid KEK's wrapped DEKs (both versions), its key store entry
+    on disk and its key files: every bit flip and every truncation is
+    rejected with the error docs/format.rst names, never opened as another
+    DEK or read as another key."""
+
+    def test_every_bit_flip_of_version_2(self):
+        # the MAC is checked first: cheap, so every bit here
+        self.sweep('v2', self.v2).done(8 * len(self.v2))
+
+    def test_a_bit_flip_in_every_byte_of_version_1(self):
+        # one HPKE decapsulation per case: every byte here, every bit at
+        # level 2 (HybridSweepTests)
+        self.sweep('v1', self.v1, None).done(len(self.v1))
+
+    def test_truncated_and_extended(self):
+        from zodbkmi.format import wrapped
+        cases = Cases(self)
+        for name, w in (('v2', self.v2), ('v1', self.v1)):
+            for n in range(len(w)):
+                cases.check('%s cut to %d' % (name, n), X.TruncatedDataError,
+                            self.unwrap, w[:n])
+            for t in (b'\0', os.urandom(32)):
+                cases.check('%s + %d' % (name, len(t)),
+                            X.AuthenticationError, self.unwrap, w + t)
+        # a version 2 header on the public key's version 1 wrapping: the
+        # MAC is missing (what a holder of the public key alone could make)
+        hv1 = _wrapped_header_size(self.v1)
+        forged = wrapped.build_header(5, self.dek_id, self.kek.key_id)
+        cases.check('v1 wrapping under a v2 header', X.TruncatedDataError,
+                    self.unwrap, forged + self.v1[hv1:])
+        cases.check('v1 wrapping + 32 bytes under a v2 header',
+                    X.AuthenticationError, self.unwrap,
+                    forged + self.v1[hv1:] + os.urandom(32))
+        cases.done(len(self.v1) + len(self.v2))
+
+    def test_key_store_entry_on_disk_truncated_and_flipped(self):
+        from zodbkmi.facility import KeyManagementFacility
+        keys = os.path.join(self.tmp, 'keys')
+        facility = KeyManagementFacility(keys)
+        dek_id = facility.create_key(self.kek)
+        envelope = facility.encrypt(self.kek, CANARY)
+        path = os.path.join(keys, dek_id + '.dek')
+        with open(path, 'rb') as f:
+            doc = json.loads(f.read())
+        w = base64.b64decode(doc['wrapped'])
+        header = _wrapped_header_size(w)
+
+        def write(data):
+            with open(path + '.new', 'w') as f:
+                f.write(json.dumps(dict(doc, wrapped=base64.b64encode(
+                    data).decode()), sort_keys=True))
+            os.replace(path + '.new', path)
+
+        def decrypt():
+            return KeyManagementFacility(keys).decrypt(self.kek, envelope)
+
+        cases = Cases(self)
+        cases.check('as written', CANARY, decrypt)
+        for n in range(0, len(w), 7):
+            write(w[:n])
+            cases.check('cut to %d' % n, X.KeyStoreError if n <= header
+                        else X.TruncatedDataError, decrypt)
+        for i in range(header, len(w), 5):
+            write(flip(w, i, i % 8))
+            cases.check('byte %d' % i, X.AuthenticationError, decrypt)
+        cases.done(len(range(0, len(w), 7)) + len(range(header, len(w), 5)))
+
+    def _key_file_cases(self, good, read, cases, name, cut=None):
+        canonical = good.strip()
+        cut = cut or read
+        for i in range(len(good)):
+            for bit in range(8):
+                data = flip(good, i, bit)
+                same = data.replace(b'\r\n', b'\n').strip() == canonical
+                # the same key (white space only), or refused: never
+                # another key
+                cases.check('%s byte %d bit %d' % (name, i, bit),
+                            self.kek.key_id.encode() if same
+                            else X.InvalidKeyError, read, data)
+        for n in range(len(good)):
+            same = good[:n].strip() == canonical
+            cases.check('%s cut to %d' % (name, n),
+                        self.kek.key_id.encode() if same
+                        else X.InvalidKeyError, cut, good[:n])
+
+    def test_every_bit_flip_and_truncation_of_the_key_files(self):
+        from zodbkmi.kek import HybridPublicKeyEncryptingKey
+        from zodbkmi.kek import as_kek
+        from zodbkmi.keyholder import KeyHolder
+        path = os.path.join(self.tmp, 'kek')
+
+        def holder(data):
+            with open(path, 'wb') as f:
+                f.write(data)
+            os.chmod(path, 0o600)
+            return KeyHolder(path).key_id.encode()
+
+        def public(data):
+            return HybridPublicKeyEncryptingKey.from_pem(data).key_id.encode()
+
+        def private(data):
+            return as_kek(data).key_id.encode()
+
+        cases = Cases(self)
+        private_pem, public_pem = self.kek.private_pem(), self.kek.public_pem()
+        # the bit flips through as_kek (the key holder's parser, without
+        # writing 2000 files), every truncation through a file on disk
+        self._key_file_cases(private_pem, private, cases, 'private', holder)
+        self._key_file_cases(public_pem, public, cases, 'public')
+        cases.done(9 * (len(private_pem) + len(public_pem)))
+        # never a key byte in an error
+        secret = base64.b64encode(self.kek._secret()[:24])
+        for data in (private_pem[:150], flip(private_pem, 100, 1)):
+            try:
+                holder(data)
+            except X.InvalidKeyError as e:
+                self.assertNotIn(secret[:16].decode(), str(e))
+                self.assertEqual(len(str(e).splitlines()), 1)
+
+
+class HybridSweepTests(_HybridBase):
+    """Every bit of a version 1 hybrid wrapped DEK (the HPKE ciphertext a
+    ``--recipient`` stream embeds): ~10000 decapsulations, level 2."""
+
+    level = 2
+
+    def test_every_bit_flip_of_version_1(self):
+        self.sweep('v1', self.v1).done(8 * len(self.v1))

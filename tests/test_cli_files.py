@@ -13,6 +13,7 @@ import unittest
 from zodbkmi.facility import KeyManagementFacility
 from zodbkmi.format import stream
 from zodbkmi.kek import RSAKeyEncryptingKey
+from zodbkmi.keyholder import read_key_file
 from zodbkmi.keyholder import write_key_file
 from zodbkmi.testing import child_environ
 
@@ -269,14 +270,23 @@ class RecipientCommandTests(_Base):
 
     def test_public_key_of_aes_key(self):
         self.assertEqual(self.main('public-key', 'kek.key'), 2)
-        self.assertIn('not an RSA key', self.stderr)
+        self.assertIn('is not a hybrid or RSA key', self.stderr)
 
-    def test_recipient_w_private_key_file(self):
-        self.assertEqual(self.main('encrypt-file', '-r', 'kek.pem', 'data',
-                                   '-o', 'data.zks'), 0)
-        self.assertEqual(self.main('decrypt-file', '--identity', 'kek.pem',
-                                   'data.zks', '-o', 'plain'), 0)
-        self.assertEqual(self.read('plain'), self.data)
+    def test_recipient_refuses_a_private_key_file(self):
+        # the machine that writes backups must not hold the key that reads
+        # them: a private key (or an AES key) given as --recipient is an
+        # operator's mistake, refused in one line naming the KEK, never
+        # silently replaced by its public half
+        from zodbkmi.kek import as_kek
+        for name in ('kek.pem', 'kek.key'):
+            with self.subTest(name):
+                kek_id = as_kek(read_key_file(name)).key_id
+                self.assertEqual(self.main('encrypt-file', '-r', name,
+                                           'data', '-o', 'data.zks'), 2)
+                self.assertEqual(self.stderr.count('\n'), 1, self.stderr)
+                self.assertIn('holds KEK %s that is no public key' % kek_id,
+                              self.stderr)
+                self.assertFalse(os.path.exists('data.zks'))
 
     def test_pipes(self):
         with open('kek.pub', 'wb') as f:
@@ -294,6 +304,70 @@ class RecipientCommandTests(_Base):
         self.assertEqual(bad.returncode, 2)
         self.assertIn(b'did not authenticate', bad.stderr)
         self.assertNotIn(b'Traceback', bad.stderr)
+
+
+class HybridRecipientCommandTests(_Base):
+    """public-key, encrypt-file --recipient and decrypt-file --identity with
+    a hybrid (ML-KEM-768 + X25519) key."""
+
+    def setUp(self):
+        super().setUp()
+        from zodbkmi.kek import HybridKeyEncryptingKey
+        self.kek = HybridKeyEncryptingKey.generate()
+        write_key_file('hyb.pem', self.kek.private_pem())
+        write_key_file('kek.pem', rsa_pem())
+
+    def test_roundtrip(self):
+        self.assertEqual(self.main('public-key', 'hyb.pem', '-o', 'hyb.pub'),
+                         0)
+        pub = self.read('hyb.pub')
+        self.assertTrue(pub.startswith(
+            b'-----BEGIN ZODBKMI HYBRID PUBLIC KEY-----\n'))
+        self.assertEqual(os.stat('hyb.pub').st_mode & 0o777, 0o644)
+        self.assertEqual(self.main('encrypt-file', '--recipient', 'hyb.pub',
+                                   'data', '-o', 'data.zks'), 0)
+        w = stream.parse_header(self.read('data.zks')).wrapped
+        self.assertEqual(w[4], 5)                   # suite 5, version 1
+        self.assertEqual(self.main('decrypt-file', '--identity', 'hyb.pem',
+                                   'data.zks', '-o', 'plain'), 0)
+        self.assertEqual(self.read('plain'), self.data)
+        self.assertEqual(self.main('decrypt-file', '-k', 'hyb.pem', '-d',
+                                   'keys', 'data.zks', '-o', 'plain2'), 0)
+        self.assertEqual(self.read('plain2'), self.data)
+        # another identity: one line naming both KEKs, nothing written
+        rsa_id = RSAKeyEncryptingKey.from_pem(rsa_pem()).key_id
+        self.assertEqual(self.main('decrypt-file', '--identity', 'kek.pem',
+                                   'data.zks', '-o', 'plain3'), 2)
+        self.assertEqual(self.stderr.count('\n'), 1, self.stderr)
+        self.assertIn('by KEK %s, not by KEK %s' % (self.kek.key_id, rsa_id),
+                      self.stderr)
+        self.assertFalse(os.path.exists('plain3'))
+        # the public key where the private key is needed
+        os.chmod('hyb.pub', 0o600)
+        self.assertEqual(self.main('decrypt-file', '--identity', 'hyb.pub',
+                                   'data.zks', '-o', 'plain3'), 2)
+        self.assertIn('KEK %s: a public key where the private key is needed'
+                      % self.kek.key_id, self.stderr)
+        self.assertEqual(self.stderr.count('\n'), 1, self.stderr)
+
+    def test_recipient_refuses_the_private_key(self):
+        self.assertEqual(self.main('encrypt-file', '-r', 'hyb.pem', 'data',
+                                   '-o', 'data.zks'), 2)
+        self.assertEqual(self.stderr.count('\n'), 1, self.stderr)
+        self.assertIn('--recipient hyb.pem holds KEK %s that is no public '
+                      'key' % self.kek.key_id, self.stderr)
+        self.assertNotIn(self.kek.private_pem().decode().splitlines()[1],
+                         self.stderr)
+
+    def test_damaged_public_key(self):
+        pub = self.kek.public_pem()
+        with open('hyb.pub', 'wb') as f:
+            f.write(pub[:500] + pub[600:])
+        self.assertEqual(self.main('encrypt-file', '-r', 'hyb.pub', 'data',
+                                   '-o', 'data.zks'), 2)
+        self.assertIn('error: key file hyb.pub: hybrid public key file '
+                      'damaged', self.stderr)
+        self.assertEqual(self.stderr.count('\n'), 1, self.stderr)
 
 
 class _Blocks:

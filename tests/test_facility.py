@@ -58,10 +58,32 @@ class KeyManagementFacilityTests(unittest.TestCase):
         from zodbkmi.kek import as_kek
         facility = self._makeOne()
         facility.rsa_bits = 3072
-        kek = facility.generate()
+        kek = facility.generate(kind='rsa')
         self.assertTrue(kek.startswith(b'-----BEGIN PRIVATE KEY-----'))
         self.assertEqual(as_kek(kek)._private.key_size, 3072)
         self.assertEqual(len(facility), 1)
+        self.assertEqual(facility.decrypt(kek, facility.encrypt(kek, b'x')),
+                         b'x')
+
+    def test_generate_returns_hybrid_pem_by_default(self):
+        from zodbkmi.exceptions import InvalidKeyError
+        from zodbkmi.format import wrapped
+        from zodbkmi.kek import as_kek
+        facility = self._makeOne()
+        kek = facility.generate()
+        self.assertTrue(kek.startswith(
+            b'-----BEGIN ZODBKMI HYBRID PRIVATE KEY-----\n'))
+        kek_id = as_kek(kek).key_id
+        self.assertTrue(kek_id.startswith('hyb-'))
+        (entry,) = facility.key_store.entries()
+        self.assertEqual(entry.kek_id, kek_id)
+        wk = wrapped.parse(entry.wrapped)
+        self.assertEqual((wk.version, wk.suite), (2, 5))
+        self.assertEqual(facility.decrypt(kek, facility.encrypt(kek, b'x')),
+                         b'x')
+        with self.assertRaises(InvalidKeyError) as e:
+            facility.generate(kind='dsa')
+        self.assertIn("unknown KEK kind 'dsa'", str(e.exception))
 
     def test_encrypt_decrypt_roundtrip(self):
         facility, kek, _ = self._makeWithKey()

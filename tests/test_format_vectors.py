@@ -369,9 +369,12 @@ class WrappedVectorTests(VectorChecks, unittest.TestCase):
 
     # Invalid in version 1 because version 2 did not exist yet: since
     # version 2 (2026-12-04) these bytes are version 2 headers, still
-    # refused, with the error of the version 2 rule they break.
+    # refused, with the error of the version 2 rule they break.  Suite 5
+    # is the hybrid KEK since 2026-12-05: the "suite-5" vector (an AES
+    # wrapping labelled suite 5) now names a KEK of another suite.
     SUPERSEDED = {'version-2': 'TruncatedDataError',
-                  'version-2-short': 'TruncatedDataError'}
+                  'version-2-short': 'TruncatedDataError',
+                  'suite-5': 'WrongKeyError'}
 
     def test_invalid_vectors_raise_their_error(self):
         from zodbkmi.format import wrapped
@@ -629,3 +632,134 @@ class GeneratorTests(unittest.TestCase):
                          self._read(VECTORS, 'txn-metadata-v1.json'))
         with contextlib.redirect_stderr(io.StringIO()):
             self.assertEqual(module.main(['--out', tmp]), 1)
+
+
+class HybridVectorTests(VectorChecks, unittest.TestCase):
+    """The hybrid KEK (hybrid.json): key files, wrapped DEK suite 5,
+    self-contained streams and key store entries.  HPKE is randomized: the
+    wrapped DEKs and the stream are decryption vectors."""
+
+    name = 'hybrid.json'
+
+    def setUp(self):
+        super().setUp()
+        self.tmp = tempfile.mkdtemp(prefix='zodbkmi-vectors-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def _kek(self, name):
+        from zodbkmi.kek import HybridKeyEncryptingKey
+        from zodbkmi.kek import RSAKeyEncryptingKey
+        if name == 'rsa':
+            return RSAKeyEncryptingKey.from_pem(load('wrapped.json')[
+                'keys']['rsa']['private_pem'].encode())
+        kek = HybridKeyEncryptingKey.from_pem(
+            self.doc['keys'][name.replace('-public', '')][
+                'private_pem'].encode())
+        return kek.public() if name.endswith('-public') else kek
+
+    def _of(self, type_, which='valid'):
+        vectors = [v for v in self.doc[which] if v['type'] == type_]
+        self.assertTrue(vectors)
+        return vectors
+
+    def _read_key(self, v):
+        from zodbkmi.kek import HybridPublicKeyEncryptingKey
+        from zodbkmi.kek import as_kek
+        from zodbkmi.keyholder import read_key_file
+        if v.get('public'):
+            return HybridPublicKeyEncryptingKey.from_pem(
+                v['content'].encode())
+        path = os.path.join(self.tmp, v['name'])
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, 'w', newline='') as f:
+            f.write(v['content'])
+        return as_kek(read_key_file(path))
+
+    def test_keys_are_reproduced_and_marked_public(self):
+        from zodbkmi.kek import hybrid_key_id
+        for name, k in self.doc['keys'].items():
+            with self.subTest(name):
+                self.assertIn('PUBLIC TEST KEY', k['comment'])
+                kek = self._kek(name)
+                self.assertEqual(kek.key_id, k['kek_id'])
+                self.assertEqual(kek.private_pem().decode(),
+                                 k['private_pem'])
+                self.assertEqual(kek.public_pem().decode(), k['public_pem'])
+                self.assertEqual(hybrid_key_id(
+                    kek._mlkem_public.public_bytes_raw(),
+                    kek._x25519_public.public_bytes_raw()), k['kek_id'])
+
+    def test_key_files(self):
+        for v in self._of('key-file'):
+            with self.subTest(v['name']):
+                self.assertEqual(self._read_key(v).key_id, v['kek_id'])
+        for v in self._of('key-file', 'invalid'):
+            with self.subTest(v['name']):
+                e = self.assertRaisesExactly(v['error'], self._read_key, v)
+                self.assertEqual(len(str(e).splitlines()), 1)
+
+    def test_wrapped(self):
+        from zodbkmi.format import wrapped
+        for v in self._of('wrapped'):
+            with self.subTest(v['name']):
+                data = unhex(v['wrapped'])
+                self.assertEqual(wrapped.unwrap(self._kek(v['kek']), data),
+                                 (unhex(v['dek_id']), unhex(v['dek'])))
+                wk = wrapped.parse(data)
+                self.assertEqual((wk.suite, wk.kek_id, wk.created),
+                                 (5, v['kek_id'], v['created']))
+                self.assertEqual(wk.proves_maker, wk.version == 2)
+        for v in self._of('wrapped', 'invalid'):
+            with self.subTest(v['name']):
+                e = self.assertRaisesExactly(
+                    v['error'], wrapped.unwrap, self._kek(v['kek']),
+                    unhex(v['wrapped']))
+                self.assertEqual(len(str(e).splitlines()), 1)
+
+    def test_streams(self):
+        from zodbkmi import files
+        for v in self._of('stream'):
+            with self.subTest(v['name']):
+                out = io.BytesIO()
+                files.decrypt_with_private_key(
+                    self._kek(v['kek']).private_pem(),
+                    io.BytesIO(unhex(v['stream'])), out)
+                self.assertEqual(out.getvalue(), unhex(v['plaintext']))
+        for v in self._of('stream', 'invalid'):
+            with self.subTest(v['name']):
+                self.assertRaisesExactly(
+                    v['error'], files.decrypt_with_private_key,
+                    self._kek(v['kek']), io.BytesIO(unhex(v['stream'])),
+                    io.BytesIO())
+
+    def test_entries(self):
+        from zodbkmi.format import wrapped
+        from zodbkmi.keystore import KeyStoreEntry
+        for v in self._of('entry'):
+            entry = KeyStoreEntry.from_json(v['json'].encode())
+            self.assertEqual(entry.wrapped, unhex(v['wrapped']))
+            self.assertEqual(entry.to_json(), v['json'].encode())
+            wrapped.unwrap(self._kek(v['kek']), entry.wrapped)
+        for v in self._of('entry', 'invalid'):
+            self.assertRaisesExactly(v['error'], KeyStoreEntry.from_json,
+                                     v['json'].encode())
+
+    def test_generator_keeps_its_file_and_makes_valid_vectors(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            'zodbkmi_generate_hybrid',
+            os.path.join(VECTORS, 'generate_hybrid.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        shutil.copy(os.path.join(VECTORS, 'hybrid.json'), self.tmp)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(module.main(['--out', self.tmp]), 0)
+        with open(os.path.join(self.tmp, 'hybrid.json')) as f:
+            self.assertEqual(json.load(f), self.doc)
+        fresh = module.hybrid_vectors()
+        # deterministic: the keys and the key files; randomized: HPKE
+        self.assertEqual(fresh['keys'], self.doc['keys'])
+        self.assertEqual([v for v in fresh['valid'] + fresh['invalid']
+                          if v['type'] == 'key-file'],
+                         [v for v in self.doc['valid'] + self.doc['invalid']
+                          if v['type'] == 'key-file'])

@@ -65,7 +65,7 @@ class LocalKeyManagementFacilityTests(unittest.TestCase):
     def test_generate_encrypt_decrypt_both_ways(self):
         local = self._makeOne()
         local.rsa_bits = 3072
-        kek = local.generate()
+        kek = local.generate(kind='rsa')
         self.assertTrue(kek.startswith(b'-----BEGIN PRIVATE KEY-----'))
         self.assertEqual(len(local), 1)
         self.assertEqual(len(self.master), 1)

@@ -40,9 +40,10 @@ from zodbkmi.facility import EncryptionService
 from zodbkmi.fileutil import read_secret_text
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IExtendedKeyManagementFacility
+from zodbkmi.kek import DEFAULT_KEK_KIND
 from zodbkmi.kek import RSA_DEFAULT_BITS
-from zodbkmi.kek import RSAKeyEncryptingKey
 from zodbkmi.kek import as_kek
+from zodbkmi.kek import generate_kek
 from zodbkmi.tls import client_context
 
 #: The path prefix of the key server's API: ``zodbkmi.rest.API_PREFIX``
@@ -209,6 +210,7 @@ class LocalKeyManagementFacility(EncryptionService):
     """
 
     rsa_bits = RSA_DEFAULT_BITS
+    kek_kind = DEFAULT_KEK_KIND
 
     def __init__(self, url, token=None, ca_file=None, token_file=None,
                  timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
@@ -369,10 +371,14 @@ class LocalKeyManagementFacility(EncryptionService):
 
     # -- key lifecycle ---------------------------------------------------
 
-    def generate(self):
-        """Create an RSA KEK here and an active DEK wrapped by it on the
-        server; return the KEK as PEM.  Keep it: it is stored nowhere."""
-        kek = RSAKeyEncryptingKey.generate(self.rsa_bits)
+    def generate(self, kind=None):
+        """Create a KEK here and an active DEK wrapped by it on the
+        server; return the KEK as PEM.  Keep it: it is stored nowhere.
+
+        ``kind`` (default ``self.kek_kind``, ``'hybrid'``) is ``'hybrid'``
+        (ML-KEM-768 + X25519 through HPKE, a ``ZODBKMI HYBRID PRIVATE
+        KEY``) or ``'rsa'`` (RSA of ``self.rsa_bits`` bits, PKCS#8)."""
+        kek = generate_kek(kind or self.kek_kind, self.rsa_bits)
         self.create_key(kek)
         return kek.private_pem()
 

@@ -2,12 +2,13 @@
 
 :class:`KeyManagementFacility` is the master facility: a key store (a
 directory) of data keys wrapped by key encrypting keys that the callers
-hold.  ``generate()`` creates an RSA KEK and a DEK wrapped by it and returns
-the KEK; ``encrypt(key, data)`` / ``decrypt(key, data)`` unwrap the DEK with
-the caller's KEK (once, then from the cache) and seal or open a record
-envelope.  :class:`EncryptionService` is what it shares with the key
-server's client, :class:`zodbkmi.client.LocalKeyManagementFacility`,
-which keas.kmi users import from here (it stays importable from here).
+hold.  ``generate()`` creates a hybrid (or RSA) KEK and a DEK wrapped by
+it and returns the KEK; ``encrypt(key, data)`` / ``decrypt(key, data)``
+unwrap the DEK with the caller's KEK (once, then from the cache) and seal
+or open a record envelope.  :class:`EncryptionService` is what it shares
+with the key server's client,
+:class:`zodbkmi.client.LocalKeyManagementFacility`, which keas.kmi users
+import from here (it stays importable from here).
 """
 import hmac
 import os
@@ -35,9 +36,10 @@ from zodbkmi.format import stream
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IExtendedKeyManagementFacility
 from zodbkmi.interfaces import IKeyStoreSweep
+from zodbkmi.kek import DEFAULT_KEK_KIND
 from zodbkmi.kek import RSA_DEFAULT_BITS
-from zodbkmi.kek import RSAKeyEncryptingKey
 from zodbkmi.kek import as_kek
+from zodbkmi.kek import generate_kek
 
 _CONTEXT_DATA = envelope.CONTEXT_DATA
 _CONTEXT_RECORD = envelope.CONTEXT_RECORD
@@ -596,6 +598,7 @@ class KeyManagementFacility(EncryptionService):
     """
 
     rsa_bits = RSA_DEFAULT_BITS
+    kek_kind = DEFAULT_KEK_KIND
 
     def __init__(self, storage_dir, timeout=DEFAULT_TTL,
                  cache_size=DEFAULT_MAXSIZE, use_limit=DEFAULT_USE_LIMIT,
@@ -670,10 +673,14 @@ class KeyManagementFacility(EncryptionService):
 
     # -- key lifecycle ---------------------------------------------------
 
-    def generate(self):
-        """Create an RSA KEK and an active DEK wrapped by it; return the
-        KEK as PEM (PKCS#8).  Keep it: it is stored nowhere."""
-        kek = RSAKeyEncryptingKey.generate(self.rsa_bits)
+    def generate(self, kind=None):
+        """Create a KEK and an active DEK wrapped by it; return the KEK
+        as PEM.  Keep it: it is stored nowhere.
+
+        ``kind`` (default ``self.kek_kind``, ``'hybrid'``) is ``'hybrid'``
+        (ML-KEM-768 + X25519 through HPKE, a ``ZODBKMI HYBRID PRIVATE
+        KEY``) or ``'rsa'`` (RSA of ``self.rsa_bits`` bits, PKCS#8)."""
+        kek = generate_kek(kind or self.kek_kind, self.rsa_bits)
         self.create_key(kek)
         return kek.private_pem()
 

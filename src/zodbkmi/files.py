@@ -6,9 +6,10 @@ encrypt streams under their DEKs with ``encrypt_file(key, fsrc, fdst)`` and
 facility:
 
 - :func:`encrypt_to_recipient` / :func:`decrypt_with_private_key`: a
-  digital envelope.  A fresh DEK per file, wrapped by the recipient's RSA
-  public key and embedded in the stream header, so that the machine that
-  writes a backup never holds a key that could read it.
+  digital envelope.  A fresh DEK per file, wrapped by the recipient's
+  public key (hybrid ML-KEM-768 + X25519, or RSA) and embedded in the
+  stream header, so that the machine that writes a backup never holds a
+  key that could read it.
 - :func:`~zodbkmi.fileutil.atomic_output` (from :mod:`zodbkmi.fileutil`):
   an output file that appears under its name only once it is complete (a
   temporary name, then a rename).
@@ -28,6 +29,8 @@ from zodbkmi.fileutil import atomic_output
 from zodbkmi.format import stream
 from zodbkmi.format import wrapped
 from zodbkmi.interfaces import IKeyEncryptingKey
+from zodbkmi.kek import HYBRID_PUBLIC_LABEL
+from zodbkmi.kek import HybridPublicKeyEncryptingKey
 from zodbkmi.kek import RSAPublicKeyEncryptingKey
 from zodbkmi.kek import as_kek
 
@@ -37,27 +40,29 @@ PART_SUFFIX = TEMP_SUFFIX
 def recipient_kek(recipient):
     """Return the key encrypting key that wraps for ``recipient``.
 
-    ``recipient`` is the PEM of an RSA public key (what
-    :func:`public_key_pem` gives), the PEM of an RSA private key (its
-    public half is used), 32 AES bytes or an IKeyEncryptingKey.
+    ``recipient`` is the PEM of a hybrid or RSA public key (what
+    :func:`public_key_pem` gives), the PEM of a hybrid or RSA private key
+    (its public half is used), 32 AES bytes or an IKeyEncryptingKey.
     """
     if IKeyEncryptingKey.providedBy(recipient):
         return recipient
     if isinstance(recipient, str):
         recipient = recipient.encode('ascii', 'replace')
     if isinstance(recipient, bytes) and b'PUBLIC KEY-----' in recipient[:80]:
+        if HYBRID_PUBLIC_LABEL in recipient[:80]:
+            return HybridPublicKeyEncryptingKey.from_pem(recipient)
         return RSAPublicKeyEncryptingKey.from_pem(recipient)
     kek = as_kek(recipient)
     return kek.public() if hasattr(kek, 'public') else kek
 
 
 def public_key_pem(key):
-    """Return the PEM of the public half of the RSA KEK ``key`` (PEM of a
-    private or public key, or an RSA IKeyEncryptingKey)."""
+    """Return the PEM of the public half of the hybrid or RSA KEK ``key``
+    (PEM of a private or public key, or such an IKeyEncryptingKey)."""
     kek = recipient_kek(key)
     if not hasattr(kek, 'public_pem'):
-        raise InvalidKeyError('KEK %s is not an RSA key: it has no public '
-                              'half' % kek.key_id)
+        raise InvalidKeyError('KEK %s is not a hybrid or RSA key: it has '
+                              'no public half' % kek.key_id)
     return kek.public_pem()
 
 
@@ -66,8 +71,9 @@ def encrypt_to_recipient(recipient, fsrc, fdst,
     """Encrypt ``fsrc`` into ``fdst`` for ``recipient`` (see
     :func:`recipient_kek`); return the number of plaintext bytes.
 
-    A fresh random DEK is wrapped by the recipient's key (RSA-OAEP-SHA256
-    for an RSA key, the wrapped-DEK header as its label) and embedded in
+    A fresh random DEK is wrapped by the recipient's key (HPKE with
+    ML-KEM-768 + X25519 for a hybrid key, RSA-OAEP-SHA256 for an RSA key,
+    the wrapped-DEK header bound to it) and embedded in
     the stream header: the result is self-contained and opens with the
     recipient's private key only.  Nothing is stored anywhere.
     """
@@ -83,7 +89,7 @@ def encrypt_to_recipient(recipient, fsrc, fdst,
 
 def decrypt_with_private_key(key, fsrc, fdst):
     """Decrypt the self-contained stream ``fsrc`` into ``fdst`` with the
-    KEK ``key`` (PEM of the RSA private key, 32 AES bytes, an
+    KEK ``key`` (PEM of the hybrid or RSA private key, 32 AES bytes, an
     IKeyEncryptingKey, or a list of them); return the number of plaintext
     bytes.
 

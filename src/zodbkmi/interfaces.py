@@ -147,13 +147,14 @@ class IEncryptionService(zope.interface.Interface):
 class IKeyGenerationService(zope.interface.Interface):
     """Creates key encrypting keys together with their data key."""
 
-    def generate():
+    def generate(kind=None):
         """Create a new KEK and a new DEK wrapped by it; return the KEK.
 
-        The KEK is returned as PEM bytes (an RSA private key of at least
-        3072 bits); only the wrapped DEK is kept by the service.  The caller
-        must keep the KEK: without it the data encrypted under the new DEK
-        cannot be read.
+        The KEK is returned as PEM bytes: by default (``kind`` ``'hybrid'``)
+        a hybrid ML-KEM-768 + X25519 private key, with ``kind='rsa'`` an
+        RSA private key of at least 3072 bits; only the wrapped DEK is
+        kept by the service.  The caller must keep the KEK: without it the
+        data encrypted under the new DEK cannot be read.
         """
 
 

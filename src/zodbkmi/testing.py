@@ -48,7 +48,8 @@ class TestingKeyManagementFacility(facility.KeyManagementFacility):
         if TESTING_DEK_ID.hex() not in self:
             self.create_key(kek, _dek=_TESTING_DEK, _dek_id=TESTING_DEK_ID)
 
-    def generate(self):
+    def generate(self, kind=None):
+        """The fixed, public testing KEK (an AES key), whatever ``kind``."""
         return KeyEncryptingKey
 
 

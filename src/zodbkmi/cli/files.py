@@ -17,7 +17,9 @@ import sys
 import threading
 
 from zodbkmi import files
+from zodbkmi.exceptions import InvalidKeyError
 from zodbkmi.exceptions import UsageError
+from zodbkmi.exceptions import ZodbKmiError
 from zodbkmi.fileutil import write_atomic
 from zodbkmi.format import stream
 from zodbkmi.keyholder import read_key_file
@@ -49,8 +51,8 @@ def _common(parser):
         help='overwrite OUTPUT if it exists')
     parser.add_argument(
         '-k', '--key-file', '--identity', dest='key_file', metavar='KEK',
-        help='the key encrypting key: a file holding the PEM of an RSA '
-             'private key or a base64 AES-256 key, mode 0600')
+        help='the key encrypting key: a file holding the PEM of a hybrid '
+             'or RSA private key or a base64 AES-256 key, mode 0600')
     parser.add_argument(
         '-d', '--key-dir', metavar='DIR',
         help='the key store directory of the master facility (the DEKs '
@@ -74,9 +76,10 @@ def register(subparsers):
     _common(p)
     p.add_argument(
         '-r', '--recipient', metavar='PUBKEY',
-        help='encrypt for the holder of the private key of this RSA public '
-             'key (PEM; see "zodbkmi public-key"): the output is '
-             'self-contained and this machine cannot read it')
+        help='encrypt for the holder of the private key of this hybrid or '
+             'RSA public key (see "zodbkmi public-key"; a private key is '
+             'refused): the output is self-contained and this machine '
+             'cannot read it')
     p.add_argument(
         '--chunk-size', type=_chunk_size,
         default=stream.DEFAULT_CHUNK_SIZE, metavar='BYTES',
@@ -103,9 +106,10 @@ def register(subparsers):
     p.set_defaults(func=decrypt_file)
 
     p = subparsers.add_parser(
-        'public-key', help='print the public key of an RSA KEK',
-        description='Write the PEM of the public half of the RSA key '
-                    'encrypting key in KEK, for encrypt-file --recipient.')
+        'public-key', help='print the public key of a hybrid or RSA KEK',
+        description='Write the public half of the hybrid or RSA key '
+                    'encrypting key in KEK (PEM), for encrypt-file '
+                    '--recipient.')
     p.add_argument('key_file', metavar='KEK')
     p.add_argument('-o', '--output', default='-', metavar='OUTPUT',
                    help='file to write (default: standard output)')
@@ -123,9 +127,20 @@ def _facility(args):
 def _read_public(path):
     with open(path, 'rb') as f:
         data = f.read(1 << 20)
-    if b'PRIVATE KEY' in data:
-        data = read_key_file(path)      # checks its mode
-    return files.recipient_kek(data)
+    if b'PRIVATE KEY' in data[:80] or b'PUBLIC KEY' not in data[:80]:
+        # a private key (or an AES key) has no place on the machine that
+        # writes backups: the recipient's public key is all it needs
+        try:
+            name = 'KEK %s' % files.recipient_kek(read_key_file(path)).key_id
+        except (ZodbKmiError, OSError):
+            name = 'a key'
+        raise UsageError('--recipient %s holds %s that is no public key: '
+                         'give its public half (zodbkmi public-key)'
+                         % (path, name))
+    try:
+        return files.recipient_kek(data)
+    except InvalidKeyError as e:
+        raise InvalidKeyError('key file %s: %s' % (path, e)) from None
 
 
 class _InterruptibleInput(io.RawIOBase):

@@ -45,14 +45,19 @@ def register(subparsers):
         description='Generate a key encrypting key and write it to '
                     'KEK_FILE (atomically, mode 0600; an existing file is '
                     'never overwritten): one base64 line of an AES-256 '
-                    'key, or with --rsa the PEM of an RSA private key.  '
+                    'key, or with --kind hybrid (or --rsa, the same as '
+                    '--kind rsa) the PEM of a private key.  '
                     'Print the KEK id.  Keep the file: it is stored '
                     'nowhere else, and what its data keys encrypt cannot '
                     'be read without it.')
     p.add_argument('kek_file', help='where to write the KEK (must not '
                                     'exist)')
+    p.add_argument('--kind', choices=('aes', 'hybrid', 'rsa'), default=None,
+                   help='aes (the default here: AES-256), hybrid '
+                        '(ML-KEM-768 + X25519) or rsa (3072 bits)')
     p.add_argument('--rsa', action='store_true',
-                   help='an RSA key (3072 bits) instead of AES-256')
+                   help='an RSA key (3072 bits) instead of AES-256 '
+                        '(--kind rsa)')
     p.set_defaults(func=cmd_kek_file)
 
     p = subparsers.add_parser(
@@ -71,11 +76,16 @@ def register(subparsers):
 
     p = subparsers.add_parser(
         'new', help='create a KEK here and a data key on the server',
-        description='Create an RSA key encrypting key locally and an active '
-                    'data key wrapped by it on the server; write the KEK '
-                    '(PEM, 0600) to KEK_FILE and print the data key id.')
+        description='Create a key encrypting key locally (a hybrid '
+                    'ML-KEM-768 + X25519 key, or with --kind rsa an RSA '
+                    'key) and an active data key wrapped by it on the '
+                    'server; write the KEK (PEM, 0600) to KEK_FILE and '
+                    'print the data key id.')
     p.add_argument('kek_file', help='where to write the new KEK (must not '
                                     'exist)')
+    p.add_argument('--kind', choices=('hybrid', 'rsa'), default='hybrid',
+                   help='hybrid (post-quantum ML-KEM-768 + X25519, the '
+                        'default) or rsa (RSA-3072)')
     _common(p, admin=True)
     p.set_defaults(func=cmd_new)
 
@@ -104,8 +114,9 @@ def register(subparsers):
         description='Create a new data key wrapped by the KEK in KEK_FILE '
                     '(locally) and upload it; the previous one becomes '
                     'decrypt-only.  Print the new id.  KEK_FILE is read '
-                    'as the key holder reads it: the PEM of an RSA private '
-                    'key or one base64 line of an AES-256 key, mode 0600.')
+                    'as the key holder reads it: the PEM of a hybrid or RSA '
+                    'private key or one base64 line of an AES-256 key, mode '
+                    '0600.')
     p.add_argument('kek_file')
     _common(p, admin=True)
     p.set_defaults(func=cmd_rotate)
@@ -179,16 +190,19 @@ def facility(args, environ=None):
 
 def cmd_kek_file(args):
     from zodbkmi.kek import AES_KEY_SIZE
-    from zodbkmi.kek import RSAKeyEncryptingKey
     from zodbkmi.kek import as_kek
+    from zodbkmi.kek import generate_kek
     from zodbkmi.keyholder import write_key_file
     if os.path.lexists(args.kek_file):
         raise UsageError('%s exists: refusing to overwrite a key'
                          % args.kek_file)
-    if args.rsa:
-        key = RSAKeyEncryptingKey.generate().private_pem()
-    else:
+    if args.rsa and args.kind not in (None, 'rsa'):
+        raise UsageError('--rsa contradicts --kind %s' % args.kind)
+    kind = 'rsa' if args.rsa else (args.kind or 'aes')
+    if kind == 'aes':
         key = os.urandom(AES_KEY_SIZE)
+    else:
+        key = generate_kek(kind).private_pem()
     write_key_file(args.kek_file, key)
     print(as_kek(key).key_id)
     return 0
@@ -207,13 +221,13 @@ def cmd_create_key(args):
 
 
 def cmd_new(args):
-    from zodbkmi.kek import RSAKeyEncryptingKey
+    from zodbkmi.kek import generate_kek
     from zodbkmi.fileutil import write_atomic
     if os.path.exists(args.kek_file):
         raise UsageError('%s exists: refusing to overwrite a key'
                          % args.kek_file)
     local = facility(args)
-    kek = RSAKeyEncryptingKey.generate(local.rsa_bits)
+    kek = generate_kek(args.kind, local.rsa_bits)
     dek_id = local.create_key(kek)
     write_atomic(args.kek_file, kek.private_pem(), overwrite=False)
     print(dek_id)

@@ -16,7 +16,10 @@ private key over the header and the OAEP ciphertext)::
     30      n     KEK id, ASCII
     30+n    ...   the KEK's wrapping of the 32 byte DEK; for suite 1 the
                   OAEP ciphertext followed by the RSA-PSS signature of
-                  header || OAEP ciphertext (each as long as the modulus)
+                  header || OAEP ciphertext (each as long as the modulus);
+                  for suite 5 the HPKE ciphertext (1168 bytes) followed by
+                  the HMAC-SHA256 (32 bytes) of header || HPKE ciphertext
+                  under a key derived from the private key
 
 Version 1, still read (anyone holding the public half of an RSA KEK can make
 a version 1 suite 1 wrapping; self-contained streams use it)::
@@ -33,7 +36,8 @@ a version 1 suite 1 wrapping; self-contained streams use it)::
     aad = bytes 0..22+n-1 (the whole header)
 
 The header is the associated data of the wrapping (the OAEP label for RSA,
-the GCM associated data for AES), so a wrapped DEK cannot be moved to
+the GCM associated data for AES, the HPKE ``info`` for the hybrid suite 5),
+so a wrapped DEK cannot be moved to
 another DEK id or presented as the work of another KEK.
 """
 import time
@@ -54,12 +58,17 @@ SUITE_RSA_OAEP_SHA256 = 1
 SUITE_AES256_GCM = 2
 SUITE_VAULT_TRANSIT = 3
 SUITE_PKCS11_AES_GCM = 4
+SUITE_HPKE_MLKEM768_X25519 = 5
 SUITES = {
     SUITE_RSA_OAEP_SHA256: 'RSA-OAEP-SHA256',
     SUITE_AES256_GCM: 'AES-256-GCM',
     SUITE_VAULT_TRANSIT: 'Vault/OpenBao Transit',
     SUITE_PKCS11_AES_GCM: 'PKCS#11 AES-GCM',
+    SUITE_HPKE_MLKEM768_X25519: 'HPKE ML-KEM-768+X25519',
 }
+# the suites whose wrapping needs only a public key: their version 2
+# wrapping adds a proof made with the private key (a signature or a MAC)
+PUBLIC_SUITES = (SUITE_RSA_OAEP_SHA256, SUITE_HPKE_MLKEM768_X25519)
 
 
 _CREATED_SIZE = 8
@@ -91,9 +100,9 @@ class WrappedKey:
         """True when only the holder of the KEK's secret can have made this
         wrapped DEK: every version 2 wrapping, and version 1 wrappings of
         the suites that authenticate with a secret key (2, 3, 4).  A
-        version 1 RSA wrapping (suite 1) can be made by anyone holding the
-        public key."""
-        return self.version == VERSION_2 or self.suite != SUITE_RSA_OAEP_SHA256
+        version 1 RSA or hybrid wrapping (suites 1 and 5) can be made by
+        anyone holding the public key."""
+        return self.version == VERSION_2 or self.suite not in PUBLIC_SUITES
 
     def __repr__(self):
         return '<WrappedKey v%d DEK %s by KEK %s (%s)>' % (
@@ -128,7 +137,7 @@ def build_header(suite, dek_id, kek_id, version=VERSION, created=None):
 
 def _signed(header):
     """Whether the wrapping of ``header`` carries a signature by the KEK."""
-    return header[3] == VERSION_2 and header[4] == SUITE_RSA_OAEP_SHA256
+    return header[3] == VERSION_2 and header[4] in PUBLIC_SUITES
 
 
 def wrap(kek, dek_id, dek, created=None, version=VERSION):
