@@ -101,8 +101,16 @@ fi
 # The cache of plaintext blob copies lives on a RAM-backed file system
 # (/dev/shm by default), outside TMPDIR: what the run left there (a
 # storage a test did not close) is moved into TEST_TMP for the leak scan.
+# A directory of a process still running (another test run on this
+# machine) is left alone.
 for shm in /dev/shm/zodbkmi-blobs-*; do
     [ -d "$shm" ] && [ "$shm" -nt "$TEST_TMP/.started" ] || continue
+    pid=${shm#/dev/shm/zodbkmi-blobs-}
+    pid=${pid%%-*}
+    case "$pid" in
+        ''|*[!0-9]*) ;;
+        *) kill -0 "$pid" 2>/dev/null && continue ;;
+    esac
     echo "left by the tests: $shm (moved into $TEST_TMP/dev-shm)" >&2
     mkdir -p "$TEST_TMP/dev-shm"
     mv "$shm" "$TEST_TMP/dev-shm/" 2>/dev/null || rm -rf "$shm"
