@@ -112,7 +112,9 @@ class _ZopeInstance:
         self.zope = subprocess.Popen(
             [sys.executable, '-m', 'Zope2.Startup.serve', ini],
             cwd=self.instance,
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            stdout=self.log, stderr=subprocess.STDOUT,
+            # a Zope that does not stop prints where it hangs (SIGABRT)
+            env=dict(env or os.environ, PYTHONFAULTHANDLER='1'))
         self.addCleanup(self.log.close)
         self.addCleanup(self._stop)
         self.base = 'http://127.0.0.1:%d' % self.port
@@ -122,10 +124,14 @@ class _ZopeInstance:
         if self.zope is not None and self.zope.poll() is None:
             self.zope.send_signal(signal.SIGINT)
             try:
-                self.zope.wait(60)
+                self.zope.wait(180)
             except subprocess.TimeoutExpired:
-                self.zope.kill()
-                self.zope.wait()
+                self.zope.send_signal(signal.SIGABRT)   # the stacks
+                try:
+                    self.zope.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.zope.kill()
+                    self.zope.wait()
 
     def _log_text(self):
         with open(self.log.name, 'rb') as f:
