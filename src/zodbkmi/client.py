@@ -618,7 +618,6 @@ class LocalKeyManagementFacility(EncryptionService):
                         'not repeated on another replica, it is not '
                         "idempotent: check the key's state"
                         % (replica.url, method, path, reason)) from None
-                status = None
                 continue
             if status >= 500:
                 self._mark_down(replica, 'answered %d' % status)
