@@ -374,7 +374,7 @@ class LocalKeyManagementFacility(EncryptionService):
     healthy replica is tried once per request.
 
     ``grace`` (seconds, 0 by default, at most
-    :data:`zodbkmi.cache.MAX_GRACE`) lets cached DEKs serve up to that
+    ``zodbkmi.cache.MAX_GRACE``, one day) lets cached DEKs serve up to that
     long past their time to live while no replica answers, never when
     one refuses (``docs/server.rst``, "Outage policy").
 
