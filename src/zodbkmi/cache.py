@@ -19,6 +19,12 @@ no table that still refers to the entry keeps key material; the callbacks
 of :meth:`DEKCache.on_evict` let the facilities drop their own references.
 Expired entries are evicted by a reaper thread at their expiry time
 (:func:`_reaper`), not only when they are next looked up.
+
+A grace period (``grace`` seconds, 0 by default) keeps expired entries
+that long after their time to live, for one use only: :meth:`DEKCache.stale`
+hands them to a facility that cannot reach its key server (the outage
+policy of :class:`zodbkmi.client.LocalKeyManagementFacility`,
+``docs/server.rst``).  :meth:`DEKCache.get` never returns them.
 """
 import os
 import threading
@@ -31,6 +37,8 @@ from zodbkmi.exceptions import EvictedKeyError
 DEFAULT_TTL = 3600
 DEFAULT_MAXSIZE = 4096
 DEFAULT_USE_LIMIT = 2 ** 28
+#: The longest grace period a cache accepts (seconds): one day.
+MAX_GRACE = 86400
 
 _monotonic = time.monotonic
 _caches = weakref.WeakSet()
@@ -121,11 +129,15 @@ class DEKCache:
     """
 
     def __init__(self, ttl=DEFAULT_TTL, maxsize=DEFAULT_MAXSIZE,
-                 use_limit=DEFAULT_USE_LIMIT):
+                 use_limit=DEFAULT_USE_LIMIT, grace=0):
         if ttl < 0 or maxsize < 1 or use_limit < 1:
             raise ValueError('ttl >= 0, maxsize >= 1 and use_limit >= 1 '
                              'are required')
+        if not 0 <= grace <= MAX_GRACE:
+            raise ValueError('the grace period is 0 to %d seconds, not %r'
+                             % (MAX_GRACE, grace))
         self.ttl = ttl
+        self.grace = grace
         self.maxsize = maxsize
         self.use_limit = use_limit      # ignored (see the module)
         self._data = {}
@@ -159,17 +171,30 @@ class DEKCache:
         entry = self._data.get(raw_id)
         if entry is None:
             return None
-        if _monotonic() < entry.expires:
+        now = _monotonic()
+        if now < entry.expires:
             return entry
+        if now < entry.expires + self.grace:
+            return None     # kept for stale()
         with self._lock:
             if self._data.get(raw_id) is entry:
                 del self._data[raw_id]
         self._evicted([entry])
         return None
 
+    def stale(self, raw_id):
+        """Return the entry for ``raw_id`` if it expired less than
+        ``grace`` seconds ago (or is still alive), else None.  Only for a
+        facility that cannot reach its key server."""
+        entry = self._data.get(raw_id)
+        if entry is not None and _monotonic() < entry.expires + self.grace:
+            return entry
+        return None
+
     def sweep(self):
-        """Evict every expired entry; return how many."""
-        now = _monotonic()
+        """Evict every entry past its time to live and grace period;
+        return how many."""
+        now = _monotonic() - self.grace
         with self._lock:
             dead = [e for e in self._data.values() if e.expires <= now]
             for entry in dead:
@@ -178,11 +203,12 @@ class DEKCache:
         return len(dead)
 
     def next_expiry(self):
-        """The earliest expiry time of the entries (monotonic seconds), or
-        None."""
+        """The earliest time an entry is due for eviction (its expiry time
+        plus the grace period, monotonic seconds), or None."""
         with self._lock:
-            return min((e.expires for e in self._data.values()),
-                       default=None)
+            due = min((e.expires for e in self._data.values()),
+                      default=None)
+        return None if due is None else due + self.grace
 
     def put(self, raw_id, kek_id, sealer, dek=None):
         entry = CachedKey(raw_id, kek_id, sealer, _monotonic() + self.ttl,
@@ -196,7 +222,7 @@ class DEKCache:
                 dropped.append(previous)
             self._data[raw_id] = entry
         self._evicted(dropped)
-        _reaper.wake(entry.expires)
+        _reaper.wake(entry.expires + self.grace)
         return entry
 
     def _shrink(self):

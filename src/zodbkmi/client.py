@@ -13,12 +13,21 @@ it never imports the server (:mod:`zodbkmi.rest`), which knows nothing of
 it either.  ``zodbkmi.facility.LocalKeyManagementFacility`` and
 ``zodbkmi.rest.HTTPTransport`` (``WSGITransport``, ``check_url``) stay
 importable for code written before the client had a module of its own.
+
+Several URLs name replicas of one key service (``zodbkmi serve`` processes
+over one key store): :class:`Replica` holds the health of each, and the
+facility fails over between them (``docs/server.rst``, "Several key
+servers").  With ``prometheus_client`` installed (the ``metrics`` extra)
+the client counts cache hits and misses, fetch latency, failovers and
+replicas marked down (:data:`METRIC_NAMES`); without it, metrics are off.
 """
 import base64
 import http.client
 import io
+import itertools
 import json
 import os
+import re
 import ssl
 import threading
 import time
@@ -33,6 +42,7 @@ from zodbkmi.cache import DEFAULT_MAXSIZE
 from zodbkmi.cache import DEFAULT_TTL
 from zodbkmi.cache import DEFAULT_USE_LIMIT
 from zodbkmi.cache import evict_everywhere
+from zodbkmi.cache import MAX_GRACE
 from zodbkmi.exceptions import KeyServerError
 from zodbkmi.exceptions import SettingsError
 from zodbkmi.exceptions import UnknownKeyError
@@ -46,9 +56,108 @@ from zodbkmi.kek import as_kek
 from zodbkmi.kek import generate_kek
 from zodbkmi.tls import client_context
 
+try:
+    import prometheus_client
+except ImportError:     # the metrics extra is not installed: metrics off
+    prometheus_client = None
+
 #: The path prefix of the key server's API: ``zodbkmi.rest.API_PREFIX``
 #: (not imported from there: the client does not import the server).
 API_PREFIX = '/v1'
+
+#: How a client with several URLs chooses a replica: ``prefer`` (the first
+#: healthy one in the order given: the others are standbys) or ``spread``
+#: (round-robin among the healthy ones).
+POLICIES = ('prefer', 'spread')
+DEFAULT_POLICY = 'prefer'
+#: Seconds a replica that failed is left alone before it is tried again.
+DEFAULT_DOWN_TIME = 30.0
+
+#: The client's metrics (``prometheus_client``, default registry).
+METRIC_NAMES = {
+    'zodbkmi_client_dek_cache_hits_total':
+        'DEK lookups answered by the DEK cache',
+    'zodbkmi_client_dek_cache_misses_total':
+        'DEK lookups that had to fetch the wrapped DEK',
+    'zodbkmi_client_fetch_seconds':
+        'seconds per request to the key server, failovers included '
+        '(histogram)',
+    'zodbkmi_client_failovers_total':
+        'requests answered by another replica than the first one tried',
+    'zodbkmi_client_replica_down_total':
+        'times a replica was marked down (label replica: its URL)',
+    'zodbkmi_client_grace_uses_total':
+        'DEKs used past their time to live during an outage (grace period)',
+}
+_metrics = None
+_metrics_lock = threading.Lock()
+
+
+class _Metrics:
+    """The client's metrics, made once per process."""
+
+    def __init__(self):
+        p = prometheus_client
+        d = {name[len('zodbkmi_client_'):]: doc
+             for name, doc in METRIC_NAMES.items()}
+        self.hits = p.Counter('zodbkmi_client_dek_cache_hits',
+                              d['dek_cache_hits_total'])
+        self.misses = p.Counter('zodbkmi_client_dek_cache_misses',
+                                d['dek_cache_misses_total'])
+        self.fetch = p.Histogram('zodbkmi_client_fetch_seconds',
+                                 d['fetch_seconds'])
+        self.failovers = p.Counter('zodbkmi_client_failovers',
+                                   d['failovers_total'])
+        self.down = p.Counter('zodbkmi_client_replica_down',
+                              d['replica_down_total'], ['replica'])
+        self.grace = p.Counter('zodbkmi_client_grace_uses',
+                               d['grace_uses_total'])
+
+
+def client_metrics():
+    """The client's metrics (made on the first call), or None without
+    ``prometheus_client``."""
+    global _metrics
+    if prometheus_client is None:
+        return None
+    if _metrics is None:
+        with _metrics_lock:
+            if _metrics is None:
+                _metrics = _Metrics()
+    return _metrics
+
+
+def split_urls(urls):
+    """The list of key server URLs that ``urls`` names: a list or tuple of
+    URLs, or a string of URLs separated by white space or commas.  Raises
+    :class:`~zodbkmi.exceptions.SettingsError` for none or a repeated
+    one (they are not checked here: see :func:`check_url`)."""
+    if isinstance(urls, str):
+        found = [u for u in re.split(r'[\s,]+', urls) if u]
+    elif isinstance(urls, (list, tuple)):
+        found = []
+        for u in urls:
+            if not isinstance(u, str):
+                raise SettingsError('a key server URL is a string, not %r'
+                                    % (u,))
+            found.extend(split_urls(u))
+    else:
+        raise SettingsError('key server URLs are a string or a list, not %r'
+                            % (urls,))
+    if not found:
+        raise SettingsError('no key server URL given')
+    seen = set()
+    for u in found:
+        if u in seen:
+            raise SettingsError('key server URL %s is given twice' % u)
+        seen.add(u)
+    return found
+
+
+def _outage(error):
+    """Whether the KeyServerError ``error`` means no replica answered
+    (no answer, or a 5xx one), rather than a refusal (401, 403, 404...)."""
+    return error.status is None or error.status >= 500
 
 
 # -- transports --------------------------------------------------------------
@@ -124,7 +233,20 @@ class HTTPTransport:
             self._local.conn = None
 
     def request(self, method, path, body=None, headers=None):
+        """Return ``(status, body)``.  An ``OSError`` raised before any
+        byte of the request was sent (connection refused, TLS handshake
+        failed) has ``request_sent = False``; one raised after, True
+        (the server may have carried the request out), and ``reused``
+        says whether a kept-alive connection was used."""
         conn = self._connection()
+        reused = conn.sock is not None
+        if not reused:
+            try:
+                conn.connect()
+            except OSError as e:
+                self.close()
+                e.request_sent, e.reused = False, False
+                raise
         try:
             conn.request(method, self.prefix + path, body=body,
                          headers=headers or {})
@@ -132,9 +254,10 @@ class HTTPTransport:
             data = response.read()
         except (OSError, http.client.HTTPException) as e:
             self.close()
-            if isinstance(e, OSError):
-                raise
-            raise ConnectionError(str(e)[:100]) from None
+            if not isinstance(e, OSError):
+                e = ConnectionError(str(e)[:100])
+            e.request_sent, e.reused = True, reused
+            raise e from None
         if response.will_close:
             self.close()
         return response.status, data
@@ -184,6 +307,41 @@ class WSGITransport:
         return result['status'], data
 
 
+# -- replicas ----------------------------------------------------------------
+
+class Replica:
+    """One URL of a key service: its transport and its health.
+
+    ``down_until`` (monotonic seconds) is when a replica that failed may be
+    tried again; ``error`` why it failed last (one line, no secret)."""
+
+    __slots__ = ('url', 'transport', 'down_until', 'error')
+
+    def __init__(self, url, transport):
+        self.url = url
+        self.transport = transport
+        self.down_until = 0.0
+        self.error = None
+
+    def __repr__(self):
+        return '<Replica %s %s>' % (self.url, 'down' if self.error else 'up')
+
+    def up(self, now=None):
+        return (time.monotonic() if now is None else now) >= self.down_until
+
+
+def _reason(e):
+    """One line saying why the request to a replica failed."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return 'certificate verification failed (%s)' % e.verify_message
+    if isinstance(e, ssl.SSLError) and not isinstance(
+            e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return 'TLS refused (%s)' % (e.reason or e.strerror)
+    if isinstance(e, TimeoutError):
+        return 'timed out'
+    return e.strerror or type(e).__name__
+
+
 # -- the facility ------------------------------------------------------------
 
 @implementer(IExtendedKeyManagementFacility)
@@ -202,11 +360,32 @@ class LocalKeyManagementFacility(EncryptionService):
     reached or refuses, :class:`zodbkmi.exceptions.KeyServerError` is
     raised.
 
+    ``url`` may name several replicas of one key service: a list of URLs,
+    or a string of URLs separated by white space or commas (see
+    :func:`split_urls`).  ``policy`` says which one a request goes to:
+    ``"prefer"`` (the default: the first healthy one, in the order given)
+    or ``"spread"`` (round-robin among the healthy ones).  A replica that
+    fails (no connection, timeout, TLS failure, a 5xx answer) is marked
+    down for ``down_time`` seconds and the request goes on to the next
+    one if it is idempotent (a GET, the rewrap PUT, and key creation,
+    whose DEK id is its idempotency key); retiring and deleting a key are
+    tried on another replica only when the failure proves the request
+    was not sent.  While every replica is down, a request fails at once.
+    With several URLs, ``retries`` and ``backoff`` are not used: each
+    healthy replica is tried once per request.
+
+    ``grace`` (seconds, 0 by default, at most
+    ``zodbkmi.cache.MAX_GRACE``, one day) lets cached DEKs serve up to that
+    long past their time to live while no replica answers, never when
+    one refuses (``docs/server.rst``, "Outage policy").
+
     The token file is read by :func:`zodbkmi.fileutil.read_secret_file`
     (refused when group or others can access it).  An ``http://`` URL is
     refused with :class:`zodbkmi.exceptions.SettingsError` unless
     ``allow_http=True`` is given (development only: the bearer token and
     the wrapped keys would travel in clear; loopback is no exception).
+    ``transport`` (for tests) replaces the HTTP transport: one, or a list
+    with one per URL.
     """
 
     rsa_bits = RSA_DEFAULT_BITS
@@ -216,32 +395,86 @@ class LocalKeyManagementFacility(EncryptionService):
                  timeout=DEFAULT_TTL, cache_size=DEFAULT_MAXSIZE,
                  use_limit=DEFAULT_USE_LIMIT, request_timeout=5.0,
                  retries=3, backoff=0.05, client_cert=None,
-                 client_key=None, transport=None, allow_http=False):
-        check_url(url, allow_http)
+                 client_key=None, transport=None, allow_http=False,
+                 policy=DEFAULT_POLICY, down_time=DEFAULT_DOWN_TIME,
+                 grace=0):
+        urls = split_urls(url)
+        for u in urls:
+            check_url(u, allow_http)
+        if policy not in POLICIES:
+            raise SettingsError('key server policy must be %s, not %r'
+                                % (' or '.join(POLICIES), policy))
+        if not (isinstance(down_time, (int, float)) and down_time >= 0):
+            raise SettingsError('key server down time must be a number of '
+                                'seconds >= 0, not %r' % (down_time,))
+        if not (isinstance(grace, (int, float))
+                and 0 <= grace <= MAX_GRACE):
+            raise SettingsError('grace period must be 0 to %d seconds, not '
+                                '%r' % (MAX_GRACE, grace))
         if token is None and token_file is not None:
             token = read_secret_text(token_file, 'token')
         super().__init__(timeout, cache_size, use_limit)
-        self.url = url
+        self._cache.grace = grace
+        self.url = urls[0]
+        self.urls = urls
+        self.policy = policy
+        self.down_time = down_time
         self._token = token
         self.retries = retries
         self.backoff = backoff
-        self._transport = transport or HTTPTransport(
-            url, ca_file=ca_file, timeout=request_timeout,
-            client_cert=client_cert, client_key=client_key,
-            allow_http=allow_http)
+        if transport is None:
+            transports = [HTTPTransport(
+                u, ca_file=ca_file, timeout=request_timeout,
+                client_cert=client_cert, client_key=client_key,
+                allow_http=allow_http) for u in urls]
+        elif isinstance(transport, (list, tuple)):
+            if len(transport) != len(urls):
+                raise SettingsError('%d transports for %d URLs'
+                                    % (len(transport), len(urls)))
+            transports = list(transport)
+        else:
+            transports = [transport] * len(urls)
+        self.replicas = [Replica(u, t) for u, t in zip(urls, transports)]
+        self._turn = itertools.count()
+        # KEK id -> the id of its active DEK as a replica last said it
+        self._known_active = {}
+
+    @property
+    def _transport(self):
+        """The transport of the first replica; set, the transport of every
+        replica (what :func:`zodbkmi.testing.setupRestApi` does)."""
+        return self.replicas[0].transport
+
+    @_transport.setter
+    def _transport(self, transport):
+        for replica in self.replicas:
+            replica.transport = transport
+
+    @property
+    def grace(self):
+        """Seconds a cached DEK may serve past its time to live while no
+        key server answers (0: never)."""
+        return self._cache.grace
 
     def __repr__(self):
-        return '<%s %s>' % (type(self).__name__, self.url)
+        return '<%s %s>' % (type(self).__name__, ' '.join(self.urls))
 
     def close(self):
-        """Close this thread's connection to the server (it is opened
+        """Close this thread's connections to the servers (they are opened
         again when needed)."""
-        self._transport.close()
+        for replica in self.replicas:
+            replica.transport.close()
 
     # -- HTTP ------------------------------------------------------------
 
-    def _request(self, method, path, doc=None, missing_ok=False):
-        """Return the JSON answer, None for a 404 when ``missing_ok``."""
+    def _request(self, method, path, doc=None, missing_ok=False,
+                 idempotent=None):
+        """Return the JSON answer, None for a 404 when ``missing_ok``.
+
+        ``idempotent`` (by default: for GET and PUT) allows the request to
+        go to another replica after one failed once it was sent."""
+        if idempotent is None:
+            idempotent = method in ('GET', 'PUT', 'HEAD')
         headers = {'Accept': 'application/json'}
         if self._token:
             headers['Authorization'] = 'Bearer ' + self._token
@@ -249,35 +482,19 @@ class LocalKeyManagementFacility(EncryptionService):
         if doc is not None:
             body = json.dumps(doc).encode('ascii')
             headers['Content-Type'] = 'application/json'
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                status, data = self._transport.request(
-                    method, path, body, headers)
-                break
-            except OSError as e:
-                if isinstance(e, ssl.SSLCertVerificationError):
-                    raise KeyServerError(
-                        'key server %s: certificate verification failed '
-                        '(%s)' % (self.url, e.verify_message)) from None
-                if isinstance(e, ssl.SSLError) and not isinstance(
-                        e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                    raise KeyServerError(
-                        'key server %s: TLS refused (%s)'
-                        % (self.url, e.reason or e.strerror)) from None
-                if attempt == self.retries:
-                    reason = e.strerror or type(e).__name__
-                    if not e.strerror and isinstance(e, ConnectionError):
-                        # the server closed the connection without an
-                        # HTTP answer: a TLS server asked in plain HTTP
-                        reason = 'closed without an answer'
-                        if self.url.lower().startswith('http://'):
-                            reason += ' (is it an https:// server?)'
-                    raise KeyServerError(
-                        'key server %s cannot be reached (%d attempts): %s'
-                        % (self.url, attempt + 1, reason)) from None
-                time.sleep(delay)
-                delay *= 2
+        metrics = client_metrics()
+        started = time.perf_counter()
+        try:
+            if len(self.replicas) == 1:
+                status, data = self._send_single(method, path, body, headers,
+                                                 idempotent)
+                url = self.url
+            else:
+                status, data, url = self._send(method, path, body, headers,
+                                               idempotent)
+        finally:
+            if metrics is not None:
+                metrics.fetch.observe(time.perf_counter() - started)
         if status == 404 and missing_ok:
             return None
         try:
@@ -295,9 +512,130 @@ class LocalKeyManagementFacility(EncryptionService):
                                       % dek_id, dek_id)
             raise KeyServerError(
                 'key server %s refused %s %s: %d %s'
-                % (self.url, method, path, status, reason or ''),
+                % (url, method, path, status, reason or ''),
                 status, reason)
         return answer
+
+    def _send_single(self, method, path, body, headers, idempotent):
+        """One URL: ``retries`` more attempts after a connection error,
+        with a growing backoff (a request that is not idempotent only when
+        it was not sent)."""
+        replica = self.replicas[0]
+        if not idempotent:
+            replica.transport.close()   # a failure then says if it was sent
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                status, data = replica.transport.request(
+                    method, path, body, headers)
+                replica.error = None
+                return status, data
+            except OSError as e:
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    raise KeyServerError(
+                        'key server %s: certificate verification failed '
+                        '(%s)' % (self.url, e.verify_message)) from None
+                if isinstance(e, ssl.SSLError) and not isinstance(
+                        e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    raise KeyServerError(
+                        'key server %s: TLS refused (%s)'
+                        % (self.url, e.reason or e.strerror)) from None
+                reason = e.strerror or type(e).__name__
+                if not e.strerror and isinstance(e, ConnectionError):
+                    # the server closed the connection without an
+                    # HTTP answer: a TLS server asked in plain HTTP
+                    reason = 'closed without an answer'
+                    if self.url.lower().startswith('http://'):
+                        reason += ' (is it an https:// server?)'
+                if not idempotent and getattr(e, 'request_sent', True):
+                    self._mark_down(replica, reason)
+                    raise KeyServerError(
+                        'key server %s failed after %s %s was sent (%s); '
+                        'not repeated, it is not idempotent: check the '
+                        "key's state" % (self.url, method, path,
+                                         reason)) from None
+                if attempt == self.retries:
+                    self._mark_down(replica, reason)
+                    raise KeyServerError(
+                        'key server %s cannot be reached (%d attempts): %s'
+                        % (self.url, attempt + 1, reason)) from None
+                time.sleep(delay)
+                delay *= 2
+
+    def _order(self):
+        """The replicas that are up, in the order to try them."""
+        now = time.monotonic()
+        healthy = [r for r in self.replicas if r.up(now)]
+        if self.policy == 'spread' and len(healthy) > 1:
+            k = next(self._turn) % len(healthy)
+            healthy = healthy[k:] + healthy[:k]
+        return healthy
+
+    def _mark_down(self, replica, reason):
+        replica.down_until = time.monotonic() + self.down_time
+        replica.error = reason
+        metrics = client_metrics()
+        if metrics is not None:
+            metrics.down.labels(replica.url).inc()
+
+    def _down_message(self):
+        now = time.monotonic()
+        return '; '.join(
+            '%s down for %.0f s more (%s)'
+            % (r.url, max(0.0, r.down_until - now), r.error or 'failed')
+            for r in self.replicas)
+
+    def _send(self, method, path, body, headers, idempotent):
+        """Several URLs: try the healthy replicas in turn; return
+        ``(status, body, url)``.  Raises KeyServerError naming every
+        replica that failed and why, in one line."""
+        order = self._order()
+        if not order:
+            raise KeyServerError('no key server replica is up for %s %s: %s'
+                                 % (method, path, self._down_message()))
+        failures = []
+        status = None
+        for replica in order:
+            transport = replica.transport
+            if not idempotent:
+                transport.close()   # a failure then says if it was sent
+            try:
+                try:
+                    status, data = transport.request(method, path, body,
+                                                     headers)
+                except OSError as e:
+                    if not (idempotent and getattr(e, 'reused', False)):
+                        raise
+                    # a kept-alive connection the server had closed: once
+                    # more on a new one before calling the replica down
+                    status, data = transport.request(method, path, body,
+                                                     headers)
+            except OSError as e:
+                reason = _reason(e)
+                self._mark_down(replica, reason)
+                failures.append('%s: %s' % (replica.url, reason))
+                if not idempotent and getattr(e, 'request_sent', True):
+                    raise KeyServerError(
+                        'key server %s failed after %s %s was sent (%s); '
+                        'not repeated on another replica, it is not '
+                        "idempotent: check the key's state"
+                        % (replica.url, method, path, reason)) from None
+                continue
+            if status >= 500:
+                self._mark_down(replica, 'answered %d' % status)
+                failures.append('%s: answered %d' % (replica.url, status))
+                if not idempotent:   # not repeated: its answer stands
+                    return status, data, replica.url
+                continue
+            replica.error = None
+            if failures:
+                metrics = client_metrics()
+                if metrics is not None:
+                    metrics.failovers.inc()
+            return status, data, replica.url
+        raise KeyServerError(
+            'no key server replica answered %s %s: %s'
+            % (method, path, '; '.join(failures)), status)
 
     # -- EncryptionService -----------------------------------------------
 
@@ -311,9 +649,52 @@ class LocalKeyManagementFacility(EncryptionService):
                                  'key %s' % (self.url, dek_id)) from None
 
     def _active_key_id(self, kek_id):
-        answer = self._request('GET', '/v1/keks/%s/active'
-                               % quote(kek_id, safe=''), missing_ok=True)
-        return None if answer is None else answer.get('dek_id')
+        """The active DEK of ``kek_id`` as the key server says.  When no
+        replica answers, the one a replica named last, if that DEK is
+        still in the cache (within its time to live or grace period);
+        else the KeyServerError: nothing is ever created locally."""
+        try:
+            answer = self._request('GET', '/v1/keks/%s/active'
+                                   % quote(kek_id, safe=''), missing_ok=True)
+        except KeyServerError as e:
+            known = self._known_active.get(kek_id)
+            if _outage(e) and known is not None and self._cache.stale(
+                    bytes.fromhex(known)) is not None:
+                return known
+            raise
+        dek_id = None if answer is None else answer.get('dek_id')
+        if dek_id is None:
+            self._known_active.pop(kek_id, None)
+        else:
+            keystore.check_dek_id(dek_id)
+            self._known_active[kek_id] = dek_id
+        return dek_id
+
+    def _authorized_entry(self, raw_id, keks):
+        """As :meth:`EncryptionService._authorized_entry`, counting cache
+        hits and misses, and, when no replica answers, handing out an
+        entry that expired less than ``grace`` seconds ago (to a KEK that
+        unwrapped it itself)."""
+        metrics = client_metrics()
+        if metrics is not None:
+            entry = self._cache.get(raw_id)
+            if entry is not None and any(
+                    entry.authorizes(k) for k in keks.values()):
+                metrics.hits.inc()
+            else:
+                metrics.misses.inc()
+        try:
+            return super()._authorized_entry(raw_id, keks)
+        except KeyServerError as e:
+            if not (_outage(e) and self._cache.grace):
+                raise
+            entry = self._cache.stale(raw_id)
+            kek = None if entry is None else keks.get(entry.kek_id)
+            if kek is None or not entry.authorizes(kek):
+                raise
+            if metrics is not None:
+                metrics.grace.inc()
+            return entry
 
     # -- read-only mapping -----------------------------------------------
 
@@ -393,9 +774,13 @@ class LocalKeyManagementFacility(EncryptionService):
              if m['kek_id'] == kek.key_id and m.get('version') == 2),
             default=None))
         data = wrapped.wrap(kek, raw_id, os.urandom(32), created=created)
+        # idempotent: the DEK id inside ``data`` is the idempotency key (a
+        # replica that has these bytes already answers with the entry)
         answer = self._request('POST', '/v1/keys', {
-            'wrapped': base64.b64encode(data).decode('ascii')})
+            'wrapped': base64.b64encode(data).decode('ascii')},
+            idempotent=True)
         self._forget_active()
+        self._known_active[kek.key_id] = answer['dek_id']
         return answer['dek_id']
 
     def upgrade(self, key):
@@ -432,12 +817,18 @@ class LocalKeyManagementFacility(EncryptionService):
         """Make ``dek_id`` decrypt-only on the server."""
         keystore.check_dek_id(dek_id)
         self._request('POST', '/v1/keys/%s/retire' % dek_id)
-        self._forget_active()
+        self._forget_known(dek_id)
         evict_everywhere(dek_id)
 
     def delete(self, dek_id):
         """Destroy ``dek_id`` on the server; it cannot be undone."""
         keystore.check_dek_id(dek_id)
         self._request('DELETE', '/v1/keys/' + dek_id)
-        self._forget_active()
+        self._forget_known(dek_id)
         evict_everywhere(dek_id)
+
+    def _forget_known(self, dek_id):
+        self._forget_active()
+        for kek_id, known in list(self._known_active.items()):
+            if known == dek_id:
+                self._known_active.pop(kek_id, None)

@@ -402,6 +402,7 @@ class KeyServerApp:
         dek_id = parsed.dek_id.hex()
         entry = keystore.KeyStoreEntry(dek_id, parsed.kek_id, data)
         store = self.facility.key_store
+        status = 201
         with self._lock:
             # all of them: a server killed between add and retire may
             # have left two active keys of one KEK
@@ -409,14 +410,27 @@ class KeyServerApp:
             try:
                 store.add(entry)
             except ValueError:
-                self.audit.write(client, 'create', dek_id, 'exists')
-                raise HTTPError(409, 'key %s exists already'
-                                % dek_id) from None
+                # The DEK id, chosen by the client inside the wrapped DEK,
+                # is the idempotency key: the same bytes again are a
+                # client retrying (on this or another replica) a creation
+                # whose answer it lost; it gets the entry, and what the
+                # first request may not have finished (retiring the older
+                # active keys) is done.  Other bytes under that id: 409.
+                existing = store.get(dek_id)
+                if existing is None or existing.wrapped != data:
+                    self.audit.write(client, 'create', dek_id, 'exists')
+                    raise HTTPError(409, 'key %s exists already'
+                                    % dek_id) from None
+                entry, status = existing, 200
+                previous = [e for e in previous
+                            if (e.created, e.dek_id)
+                            < (entry.created, entry.dek_id)]
             for old in previous:
                 self.facility.retire(old.dek_id)
                 self.audit.write(client, 'retire', old.dek_id, 'ok')
-        self.audit.write(client, 'create', dek_id, 'ok')
-        return 201, _metadata(entry), [
+        self.audit.write(client, 'create', dek_id,
+                         'ok' if status == 201 else 'repeated')
+        return status, _metadata(entry), [
             ('Location', '%s/keys/%s' % (API_PREFIX, dek_id))]
 
     def replace_key(self, environ, client, dek_id):

@@ -16,7 +16,10 @@ live in the namespace :data:`NAMESPACE` and need the ``zcml`` extra
     data keys in ``storageDir``);
 ``localKeyManagementFacility``
     registers a :class:`~zodbkmi.client.LocalKeyManagementFacility` (a
-    client of the key server at ``url``).
+    client of the key server at ``url``, or of the replicas of one key
+    service when ``url`` holds several URLs separated by white space or
+    commas; ``policy``, ``downTime`` and ``gracePeriod`` as for the
+    class).
 
 A facility is one object registered as the
 :class:`~zodbkmi.interfaces.IEncryptionService` (the utility that
@@ -44,6 +47,7 @@ from zope.configuration.exceptions import ConfigurationError
 from zope.configuration.fields import Bool
 from zope.configuration.fields import Path
 from zope.interface import Interface
+from zope.schema import Choice
 from zope.schema import Float
 from zope.schema import Int
 from zope.schema import TextLine
@@ -164,8 +168,30 @@ class ILocalKeyManagementFacilityDirective(_IFacilityDirective):
 
     url = TextLine(
         title='Key server URL',
-        description='https://host:port of the key server.',
+        description=('https://host:port of the key server; several '
+                     'replicas of one key service: their URLs separated '
+                     'by white space or commas.'),
         required=True)
+
+    policy = Choice(
+        title='Replica policy',
+        description=('With several URLs: "prefer" (the first healthy '
+                     'one, the default) or "spread" (round-robin among '
+                     'the healthy ones).'),
+        values=('prefer', 'spread'), required=False)
+
+    downTime = Float(
+        title='Down time',
+        description=('Seconds a replica that failed is left alone '
+                     '(default 30).'),
+        required=False, min=0.0)
+
+    gracePeriod = Float(
+        title='Grace period',
+        description=('Seconds a cached data key may serve past its time '
+                     'to live while no key server answers (default 0: '
+                     'never; at most 86400).'),
+        required=False, min=0.0, max=86400.0)
 
     caFile = Path(
         title='CA certificate',
@@ -281,24 +307,33 @@ def localKeyManagementFacility(_context, url, caFile=None, tokenFile=None,
                                tokenEnv=None, clientCert=None,
                                clientKey=None, requestTimeout=None,
                                allowHttp=False, ensureKey=False,
-                               cacheTimeout=None, cacheSize=None):
+                               cacheTimeout=None, cacheSize=None,
+                               policy=None, downTime=None, gracePeriod=None):
     """Handler of ``<localKeyManagementFacility>``."""
     from urllib.parse import urlsplit
+    from zodbkmi.client import split_urls
     directive = 'localKeyManagementFacility'
     try:
-        parts = urlsplit(url)
-        parts.port
-    except ValueError:
-        raise _fail(directive, 'url %r is not a URL' % url) from None
-    if parts.scheme == 'http':
-        if not allowHttp:
-            raise _fail(directive, 'url %s: plain http is refused (tokens '
-                        'and keys would cross the network in clear); use '
-                        'https, or set allowHttp for development' % url)
-    elif parts.scheme != 'https':
-        raise _fail(directive, 'url %r must start with https://' % url)
-    if not parts.hostname:
-        raise _fail(directive, 'url %r has no host' % url)
+        urls = split_urls(url)
+    except ValueError as e:
+        raise _fail(directive, 'url: %s' % e) from None
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            parts.port
+        except ValueError:
+            raise _fail(directive, 'url %r is not a URL' % url) from None
+        if parts.scheme == 'http':
+            if not allowHttp:
+                raise _fail(directive, 'url %s: plain http is refused '
+                            '(tokens and keys would cross the network in '
+                            'clear); use https, or set allowHttp for '
+                            'development' % url)
+        elif parts.scheme != 'https':
+            raise _fail(directive, 'url %r must start with https://' % url)
+        if not parts.hostname:
+            raise _fail(directive, 'url %r has no host' % url)
+    url = ' '.join(urls)
     if (tokenFile is None) == (tokenEnv is None):
         raise _fail(directive, 'give exactly one of tokenFile and tokenEnv')
     if clientKey is not None and clientCert is None:
@@ -306,6 +341,10 @@ def localKeyManagementFacility(_context, url, caFile=None, tokenFile=None,
     kw = _cache_options(cacheTimeout, cacheSize)
     if requestTimeout is not None:
         kw['request_timeout'] = requestTimeout
+    for name, value in (('policy', policy), ('down_time', downTime),
+                        ('grace', gracePeriod)):
+        if value is not None:
+            kw[name] = value
     factory = _Facility(directive, _make_local, url=url, ca_file=caFile,
                         token_file=tokenFile, token_env=tokenEnv,
                         client_cert=clientCert, client_key=clientKey,

@@ -2,7 +2,8 @@
 ``get``, ``status``, ``list``, ``rotate``, ``retire``, ``delete`` are the
 key server's client (the successor of keas.kmi's testclient).
 
-The server is named by ``--url`` (or ``ZODBKMI_URL``), its CA by
+The server is named by ``--url`` (or ``ZODBKMI_URL``; several replicas of
+one key service: ``--url`` again, or URLs separated by commas), its CA by
 ``--ca-file`` (``ZODBKMI_CA_FILE``), the bearer token by ``--token-file``
 (``ZODBKMI_TOKEN_FILE``, mode 0600) or ``ZODBKMI_TOKEN``; an ``http://``
 URL needs ``--allow-http``.  Defaults fit ``zodbkmi serve`` started in the
@@ -19,9 +20,10 @@ DEFAULT_URL = 'https://127.0.0.1:8443'
 
 def _common(p, admin=False):
     g = p.add_argument_group('key server')
-    g.add_argument('--url', default=None,
-                   help='key server URL (ZODBKMI_URL; default %s)'
-                        % DEFAULT_URL)
+    g.add_argument('--url', default=None, action='append',
+                   help='key server URL (ZODBKMI_URL; default %s); '
+                        'replicas of one key service: give it again, or '
+                        'several URLs separated by commas' % DEFAULT_URL)
     g.add_argument('--ca-file', default=None,
                    help='CA of the server certificate (ZODBKMI_CA_FILE; '
                         'default var/tls/cert.pem if it exists)')
@@ -158,8 +160,12 @@ def register(subparsers):
 def facility(args, environ=None):
     """The LocalKeyManagementFacility the arguments describe."""
     from zodbkmi.client import LocalKeyManagementFacility
+    from zodbkmi.client import split_urls
     env = os.environ if environ is None else environ
-    url = args.url or env.get('ZODBKMI_URL') or DEFAULT_URL
+    try:
+        urls = split_urls(args.url or env.get('ZODBKMI_URL') or DEFAULT_URL)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     ca = args.ca_file or env.get('ZODBKMI_CA_FILE')
     if ca is None and os.path.exists(os.path.join('var', 'tls', 'cert.pem')):
         ca = os.path.join('var', 'tls', 'cert.pem')
@@ -175,14 +181,15 @@ def facility(args, environ=None):
         raise UsageError('no credentials: give --token-file or set '
                          'ZODBKMI_TOKEN')
     allow_http = getattr(args, 'allow_http', False)
-    if url.lower().startswith('http://') and not allow_http:
-        raise UsageError('key server URL %s is plain HTTP: the bearer token '
-                         'and the wrapped keys would travel in clear; use '
-                         'https://, or add --allow-http (development only)'
-                         % url)
+    for url in urls:
+        if url.lower().startswith('http://') and not allow_http:
+            raise UsageError('key server URL %s is plain HTTP: the bearer '
+                             'token and the wrapped keys would travel in '
+                             'clear; use https://, or add --allow-http '
+                             '(development only)' % url)
     try:
         return LocalKeyManagementFacility(
-            url, token=token, token_file=token_file, ca_file=ca,
+            urls, token=token, token_file=token_file, ca_file=ca,
             request_timeout=args.timeout, retries=1, allow_http=allow_http)
     except ValueError as e:
         raise UsageError(str(e)) from None

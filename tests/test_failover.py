@@ -1,0 +1,319 @@
+"""Client failover between key server replicas, under faults.
+
+Three real ``zodbkmi serve`` replicas on loopback ports, over TLS, share
+one key store, one certificate and one token table (:class:`Replicas`).
+A client with the three URLs and no DEK cache to speak of works with 16
+threads while one replica is killed with SIGKILL: no client operation may
+fail, and afterwards no key is lost or duplicated and every KEK has
+exactly one active key.  Then every replica is killed: cached DEKs keep
+working within their time to live (and the grace period, when one is
+set), an uncached one fails at once with ``KeyServerError``.
+
+The key store is a parameter of the layer (:attr:`ReplicasLayer.store_args`,
+the ``zodbkmi serve`` arguments that name it): a subclass runs the same
+tests on another store.  See ``docs/server.rst`` ("Several key servers",
+"Outage policy").
+"""
+import http.client
+import os
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+import unittest
+
+import zodbkmi
+from zodbkmi import server as serverconf
+from zodbkmi.client import LocalKeyManagementFacility
+from zodbkmi.exceptions import KeyServerError
+from zodbkmi.exceptions import UnknownKeyError
+from zodbkmi.kek import AESKeyEncryptingKey
+from zodbkmi.keystore import ACTIVE
+from zodbkmi.testing import ServerProcess
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(zodbkmi.__file__)))
+THREADS = 16
+LOAD_SECONDS = 3.0
+
+
+def _env():
+    path = os.environ.get('PYTHONPATH')
+    return dict(PYTHONPATH=SRC + (os.pathsep + path if path else ''))
+
+
+class Replicas:
+    """``n`` replicas of one key service in ``base``: each a ``zodbkmi
+    serve`` process group of its own (SIGKILL reaches its workers), all
+    with the certificate, the token table and the key store of
+    ``base/shared`` (``store_args``: by default ``--key-dir
+    base/shared/keys``)."""
+
+    def __init__(self, base, n=3, store_args=None):
+        self.base = base
+        shared = os.path.join(base, 'shared')
+        self.cert, key = serverconf.generate_self_signed(
+            os.path.join(shared, 'tls'))
+        tokens = os.path.join(shared, 'var', 'tokens.json')
+        serverconf.ensure_tokens(tokens)
+        self.key_dir = os.path.join(shared, 'keys')
+        if store_args is None:
+            store_args = ['--key-dir', self.key_dir]
+        self.servers = []
+        for i in range(n):
+            directory = os.path.join(base, 'r%d' % i)
+            os.makedirs(os.path.join(directory, 'var'), mode=0o700)
+            for role in ('admin', 'client'):   # what ServerProcess reads
+                shutil.copy2(os.path.join(shared, 'var', role + '.token'),
+                             os.path.join(directory, 'var', role + '.token'))
+            self.servers.append(ServerProcess(
+                '--access-log', 'off', '--tls-cert', self.cert,
+                '--tls-key', key, '--tokens-file', tokens,
+                '--audit-log', os.path.join(directory, 'audit.log'),
+                *store_args, env=_env(), directory=directory,
+                new_session=True, start=False))
+        self.urls = [s.url for s in self.servers]
+        self.admin = None
+
+    def start(self):
+        for s in self.servers:
+            if s.proc is None or s.proc.poll() is not None:
+                s.start()
+        self.admin = self.servers[0].admin
+
+    def kill(self, i=None):
+        for s in (self.servers if i is None else [self.servers[i]]):
+            s.kill()
+
+    def facility(self, test, urls=None, **kw):
+        """A client of the replicas, closed after ``test``."""
+        kw.setdefault('token', self.admin)
+        kw.setdefault('ca_file', self.cert)
+        kw.setdefault('request_timeout', 10.0)
+        facility = LocalKeyManagementFacility(urls or self.urls, **kw)
+        test.addCleanup(facility.close)
+        return facility
+
+    def delete(self, dek_id, i=0):
+        """DELETE ``dek_id`` by plain HTTPS (not through a facility of this
+        process, which would evict the DEK from every cache here)."""
+        ctx = ssl.create_default_context(cafile=self.cert)
+        conn = http.client.HTTPSConnection('127.0.0.1',
+                                           self.servers[i].port,
+                                           context=ctx, timeout=30)
+        try:
+            conn.request('DELETE', '/v1/keys/' + dek_id, headers={
+                'Authorization': 'Bearer ' + self.admin})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+
+class ReplicasLayer:
+    """Three replicas over the directory key store, started once."""
+
+    #: ``zodbkmi serve`` arguments naming the key store (None: a key
+    #: directory of the layer); a subclass sets another store.
+    store_args = None
+
+    @classmethod
+    def setUp(cls):
+        cls.base = tempfile.mkdtemp(prefix='zodbkmi-replicas-')
+        cls.replicas = Replicas(cls.base, 3, cls.store_args)
+        cls.replicas.start()
+
+    @classmethod
+    def tearDown(cls):
+        cls.replicas.kill()
+        shutil.rmtree(cls.base, True)
+
+
+class _NoConnection:
+    """A transport that fails the test if a request is attempted."""
+
+    def request(self, *args):
+        raise AssertionError('a request was attempted')
+
+    def close(self):
+        pass
+
+
+def _poll(condition, timeout=60.0, what='condition'):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out waiting for ' + what)
+        time.sleep(0.01)
+
+
+class FailoverTests(unittest.TestCase):
+
+    layer = ReplicasLayer
+
+    def setUp(self):
+        self.replicas = self.layer.replicas
+        self.replicas.start()   # again, after a test killed some
+
+    def tearDown(self):
+        self.replicas.start()
+
+    def _check_store(self, created, keks):
+        """Every key acknowledged is there once, and each KEK has exactly
+        one active key: the last one created for it."""
+        check = self.replicas.facility(self)
+        metadata = check.metadata()
+        ids = [m['dek_id'] for m in metadata]
+        self.assertEqual(len(ids), len(set(ids)), 'a key listed twice')
+        for dek_id in created:
+            self.assertIn(dek_id, ids, 'acknowledged key lost')
+        for index, kek in enumerate(keks):
+            mine = [m for m in metadata if m['kek_id'] == kek.key_id]
+            active = [m['dek_id'] for m in mine if m['state'] == ACTIVE]
+            self.assertEqual(len(active), 1, 'KEK %d: active keys %s'
+                             % (index, active))
+            newest = max(mine, key=lambda m: (m['created'], m['dek_id']))
+            self.assertEqual(active, [newest['dek_id']])
+            self.assertEqual(check.active_key_id(kek), newest['dek_id'])
+        return metadata
+
+    def test_sigkill_of_a_replica_under_load_fails_no_operation(self):
+        # a tiny DEK cache: most operations fetch from a replica
+        client = self.replicas.facility(self, policy='spread',
+                                        timeout=0.5, cache_size=4 * THREADS)
+        keks = [AESKeyEncryptingKey(os.urandom(32)) for _ in range(THREADS)]
+        for kek in keks:
+            client.create_key(kek)
+        created, failures, done = [], [], [0]
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def work(index):
+            kek = keks[index]
+            n = 0
+            sealed = client.encrypt(kek, b'first %d' % index)
+            while not stop.is_set():
+                n += 1
+                try:
+                    if n % 10 == 0:            # rotation: key creation
+                        dek_id = client.create_key(kek)
+                        with lock:
+                            created.append(dek_id)
+                    elif n % 10 == 5:          # metadata of one key
+                        client.entry(client.key_id_of(sealed))
+                    else:                      # wrap, unwrap
+                        data = b'record %d %d' % (index, n)
+                        self.assertEqual(
+                            client.decrypt(kek, client.encrypt(kek, data)),
+                            data)
+                        self.assertEqual(client.decrypt(kek, sealed),
+                                         b'first %d' % index)
+                except Exception as e:
+                    with lock:
+                        failures.append('%s: %s' % (type(e).__name__, e))
+                with lock:
+                    done[0] += 1
+            client.close()   # this thread's connections
+
+        threads = [threading.Thread(target=work, args=(i,))
+                   for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        try:
+            # some load first, then SIGKILL one replica under it
+            _poll(lambda: done[0] >= 200 or failures, what='load')
+            self.replicas.kill(1)
+            killed_at = done[0]
+            _poll(lambda: done[0] >= killed_at + 200 or failures,
+                  what='load after the kill')
+            deadline = time.monotonic() + LOAD_SECONDS
+            _poll(lambda: time.monotonic() > deadline or failures,
+                  what='the end of the load')
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(120)
+        self.assertEqual(failures, [])
+        replica = client.replicas[1]
+        self.assertFalse(replica.up())
+        self.assertIn(replica.url, repr(client.replicas))
+        metadata = self._check_store(created, keks)
+        print('\n  replica killed under %d threads: %d operations (%d after '
+              'the kill), 0 failed, %d keys created, %d in the store'
+              % (THREADS, done[0], done[0] - killed_at, len(created),
+                 len(metadata)))
+
+    def test_all_replicas_down_cached_keys_serve_uncached_fail_at_once(self):
+        kek = AESKeyEncryptingKey(os.urandom(32))
+        other = AESKeyEncryptingKey(os.urandom(32))
+        client = self.replicas.facility(self, down_time=600)
+        admin = self.replicas.facility(self)
+        admin.create_key(kek)
+        admin.create_key(other)
+        sealed_other = admin.encrypt(other, b'never fetched here')
+        sealed = client.encrypt(kek, b'cached')
+        self.replicas.kill()
+        # the cached DEK: encryption and decryption go on
+        self.assertEqual(client.decrypt(kek, sealed), b'cached')
+        self.assertEqual(client.decrypt(kek, client.encrypt(kek, b'x')),
+                         b'x')
+        # an uncached DEK: KeyServerError, naming every replica and why
+        with self.assertRaises(KeyServerError) as cm:
+            client.decrypt(other, sealed_other)
+        message = str(cm.exception)
+        for url in self.replicas.urls:
+            self.assertIn(url, message)
+        self.assertNotIn(self.replicas.admin, message)
+        self.assertEqual(message.count('\n'), 0)
+        # every replica is down now: at once, without a connection
+        for replica in client.replicas:
+            self.assertFalse(replica.up())
+            replica.transport = _NoConnection()
+        with self.assertRaises(KeyServerError) as cm:
+            client.decrypt(other, sealed_other)
+        self.assertIn('no key server replica is up', str(cm.exception))
+        # no DEK is created locally for a KEK without a known active one
+        with self.assertRaises(KeyServerError):
+            client.encrypt(other, b'data')
+        with self.assertRaises(KeyServerError):
+            client.ensure_key(AESKeyEncryptingKey(os.urandom(32)))
+
+    def test_grace_period_serves_expired_dek_only_in_an_outage(self):
+        kek = AESKeyEncryptingKey(os.urandom(32))
+        admin = self.replicas.facility(self)
+        admin.create_key(kek)
+        sealed = admin.encrypt(kek, b'data')
+        clients = {grace: self.replicas.facility(self, timeout=1,
+                                                 grace=grace, down_time=600)
+                   for grace in (0, 600)}
+        for client in clients.values():
+            self.assertEqual(client.decrypt(kek, sealed), b'data')
+        raw_id = bytes.fromhex(admin.key_id_of(sealed))
+        for client in clients.values():
+            _poll(lambda: client._cache.get(raw_id) is None, what='expiry')
+        # a replica answers that the key is gone: no grace
+        self.assertEqual(self.replicas.delete(admin.key_id_of(sealed)), 200)
+        with self.assertRaises(UnknownKeyError):
+            clients[600].decrypt(kek, sealed)
+        # the grace period covers an outage only
+        kek2 = AESKeyEncryptingKey(os.urandom(32))
+        admin.create_key(kek2)
+        sealed = admin.encrypt(kek2, b'more data')
+        for client in clients.values():
+            self.assertEqual(client.decrypt(kek2, sealed), b'more data')
+            client.encrypt(kek2, b'y')   # the client knows the active DEK
+        raw_id = bytes.fromhex(admin.key_id_of(sealed))
+        for client in clients.values():
+            _poll(lambda: client._cache.get(raw_id) is None, what='expiry')
+        self.replicas.kill()
+        self.assertEqual(clients[600].decrypt(kek2, sealed), b'more data')
+        self.assertEqual(
+            clients[600].decrypt(kek2, clients[600].encrypt(kek2, b'z')),
+            b'z')
+        with self.assertRaises(KeyServerError):
+            clients[0].decrypt(kek2, sealed)
+        with self.assertRaises(KeyServerError):
+            clients[0].encrypt(kek2, b'z')
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)
