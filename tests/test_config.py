@@ -306,3 +306,125 @@ class TransitTests(_Base, BaoTestCase):
         self.write_settings(keyName=other)
         with self.assertRaises(DatabaseKeyError):
             ZODB.config.databaseFromString(config)
+
+
+class KeyServerTests(_Base, unittest.TestCase):
+    """key-server: the wrapped data keys on replicas of a key server
+    (real ``zodbkmi serve`` processes over TLS), the KEK in this
+    process."""
+
+    from tests.test_failover import ReplicasLayer as layer
+
+    def setUp(self):
+        super().setUp()
+        self.replicas = self.layer.replicas
+        self.replicas.start()       # after a failover test killed some
+        self.key_file = os.path.join(self.tmp, 'kek.key')
+        from zodbkmi.keyholder import write_key_file
+        write_key_file(self.key_file, os.urandom(32))
+        self.token_file = os.path.join(self.tmp, 'token')
+        write_secret(self.token_file, self.replicas.admin + '\n')
+        self.server = ('key-server %s\nkey-server-token-file %s\n'
+                       'key-server-ca-file %s\n'
+                       % (' '.join(self.replicas.urls), self.token_file,
+                          self.replicas.cert))
+
+    def zconfig(self, keys, storage=None):
+        # key-server instead of key-dir
+        return super().zconfig(keys, storage).replace(
+            'key-dir %s\n' % self.key_dir, self.server)
+
+    def stored_here(self, kek_id):
+        from zodbkmi.keystore import DirectoryKeyStore
+        store = DirectoryKeyStore(self.replicas.key_dir)
+        return [e for e in store.entries() if e.kek_id == kek_id]
+
+    def _roundtrip(self, open_db):
+        from zodbkmi.keyholder import read_key_file
+        from zodbkmi.kek import as_kek
+        db = open_db()
+        with db.transaction() as conn:
+            conn.root()['secret'] = SECRET
+        db.close()
+        db = open_db()
+        try:
+            with db.transaction() as conn:
+                self.assertEqual(conn.root()['secret'], SECRET)
+        finally:
+            db.close()
+        with open(os.path.join(self.tmp, 'Data.fs'), 'rb') as f:
+            self.assertNotIn(SECRET.encode(), f.read())
+        # the data key is on the key server, not in a directory here
+        kek_id = as_kek(read_key_file(self.key_file)).key_id
+        self.assertEqual(len(self.stored_here(kek_id)), 1)
+        self.assertFalse(os.path.exists(self.key_dir))
+
+    def test_zconfig_key_server(self):
+        config = self.zconfig('key-file %s\nkey-server-policy spread'
+                              % self.key_file)
+        self._roundtrip(lambda: ZODB.config.databaseFromString(config))
+
+    def test_zodburi_key_server(self):
+        import urllib.parse
+
+        import zodburi
+        query = urllib.parse.urlencode({
+            'blobstorage_dir': self.tmp + '/blobs',
+            'key_file': self.key_file,
+            'key_server': ','.join(self.replicas.urls),
+            'key_server_token_file': self.token_file,
+            'key_server_ca_file': self.replicas.cert,
+            'key_server_grace': '60'})
+        uri = 'zodbkmi+file://%s/Data.fs?%s' % (self.tmp, query)
+
+        def open_db():
+            factory, dbkw = zodburi.resolve_uri(uri)
+            return ZODB.DB(factory(), **dbkw)
+        self._roundtrip(open_db)
+
+    def _config_error(self, text):
+        import ZConfig
+        with self.assertRaises(ZConfig.ConfigurationError) as cm:
+            ZODB.config.databaseFromString(text)
+        message = str(cm.exception)
+        self.assertNotIn('\n', message)
+        return message
+
+    def test_errors(self):
+        keys = 'key-file %s' % self.key_file
+        both = self.zconfig(keys).replace(
+            'key-server ', 'key-dir %s\nkey-server ' % self.tmp)
+        self.assertIn('give key-dir or key-server, not both',
+                      self._config_error(both))
+        neither = super().zconfig(keys).replace(
+            'key-dir %s\n' % self.key_dir, '')
+        self.assertIn('give key-dir (a directory of wrapped data keys) or '
+                      'key-server', self._config_error(neither))
+        orphan = super().zconfig(keys).replace(
+            'key-dir', 'key-server-token-file %s\nkey-dir'
+            % self.token_file)
+        self.assertIn('key-server-token-file goes with key-server',
+                      self._config_error(orphan))
+        plain = self.zconfig(keys).replace('https://', 'http://')
+        self.assertIn('http://', self._config_error(plain))
+        self.assertIn('key-server-policy must be prefer or spread',
+                      self._config_error(self.zconfig(
+                          keys + '\nkey-server-policy nearest')))
+        self.assertIn('key-server-grace must be 0 to 86400 seconds',
+                      self._config_error(self.zconfig(
+                          keys + '\nkey-server-grace 90000')))
+        import zodburi
+        with self.assertRaises(ValueError) as cm:
+            zodburi.resolve_uri(
+                'zodbkmi+memory://?key_file=%s&key_dir=%s&key_server=%s'
+                % (self.key_file, self.tmp, self.replicas.urls[0]))
+        self.assertIn('give key_dir or key_server, not both',
+                      str(cm.exception))
+
+    def test_token_refused(self):
+        from zodbkmi.exceptions import KeyServerError
+        write_secret(self.token_file, 'not-a-token\n')
+        config = self.zconfig('key-file %s' % self.key_file)
+        with self.assertRaises(KeyServerError) as cm:
+            ZODB.config.databaseFromString(config)
+        self.assertNotIn('not-a-token', str(cm.exception))

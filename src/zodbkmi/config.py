@@ -35,6 +35,74 @@ def create_key(value):
     return parse_create_key(value)
 
 
+def key_server_policy(value):
+    """ZConfig datatype of the ``key-server-policy`` key."""
+    from zodbkmi.client import POLICIES
+    value = value.strip().lower()
+    if value not in POLICIES:
+        raise ValueError('key-server-policy must be %s, not %r'
+                         % (' or '.join(POLICIES), value))
+    return value
+
+
+#: The key server options of a storage: (ZConfig attribute and zodburi
+#: parameter, keyword of LocalKeyManagementFacility).
+KEY_SERVER_OPTIONS = (
+    ('key_server', 'url'),
+    ('key_server_token_file', 'token_file'),
+    ('key_server_ca_file', 'ca_file'),
+    ('key_server_client_cert', 'client_cert'),
+    ('key_server_client_key', 'client_key'),
+    ('key_server_policy', 'policy'),
+    ('key_server_grace', 'grace'),
+)
+
+
+def key_store_options(key_dir, server, names=('key-dir', 'key-server')):
+    """Check where the wrapped data keys of a storage live: the directory
+    ``key_dir`` or the key server of ``server`` (a dict of the
+    ``key_server*`` options, see :data:`KEY_SERVER_OPTIONS`), exactly one.
+    Returns ``server``'s keywords for
+    :class:`~zodbkmi.client.LocalKeyManagementFacility` (None with
+    ``key_dir``).  Raises :class:`~zodbkmi.exceptions.SettingsError`."""
+    dir_name, server_name = names
+    url = server.get('key_server')
+    given = sorted(name for name, value in server.items()
+                   if name not in ('key_server', 'key_server_policy',
+                                   'key_server_grace')
+                   and value is not None)
+    if key_dir is not None and url is not None:
+        raise SettingsError('give %s or %s, not both'
+                            % (dir_name, server_name))
+    if key_dir is None and url is None:
+        raise SettingsError('give %s (a directory of wrapped data keys) or '
+                            '%s (a key server)' % (dir_name, server_name))
+    if url is None:
+        if given:
+            # the option's name as the configuration spells it
+            sep = '-' if '-' in server_name else '_'
+            raise SettingsError('%s goes with %s' % (
+                given[0].replace('_', sep), server_name))
+        return None
+    keywords = {kw: server.get(name) for name, kw in KEY_SERVER_OPTIONS
+                if server.get(name) is not None}
+    # the URLs, the policy and the grace period are checked now
+    from zodbkmi.client import POLICIES
+    from zodbkmi.client import check_url
+    from zodbkmi.client import split_urls
+    for u in split_urls(url):
+        check_url(u)
+    if keywords.get('policy', 'prefer') not in POLICIES:
+        raise SettingsError('%s-policy must be %s, not %r' % (
+            server_name, ' or '.join(POLICIES), keywords['policy']))
+    from zodbkmi.cache import MAX_GRACE
+    grace = keywords.get('grace', 0)
+    if not 0 <= grace <= MAX_GRACE:
+        raise SettingsError('%s-grace must be 0 to %d seconds, not %r'
+                            % (server_name, MAX_GRACE, grace))
+    return keywords
+
+
 def key_options(key_file, key_settings, previous_key_files=(),
                 names=('key-file', 'key-settings', 'previous-key-file')):
     """Check the key options of a storage and read its settings file.
@@ -78,7 +146,7 @@ def key_options(key_file, key_settings, previous_key_files=(),
 
 
 def open_keys(key_file, key_dir, previous_key_files=(), mode='strict',
-              settings=None, settings_file=None):
+              settings=None, settings_file=None, server=None):
     """Return ``(facility, key, previous_keys)`` for the key settings: the
     KEK in ``key_file`` (with ``previous_key_files``), or else the keys of
     the encryption ``settings`` (see :func:`key_options`), fetched from
@@ -88,14 +156,20 @@ def open_keys(key_file, key_dir, previous_key_files=(), mode='strict',
     Nothing is created: the key directory is made with its first key, and
     the storage creates the active data key when it is opened, if its
     ``create_key`` says so (see :mod:`zodbkmi.storage.keys`).  ``mode`` is
-    accepted for compatibility and ignored.
+    accepted for compatibility and ignored.  With ``server`` (the keywords
+    :func:`key_store_options` returns) the wrapped data keys are on a key
+    server, not in ``key_dir``.
     """
     if settings is not None:
         key, previous = _settings_keys(settings, settings_file)
     else:
         key = read_key_file(key_file)
         previous = tuple(read_key_file(p) for p in previous_key_files or ())
-    facility = KeyManagementFacility(os.path.abspath(key_dir))
+    if server is not None:
+        from zodbkmi.client import LocalKeyManagementFacility
+        facility = LocalKeyManagementFacility(**server)
+    else:
+        facility = KeyManagementFacility(os.path.abspath(key_dir))
     return facility, key, previous
 
 
@@ -144,12 +218,14 @@ class EncryptingStorageFactory:
         # when the storage is opened
         self.settings = key_options(config.key_file, config.key_settings,
                                     config.previous_key_files)
+        self.server = key_store_options(config.key_dir, {
+            name: getattr(config, name) for name, _ in KEY_SERVER_OPTIONS})
 
     def open(self):
         c = self.config
         facility, key, previous = open_keys(
             c.key_file, c.key_dir, c.previous_key_files, c.mode,
-            self.settings, c.key_settings)
+            self.settings, c.key_settings, self.server)
         return _wrap(self._factory, c.base.open(), facility, key, previous,
                      mode=c.mode, plaintext_dir=c.plaintext_dir,
                      migrate_since=c.migrate_since,
@@ -179,7 +255,8 @@ class ServerEncryptingStorageFactory(EncryptingStorageFactory):
 URI_PARAMETERS = ('key_file', 'key_settings', 'key_dir',
                   'previous_key_file', 'mode',
                   'plaintext_dir', 'migrate_since', 'create_key',
-                  'blob_cache_size', 'blob_cache_dir')
+                  'blob_cache_size', 'blob_cache_dir') + tuple(
+                      name for name, _ in KEY_SERVER_OPTIONS)
 
 
 def uri_resolver(uri):
@@ -189,7 +266,11 @@ def uri_resolver(uri):
     and the key settings in its query: ``key_file`` (a local KEK) or
     ``key_settings`` (a JSON file of encryption settings, e.g. OpenBao
     Transit: read and checked now, the keys fetched when the storage is
-    opened), ``key_dir`` (required), ``previous_key_file`` (repeatable,
+    opened), ``key_dir`` or ``key_server`` (URLs separated by commas, with
+    ``key_server_token_file``, ``key_server_ca_file``,
+    ``key_server_client_cert``, ``key_server_client_key``,
+    ``key_server_policy`` and ``key_server_grace`` as in ZConfig),
+    ``previous_key_file`` (repeatable,
     with ``key_file``), ``mode``,
     ``plaintext_dir``, ``migrate_since``, ``create_key`` (``auto``,
     the default, ``true`` or ``false``), ``blob_cache_size`` (bytes, 0:
@@ -216,13 +297,23 @@ def uri_resolver(uri):
             ours[name] = value
         else:
             others.append((name, value))
-    if not ours.get('key_dir'):
-        raise ValueError('zodbkmi URI without key_dir')
+    server = {name: ours.get(name) or None
+              for name, _ in KEY_SERVER_OPTIONS}
     try:
+        server['key_server_policy'] = key_server_policy(
+            server['key_server_policy'] or 'prefer')
+        try:
+            server['key_server_grace'] = int(
+                server['key_server_grace'] or 0)
+        except ValueError:
+            raise SettingsError('key_server_grace %r is not a number of '
+                                'seconds' % ours['key_server_grace']) from None
         settings = key_options(
             ours.get('key_file') or None, ours.get('key_settings') or None,
             previous, ('key_file', 'key_settings', 'previous_key_file'))
-    except SettingsError as e:
+        server = key_store_options(ours.get('key_dir') or None, server,
+                                   ('key_dir', 'key_server'))
+    except (SettingsError, ValueError) as e:
         raise ValueError('zodbkmi URI: %s' % e) from None
     wanted = mode(ours.get('mode', 'strict'))
     plaintext_dir = ours.get('plaintext_dir') or None
@@ -250,8 +341,8 @@ def uri_resolver(uri):
 
     def factory():
         facility, key, prev = open_keys(
-            ours.get('key_file'), ours['key_dir'], previous, wanted,
-            settings, ours.get('key_settings'))
+            ours.get('key_file'), ours.get('key_dir'), previous, wanted,
+            settings, ours.get('key_settings'), server)
         return _wrap(EncryptingStorage, base_factory(), facility, key,
                      prev, mode=wanted, plaintext_dir=plaintext_dir,
                      migrate_since=since, create_key=creates, **cache)
