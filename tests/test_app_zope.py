@@ -114,7 +114,10 @@ class _ZopeInstance:
             cwd=self.instance,
             stdout=self.log, stderr=subprocess.STDOUT,
             # a Zope that does not stop prints where it hangs (SIGABRT)
-            env=dict(env or os.environ, PYTHONFAULTHANDLER='1'))
+            env=dict(env or os.environ, PYTHONFAULTHANDLER='1'),
+            # SIGINT stops Zope: not ignored, even when the tests run in
+            # the background of a shell (which ignores it there)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.addCleanup(self.log.close)
         self.addCleanup(self._stop)
         self.base = 'http://127.0.0.1:%d' % self.port
