@@ -460,7 +460,7 @@ class ShredTests(_Base):
         self.assertEqual(self.registry.record('acme')['state'], 'active')
         self.assertTrue(os.path.exists(self.registry.key_file('acme')))
 
-    # -- a crash in the middle -------------------------------------------------
+    # -- a crash in the middle -----------------------------------------
 
     def test_crash_in_the_middle_then_rerun_finishes(self):
         kek = self.registry.kek('acme')

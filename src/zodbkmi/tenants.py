@@ -473,7 +473,7 @@ def register_tenants(registry, shared=None, site_manager=None,
     return n
 
 
-# -- crypto-shredding ------------------------------------------------------------
+# -- crypto-shredding ---------------------------------------------------
 
 def _entries_of(facility, kek_id):
     store = getattr(facility, 'key_store', None)
