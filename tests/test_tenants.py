@@ -523,3 +523,58 @@ class ShredTests(_Base):
             self.registry.public_key_path)
         self.assertEqual(code, 2)
         self.assertIn('altered', err)
+
+
+class RelStorageShredTests(_Base):
+    """The same on RelStorage (history-preserving) on PostgreSQL: a
+    pg_dump made before the shred holds the shredded tenant's data only as
+    ciphertext that nothing opens, the other tenants work, pack with GC
+    works."""
+
+    from tests.postgres import PostgresLayer as layer
+
+    def open(self, path=None, **kw):
+        import uuid
+        from relstorage.adapters.postgresql import PostgreSQLAdapter
+        from relstorage.options import Options
+        from relstorage.storage import RelStorage
+        from tests.postgres import needs_postgres
+        needs_postgres(self)
+        if not hasattr(self, 'dbname'):
+            self.dbname = 'tn_' + uuid.uuid4().hex[:12]
+            self.dsn = self.layer.server.createdb(self.dbname)
+        opts = Options(keep_history=True, cache_local_mb=0)
+        db = ZODB.DB(RelStorage(PostgreSQLAdapter(dsn=self.dsn,
+                                                  options=opts),
+                                options=opts))
+        self.dbs.append(db)
+        return db
+
+    def test_shred_on_relstorage(self):
+        self.make_tenants()
+        db = self.open()
+        self.populate(db)
+        dump = self.layer.server.dump(self.dbname)
+        self.assertNotIn(b'CANARY', dump)
+        self.shred()
+        self.close(db)
+        db = self.open()
+        conn = db.open()
+        root = conn.root()
+        with self.assertRaises(exceptions.KeyDestroyedError):
+            root['acme'].profile
+        gone = []
+        for name in ('globex', 'initech'):
+            self.assertEqual(root[name].profile.secret,
+                             canary(name) + '-profile')
+            gone.append(root[name].items.pop()._p_oid)
+            root[name]._p_changed = True
+        transaction.commit()
+        db.pack(time.time() + 1)
+        from ZODB.POSException import POSKeyError
+        from ZODB.utils import load_current
+        for oid in gone:
+            with self.assertRaises(POSKeyError):
+                load_current(db.storage, oid)
+        load_current(db.storage, root['acme']._p_oid)   # kept, unreadable
+        self.assertEqual(len(root['globex'].items), 2)
