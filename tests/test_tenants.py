@@ -578,3 +578,35 @@ class RelStorageShredTests(_Base):
                 load_current(db.storage, oid)
         load_current(db.storage, root['acme']._p_oid)   # kept, unreadable
         self.assertEqual(len(root['globex'].items), 2)
+
+
+class PKCS11ShredTests(_Base):
+    """A tenant whose KEK is a PKCS#11 object (SoftHSM2): created with the
+    tenant, destroyed by the shred."""
+
+    from tests.softhsm import SoftHSMLayer as layer
+
+    def test_shred_destroys_the_token_object(self):
+        import uuid
+        from tests.softhsm import SoftHSMLayer
+        from tests.softhsm import LIBRARY, TOKEN_LABEL
+        if SoftHSMLayer.hsm is None:
+            self.skipTest('SoftHSM2 not available')
+        from zodbkmi.sources import kek_from_params
+        params = {'source': 'pkcs11', 'library': LIBRARY,
+                  'tokenLabel': TOKEN_LABEL,
+                  'keyLabel': 'tenant-' + uuid.uuid4().hex[:8],
+                  'pinFile': SoftHSMLayer.hsm.pin_file(self.tmp)}
+        holder = self.registry.create('hsm', self.facility, 'source',
+                                      params=params)
+        sealed = self.facility.encrypt(holder.key, b'CANARY-hsm')
+        self.assertEqual(self.facility.decrypt(holder.key, sealed),
+                         b'CANARY-hsm')
+        receipt = self.shred('hsm')
+        self.assertEqual(receipt['kek'], {'kind': 'pkcs11', 'destroyed': True,
+                                          'id': holder.key.key_id})
+        with self.assertRaises(exceptions.KeySourceError) as cm:
+            kek_from_params(params)
+        self.assertIn('no such AES key', str(cm.exception))
+        with self.assertRaises(exceptions.UnknownKeyError):
+            self.facility.decrypt(holder.key, sealed)

@@ -623,7 +623,9 @@ def shred(registry, facility, tenant_id, operator=None, confirm=False,
         else:
             with open(journal, 'rb') as f:
                 plan = json.load(f)
-        registry._keks.pop(tenant_id, None)
+        held = registry._keks.pop(tenant_id, None)
+        if hasattr(held, 'close'):      # a PKCS#11 session, a client
+            held.close()
         sm = zope.component.getGlobalSiteManager()
         sm.unregisterUtility(provided=IKeyHolder,
                              name=TENANT_PREFIX + tenant_id)
