@@ -610,3 +610,37 @@ class PKCS11ShredTests(_Base):
         self.assertIn('no such AES key', str(cm.exception))
         with self.assertRaises(exceptions.UnknownKeyError):
             self.facility.decrypt(holder.key, sealed)
+
+
+class TransitShredTests(_Base):
+    """A tenant whose KEK is an OpenBao Transit key: created with the
+    tenant, deleted by the shred."""
+
+    from tests.bao import BaoLayer as layer
+
+    def test_shred_deletes_the_transit_key(self):
+        import uuid
+        from tests.bao import BaoLayer
+        from tests.bao import ROOT_TOKEN
+        if BaoLayer.server is None:
+            self.skipTest('OpenBao not available')
+        from zodbkmi.sources import kek_from_params
+        token = self.path('token')
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, ROOT_TOKEN.encode())
+        os.close(fd)
+        params = {'source': 'vaultTransit', 'url': BaoLayer.server.url,
+                  'caFile': BaoLayer.server.ca_file, 'tokenFile': token,
+                  'keyName': 'tenant-' + uuid.uuid4().hex[:8]}
+        holder = self.registry.create('bao', self.facility, 'source',
+                                      params=params)
+        sealed = self.facility.encrypt(holder.key, b'CANARY-bao')
+        receipt = self.shred('bao')
+        self.assertEqual(receipt['kek'], {'kind': 'vaultTransit',
+                                          'destroyed': True,
+                                          'id': holder.key.key_id})
+        with self.assertRaises(exceptions.KeySourceError) as cm:
+            kek_from_params(params)
+        self.assertIn('no such Transit key', str(cm.exception))
+        with self.assertRaises(exceptions.UnknownKeyError):
+            self.facility.decrypt(holder.key, sealed)
