@@ -644,3 +644,22 @@ class TransitShredTests(_Base):
         self.assertIn('no such Transit key', str(cm.exception))
         with self.assertRaises(exceptions.UnknownKeyError):
             self.facility.decrypt(holder.key, sealed)
+
+
+class ReceiptVectorTests(unittest.TestCase):
+    """tests/vectors/shred-receipt.json: the receipt format, fixed."""
+
+    def test_vectors(self):
+        path = os.path.join(os.path.dirname(__file__), 'vectors',
+                            'shred-receipt.json')
+        with open(path) as f:
+            vectors = json.load(f)
+        pem = vectors['public_key_pem'].encode()
+        for receipt in vectors['valid']:
+            tenants.verify_receipt(receipt, pem)
+            body = {k: v for k, v in receipt.items() if k != 'signature'}
+            self.assertEqual(tenants._canonical(body).decode(),
+                             vectors['canonical_body'])
+        for receipt in vectors['invalid']:
+            with self.assertRaises(exceptions.AuthenticationError):
+                tenants.verify_receipt(receipt, pem)
