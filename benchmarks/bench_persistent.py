@@ -16,6 +16,15 @@ plain
 zodbkmi
     ``zodbkmi.persistent.EncryptedPersistent`` with a
     ``KeyManagementFacility`` and an AES-256 key encrypting key.
+parents
+    zodbkmi, each object with a ``__parent__``: one of 100 plain
+    ``EncryptedPersistent`` folders (the base line of ``tenants``).
+tenants
+    zodbkmi, each object with a ``__parent__``: one of 100 tenants
+    (``ITenant`` folders), each with a KEK of its own in a tenant
+    registry (``docs/tenants.rst``): commits choose the key per object,
+    loads open with a ring of 101 KEKs.  The cost of choosing the key is
+    ``tenants - parents``, printed relative to plain.
 keas.kmi
     keas.kmi 3.3.0's ``EncryptedPersistent`` with its
     ``KeyManagementFacility``; installed from PyPI into a virtual
@@ -40,7 +49,8 @@ import time
 
 HERE = os.path.abspath(__file__)
 KEAS_REQUIREMENTS = ['keas.kmi==3.3.0', 'ZODB', 'zope.component']
-VARIANTS = ('plain', 'zodbkmi', 'keas.kmi')
+VARIANTS = ('plain', 'zodbkmi', 'parents', 'tenants', 'keas.kmi')
+TENANTS = 100
 
 
 # -- one measurement, in a fresh interpreter ----------------------------------
@@ -49,7 +59,7 @@ def _classes(variant, workdir):
     """Return the class to store, after registering what it needs."""
     if variant == 'plain':
         from persistent import Persistent as base
-    elif variant == 'zodbkmi':
+    elif variant in ('zodbkmi', 'parents', 'tenants'):
         from zope.component import provideUtility
         from zope.interface import implementer
 
@@ -64,6 +74,8 @@ def _classes(variant, workdir):
         facility.create_key(Holder.key)
         provideUtility(facility)
         provideUtility(Holder())
+        if variant != 'zodbkmi':
+            _folders(variant, facility, workdir)
     else:
         from keas.kmi.facility import KeyManagementFacility
         from keas.kmi.interfaces import IEncryptionService
@@ -85,9 +97,50 @@ def _classes(variant, workdir):
         def __init__(self, name, data):
             self.name = name
             self.data = data
+            if FOLDERS:
+                self.__parent__ = FOLDERS[len(name) and int(name[4:])
+                                          % len(FOLDERS)]
     Item.__module__ = '__main__'
     sys.modules['__main__'].Item = Item
     return Item
+
+
+FOLDERS = []
+
+
+def _folders(variant, facility, workdir):
+    """The 100 parents of the items: tenants with keys of their own, or
+    plain folders."""
+    from zope.interface import implementer
+
+    from zodbkmi.interfaces import ITenant
+    from zodbkmi.persistent import EncryptedPersistent
+    from zodbkmi import tenants
+
+    class Folder(EncryptedPersistent):
+        pass
+    Folder.__module__ = '__main__'
+    sys.modules['__main__'].Folder = Folder
+    if variant == 'tenants':
+        implementer(ITenant)(Folder)
+        registry = tenants.TenantRegistry(os.path.join(workdir, 'tenants'))
+        for i in range(TENANTS):
+            registry.create('t%03d' % i, facility)
+        tenants.register_tenants(registry)
+    FOLDER_CLASS.append(Folder)
+
+
+FOLDER_CLASS = []
+
+
+def _new_folders():
+    """New parents (a new storage each time)."""
+    del FOLDERS[:]
+    for cls in FOLDER_CLASS:
+        for i in range(TENANTS):
+            folder = cls()
+            folder.tenant_id = 't%03d' % i
+            FOLDERS.append(folder)
 
 
 def worker(variant, workdir, count, repeat):
@@ -112,6 +165,7 @@ def _commit_and_load(item, path, count):
 
     db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
     conn = db.open()
+    _new_folders()
     tree = OOBTree()
     for i in range(count):
         name = 'item%06d' % i
@@ -119,6 +173,7 @@ def _commit_and_load(item, path, count):
     gc.collect()
     start, cpu = time.perf_counter(), time.process_time()
     conn.root()['items'] = tree
+    conn.root()['folders'] = list(FOLDERS)
     transaction.commit()
     commit = time.perf_counter() - start
     commit_cpu = time.process_time() - cpu
@@ -207,7 +262,8 @@ def main(argv=None):
 
     tmp = tempfile.mkdtemp(prefix='zodbkmi-bench-')
     try:
-        pythons = {'plain': sys.executable, 'zodbkmi': sys.executable}
+        pythons = {'plain': sys.executable, 'zodbkmi': sys.executable,
+                   'parents': sys.executable, 'tenants': sys.executable}
         if not args.no_keas:
             keas = args.keas_python or keas_environment(tmp)
             if keas:
@@ -268,6 +324,16 @@ def main(argv=None):
                   r_commit, r_load,
                   'met' if max(r_commit, r_load) <= 1.15 else 'NOT MET',
                   extra, 'met' if extra <= 64 else 'NOT MET'))
+        t_commit = statistics.median(
+            (t['commit_cpu'] - b['commit_cpu']) / p['commit_cpu']
+            for t, b, p in zip(results['tenants'], results['parents'], plain))
+        t_load = statistics.median(
+            (t['load_cpu'] - b['load_cpu']) / p['load_cpu']
+            for t, b, p in zip(results['tenants'], results['parents'], plain))
+        print('targets (tenants - parents, %d tenants): commit %+.3fx and '
+              'load %+.3fx of plain CPU <= 0.05x: %s' % (
+                  TENANTS, t_commit, t_load,
+                  'met' if max(t_commit, t_load) <= 0.05 else 'NOT MET'))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -34,6 +34,39 @@ class UnknownKeyError(ZodbKmiError, LookupError):
         self.key_id = key_id
 
 
+class KeyDestroyedError(UnknownKeyError):
+    """The data key that sealed an object was destroyed (crypto-shredding).
+
+    Raised when an object's state names a DEK that ``zodbkmi shred``
+    (:func:`zodbkmi.tenants.shred`) destroyed: the object cannot be read
+    any more, by anyone, and never will be.  ``oid`` is the object's oid
+    (8 bytes, or None when unknown), ``key_id`` the destroyed DEK id,
+    ``tenant`` the tenant it belonged to.  Also raised when an object is
+    committed under a tenant that was shredded.  An
+    :class:`UnknownKeyError`, so code that catches that one still does.
+    """
+
+    def __init__(self, message, key_id=None, oid=None, tenant=None):
+        super().__init__(message, key_id)
+        self.oid = oid
+        self.tenant = tenant
+
+
+class TenantError(ZodbKmiError, ValueError):
+    """A tenant cannot be created or shredded as asked.
+
+    Raised by :mod:`zodbkmi.tenants` (and ``zodbkmi tenant`` / ``zodbkmi
+    shred``) for an unknown tenant, a tenant id that exists already or is
+    malformed, a shred of a key shared with another tenant or of the
+    default key, and a shred that was not confirmed.  Nothing was changed
+    when it is raised.  ``tenant`` names the tenant.
+    """
+
+    def __init__(self, message, tenant=None):
+        super().__init__(message)
+        self.tenant = tenant
+
+
 class DatabaseKeyError(UnknownKeyError):
     """A database is opened with keys that cannot open it.
 

@@ -333,6 +333,37 @@ class IKeyHolder(zope.interface.Interface):
         'rotation.')
 
 
+class ITenant(zope.interface.Interface):
+    """A marker for the root object of a tenant (a site, a customer's
+    folder): every :class:`~zodbkmi.persistent.EncryptedPersistent`
+    object at or below it along ``__parent__`` is sealed under the key
+    of the tenant (``docs/tenants.rst``).
+
+    Declare it on the class (``@implementer(ITenant)``): selection checks
+    the class, so a ghost is never loaded to learn that it is no tenant.
+    """
+
+    tenant_id = zope.interface.Attribute(
+        'The tenant id (letters, digits, ``_`` and ``-``, at most 64): '
+        'the name of the tenant in the tenant registry and of its key '
+        'holder, a named IKeyHolder utility ``"tenant:" + tenant_id``.')
+
+
+class IKeySelector(zope.interface.Interface):
+    """Chooses the key holder that seals an object's state.
+
+    An application may register one utility; without one the default rule
+    applies (``docs/tenants.rst``): the nearest object along ``__parent__``
+    (the object itself first) whose class implements :class:`ITenant` or
+    :class:`IKeyHolder`, else the default key holder.  Called on commit
+    only: loading opens with the key the envelope names.
+    """
+
+    def __call__(obj):
+        """Return the IKeyHolder whose ``key`` seals the state of ``obj``,
+        or None for the default key holder."""
+
+
 class IKeyEncryptingKey(zope.interface.Interface):
     """A key encrypting key: wraps and unwraps data keys.
 

@@ -39,6 +39,8 @@ from ZODB.POSException import POSError
 from zodbkmi import exceptions
 from zodbkmi.interfaces import IEncryptionService
 from zodbkmi.interfaces import IKeyHolder
+from zodbkmi.interfaces import IKeySelector
+from zodbkmi.interfaces import ITenant
 
 __all__ = ['EncryptedPersistent', 'convert_object_to_encrypted']
 
@@ -111,8 +113,21 @@ def _error(obj, cls, message, **attributes):
 
 
 def _reraise(obj, error, doing):
-    """Raise ``error`` again, same class, with ``obj`` named."""
+    """Raise ``error`` again, same class, with ``obj`` named.
+
+    An unknown DEK that a shred destroyed becomes a
+    :class:`~zodbkmi.exceptions.KeyDestroyedError`."""
     cls = getattr(type(error), '_zodbkmi_class', type(error))
+    if (isinstance(error, exceptions.UnknownKeyError)
+            and not isinstance(error, exceptions.KeyDestroyedError)):
+        tenant = _destroyed_by(error.key_id)
+        if tenant is not None:
+            raise _error(
+                obj, exceptions.KeyDestroyedError,
+                'cannot %s: its data key %s was destroyed when tenant %s '
+                'was shredded' % (doing, error.key_id, tenant),
+                key_id=error.key_id, oid=getattr(obj, '_p_oid', None),
+                tenant=tenant) from None
     attributes = {k: v for k, v in vars(error).items()
                   if not k.startswith('__')}
     raise _error(obj, cls, 'cannot %s: %s' % (doing, error),
@@ -124,8 +139,9 @@ def _reraise(obj, error, doing):
 # (registry if it has no bases (for the fast paths), its generation, its
 #  bases, their generations, key holder, encryption service, the holder's
 #  key, the keys for decryption, registry, service.encrypt_state,
-#  service.decrypt_state)
-_UNRESOLVED = (None, -1, (), (), None, None, None, None, None, None, None)
+#  service.decrypt_state, the key selection: obj -> key)
+_UNRESOLVED = (None, -1, (), (), None, None, None, None, None, None, None,
+               None)
 _resolved = _UNRESOLVED
 _unhooked = getSiteManager.original
 
@@ -183,17 +199,148 @@ def _resolve(obj, registry):
             'management facility' % type(service).__name__)
     bases = list(getattr(registry, 'ro', (registry,))[1:])
     key = holder.key
+    tenants = _tenant_holders(sm)
     _resolved = (None if bases else registry, registry._generation, bases,
                  _generations(bases), holder, service, key,
-                 _decryption_keys(holder, key), registry, encrypt, decrypt)
+                 _decryption_keys(holder, key, tenants), registry, encrypt,
+                 decrypt, _selection(sm, holder, tenants))
     return holder, service
 
 
-def _decryption_keys(holder, key):
+#: The name prefix of the key holder of a tenant (a named IKeyHolder
+#: utility ``TENANT_PREFIX + tenant_id``).
+TENANT_PREFIX = 'tenant:'
+
+
+def _tenant_holders(sm):
+    """{tenant id: key holder} of the named IKeyHolder utilities."""
+    return {name[len(TENANT_PREFIX):]: holder
+            for name, holder in sm.getUtilitiesFor(IKeyHolder)
+            if name.startswith(TENANT_PREFIX)}
+
+
+class _KeyRing(tuple):
+    """The keys that may open a state: the default holder's and every
+    tenant's.  Hashed and compared by identity: the facility keeps its
+    tables of opened envelopes per key object, and hashing a tuple of a
+    hundred keys on every load would cost more than the lookup saves."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+
+def _decryption_keys(holder, key, tenants=None):
     previous = getattr(holder, 'previous_keys', None)
-    if not previous:
+    if tenants is None and _resolved[4] is holder:
+        tenants = _tenant_holders(getSiteManager())
+    if not previous and not tenants:
         return key
-    return (key,) + tuple(previous)
+    keys = [key]
+    keys.extend(previous or ())
+    for tenant in (tenants or {}).values():
+        keys.append(tenant.key)
+        keys.extend(getattr(tenant, 'previous_keys', None) or ())
+    return _KeyRing(keys)
+
+
+# -- choosing the key that seals (IKeySelector or the tenant rule) ----------
+
+#: How far up ``__parent__`` the tenant rule looks (a cycle stops there).
+MAX_TENANT_DEPTH = 64
+
+# class -> 0 (neither), 1 (implements ITenant), 2 (implements IKeyHolder)
+_tenant_kinds = {}
+
+
+def _kind(cls):
+    try:
+        return _tenant_kinds[cls]
+    except KeyError:
+        pass
+    kind = (1 if ITenant.implementedBy(cls)
+            else 2 if IKeyHolder.implementedBy(cls) else 0)
+    if len(_tenant_kinds) > 4096:
+        _tenant_kinds.clear()
+    _tenant_kinds[cls] = kind
+    return kind
+
+
+def _selection(sm, holder, tenants):
+    """The function ``obj -> key`` that chooses the key sealing ``obj``:
+    the registered IKeySelector, else the tenant rule."""
+    selector = sm.queryUtility(IKeySelector)
+    if selector is not None:
+        def select(obj):
+            chosen = selector(obj)
+            return holder.key if chosen is None else chosen.key
+        return select
+    keys = {tid: h for tid, h in tenants.items()}
+    kinds = _tenant_kinds
+
+    def select(obj):
+        # The nearest object along __parent__ (obj first) whose class is a
+        # tenant or a key holder.  Parents are read, not cached: a move of
+        # any of them re-seals on the next commit, and an invalidated
+        # parent is a ghost, loaded here because its __parent__ may have
+        # changed.  Parents of an object being committed are nearly always
+        # loaded (the application reached the object through them).
+        node = obj
+        for _ in range(MAX_TENANT_DEPTH):
+            kind = kinds.get(type(node))
+            if kind is None:
+                kind = _kind(type(node))
+            if kind:
+                if kind == 2:
+                    return node.key
+                tenant_id = node.tenant_id
+                tenant = keys.get(tenant_id)
+                if tenant is None:
+                    return _no_tenant_key(obj, tenant_id)
+                return tenant.key
+            node = getattr(node, '__parent__', None)
+            if node is None:
+                return holder.key
+        return holder.key
+
+    return select
+
+
+def _no_tenant_key(obj, tenant_id):
+    by = _destroyed_tenant(tenant_id)
+    if by:
+        raise _error(obj, exceptions.KeyDestroyedError,
+                     'cannot encrypt its state: tenant %s was shredded'
+                     % tenant_id, oid=getattr(obj, '_p_oid', None),
+                     tenant=tenant_id)
+    raise _error(obj, exceptions.NoKeyHolderError,
+                 'its tenant %s has no key holder: register one as the '
+                 'IKeyHolder utility named %r '
+                 '(zodbkmi.tenants.register_tenants(registry))'
+                 % (tenant_id, TENANT_PREFIX + tenant_id))
+
+
+def _tenant_directory():
+    from zodbkmi.tenants import ITenantDirectory
+    return getSiteManager().queryUtility(ITenantDirectory)
+
+
+def _destroyed_by(dek_id):
+    """The tenant whose shred destroyed the DEK ``dek_id``, or None."""
+    directory = _tenant_directory()
+    if directory is None or dek_id is None:
+        return None
+    return directory.destroyed_by(dek_id)
+
+
+def _destroyed_tenant(tenant_id):
+    directory = _tenant_directory()
+    return directory is not None and directory.is_shredded(tenant_id)
 
 
 def _keys_for_decryption(holder):
@@ -211,7 +358,7 @@ def _keys_for_decryption(holder):
         keys = _decryption_keys(holder, key)
         _resolved = r[:6] + (key, keys) + r[8:]
         return keys
-    return _decryption_keys(holder, key)
+    return _decryption_keys(holder, key, {})
 
 
 # -- pickling the state ------------------------------------------------------
@@ -334,9 +481,11 @@ def _unpickle_state(data, refs):
 def _encrypt_state(obj, state):
     """Return the stored form of the plain ``state`` of ``obj``."""
     holder, service = _utilities(obj)
+    select = _resolved[11]
+    key = holder.key if select is None else select(obj)
     data, refs = _pickle_state(state)
     try:
-        envelope = service.encrypt_state(holder.key, data)
+        envelope = service.encrypt_state(key, data)
     except exceptions.ZodbKmiError as e:
         _reraise(obj, e, 'encrypt its state')
     if refs:
@@ -402,7 +551,7 @@ def _getstate(self):
                     break
             else:
                 try:
-                    return r[9](r[4].key, _dumps(state, _PROTOCOL))
+                    return r[9](r[11](self), _dumps(state, _PROTOCOL))
                 except exceptions.ZodbKmiError as e:
                     _reraise(self, e, 'encrypt its state')
     elif type(self).__getstate__ is not _getstate:

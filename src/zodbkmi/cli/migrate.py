@@ -75,6 +75,12 @@ def register(subparsers):
     parser.add_argument('--chunk-size', type=int,
                         default=migrate.DEFAULT_CHUNK_SIZE,
                         help='records per transaction (default %(default)s)')
+    parser.add_argument('--by-tenant', action='store_true',
+                        help='scan: objects and bytes per tenant key '
+                             '(what a shred of each would make '
+                             'unreadable); needs --tenant-registry')
+    parser.add_argument('--tenant-registry', metavar='DIR',
+                        help='the tenant registry (docs/tenants.rst)')
     parser.add_argument('--dry-run', action='store_true',
                         help='classify and count, write nothing')
     parser.add_argument('--pack', action='store_true',
@@ -331,11 +337,17 @@ def run(args, stdout=None, stderr=None):
                                                 args.keas_dek_dir)
     for path in reversed(args.python_path):
         sys.path.insert(0, os.path.abspath(path))
+    if args.by_tenant and (args.mode != migrate.SCAN
+                           or not args.tenant_registry):
+        raise InvalidKeyError('--by-tenant goes with scan and '
+                              '--tenant-registry')
     writes = args.mode != migrate.SCAN and not args.dry_run
     storage = open_storage(args.database, args.blob_dir,
                            read_only=not writes, database=args.db_name)
     db = None
     try:
+        if args.by_tenant:
+            return _scan_by_tenant(args, storage, facility, stdout)
         wrapped = migrate.unwrap(storage)[1] is not None
         explicit = new is not None or bool(old)
         if args.level == 'storage' and not explicit and not wrapped and (
@@ -402,4 +414,20 @@ def run(args, stdout=None, stderr=None):
         print('zodbkmi migrate: %d records could not be read; they were '
               'left as they are' % report.failed, file=stderr)
         return 1
+    return 0
+
+
+def _scan_by_tenant(args, storage, facility, stdout):
+    """``migrate scan --by-tenant``: one line per tenant key."""
+    from zodbkmi.tenants import TenantRegistry
+    from zodbkmi.tenants import scan_by_tenant
+    registry = TenantRegistry(args.tenant_registry, create=False)
+    rows = scan_by_tenant(storage, registry, facility)
+    print('%-24s %-9s %9s %12s %9s' % ('tenant', 'state', 'objects',
+                                       'bytes', 'shredded'), file=stdout)
+    for name in sorted(rows):
+        row = rows[name]
+        print('%-24s %-9s %9d %12d %9d' % (
+            name, row['state'] or '-', row['objects'], row['bytes'],
+            row['shredded']), file=stdout)
     return 0
