@@ -357,6 +357,61 @@ class SettingsTests(unittest.TestCase):
                 parse_params(dict(base, **extra))
 
 
+class VectorTests(unittest.TestCase):
+    """tests/vectors/wrapped-suite-6.json (docs/format.rst)."""
+
+    def setUp(self):
+        import json
+        from zodbkmi.sources.kmip import KmipFetchedKeyEncryptingKey
+        path = os.path.join(os.path.dirname(__file__), 'vectors',
+                            'wrapped-suite-6.json')
+        with open(path) as f:
+            self.doc = json.load(f)
+        self.kek = KmipFetchedKeyEncryptingKey._from_key(
+            bytes.fromhex(self.doc['key']), '1')
+
+    def test_valid(self):
+        for v in self.doc['valid']:
+            data = bytes.fromhex(v['wrapped'])
+            self.assertEqual(wrapped.unwrap(self.kek, data),
+                             (bytes.fromhex(v['dek_id']),
+                              bytes.fromhex(v['dek'])))
+            wk = wrapped.parse(data)
+            self.assertEqual((wk.suite, wk.kek_id), (6, v['kek_id']))
+            self.assertEqual(self.kek.wrap(bytes.fromhex(v['dek']),
+                                           wk.header,
+                                           _iv=bytes.fromhex(v['iv'])),
+                             wk.blob)
+
+    def test_generator_reproduces_and_keeps_the_released_file(self):
+        import contextlib
+        import importlib.util
+        import io
+        vectors = os.path.join(os.path.dirname(__file__), 'vectors')
+        spec = importlib.util.spec_from_file_location(
+            'zodbkmi_generate_wrapped_suite_6',
+            os.path.join(vectors, 'generate_wrapped_suite_6.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tmp = tempfile.mkdtemp(prefix='zodbkmi-vectors-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(module.main(['--out', tmp]), 0)
+            self.assertEqual(module.main(['--out', tmp]), 1)   # kept
+        with open(os.path.join(tmp, module.NAME)) as f:
+            fresh = f.read()
+        with open(os.path.join(vectors, module.NAME)) as f:
+            self.assertEqual(fresh, f.read())
+
+    def test_invalid(self):
+        import zodbkmi.exceptions
+        for v in self.doc['invalid']:
+            error = getattr(zodbkmi.exceptions, v['error'])
+            with self.assertRaises(error, msg=v['name']) as cm:
+                wrapped.unwrap(self.kek, bytes.fromhex(v['wrapped']))
+            self.assertIs(type(cm.exception), error, v['name'])
+
+
 class StorageTests(_Base):
     """A FileStorage database encrypted with a KEK in the KMIP server."""
 

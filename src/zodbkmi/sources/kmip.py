@@ -18,7 +18,8 @@ unwrapping.  :func:`revoke_kek` and :func:`destroy_kek` end a key's life.
 Connections: TLS 1.2 or newer with a client certificate, a timeout on
 every connect, read and write, a bounded pool of connections per
 :class:`KmipClient`, and one reconnect when a pooled connection turns out
-to be closed by the server.  Errors are :class:`KmipError` (a
+to be closed by the server.  Errors are
+:class:`~zodbkmi.exceptions.KmipError` (a
 :class:`~zodbkmi.exceptions.KeySourceError`) naming the server and the key,
 never a credential.
 """
@@ -272,9 +273,9 @@ class KmipClient:
         its request ``payload``; return the response payload.
 
         ``what`` names the key (or the object) in error messages.  A
-        failed operation raises :class:`KmipError` with the KMIP result
-        reason (``reason``) and the server's message, cut to 200
-        characters.
+        failed operation raises :class:`~zodbkmi.exceptions.KmipError`
+        with the KMIP result reason (``reason``) and the server's message,
+        cut to 200 characters.
         """
         label = '%s of %s' % (_enum_name(operation), what)
         answer = self._send(self._encode(operation, payload), label)
@@ -460,7 +461,8 @@ class KmipKeyEncryptingKey:
     :class:`KmipClient`, ``uid`` the key object's unique identifier.
     With ``check`` (the default) the key is looked up now: a missing key,
     a key that is not an AES-256 symmetric key, or one that is
-    Pre-Active or destroyed raises :class:`KmipError` here, not later.
+    Pre-Active or destroyed raises :class:`~zodbkmi.exceptions.KmipError`
+    here, not later.
     A Deactivated or Compromised (revoked) key is accepted: a server may
     still let it decrypt.
     """
@@ -571,8 +573,25 @@ class KmipFetchedKeyEncryptingKey(KmipKeyEncryptingKey):
                             % (self.source, len(key)), client.server)
         self._aead = AESGCM(key)
 
-    def wrap(self, dek, aad):
-        iv = os.urandom(MIN_IV_SIZE)
+    @classmethod
+    def _from_key(cls, key, uid):
+        """A private seam for the fixed test vectors: the KEK of ``key``
+        (32 bytes) as if fetched from the key object ``uid``."""
+        self = cls.__new__(cls)
+        self.client, self.uid = None, uid
+        self.key_id = kmip_key_id(uid)
+        self.source = 'test vectors key %s' % uid
+        self._aead = AESGCM(key)
+        return self
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+
+    def wrap(self, dek, aad, _iv=None):
+        """``_iv`` is a private seam for the fixed test vectors; never
+        pass it in real code."""
+        iv = _iv or os.urandom(MIN_IV_SIZE)
         sealed = self._aead.encrypt(iv, dek, aad)
         return join_blob(iv, sealed[:-TAG_SIZE], sealed[-TAG_SIZE:])
 
@@ -630,7 +649,7 @@ def rotate_kek(kek, name=None):
     """Create the successor of the KMIP KEK ``kek`` in the same server and
     return it.  ``kek`` stays active: list it under ``previous`` to unwrap
     what it wrapped (or rewrap the DEKs with
-    :meth:`~zodbkmi.facility.LocalKeyManagementFacility.rewrap`, then
+    :meth:`~zodbkmi.facility.KeyManagementFacility.rewrap`, then
     revoke it)."""
     return create_kek(kek.client, name)
 
