@@ -448,5 +448,51 @@ class StorageTests(_Base):
         self.assertEqual(kek.key_id, holder.key.key_id)
 
 
+class ConfigurationTests(_Base):
+    """ZConfig's ``key-settings`` and ZCML's ``keyHolder`` take ``kmip``
+    settings like any source."""
+
+    def write_settings(self, name):
+        import json
+        self.new_kek(name)
+        path = os.path.join(self.tmp, 'encryption.json')
+        with open(path, 'w') as f:
+            json.dump({'params': self.kmip.params(name=name)}, f)
+        return path
+
+    def test_zconfig_key_settings(self):
+        import ZODB.config
+        from tests.test_config import SECRET
+        settings = self.write_settings('zconfig-kek')
+        config = ('%%import zodbkmi\n<zodb>\n<encryptingstorage>\n'
+                  'key-settings %s\nkey-dir %s/keys\n<filestorage>\n'
+                  'path %s/Data.fs\n</filestorage>\n</encryptingstorage>\n'
+                  '</zodb>\n' % (settings, self.tmp, self.tmp))
+        for _ in range(2):
+            db = ZODB.config.databaseFromString(config)
+            with db.transaction() as conn:
+                conn.root().setdefault('secret', SECRET)
+                self.assertEqual(conn.root()['secret'], SECRET)
+            db.close()
+        with open(os.path.join(self.tmp, 'Data.fs'), 'rb') as f:
+            self.assertNotIn(SECRET.encode(), f.read())
+
+    def test_zcml_key_holder(self):
+        import zope.component
+        import zope.component.testing
+        from zope.configuration import xmlconfig
+        from zodbkmi.interfaces import IKeyHolder
+        zope.component.testing.setUp(self)
+        self.addCleanup(zope.component.testing.tearDown, self)
+        settings = self.write_settings('zcml-kek')
+        from tests.test_zcml import HEAD
+        from tests.test_zcml import TAIL
+        xmlconfig.string(HEAD + '<kmi:keyHolder settings="%s" />' % settings
+                         + TAIL)
+        holder = zope.component.getUtility(IKeyHolder)
+        self.addCleanup(holder.key.close)
+        self.assertTrue(holder.key.key_id.startswith('kmip:'))
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -205,6 +205,15 @@ class KmipClient:
         for conn in idle:
             _close(conn)
 
+    def __del__(self):
+        # A client dropped without close() (a KEK made by a ZConfig or
+        # ZCML configuration lives as long as its storage): close quietly.
+        idle = getattr(self, '_idle', None)
+        if idle:
+            self._idle = []
+            for conn in idle:
+                _close(conn)
+
     # -- requests ---------------------------------------------------------
 
     def _encode(self, operation, payload):
