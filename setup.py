@@ -21,6 +21,9 @@ RELSTORAGE_REQUIRE = [
 VAULT_REQUIRE = ['urllib3 >= 2']
 METRICS_REQUIRE = ['prometheus_client']
 PKCS11_REQUIRE = ['python-pkcs11 >= 0.9']   # GCMParams
+# TTLV messages with KMIP 1.4's authenticated encryption fields; its
+# server (pykmip-server) is the test suite's KMIP server
+KMIP_REQUIRE = ['PyKMIP >= 0.11']
 SERVER_REQUIRE = [
     'granian >= 2.8',   # SSLProtocols; no TLS handshake log noise
 ]
@@ -78,8 +81,8 @@ TESTS_REQUIRE = SERVER_REQUIRE + STORAGE_REQUIRE + RELSTORAGE_REQUIRE + [
     'twine',
     # tests/test_lint.py
     'flake8',
-] + VAULT_REQUIRE + PKCS11_REQUIRE + ZCML_REQUIRE + S3_TEST_REQUIRE + \
-    APPS_TEST_REQUIRE
+] + VAULT_REQUIRE + PKCS11_REQUIRE + KMIP_REQUIRE + ZCML_REQUIRE + \
+    S3_TEST_REQUIRE + APPS_TEST_REQUIRE
 
 setup(
     name='zodbkmi',
@@ -133,6 +136,7 @@ setup(
         'server': SERVER_REQUIRE,
         'vault': VAULT_REQUIRE,
         'pkcs11': PKCS11_REQUIRE,
+        'kmip': KMIP_REQUIRE,
         # the API reference imports zodbkmi.zcml (zope.configuration)
         'docs': ['Sphinx'] + ZCML_REQUIRE,
         'storage': STORAGE_REQUIRE,

@@ -32,6 +32,25 @@ from zodbkmi.sources import kek_from_params  # noqa: E402
 from zodbkmi.sources.pkcs11 import create_key  # noqa: E402
 
 
+def kmip_keks():
+    """The KMIP rows: a KEK in a PyKMIP server (TLS with client
+    certificates, 127.0.0.1, started as the tests do), used through its
+    Encrypt and Decrypt (the default) and fetched once with Get
+    (``fetchKey``).  The server is stopped when the script exits."""
+    import atexit
+    from tests.kmipserver import KmipServer
+    from zodbkmi.sources.kmip import create_kek
+    server = KmipServer().start()
+    atexit.register(server.stop)
+    client = server.client()
+    uid = create_kek(client, 'bench').uid
+    client.close()
+    return [('KMIP (PyKMIP, TLS)',
+             kek_from_params(server.params(uid=uid))),
+            ('KMIP fetchKey (Get once)',
+             kek_from_params(server.params(uid=uid, fetchKey=True)))]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--rounds', type=int, default=7)
@@ -56,7 +75,7 @@ def main(argv=None):
                 'source': 'pkcs11', 'library': hsm.library,
                 'tokenLabel': hsm.token_label, 'keyLabel': KEY_LABEL,
                 'pinEnv': 'BENCH_PIN'}, environ={'BENCH_PIN': PIN})),
-        ]
+        ] + kmip_keks()
         variants = []
         for name, kek in keks:
             data = wrapped.wrap(kek, os.urandom(16), os.urandom(32))

@@ -1,7 +1,8 @@
 """Tests of zodbkmi.sources run against real servers: docs/keysources.rst.
 
-The document needs an OpenBao dev server and a SoftHSM2 token, so it runs
-here, in a layer with both, instead of in tests/test_docs.py.
+The document needs an OpenBao dev server, a SoftHSM2 token and a KMIP
+server (PyKMIP), so it runs here, in a layer with all three, instead of in
+tests/test_docs.py.
 """
 import os
 import unittest
@@ -11,6 +12,8 @@ from tests.bao import BaoLayer
 from tests.bao import ROOT_TOKEN
 from tests.bao import free_port
 from tests.bao import skip_requested as skip_bao
+from tests.kmipserver import KmipLayer
+from tests.kmipserver import skip_requested as skip_kmip
 from tests.softhsm import PIN
 from tests.softhsm import SoftHSMLayer
 from tests.softhsm import skip_requested as skip_hsm
@@ -18,8 +21,8 @@ from tests.softhsm import skip_requested as skip_hsm
 DOC = os.path.join(test_docs.TOP, 'docs', 'keysources.rst')
 
 
-class ServersLayer(BaoLayer, SoftHSMLayer):
-    """OpenBao and SoftHSM2 together."""
+class ServersLayer(BaoLayer, SoftHSMLayer, KmipLayer):
+    """OpenBao, SoftHSM2 and a KMIP server together."""
 
     @classmethod
     def setUp(cls):
@@ -42,6 +45,9 @@ def setUp(test):
     test.globs.update(bao_url=server.url, bao_ca=server.ca_file,
                       hsm_library=hsm.library, hsm_token=hsm.token_label,
                       closed_port=free_port())
+    kmip = KmipLayer.server
+    test.globs.update(kmip_port=kmip.port, kmip_cert=kmip.cert_file,
+                      kmip_key=kmip.key_file, kmip_ca=kmip.ca_file)
 
 
 def tearDown(test):
@@ -114,7 +120,7 @@ def test_suite():
     suite = unittest.TestSuite()
     suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(
         KeyServerWithSourcesTests))
-    if skip_bao() or skip_hsm():
+    if skip_bao() or skip_hsm() or skip_kmip():
         return suite
     docs = test_docs.doc_suite(DOC, setUp=setUp, tearDown=tearDown)
     docs.layer = ServersLayer

@@ -287,3 +287,21 @@ class SecretFileError(KeyStoreError, KeySourceError):
     def __init__(self, message, source=None):
         # Not OSError's (errno, strerror) form: one message.
         KeySourceError.__init__(self, message, source)
+
+
+class KmipError(KeySourceError):
+    """A KMIP server cannot deliver its service (:mod:`zodbkmi.sources.kmip`).
+
+    Raised when the server is down or does not answer within the timeout,
+    when the TLS handshake fails (a wrong client certificate or CA), when
+    the key object is unknown, is not an AES-256 symmetric key or is in a
+    state that forbids its use (Pre-Active, Deactivated, Compromised,
+    Destroyed), and when the server refuses an operation.  ``source`` is
+    the server (``kmip://host:port``); ``reason`` the KMIP result reason
+    (a ``kmip.core.enums.ResultReason``, e.g. ``ITEM_NOT_FOUND`` or
+    ``PERMISSION_DENIED``) when the server answered with one, else None.
+    """
+
+    def __init__(self, message, source=None, reason=None):
+        super().__init__(message, source)
+        self.reason = reason

@@ -59,12 +59,14 @@ SUITE_AES256_GCM = 2
 SUITE_VAULT_TRANSIT = 3
 SUITE_PKCS11_AES_GCM = 4
 SUITE_HPKE_MLKEM768_X25519 = 5
+SUITE_KMIP_AES_GCM = 6
 SUITES = {
     SUITE_RSA_OAEP_SHA256: 'RSA-OAEP-SHA256',
     SUITE_AES256_GCM: 'AES-256-GCM',
     SUITE_VAULT_TRANSIT: 'Vault/OpenBao Transit',
     SUITE_PKCS11_AES_GCM: 'PKCS#11 AES-GCM',
     SUITE_HPKE_MLKEM768_X25519: 'HPKE ML-KEM-768+X25519',
+    SUITE_KMIP_AES_GCM: 'KMIP AES-GCM',
 }
 # the suites whose wrapping needs only a public key: their version 2
 # wrapping adds a proof made with the private key (a signature or a MAC)

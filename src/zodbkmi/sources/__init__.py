@@ -53,6 +53,9 @@ def kek_from_params(params, algorithm='aes256-gcm', environ=None):
     if source == 'vaultTransit':
         from zodbkmi.sources.vault import transit_kek
         return transit_kek(params, environ)
+    if source == 'kmip':
+        from zodbkmi.sources.kmip import kmip_kek
+        return kmip_kek(params, environ)
     from zodbkmi.sources.pkcs11 import pkcs11_kek
     return pkcs11_kek(params, environ)
 

@@ -59,6 +59,12 @@ SOURCES = {
     'pkcs11': {'library': (_str, True), 'tokenLabel': (_str, True),
                'keyLabel': (_str, True), 'pinFile': (_str, False),
                'pinEnv': (_str, False)},
+    'kmip': {'host': (_str, True), 'port': ((int,), False),
+             'certFile': (_str, True), 'keyFile': (_str, True),
+             'caFile': (_str, True), 'uid': (_str, False),
+             'name': (_str, False), 'serverName': (_str, False),
+             'timeout': (_num, False), 'poolSize': ((int,), False),
+             'fetchKey': ((bool,), False)},
 }
 
 _DEFAULTS = {
@@ -66,12 +72,15 @@ _DEFAULTS = {
                 'allowHttp': False},
     'vaultTransit': {'mount': 'transit', 'timeout': DEFAULT_TIMEOUT,
                      'allowHttp': False},
+    'kmip': {'port': 5696, 'timeout': DEFAULT_TIMEOUT, 'poolSize': 4,
+             'fetchKey': False},
 }
 
 _ONE_OF = {
     'vaultKV': ('token', 'tokenFile', 'tokenEnv'),
     'vaultTransit': ('token', 'tokenFile', 'tokenEnv'),
     'pkcs11': ('pinFile', 'pinEnv'),
+    'kmip': ('uid', 'name'),
 }
 
 _TOP = ('enabled', 'algorithm', 'params', 'previous')
@@ -133,6 +142,10 @@ def parse_params(params, where='params'):
         _fail(where + '.timeout', 'must be between 0 and 300 seconds')
     if 'keyId' in result and not _KEY_ID.match(result['keyId']):
         _fail(where + '.keyId', 'use 1 to 255 letters, digits and "._:+=-"')
+    if 'port' in result and not 0 < result['port'] < 65536:
+        _fail(where + '.port', 'must be between 1 and 65535')
+    if 'poolSize' in result and not 0 < result['poolSize'] <= 64:
+        _fail(where + '.poolSize', 'must be between 1 and 64')
     if 'version' in result and result['version'] < 1:
         _fail(where + '.version', 'must be 1 or more')
     if 'url' in result:
