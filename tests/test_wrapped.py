@@ -66,7 +66,7 @@ class BuildHeaderTests(unittest.TestCase):
         self.assertEqual(len(header), 30 + 255)
 
     def test_w_unknown_suite(self):
-        for suite in (0, 6, 255):
+        for suite in (0, 7, 255):
             with self.assertRaises(ValueError):
                 self._callFUT(suite, DEK_ID, 'k')
 
