@@ -380,10 +380,10 @@ class DirectoryKeyStore:
         """Add the active ``entry`` and retire the other active entries of
         its KEK, under the lock of this key store; return the retired
         entries.  Refused (:class:`~zodbkmi.exceptions.KeyStateError`)
-        when an entry of the KEK is as new as ``entry``.  Processes sharing the directory are not serialized: two
-        of them rotating at once may leave two active entries, of which
-        :meth:`active_for` takes the newest (and the next rotation retires
-        both)."""
+        when an entry of the KEK is as new as ``entry``.  Processes
+        sharing the directory are not serialized: two of them rotating at
+        once may leave two active entries, of which :meth:`active_for`
+        takes the newest (and the next rotation retires both)."""
         with self._lock:
             newest = newest_entry(self.entries(), entry.kek_id)
             if newest is not None and newest.created >= entry.created:

@@ -10,7 +10,7 @@ without the KEKs as a copy of the key directory.
 
 The schema (``docs/server.rst``, "The key store in PostgreSQL")::
 
-    zodbkmi_schema (version)                         one row: the schema version
+    zodbkmi_schema (version, migrated)               one row per migration
     zodbkmi_keys   (dek_id, kek_id, state, created, version, wrapped)
     zodbkmi_keys_one_active  UNIQUE (kek_id) WHERE state = 'active'
     zodbkmi_tokens (name, role, sha256)              optional token table
@@ -515,4 +515,3 @@ class PostgresKeyStore:
                         (name, role, digest))
             return cur.rowcount == 1
         return self._run(insert, retry=False)
-
