@@ -252,8 +252,11 @@ class PostgresKeyStore:
         return KeyStoreError('key store %s (%s): %s' % (
             what, self.path, redact(first, self._password)[:200]))
 
-    def _run(self, work, retry=True):
-        """Run ``work(cursor)`` in one transaction and return its result.
+    def _run(self, work, retry=True, transaction=False):
+        """Run ``work(cursor)`` and return its result: in autocommit mode
+        when it runs one statement (a statement is a transaction by
+        itself, and BEGIN and COMMIT would cost two more round trips per
+        request), in one transaction when ``transaction`` is true.
 
         A connection found broken (the database restarted since it was
         last used) is dropped and the work retried once on a new one; a
@@ -264,6 +267,11 @@ class PostgresKeyStore:
             conn = self._pool.get()
             broken = False
             try:
+                if not transaction:
+                    conn.autocommit = True
+                    with conn.cursor() as cur:
+                        return work(cur)
+                conn.autocommit = False
                 with conn:      # commit, or roll back on an exception
                     with conn.cursor() as cur:
                         return work(cur)
@@ -340,7 +348,7 @@ class PostgresKeyStore:
             return found
         checked, self._checked = self._checked, True
         try:
-            found = self._run(migrate)
+            found = self._run(migrate, transaction=True)
         except KeyStoreError:
             self._checked = checked
             raise
@@ -408,7 +416,7 @@ class PostgresKeyStore:
                         _row(entry))
             return retired
         try:
-            rows = self._run(rotate, retry=False)
+            rows = self._run(rotate, retry=False, transaction=True)
         except psycopg2.IntegrityError as e:
             raise self._integrity(entry, e) from None
         except _Stale:
