@@ -406,8 +406,10 @@ def serve(settings, out=sys.stdout):
         # before prometheus_client is imported: each worker writes its
         # numbers to files there, and a scrape adds them up
         import tempfile
-        os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(
-            prefix='zodbkmi-metrics-')
+        made = tempfile.mkdtemp(prefix='zodbkmi-metrics-')
+        os.environ['PROMETHEUS_MULTIPROC_DIR'] = made
+    else:
+        made = None
     scheme, cert, key = prepare(settings, out)
     app = make_app(settings)   # check that the worker will start
     app.audit.close()
@@ -447,4 +449,8 @@ def serve(settings, out=sys.stdout):
     except ConfigurationError as e:
         raise SettingsError('server configuration refused: %s'
                             % str(e)[:200]) from None
+    finally:
+        if made is not None:
+            import shutil
+            shutil.rmtree(made, ignore_errors=True)
     return 0
