@@ -26,6 +26,8 @@ PKCS11_REQUIRE = ['python-pkcs11 >= 0.9']   # GCMParams
 KMIP_REQUIRE = ['PyKMIP >= 0.11']
 SERVER_REQUIRE = [
     'granian >= 2.8',   # SSLProtocols; no TLS handshake log noise
+    'prometheus_client >= 0.20',   # /v1/metrics
+    'psycopg2-binary >= 2.9',   # key_store = "postgresql://..."
 ]
 # The ZCML directives (zodbkmi/meta.zcml) and zope.component's <utility>.
 ZCML_REQUIRE = [

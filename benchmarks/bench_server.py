@@ -2,6 +2,15 @@
 
 Usage: python benchmarks/bench_server.py [--rounds 3] [--seconds 3]
                                          [--clients 1,16] [--workers N]
+                                         [--no-postgres]
+
+``zodbkmi serve`` is measured with its key directory and, when Debian's
+``postgresql`` is installed, with the PostgreSQL key store (a throwaway
+cluster on a loopback port): one replica, and three replicas (the
+clients spread over them, client ``i`` on replica ``i % 3``).  The
+clients fetch ``GET /v1/keys/<id>`` and cache nothing, so every request
+reaches the key store; the ratio PostgreSQL/directory is the cost of the
+database per request.
 
 Both servers run on 127.0.0.1 with TLS, started by this script and stopped
 by PID: ``zodbkmi serve`` (self-signed certificate, bearer token) answering
@@ -28,6 +37,9 @@ import tempfile
 import time
 
 from zodbkmi.testing import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # for tests.postgres, replicas
 
 
 def wait_port(port, proc, timeout=30):
@@ -83,9 +95,13 @@ def measure(target, clients, seconds):
     start_at = time.time() + 0.5   # all connect, then start together
     # one warm-up request per client happens inside the timed loop's
     # first iteration; runs are long enough for it not to matter
-    procs = [ctx.Process(target=client,
-                         args=(target, seconds, start_at, queue))
-             for _ in range(clients)]
+    procs = []
+    for i in range(clients):
+        mine = target
+        if isinstance(target[0], list):   # replicas: spread the clients
+            mine = (target[0][i % len(target[0])],) + target[1:]
+        procs.append(ctx.Process(target=client,
+                                 args=(mine, seconds, start_at, queue)))
     for p in procs:
         p.start()
     lat = []
@@ -119,6 +135,27 @@ def start_zodbkmi(tmp, workers, extra=()):
     local.close()
     return proc, (port, ca, 'GET', '/v1/keys/' + dek_id, None,
                   {'Authorization': 'Bearer ' + token})
+
+
+def start_postgres_replicas(tmp, workers, n, pg, extra=()):
+    """``n`` replicas over a new database of ``pg``; return (replicas,
+    target)."""
+    from tests.replicas import Replicas
+    name = 'bench%d' % n
+    pg.createdb(name)
+    url = 'postgresql://postgres@127.0.0.1:%d/%s' % (pg.port, name)
+    replicas = Replicas(url, n, args=['--workers', str(workers)]
+                        + list(extra)).start()
+    from zodbkmi.facility import LocalKeyManagementFacility
+    local = LocalKeyManagementFacility(replicas.urls[0],
+                                       token=replicas.admin,
+                                       ca_file=replicas.ca)
+    dek_id = local.create_key(os.urandom(32))
+    local.close()
+    ports = [s.port for s in replicas.servers]
+    return replicas, (ports if n > 1 else ports[0], replicas.ca, 'GET',
+                      '/v1/keys/' + dek_id, None,
+                      {'Authorization': 'Bearer ' + replicas.client})
 
 
 def start_openbao(tmp):
@@ -170,6 +207,8 @@ def main(argv=None):
     parser.add_argument('--clients', default='1,16')
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
                         help='zodbkmi serve --workers (default: cores)')
+    parser.add_argument('--no-postgres', action='store_true',
+                        help='leave out the PostgreSQL key store')
     parser.add_argument('--server-arg', action='append', default=[],
                         help='more zodbkmi serve arguments, e.g. '
                              '--server-arg=--threads=4')
@@ -177,12 +216,27 @@ def main(argv=None):
     counts = [int(c) for c in args.clients.split(',')]
 
     tmp = tempfile.mkdtemp(prefix='zodbkmi-bench-')
-    procs = []
+    procs, clusters = [], []
     try:
         zproc, ztarget = start_zodbkmi(tmp, args.workers,
                                        args.server_arg)
         procs.append(zproc)
-        servers = [('zodbkmi serve (%d workers)' % args.workers, ztarget)]
+        directory = 'zodbkmi serve, directory'
+        servers = [(directory, ztarget)]
+        from tests.postgres import ThrowawayPostgres, postgres_bin
+        if not args.no_postgres and postgres_bin() is not None:
+            pg = ThrowawayPostgres()
+            pg.start()
+            clusters.append(pg)
+            for n in (1, 3):
+                replicas, target = start_postgres_replicas(
+                    tmp, args.workers, n, pg, args.server_arg)
+                clusters.insert(0, replicas)
+                servers.append(('zodbkmi serve, PostgreSQL x%d' % n,
+                                target))
+        elif not args.no_postgres:
+            print('postgresql is not installed: no PostgreSQL key store',
+                  file=sys.stderr)
         try:
             bproc, btarget = start_openbao(tmp)
             procs.append(bproc)
@@ -195,6 +249,7 @@ def main(argv=None):
             for c in counts:
                 for name, target in servers:
                     results[name, c].append(measure(target, c, args.seconds))
+        print('zodbkmi serve: %d worker(s) per replica' % args.workers)
         print('%-32s %7s %10s %8s %8s' % ('server', 'clients', 'req/s',
                                           'p50 ms', 'p99 ms'))
         med = {}
@@ -206,14 +261,26 @@ def main(argv=None):
                 med[name, c] = m
                 print('%-32s %7d %10.0f %8.2f %8.2f'
                       % (name, c, m['rps'], m['p50'], m['p99']))
-        if len(servers) == 2:
-            for c in counts:
-                ratio = (med[servers[0][0], c]['rps']
-                         / med[servers[1][0], c]['rps'])
-                print('ratio zodbkmi/OpenBao at %d clients: %.2f' % (c, ratio))
+        names = [name for name, _ in servers]
+        bao = 'OpenBao Transit datakey'
+        for c in counts:
+            for name in names:
+                if name.startswith('zodbkmi serve, PostgreSQL'):
+                    print('ratio %s/directory at %d clients: %.2f (target '
+                          '>= 0.70)' % (name[15:], c, med[name, c]['rps']
+                                        / med[directory, c]['rps']))
+            if bao in names:
+                print('ratio zodbkmi (directory)/OpenBao at %d clients: '
+                      '%.2f' % (c, med[directory, c]['rps']
+                                / med[bao, c]['rps']))
     finally:
         for p in procs:
             stop(p)
+        for cluster in clusters:
+            if hasattr(cluster, 'cleanup'):
+                cluster.cleanup()
+            else:
+                cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -41,6 +41,15 @@ class ThrowawayPostgres:
     def start(self):
         self._run(self.bin + '/initdb', '-D', self.data, '-U', 'postgres',
                   '-A', 'trust', '-E', 'UTF8', '--no-sync')
+        self.resume()
+
+    def pause(self):
+        """Stop the server (an outage), keeping the cluster."""
+        self._run(self.bin + '/pg_ctl', '-D', self.data, '-m', 'fast',
+                  '-w', 'stop')
+
+    def resume(self):
+        """Start the server (again, after :meth:`pause`)."""
         self._run(self.bin + '/pg_ctl', '-D', self.data, '-l',
                   self.base + '/server.log', '-w', '-t', '30', '-o',
                   '-c listen_addresses=127.0.0.1 -p %d -k %s -c fsync=off '

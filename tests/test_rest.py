@@ -51,6 +51,9 @@ class RestTestBase(unittest.TestCase):
                              ('bob', 'client', hash_token(CLIENT))])
         self.audit_stream = io.StringIO()
         kw.setdefault('audit', AuditLog(stream=self.audit_stream))
+        if 'metrics' not in kw:
+            from zodbkmi.servermetrics import ServerMetrics
+            kw['metrics'] = ServerMetrics()
         return KeyServerApp(self.facility, tokens, **kw)
 
     def _wrapped(self, kek=None, raw_id=None):
@@ -336,6 +339,60 @@ class TokenTableTests(unittest.TestCase):
                 self._getTargetClass().load(path)
 
 
+class MetricsTests(RestTestBase):
+    """/v1/metrics (zodbkmi.servermetrics) and rotation through the key
+    store's one rotate operation."""
+
+    def test_metrics_role(self):
+        from zodbkmi.rest import TokenTable, hash_token
+        app = self._makeApp()
+        app.tokens = TokenTable([('alice', 'admin', hash_token(ADMIN)),
+                                 ('bob', 'client', hash_token(CLIENT)),
+                                 ('prom', 'metrics', hash_token('m' * 43))])
+        self.assertEqual(call(app, 'GET', '/v1/metrics', token=None)[0], 401)
+        self.assertEqual(call(app, 'GET', '/v1/metrics', token=CLIENT)[0],
+                         403)
+        # a metrics token reads no key
+        self.assertEqual(call(app, 'GET', '/v1/keys', token='m' * 43)[0],
+                         403)
+        status, headers, body = call(app, 'GET', '/v1/metrics',
+                                     token='m' * 43)
+        self.assertEqual(status, 200)
+        self.assertTrue(headers['Content-Type'].startswith('text/plain'))
+        text = body.decode()
+        self.assertIn('zodbkmi_server_requests_total{method="GET",'
+                      'route="keys",status="403"} 1.0', text)
+        self.assertIn('zodbkmi_server_keys{state="active"} 0.0', text)
+
+    def test_audit_write_failure_counted(self):
+        from zodbkmi.rest import AuditLog
+        audit = AuditLog(stream=io.StringIO())
+        audit._stream.close()    # every write fails
+        app = self._makeApp(audit=audit)
+        status, _, body = call(app, 'GET', '/v1/keys', token=CLIENT)
+        self.assertEqual(status, 500)
+        self.assertEqual(json.loads(body), {'error': 'internal error'})
+        text = call(app, 'GET', '/v1/metrics')[2].decode()
+        self.assertIn('zodbkmi_server_audit_write_failures_total 1.0', text)
+
+    def test_stale_rotation_refused(self):
+        # an upload older than the KEK's newest key could never be active
+        from zodbkmi.format import wrapped
+        from zodbkmi.kek import as_kek
+        app = self._makeApp()
+        kek = as_kek(os.urandom(32))
+        old_id, new_id = os.urandom(16), os.urandom(16)
+        old = wrapped.wrap(kek, old_id, os.urandom(32), created=1000)
+        new = wrapped.wrap(kek, new_id, os.urandom(32), created=2000)
+        self.assertEqual(self._upload(app, new)[0], 201)
+        status, _, body = self._upload(app, old)
+        self.assertEqual(status, 409)
+        self.assertIn('has a key newer than', json.loads(body)['error'])
+        self.assertEqual(
+            self.facility.key_store.active_for(kek.key_id).dek_id,
+            new_id.hex())
+
+
 class OpenAPITests(RestTestBase):
     """The OpenAPI document matches the app (schemathesis, in process)."""
 
@@ -402,3 +459,4 @@ class OpenAPITests(RestTestBase):
                     continue
                 checked.append((op.label, mode))
         self.assertGreaterEqual(len(checked), 22)
+        self.assertIn('GET /v1/metrics', [label for label, _ in checked])

@@ -443,6 +443,20 @@ class IKeyStore(zope.interface.Interface):
         wins.
         """
 
+    def rotate(entry):
+        """DEK rotation in one step: store the new, active ``entry`` and
+        retire every other active entry of its KEK; return the retired
+        entries.
+
+        Atomic for the readers of this key store: they see the old active
+        DEK or the new one, never none.  Raises ``ValueError`` when the
+        DEK id exists already, and
+        :class:`~zodbkmi.exceptions.KeyStateError` when another writer
+        rotated the same KEK at the same moment and won (nothing of this
+        call was stored); a key store that serializes its writers never
+        does.
+        """
+
 
 class IKeyStoreSweep(zope.interface.Interface):
     """A key store whose writers may leave temporary copies of entries
@@ -452,6 +466,16 @@ class IKeyStoreSweep(zope.interface.Interface):
         """Remove the leftover copies of the entries of ``dek_ids``; return
         how many.  Called after those keys were destroyed or rewrapped, so
         that no copy outlives a destroyed key nor a KEK rotation."""
+
+
+class IKeyStoreCheck(zope.interface.Interface):
+    """A key store that lives outside the process (a database) and can be
+    unreachable for a while."""
+
+    def check():
+        """Return if the key store answers; else raise
+        :class:`~zodbkmi.exceptions.KeyStoreError` saying why (never with a
+        password).  The key server's ``/v1/health`` calls it."""
 
 
 class IKeyStoreEntry(zope.interface.Interface):

@@ -40,6 +40,7 @@ import time
 from zope.interface import implementer
 
 from zodbkmi.exceptions import DecryptionError
+from zodbkmi.exceptions import KeyStateError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import UnknownKeyError
 # the temporary files of write_atomic are never taken for entries
@@ -168,6 +169,16 @@ def created_after(newest):
     """Now in ns since the epoch, or ``newest + 1`` if that is later."""
     now = time.time_ns()
     return now if newest is None or newest < now else newest + 1
+
+
+def stale_error(entry):
+    """The error of a rotation to ``entry`` when the key store holds a
+    newer (or as new) entry of its KEK: the active DEK of a KEK is always
+    its newest one, so ``entry`` could never be used."""
+    return KeyStateError(
+        'KEK %s was rotated at the same moment by another request, or '
+        'has a key newer than %s: it has another active key now (none of '
+        'this request was stored)' % (entry.kek_id, entry.dek_id))
 
 
 def active_entries(store=None, kek_id=None, *, vault=None):
@@ -364,6 +375,30 @@ class DirectoryKeyStore:
             self._write(entry)
             self._entries[entry.dek_id] = entry
             self._mtime = None
+
+    def rotate(self, entry):
+        """Add the active ``entry`` and retire the other active entries of
+        its KEK, under the lock of this key store; return the retired
+        entries.  Refused (:class:`~zodbkmi.exceptions.KeyStateError`)
+        when an entry of the KEK is as new as ``entry``.  Processes
+        sharing the directory are not serialized: two of them rotating at
+        once may leave two active entries, of which :meth:`active_for`
+        takes the newest (and the next rotation retires both)."""
+        with self._lock:
+            newest = newest_entry(self.entries(), entry.kek_id)
+            if newest is not None and newest.created >= entry.created:
+                raise stale_error(entry)
+            # all of them: a process killed between add and retire may
+            # have left two active keys of one KEK
+            previous = active_entries(self, entry.kek_id)
+            self.add(entry)
+            retired = []
+            for old in previous:
+                old = KeyStoreEntry(old.dek_id, old.kek_id, old.wrapped,
+                                    RETIRED, old.created)
+                self.update(old)
+                retired.append(old)
+            return retired
 
     def get(self, dek_id):
         try:

@@ -12,6 +12,7 @@ Routes (all JSON, versioned under ``/v1``; see ``openapi.json``)::
     DELETE /v1/keys/{dek_id}            admin      destroy a key
     POST   /v1/keys/{dek_id}/retire     admin      make a key decrypt-only
     GET    /v1/keks/{kek_id}/active     client     the active DEK of a KEK
+    GET    /v1/metrics                  metrics    Prometheus text format
 
 The server never sees a key encrypting key nor a plaintext data key: clients
 wrap new DEKs themselves and upload the wrapped form; the server checks its
@@ -22,7 +23,7 @@ clients do, and refuse a key whose wrapping does not prove that the KEK's
 holder made it.
 
 Every error is an answer ``{"error": "<short message>"}`` (4xx; 503 or 507
-when the key directory fails); messages name
+when the key store fails or cannot be reached); messages name
 key ids, never tokens or key bytes.  Every key operation is written to the
 audit log as one JSON line.
 """
@@ -42,14 +43,21 @@ import time
 from zodbkmi import keystore
 from zodbkmi.cache import evict_everywhere
 from zodbkmi.exceptions import DecryptionError
+from zodbkmi.exceptions import KeyStateError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.format import wrapped as wrappedmod
+from zodbkmi.interfaces import IKeyStoreCheck
 
 API_PREFIX = '/v1'
 #: Default limit of a request body, in bytes.
 DEFAULT_MAX_BODY = 64 * 1024
-ROLES = ('client', 'admin')
+#: ``metrics`` reads ``/v1/metrics`` only; ``client`` the keys; ``admin``
+#: everything.
+ROLES = ('client', 'admin', 'metrics')
+# the roles each needed role admits
+_ADMITS = {'client': ('client', 'admin'), 'admin': ('admin',),
+           'metrics': ('metrics', 'admin')}
 OPENAPI_PATH = os.path.join(os.path.dirname(__file__), 'openapi.json')
 
 _DEK_ID = re.compile(r'[0-9a-f]{32}\Z')
@@ -111,7 +119,8 @@ class TokenTable:
 
     def add(self, name, role, digest):
         if role not in ROLES:
-            raise ValueError('unknown role %r (admin or client)' % (role,))
+            raise ValueError('unknown role %r (admin, client or metrics)'
+                             % (role,))
         if not re.match(r'[0-9a-f]{64}\Z', digest or ''):
             raise ValueError('token %r: sha256 must be 64 hex digits'
                              % (name,))
@@ -147,6 +156,35 @@ class TokenTable:
         return found
 
 
+class StoredTokenTable:
+    """The token table kept in a PostgreSQL key store (setting
+    ``tokens_in_key_store``), shared by every replica.
+
+    Read again at most every ``refresh`` seconds, so a token added or
+    removed in the database takes effect on every replica within that
+    time; while the database cannot be read the last table read stays in
+    use (and key requests fail with 503 anyway)."""
+
+    def __init__(self, store, refresh=30.0):
+        self.store = store
+        self.refresh = refresh
+        self._table = store.load_tokens()
+        self._read = time.monotonic()
+        self._lock = threading.Lock()
+
+    def lookup(self, token):
+        now = time.monotonic()
+        if now - self._read > self.refresh and self._lock.acquire(False):
+            try:
+                self._table = self.store.load_tokens()
+            except KeyStoreError as e:
+                logger.warning('cannot read the token table: %s', e)
+            finally:
+                self._read = now
+                self._lock.release()
+        return self._table.lookup(token)
+
+
 def _json_str(value):
     return 'null' if value is None else _encode_str(value)
 
@@ -158,6 +196,9 @@ class AuditLog:
     Each line is one ``write`` on a file opened with ``O_APPEND``, so
     several processes can share the file without interleaving lines.
     """
+
+    #: called with no argument when a line cannot be written (metrics)
+    on_failure = None
 
     def __init__(self, stream=None, path=None):
         self._stream = stream
@@ -179,11 +220,17 @@ class AuditLog:
                 '"key_id": %s, "outcome": "%s"}\n' % (
                     self._stamp, _json_str(client), operation,
                     _json_str(key_id), outcome))
-        if self._fd is not None:
-            os.write(self._fd, line.encode('utf-8'))
-        elif self._stream is not None:
-            self._stream.write(line)
-            self._stream.flush()
+        try:
+            if self._fd is not None:
+                os.write(self._fd, line.encode('utf-8'))
+            elif self._stream is not None:
+                self._stream.write(line)
+                self._stream.flush()
+        except (OSError, ValueError):
+            # the request fails (500): no key operation goes unaudited
+            if self.on_failure is not None:
+                self.on_failure()
+            raise
 
     def close(self):
         if self._fd is not None:
@@ -206,11 +253,15 @@ class KeyServerApp:
     """
 
     def __init__(self, facility, tokens, audit=None,
-                 max_body=DEFAULT_MAX_BODY):
+                 max_body=DEFAULT_MAX_BODY, metrics=None):
         self.facility = facility
         self.tokens = tokens
         self.audit = audit or AuditLog()
         self.max_body = max_body
+        #: a :class:`zodbkmi.servermetrics.ServerMetrics` or None
+        self.metrics = metrics
+        if metrics is not None:
+            self.audit.on_failure = metrics.audit_failed
         self._lock = threading.Lock()
         with open(OPENAPI_PATH, 'rb') as f:
             self._openapi = f.read()
@@ -218,16 +269,22 @@ class KeyServerApp:
     # -- WSGI ------------------------------------------------------------
 
     def __call__(self, environ, start_response):
+        if self.metrics is None:
+            return self._call(environ, start_response)
+        return self.metrics.observe(self._call, environ, start_response)
+
+    def _call(self, environ, start_response):
         try:
             status, body, headers = self.handle(environ)
         except HTTPError as e:
             status, headers = e.status, e.headers
             body = json.dumps({'error': e.message}).encode('utf-8')
-        except KeyStoreError as e:   # the key directory, not the request
+        except KeyStoreError as e:   # the key store, not the request
+            # the message names the store without its password
             logger.error('key store error on %s %s: %s',
                          environ.get('REQUEST_METHOD'),
                          environ.get('PATH_INFO'), e)
-            headers = []
+            headers = [('Retry-After', '5')]
             if e.errno in _STORAGE_FULL:
                 status, body = 507, b'{"error": "key store full"}'
             else:
@@ -240,8 +297,9 @@ class KeyServerApp:
             body = b'{"error": "internal error"}'
         if not isinstance(body, bytes):
             body = json.dumps(body).encode('utf-8')
-        headers = [('Content-Type', 'application/json'),
-                   ('Content-Length', str(len(body))),
+        if not any(h[0] == 'Content-Type' for h in headers):
+            headers = [('Content-Type', 'application/json')] + headers
+        headers = [('Content-Length', str(len(body))),
                    ('Cache-Control', 'no-store')] + headers
         start_response('%d %s' % (status, _REASONS.get(status, 'Error')),
                        headers)
@@ -254,6 +312,7 @@ class KeyServerApp:
             raise HTTPError(404, 'no such resource')
         parts = path[len(API_PREFIX) + 1:].split('/')
         route, args = self._route(parts)
+        environ['zodbkmi.route'] = route
         allowed = self.ROUTES[route]
         if method not in allowed:
             raise HTTPError(405, 'method %s not allowed here'
@@ -268,7 +327,7 @@ class KeyServerApp:
     def _route(self, parts):
         n = len(parts)
         if n == 1 and parts[0] in ('health', 'status', 'openapi.json',
-                                   'keys'):
+                                   'keys', 'metrics'):
             return parts[0], ()
         if parts[0] == 'keys' and n in (2, 3):
             dek_id = parts[1]
@@ -303,9 +362,9 @@ class KeyServerApp:
             raise HTTPError(401, 'authentication required',
                             [('WWW-Authenticate', 'Bearer')])
         name, role = found
-        if needed == 'admin' and role != 'admin':
+        if role not in _ADMITS[needed]:
             self.audit.write(name, 'authorize', None, 'forbidden')
-            raise HTTPError(403, 'the admin role is required')
+            raise HTTPError(403, 'the %s role is required' % needed)
         return name
 
     # -- bodies ------------------------------------------------------------
@@ -336,7 +395,22 @@ class KeyServerApp:
     # -- handlers ----------------------------------------------------------
 
     def health(self, environ, client):
+        store = self.facility.key_store
+        if IKeyStoreCheck.providedBy(store):
+            try:
+                store.check()
+            except KeyStoreError as e:
+                logger.warning('health: %s', e)
+                return 503, {'status': 'unavailable',
+                             'reason': 'key store unreachable'}, [
+                                 ('Retry-After', '5')]
         return 200, {'status': 'ok'}, []
+
+    def metrics_text(self, environ, client):
+        if self.metrics is None:
+            raise HTTPError(404, 'metrics are not enabled on this server')
+        body, ctype = self.metrics.exposition(self.facility.key_store)
+        return 200, body, [('Content-Type', ctype)]
 
     def status(self, environ, client):
         n = len(self.facility)
@@ -402,32 +476,40 @@ class KeyServerApp:
         dek_id = parsed.dek_id.hex()
         entry = keystore.KeyStoreEntry(dek_id, parsed.kek_id, data)
         store = self.facility.key_store
-        status = 201
         with self._lock:
-            # all of them: a server killed between add and retire may
-            # have left two active keys of one KEK
-            previous = keystore.active_entries(store, parsed.kek_id)
+            # one step: the key store retires the previous active key(s)
+            # (a database store in the same transaction)
             try:
-                store.add(entry)
-            except ValueError:
+                retired = store.rotate(entry)
+                status = 201
+            except (ValueError, KeyStateError) as e:
                 # The DEK id, chosen by the client inside the wrapped DEK,
                 # is the idempotency key: the same bytes again are a
                 # client retrying (on this or another replica) a creation
                 # whose answer it lost; it gets the entry, and what the
                 # first request may not have finished (retiring the older
-                # active keys) is done.  Other bytes under that id: 409.
+                # active keys, in a store where that is not one step) is
+                # done.  Other bytes under that id, or a newer key of the
+                # KEK made meanwhile (another replica won the race): 409.
                 existing = store.get(dek_id)
                 if existing is None or existing.wrapped != data:
+                    if isinstance(e, KeyStateError):
+                        self.audit.write(client, 'create', dek_id,
+                                         'conflict')
+                        raise HTTPError(409, str(e)) from None
                     self.audit.write(client, 'create', dek_id, 'exists')
                     raise HTTPError(409, 'key %s exists already'
                                     % dek_id) from None
                 entry, status = existing, 200
-                previous = [e for e in previous
-                            if (e.created, e.dek_id)
-                            < (entry.created, entry.dek_id)]
-            for old in previous:
-                self.facility.retire(old.dek_id)
-                self.audit.write(client, 'retire', old.dek_id, 'ok')
+                retired = []
+                for old in keystore.active_entries(store, entry.kek_id):
+                    if (old.created, old.dek_id) < (entry.created,
+                                                    entry.dek_id):
+                        self.facility.retire(old.dek_id)
+                        retired.append(old)
+        for old in retired:
+            evict_everywhere(old.dek_id)
+            self.audit.write(client, 'retire', old.dek_id, 'ok')
         self.audit.write(client, 'create', dek_id,
                          'ok' if status == 201 else 'repeated')
         return status, _metadata(entry), [
@@ -483,6 +565,7 @@ class KeyServerApp:
                 'DELETE': (delete_key, 'admin')},
         'retire': {'POST': (retire_key, 'admin')},
         'active': {'GET': (active, 'client')},
+        'metrics': {'GET': (metrics_text, 'metrics')},
     }
 
 

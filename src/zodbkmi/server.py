@@ -52,6 +52,16 @@ def _optional_str(value):
     return None if value in (None, '') else str(value)
 
 
+def _key_store_url(value):
+    if value in (None, ''):
+        return None
+    value = str(value)
+    if not value.startswith(('postgresql://', 'postgres://')):
+        # never echo the value: it may hold a password
+        raise ValueError('a postgresql:// URL expected')
+    return value
+
+
 class Setting:
     __slots__ = ('name', 'type', 'default', 'help')
 
@@ -74,6 +84,15 @@ SETTINGS = (
     Setting('port', _port, 8443, 'TCP port'),
     Setting('key_dir', str, 'var/keys', 'directory of wrapped data keys '
             '(may be shared by several server processes)'),
+    Setting('key_store', _key_store_url, None, 'postgresql:// URL of a '
+            'key store in PostgreSQL shared by server replicas (libpq '
+            'options such as sslmode and sslrootcert in the query, plus '
+            'pool_size and pool_timeout); unset: the key_dir directory'),
+    Setting('tokens_in_key_store', _bool, False, 'keep the hashed tokens '
+            'in the PostgreSQL key store instead of tokens_file (shared by '
+            'the replicas)'),
+    Setting('metrics', _bool, True, 'serve /v1/metrics (Prometheus text '
+            'format) to tokens of the metrics or admin role'),
     Setting('tls_dir', str, 'var/tls', 'where a self-signed certificate is '
             'generated when no certificate is given'),
     Setting('tls_cert', _optional_str, None, 'PEM certificate (chain)'),
@@ -231,20 +250,86 @@ def ensure_tokens(tokens_file):
 WORKER_SETTINGS_ENV = 'ZODBKMI_SERVER_WORKER_SETTINGS'
 
 
-def make_app(settings):
+def open_key_store(settings, init=False):
+    """The PostgreSQL key store of ``settings`` (None: the directory);
+    ``init`` creates or migrates its schema."""
+    if not settings.get('key_store'):
+        if settings.get('tokens_in_key_store'):
+            raise SettingsError('tokens_in_key_store needs a postgresql:// '
+                                'key_store')
+        return None
+    from zodbkmi.keystore_pg import PostgresKeyStore
+    return PostgresKeyStore(settings['key_store'], init=init)
+
+
+def make_app(settings, init=False):
     """Return the key server's WSGI application for ``settings``."""
     from zodbkmi.facility import KeyManagementFacility
     from zodbkmi.rest import AuditLog, KeyServerApp, TokenTable
 
     facility = KeyManagementFacility(settings['key_dir'])
-    tokens = TokenTable.load(settings['tokens_file'])
+    store = open_key_store(settings, init=init)
+    if store is not None:
+        facility.key_store = store
+    if settings.get('tokens_in_key_store'):
+        from zodbkmi.rest import StoredTokenTable
+        tokens = StoredTokenTable(store)
+    else:
+        tokens = TokenTable.load(settings['tokens_file'])
+    metrics = None
+    if settings.get('metrics', True):
+        from zodbkmi.servermetrics import ServerMetrics
+        metrics = ServerMetrics()
+        facility.key_store = metrics.instrument(facility.key_store)
     audit_path = settings['audit_log']
     if audit_path == '-':
         audit = AuditLog(stream=sys.stderr)
     else:
         audit = AuditLog(path=audit_path)
     return KeyServerApp(facility, tokens, audit=audit,
-                        max_body=settings['max_body'])
+                        max_body=settings['max_body'], metrics=metrics)
+
+
+def init_key_store(settings, out=sys.stdout):
+    """``zodbkmi serve --init-vault``: create or migrate the schema of the
+    PostgreSQL key store (and its first tokens when they live there);
+    return the exit code."""
+    from zodbkmi.keystore_pg import SCHEMA_VERSION
+    if not settings.get('key_store'):
+        raise SettingsError('--init-vault needs a postgresql:// key_store')
+    store = open_key_store(settings)
+    try:
+        found = store.init_schema()
+        if found == SCHEMA_VERSION:
+            print('key store %s: schema version %d, up to date'
+                  % (store.path, found), file=out)
+        else:
+            print('key store %s: schema version %s -> %d'
+                  % (store.path, found or 'none', SCHEMA_VERSION), file=out)
+        if settings.get('tokens_in_key_store'):
+            for path in ensure_stored_tokens(store, settings['tokens_file']):
+                print('created token file %s' % path, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def ensure_stored_tokens(store, tokens_file):
+    """Add an admin and a client token to the token table of ``store`` when
+    it has none of that name; the new tokens are written to
+    ``admin.token`` and ``client.token`` beside ``tokens_file``.  Return
+    their paths."""
+    from zodbkmi.rest import hash_token, new_token
+    directory = os.path.dirname(os.path.abspath(tokens_file))
+    created = []
+    for role in ('admin', 'client'):
+        token = new_token()
+        if store.add_token(role, role, hash_token(token)):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            path = os.path.join(directory, role + '.token')
+            write_atomic(path, token.encode('ascii') + b'\n')
+            created.append(path)
+    return created
 
 
 def worker_app():
@@ -256,8 +341,20 @@ def worker_app():
 def prepare(settings, out=sys.stdout):
     """Create what a first start needs (key directory, tokens, TLS
     material, audit log directory); return ``(scheme, cert, key)``."""
-    os.makedirs(settings['key_dir'], mode=0o700, exist_ok=True)
-    _, created = ensure_tokens(settings['tokens_file'])
+    if settings.get('key_store'):
+        # the schema is created (or migrated) by the first start
+        store = open_key_store(settings, init=True)
+        try:
+            if settings.get('tokens_in_key_store'):
+                created = ensure_stored_tokens(store,
+                                               settings['tokens_file'])
+            else:
+                _, created = ensure_tokens(settings['tokens_file'])
+        finally:
+            store.close()
+    else:
+        os.makedirs(settings['key_dir'], mode=0o700, exist_ok=True)
+        _, created = ensure_tokens(settings['tokens_file'])
     for path in created:
         print('created token file %s' % path, file=out)
     if settings['audit_log'] != '-':
@@ -304,9 +401,21 @@ def serve(settings, out=sys.stdout):
     from granian.constants import SSLProtocols
     from granian.errors import ConfigurationError
 
+    if settings['workers'] > 1 and settings.get('metrics', True) and \
+            not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+        # before prometheus_client is imported: each worker writes its
+        # numbers to files there, and a scrape adds them up
+        import tempfile
+        made = tempfile.mkdtemp(prefix='zodbkmi-metrics-')
+        os.environ['PROMETHEUS_MULTIPROC_DIR'] = made
+    else:
+        made = None
     scheme, cert, key = prepare(settings, out)
     app = make_app(settings)   # check that the worker will start
     app.audit.close()
+    close = getattr(app.facility.key_store, 'close', None)
+    if close is not None:
+        close()
     host, port = settings['host'], settings['port']
     check_address(host, port)
     shown = '[%s]' % host if ':' in host else host
@@ -340,4 +449,8 @@ def serve(settings, out=sys.stdout):
     except ConfigurationError as e:
         raise SettingsError('server configuration refused: %s'
                             % str(e)[:200]) from None
+    finally:
+        if made is not None:
+            import shutil
+            shutil.rmtree(made, ignore_errors=True)
     return 0

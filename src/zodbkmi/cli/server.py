@@ -14,6 +14,9 @@ def register(subparsers):
                     'and <name> from the --config file.')
     p.add_argument('--config', metavar='FILE',
                    help='settings file (TOML, or JSON if it ends in .json)')
+    p.add_argument('--init-vault', action='store_true',
+                   help='create or migrate the schema of the PostgreSQL '
+                        'key store (key_store), then exit')
     for s in SETTINGS:
         if s.type.__name__ == '_bool':
             p.add_argument(s.flag, dest=s.name, metavar='BOOL', default=None,
@@ -29,4 +32,6 @@ def run(args):
     from zodbkmi import server
     overrides = {s.name: getattr(args, s.name) for s in server.SETTINGS}
     settings = server.resolve_settings(args.config, overrides=overrides)
+    if args.init_vault:
+        return server.init_key_store(settings, out=sys.stdout)
     return server.serve(settings, out=sys.stdout)
