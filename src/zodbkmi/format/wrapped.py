@@ -215,10 +215,16 @@ def unwrap(kek, data):
     verify, before the private key decrypts), and the errors of :func:`parse`.
     """
     wk = parse(data)
-    if wk.kek_id != kek.key_id or wk.suite != kek.suite:
+    if wk.kek_id != kek.key_id:
         raise WrongKeyError(
             'DEK %s is wrapped by KEK %s, not by KEK %s'
             % (wk.dek_id.hex(), wk.kek_id, kek.key_id))
+    if wk.suite != kek.suite:
+        raise WrongKeyError(
+            'DEK %s names KEK %s with wrapping suite %d (%s), but that KEK '
+            'wraps with suite %d' % (wk.dek_id.hex(), wk.kek_id, wk.suite,
+                                     SUITES.get(wk.suite, 'unknown'),
+                                     kek.suite))
     if _signed(wk.header):
         dek = kek.unwrap_signed(wk.blob, wk.header)
     else:
