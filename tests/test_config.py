@@ -327,7 +327,7 @@ class KeyServerTests(_Base, unittest.TestCase):
         self.server = ('key-server %s\nkey-server-token-file %s\n'
                        'key-server-ca-file %s\n'
                        % (' '.join(self.replicas.urls), self.token_file,
-                          self.replicas.cert))
+                          self.replicas.ca))
 
     def zconfig(self, keys, storage=None):
         # key-server instead of key-dir
@@ -373,7 +373,7 @@ class KeyServerTests(_Base, unittest.TestCase):
             'key_file': self.key_file,
             'key_server': ','.join(self.replicas.urls),
             'key_server_token_file': self.token_file,
-            'key_server_ca_file': self.replicas.cert,
+            'key_server_ca_file': self.replicas.ca,
             'key_server_grace': '60'})
         uri = 'zodbkmi+file://%s/Data.fs?%s' % (self.tmp, query)
 

@@ -9,123 +9,37 @@ exactly one active key.  Then every replica is killed: cached DEKs keep
 working within their time to live (and the grace period, when one is
 set), an uncached one fails at once with ``KeyServerError``.
 
-The key store is a parameter of the layer (:attr:`ReplicasLayer.store_args`,
-the ``zodbkmi serve`` arguments that name it): a subclass runs the same
-tests on another store.  See ``docs/server.rst`` ("Several key servers",
-"Outage policy").
+They run twice: over a key directory shared by the replicas, and over
+PostgreSQL (the replicas of ``tests.test_keystore_pg``).  See
+``docs/server.rst`` ("Several key servers", "Outage policy").
 """
-import http.client
 import os
-import shutil
-import ssl
-import tempfile
 import threading
 import time
 import unittest
 
-import zodbkmi
-from zodbkmi import server as serverconf
-from zodbkmi.client import LocalKeyManagementFacility
+from tests.replicas import Replicas
 from zodbkmi.exceptions import KeyServerError
 from zodbkmi.exceptions import UnknownKeyError
 from zodbkmi.kek import AESKeyEncryptingKey
 from zodbkmi.keystore import ACTIVE
-from zodbkmi.testing import ServerProcess
 
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(zodbkmi.__file__)))
 THREADS = 16
 LOAD_SECONDS = 3.0
 
 
-def _env():
-    path = os.environ.get('PYTHONPATH')
-    return dict(PYTHONPATH=SRC + (os.pathsep + path if path else ''))
-
-
-class Replicas:
-    """``n`` replicas of one key service in ``base``: each a ``zodbkmi
-    serve`` process group of its own (SIGKILL reaches its workers), all
-    with the certificate, the token table and the key store of
-    ``base/shared`` (``store_args``: by default ``--key-dir
-    base/shared/keys``)."""
-
-    def __init__(self, base, n=3, store_args=None):
-        self.base = base
-        shared = os.path.join(base, 'shared')
-        self.cert, key = serverconf.generate_self_signed(
-            os.path.join(shared, 'tls'))
-        tokens = os.path.join(shared, 'var', 'tokens.json')
-        serverconf.ensure_tokens(tokens)
-        self.key_dir = os.path.join(shared, 'keys')
-        if store_args is None:
-            store_args = ['--key-dir', self.key_dir]
-        self.servers = []
-        for i in range(n):
-            directory = os.path.join(base, 'r%d' % i)
-            os.makedirs(os.path.join(directory, 'var'), mode=0o700)
-            for role in ('admin', 'client'):   # what ServerProcess reads
-                shutil.copy2(os.path.join(shared, 'var', role + '.token'),
-                             os.path.join(directory, 'var', role + '.token'))
-            self.servers.append(ServerProcess(
-                '--access-log', 'off', '--tls-cert', self.cert,
-                '--tls-key', key, '--tokens-file', tokens,
-                '--audit-log', os.path.join(directory, 'audit.log'),
-                *store_args, env=_env(), directory=directory,
-                new_session=True, start=False))
-        self.urls = [s.url for s in self.servers]
-        self.admin = None
-
-    def start(self):
-        for s in self.servers:
-            if s.proc is None or s.proc.poll() is not None:
-                s.start()
-        self.admin = self.servers[0].admin
-
-    def kill(self, i=None):
-        for s in (self.servers if i is None else [self.servers[i]]):
-            s.kill()
-
-    def facility(self, test, urls=None, **kw):
-        """A client of the replicas, closed after ``test``."""
-        kw.setdefault('token', self.admin)
-        kw.setdefault('ca_file', self.cert)
-        kw.setdefault('request_timeout', 10.0)
-        facility = LocalKeyManagementFacility(urls or self.urls, **kw)
-        test.addCleanup(facility.close)
-        return facility
-
-    def delete(self, dek_id, i=0):
-        """DELETE ``dek_id`` by plain HTTPS (not through a facility of this
-        process, which would evict the DEK from every cache here)."""
-        ctx = ssl.create_default_context(cafile=self.cert)
-        conn = http.client.HTTPSConnection('127.0.0.1',
-                                           self.servers[i].port,
-                                           context=ctx, timeout=30)
-        try:
-            conn.request('DELETE', '/v1/keys/' + dek_id, headers={
-                'Authorization': 'Bearer ' + self.admin})
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
-
 class ReplicasLayer:
-    """Three replicas over the directory key store, started once."""
+    """Three replicas over one key directory, started once."""
 
-    #: ``zodbkmi serve`` arguments naming the key store (None: a key
-    #: directory of the layer); a subclass sets another store.
-    store_args = None
+    __module__ = __name__
 
     @classmethod
     def setUp(cls):
-        cls.base = tempfile.mkdtemp(prefix='zodbkmi-replicas-')
-        cls.replicas = Replicas(cls.base, 3, cls.store_args)
-        cls.replicas.start()
+        cls.replicas = Replicas(None, 3).start()
 
     @classmethod
     def tearDown(cls):
-        cls.replicas.kill()
-        shutil.rmtree(cls.base, True)
+        cls.replicas.cleanup()
 
 
 class _NoConnection:
@@ -313,6 +227,17 @@ class FailoverTests(unittest.TestCase):
             clients[0].decrypt(kek2, sealed)
         with self.assertRaises(KeyServerError):
             clients[0].encrypt(kek2, b'z')
+
+
+class PostgresFailoverTests(FailoverTests):
+    """The same over the PostgreSQL key store."""
+
+    from tests.test_keystore_pg import ReplicasLayer as layer
+
+    def setUp(self):
+        from tests.postgres import needs_postgres
+        needs_postgres(self)
+        super().setUp()
 
 
 def test_suite():

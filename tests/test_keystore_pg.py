@@ -211,6 +211,7 @@ class ReplicaTests(unittest.TestCase):
     def setUp(self):
         needs_postgres(self)
         self.replicas = ReplicasLayer.replicas
+        self.replicas.start()   # again, after a failover test killed some
         self.ctx = ssl.create_default_context(cafile=self.replicas.ca)
 
     def _client(self, i=0, **kw):
