@@ -525,6 +525,65 @@ class ShredTests(_Base):
         self.assertIn('altered', err)
 
 
+class KeyServerShredTests(_Base):
+    """Tenant DEKs kept by replicas of a key server (the KEKs here): the
+    shred deletes them on the key service, through the Python API and
+    ``zodbkmi shred --url``."""
+
+    from tests.test_failover import ReplicasLayer as layer
+
+    cli = ShredTests.cli
+
+    def setUp(self):
+        super().setUp()
+        self.replicas = self.layer.replicas
+        self.replicas.start()
+        self.remote = self.replicas.facility(self)
+
+    def on_server(self, kek_id):
+        return sorted(m['dek_id'] for m in self.remote.metadata()
+                      if m['kek_id'] == kek_id and m['state'] != 'destroyed')
+
+    def test_shred_deletes_the_deks_on_the_key_server(self):
+        for name in ('north', 'south'):
+            self.registry.create(name, self.remote, 'file')
+        keks = {name: self.registry.kek(name) for name in ('north', 'south')}
+        sealed = {name: self.remote.encrypt(kek, canary(name).encode())
+                  for name, kek in keks.items()}
+        deks = self.on_server(keks['north'].key_id)
+        self.assertEqual(len(deks), 1)
+        receipt = tenants.shred(self.registry, self.remote, 'north',
+                                confirm=True)
+        self.assertEqual(receipt['deks'], deks)
+        self.assertEqual(self.on_server(keks['north'].key_id), [])
+        # another client (no cache) cannot open it; the other tenant can
+        other = self.replicas.facility(self)
+        with self.assertRaises(exceptions.UnknownKeyError):
+            other.decrypt(keks['north'], sealed['north'])
+        self.assertEqual(other.decrypt(keks['south'], sealed['south']),
+                         canary('south').encode())
+
+    def test_cli_shred_through_the_key_server(self):
+        token = self.path('admin.token')
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, self.replicas.admin.encode())
+        os.close(fd)
+        server = ('--registry', self.registry.path,
+                  '--url', ','.join(self.replicas.urls),
+                  '--ca-file', self.replicas.ca, '--token-file', token)
+        code, out, err = self.cli('tenant', 'create', 'east', *server)
+        self.assertEqual(code, 0, err)
+        kek_id = self.registry.record('east')['kek_id']
+        self.assertEqual(len(self.on_server(kek_id)), 1)
+        code, out, err = self.cli('shred', 'east', '--yes', *server)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.on_server(kek_id), [])
+        code, out, err = self.cli('shred', 'east', '--yes', '--key-dir',
+                                  self.path('keys'), *server)
+        self.assertEqual((code, err.count('\n')), (2, 1))
+        self.assertIn('give --key-dir or --url, not both', err)
+
+
 class RelStorageShredTests(_Base):
     """The same on RelStorage (history-preserving) on PostgreSQL: a
     pg_dump made before the shred holds the shredded tenant's data only as

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey, Ed25519PublicKey)
 from zope.interface import implementer
 
+from zodbkmi.exceptions import KeyServerError
 from zodbkmi.exceptions import KeySourceError
 from zodbkmi.exceptions import KeyStoreError
 from zodbkmi.exceptions import TenantError
@@ -476,11 +477,17 @@ def register_tenants(registry, shared=None, site_manager=None,
 # -- crypto-shredding ---------------------------------------------------
 
 def _entries_of(facility, kek_id):
+    """The ids of the DEKs ``kek_id`` wraps, in the facility's key store or
+    on its key server (:class:`~zodbkmi.client.LocalKeyManagementFacility`:
+    listed there, deleted there by the shred)."""
     store = getattr(facility, 'key_store', None)
-    if store is None:
-        raise TenantError('shred needs a facility with a key store (%s has '
-                          'none)' % type(facility).__name__)
-    return [e.dek_id for e in store.entries() if e.kek_id == kek_id]
+    if store is not None:
+        return [e.dek_id for e in store.entries() if e.kek_id == kek_id]
+    metadata = getattr(facility, 'metadata', None)
+    if metadata is None:
+        raise TenantError('shred needs a facility with a key store or a key '
+                          'server (%s has neither)' % type(facility).__name__)
+    return [m['dek_id'] for m in metadata() if m['kek_id'] == kek_id]
 
 
 def _preflight_kek(registry, tenant_id, record, environ):
@@ -670,7 +677,7 @@ def _plan(registry, facility, tenant_id, record, default_key, environ,
     try:
         deks = sorted(set(record['deks'])
                       | set(_entries_of(facility, record['kek_id'])))
-    except (KeyStoreError, KeySourceError) as e:
+    except (KeyStoreError, KeySourceError, KeyServerError) as e:
         raise TenantError('tenant %s: the key service is unreachable, '
                           'nothing was destroyed (%s)' % (tenant_id, e),
                           tenant_id) from None

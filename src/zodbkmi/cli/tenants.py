@@ -12,8 +12,11 @@ def _registry_args(p, key_dir=True):
     p.add_argument('--registry', required=True, metavar='DIR',
                    help='the tenant registry (a directory, made 0700)')
     if key_dir:
-        p.add_argument('--key-dir', required=True, metavar='DIR',
-                       help='the directory of wrapped data keys')
+        p.add_argument('--key-dir', metavar='DIR',
+                       help='the directory of wrapped data keys (or the key '
+                            'server of --url)')
+        from zodbkmi.cli.keys import _common
+        _common(p, admin=True)
 
 
 def register(subparsers):
@@ -97,9 +100,20 @@ def _registry(args, create=True):
     return TenantRegistry(args.registry, create=create)
 
 
-def _facility(args):
-    from zodbkmi.facility import KeyManagementFacility
-    return KeyManagementFacility(args.key_dir)
+def _facility(args, environ=None):
+    """The key directory of ``--key-dir``, else the key server of
+    ``--url`` (or ``ZODBKMI_URL``)."""
+    env = os.environ if environ is None else environ
+    if args.key_dir is not None:
+        if args.url:
+            raise UsageError('give --key-dir or --url, not both')
+        from zodbkmi.facility import KeyManagementFacility
+        return KeyManagementFacility(args.key_dir)
+    if not (args.url or env.get('ZODBKMI_URL')):
+        raise UsageError('give --key-dir (a directory of wrapped data keys) '
+                         'or --url (a key server)')
+    from zodbkmi.cli.keys import facility
+    return facility(args, env)
 
 
 def _read_kek(path):
@@ -166,7 +180,8 @@ def cmd_shred(args, stdin=None):
     stdin = sys.stdin if stdin is None else stdin
     registry = _registry(args, create=False)
     record = registry.record(args.tenant)     # unknown: refused here
-    if not os.path.isdir(args.key_dir):
+    facility = _facility(args)
+    if args.key_dir is not None and not os.path.isdir(args.key_dir):
         raise TenantError('key directory %s is unreachable: nothing was '
                           'destroyed' % args.key_dir, args.tenant)
     if args.receipt and os.path.exists(args.receipt):
@@ -187,7 +202,7 @@ def cmd_shred(args, stdin=None):
         if stdin.readline().strip() != args.tenant:
             raise TenantError('shred of tenant %s not confirmed: nothing '
                               'was destroyed' % args.tenant, args.tenant)
-    receipt = shred(registry, _facility(args), args.tenant,
+    receipt = shred(registry, facility, args.tenant,
                     operator=args.operator, confirm=True,
                     default_key=default, audit_log=args.audit_log)
     line = _canonical(receipt) + b'\n'
