@@ -239,6 +239,91 @@ class PostgresFailoverTests(FailoverTests):
         needs_postgres(self)
         super().setUp()
 
+    def test_database_restart_under_load_fails_no_cached_operation(self):
+        """PostgreSQL stopped and started again under 16 threads whose
+        DEKs are cached: no operation fails; the replicas answer 503
+        meanwhile and recover by themselves."""
+        from tests.postgres import PostgresLayer
+        # replicas that answered 503 are tried again after 2 s
+        client = self.replicas.facility(self, policy='spread', down_time=2)
+        keks = [AESKeyEncryptingKey(os.urandom(32)) for _ in range(THREADS)]
+        sealed = []
+        for index, kek in enumerate(keks):
+            client.create_key(kek)
+            sealed.append(client.encrypt(kek, b'first %d' % index))
+        failures, done = [], [0]
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def work(index):
+            kek, n = keks[index], 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    data = b'record %d %d' % (index, n)
+                    self.assertEqual(
+                        client.decrypt(kek, client.encrypt(kek, data)), data)
+                    self.assertEqual(client.decrypt(kek, sealed[index]),
+                                     b'first %d' % index)
+                except Exception as e:
+                    with lock:
+                        failures.append('%s: %s' % (type(e).__name__, e))
+                with lock:
+                    done[0] += 1
+            client.close()
+
+        threads = [threading.Thread(target=work, args=(i,))
+                   for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        pg = PostgresLayer.server
+        try:
+            _poll(lambda: done[0] >= 200 or failures, what='load')
+            pg.pause()
+            try:
+                before = done[0]
+                _poll(lambda: done[0] >= before + 200 or failures,
+                      what='load during the outage')
+                status = self.replicas.facility(self, retries=0)
+                with self.assertRaises(KeyServerError) as cm:
+                    status.metadata()
+                self.assertEqual(cm.exception.status, 503)
+            finally:
+                pg.resume()
+            _poll(lambda: self._healthy(), what='recovery')
+            after = done[0]
+            _poll(lambda: done[0] >= after + 200 or failures,
+                  what='load after the restart')
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(120)
+        self.assertEqual(failures, [])
+        # writes work again, through every replica, once the replicas
+        # marked down are tried again
+        kek = AESKeyEncryptingKey(os.urandom(32))
+        _poll(lambda: all(r.up() for r in client.replicas), what='up again')
+        client.create_key(kek)
+        for url in self.replicas.urls:
+            one = self.replicas.facility(self, urls=[url])
+            self.assertIsNotNone(one.active_key_id(kek))
+        print('\n  PostgreSQL restarted under %d threads: %d operations, 0 '
+              'failed' % (THREADS, done[0]))
+
+    def _healthy(self):
+        import ssl
+        import urllib.request
+        ctx = ssl.create_default_context(cafile=self.replicas.ca)
+        for url in self.replicas.urls:
+            try:
+                with urllib.request.urlopen(url + '/v1/health', timeout=10,
+                                            context=ctx) as r:
+                    if r.status != 200:
+                        return False
+            except OSError:
+                return False
+        return True
+
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
