@@ -60,6 +60,50 @@ def _poll(condition, timeout=60.0, what='condition'):
         time.sleep(0.01)
 
 
+class Load:
+    """``THREADS`` threads calling ``step(index, n)`` (n = 1, 2, ...) until
+    stopped, counting the calls (``done``) and the failures (their
+    messages); each thread closes ``client``'s connections of its own when
+    it ends.  Used as a context manager: the threads run inside."""
+
+    def __init__(self, client, step):
+        self.client, self.step = client, step
+        self.done, self.failures = 0, []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,))
+                         for i in range(THREADS)]
+
+    def _run(self, index):
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                self.step(index, n)
+            except Exception as e:
+                with self._lock:
+                    self.failures.append('%s: %s' % (type(e).__name__, e))
+            with self._lock:
+                self.done += 1
+        self.client.close()
+
+    def more(self, count, what):
+        """Wait for ``count`` more operations (or a failure)."""
+        start = self.done
+        _poll(lambda: self.done >= start + count or self.failures,
+              what=what)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+
 class FailoverTests(unittest.TestCase):
 
     layer = ReplicasLayer
@@ -97,63 +141,40 @@ class FailoverTests(unittest.TestCase):
         keks = [AESKeyEncryptingKey(os.urandom(32)) for _ in range(THREADS)]
         for kek in keks:
             client.create_key(kek)
-        created, failures, done = [], [], [0]
-        lock = threading.Lock()
-        stop = threading.Event()
+        created = []
+        firsts = [client.encrypt(kek, b'first %d' % index)
+                  for index, kek in enumerate(keks)]
 
-        def work(index):
-            kek = keks[index]
-            n = 0
-            sealed = client.encrypt(kek, b'first %d' % index)
-            while not stop.is_set():
-                n += 1
-                try:
-                    if n % 10 == 0:            # rotation: key creation
-                        dek_id = client.create_key(kek)
-                        with lock:
-                            created.append(dek_id)
-                    elif n % 10 == 5:          # metadata of one key
-                        client.entry(client.key_id_of(sealed))
-                    else:                      # wrap, unwrap
-                        data = b'record %d %d' % (index, n)
-                        self.assertEqual(
-                            client.decrypt(kek, client.encrypt(kek, data)),
-                            data)
-                        self.assertEqual(client.decrypt(kek, sealed),
-                                         b'first %d' % index)
-                except Exception as e:
-                    with lock:
-                        failures.append('%s: %s' % (type(e).__name__, e))
-                with lock:
-                    done[0] += 1
-            client.close()   # this thread's connections
+        def step(index, n):
+            kek, sealed = keks[index], firsts[index]
+            if n % 10 == 0:                    # rotation: key creation
+                created.append(client.create_key(kek))
+            elif n % 10 == 5:                  # metadata of one key
+                client.entry(client.key_id_of(sealed))
+            else:                              # wrap, unwrap
+                data = b'record %d %d' % (index, n)
+                self.assertEqual(
+                    client.decrypt(kek, client.encrypt(kek, data)), data)
+                self.assertEqual(client.decrypt(kek, sealed),
+                                 b'first %d' % index)
 
-        threads = [threading.Thread(target=work, args=(i,))
-                   for i in range(THREADS)]
-        for t in threads:
-            t.start()
-        try:
+        with Load(client, step) as load:
             # some load first, then SIGKILL one replica under it
-            _poll(lambda: done[0] >= 200 or failures, what='load')
+            load.more(200, 'load')
             self.replicas.kill(1)
-            killed_at = done[0]
-            _poll(lambda: done[0] >= killed_at + 200 or failures,
-                  what='load after the kill')
+            killed_at = load.done
+            load.more(200, 'load after the kill')
             deadline = time.monotonic() + LOAD_SECONDS
-            _poll(lambda: time.monotonic() > deadline or failures,
+            _poll(lambda: time.monotonic() > deadline or load.failures,
                   what='the end of the load')
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(120)
-        self.assertEqual(failures, [])
+        self.assertEqual(load.failures, [])
         replica = client.replicas[1]
         self.assertFalse(replica.up())
         self.assertIn(replica.url, repr(client.replicas))
         metadata = self._check_store(created, keks)
         print('\n  replica killed under %d threads: %d operations (%d after '
               'the kill), 0 failed, %d keys created, %d in the store'
-              % (THREADS, done[0], done[0] - killed_at, len(created),
+              % (THREADS, load.done, load.done - killed_at, len(created),
                  len(metadata)))
 
     def test_all_replicas_down_cached_keys_serve_uncached_fail_at_once(self):
@@ -251,39 +272,21 @@ class PostgresFailoverTests(FailoverTests):
         for index, kek in enumerate(keks):
             client.create_key(kek)
             sealed.append(client.encrypt(kek, b'first %d' % index))
-        failures, done = [], [0]
-        lock = threading.Lock()
-        stop = threading.Event()
 
-        def work(index):
-            kek, n = keks[index], 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    data = b'record %d %d' % (index, n)
-                    self.assertEqual(
-                        client.decrypt(kek, client.encrypt(kek, data)), data)
-                    self.assertEqual(client.decrypt(kek, sealed[index]),
-                                     b'first %d' % index)
-                except Exception as e:
-                    with lock:
-                        failures.append('%s: %s' % (type(e).__name__, e))
-                with lock:
-                    done[0] += 1
-            client.close()
+        def step(index, n):
+            kek = keks[index]
+            data = b'record %d %d' % (index, n)
+            self.assertEqual(client.decrypt(kek, client.encrypt(kek, data)),
+                             data)
+            self.assertEqual(client.decrypt(kek, sealed[index]),
+                             b'first %d' % index)
 
-        threads = [threading.Thread(target=work, args=(i,))
-                   for i in range(THREADS)]
-        for t in threads:
-            t.start()
         pg = PostgresLayer.server
-        try:
-            _poll(lambda: done[0] >= 200 or failures, what='load')
+        with Load(client, step) as load:
+            load.more(200, 'load')
             pg.pause()
             try:
-                before = done[0]
-                _poll(lambda: done[0] >= before + 200 or failures,
-                      what='load during the outage')
+                load.more(200, 'load during the outage')
                 status = self.replicas.facility(self, retries=0)
                 with self.assertRaises(KeyServerError) as cm:
                     status.metadata()
@@ -291,14 +294,8 @@ class PostgresFailoverTests(FailoverTests):
             finally:
                 pg.resume()
             _poll(lambda: self._healthy(), what='recovery')
-            after = done[0]
-            _poll(lambda: done[0] >= after + 200 or failures,
-                  what='load after the restart')
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(120)
-        self.assertEqual(failures, [])
+            load.more(200, 'load after the restart')
+        self.assertEqual(load.failures, [])
         # writes work again, through every replica, once the replicas
         # marked down are tried again
         kek = AESKeyEncryptingKey(os.urandom(32))
@@ -308,7 +305,7 @@ class PostgresFailoverTests(FailoverTests):
             one = self.replicas.facility(self, urls=[url])
             self.assertIsNotNone(one.active_key_id(kek))
         print('\n  PostgreSQL restarted under %d threads: %d operations, 0 '
-              'failed' % (THREADS, done[0]))
+              'failed' % (THREADS, load.done))
 
     def _healthy(self):
         import ssl
