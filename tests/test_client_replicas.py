@@ -445,5 +445,84 @@ class ConfigurationTests(ReplicaTestBase):
                           facility.grace), ('spread', 5, 120))
 
 
+class KeepAliveServer:
+    """A loopback HTTP/1.1 server that keeps connections open and answers
+    every GET with a small JSON body."""
+
+    def __init__(self):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def do_GET(self):
+                body = b'{"status": "ok"}'
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0),
+                                                      Handler)
+        self.server.daemon_threads = True
+        self.url = 'http://127.0.0.1:%d' % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+class ConnectionCleanupTests(unittest.TestCase):
+    """Kept-alive connections are closed when their thread ends or the
+    client is dropped unclosed: no "unclosed socket" ResourceWarning,
+    which a command line run in-process would print to its stderr."""
+
+    def setUp(self):
+        self.server = KeepAliveServer()
+        self.addCleanup(self.server.close)
+
+    def assertNoResourceWarning(self, work):
+        import gc
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', ResourceWarning)
+            work()
+            gc.collect()
+        self.assertEqual([str(w.message) for w in caught
+                          if issubclass(w.category, ResourceWarning)], [])
+
+    def test_thread_ends(self):
+        transport = HTTPTransport(self.server.url, allow_http=True)
+        answers = []
+
+        def worker():
+            answers.append(transport.request('GET', '/v1/health'))
+
+        def work():
+            for _ in range(3):
+                thread = threading.Thread(target=worker)
+                thread.start()
+                thread.join()
+        self.assertNoResourceWarning(work)
+        self.assertEqual([status for status, _ in answers], [200] * 3)
+
+    def test_client_dropped_unclosed(self):
+        def work():
+            client = LocalKeyManagementFacility(self.server.url,
+                                                allow_http=True)
+            status, _ = client._transport.request('GET', '/v1/health')
+            self.assertEqual(status, 200)
+            self.assertIsNotNone(client._transport._local.conn.sock)
+        self.assertNoResourceWarning(work)
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -187,6 +187,23 @@ def check_url(url, allow_http=False):
     return parts
 
 
+class _ClosingHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection that closes its socket when it is collected: a
+    kept-alive connection goes with its thread (``threading.local``) or
+    with a client that was never closed, and without this the socket's
+    own finalizer would report it as a ResourceWarning."""
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # pragma: no cover - interpreter shutdown
+            pass
+
+
+class _ClosingHTTPSConnection(http.client.HTTPSConnection):
+    __del__ = _ClosingHTTPConnection.__del__
+
+
 class HTTPTransport:
     """HTTPS (or, with ``allow_http``, HTTP) requests to a key server.
 
@@ -217,11 +234,11 @@ class HTTPTransport:
         conn = getattr(self._local, 'conn', None)
         if conn is None:
             if self.context is not None:
-                conn = http.client.HTTPSConnection(
+                conn = _ClosingHTTPSConnection(
                     self.host, self.port, timeout=self.timeout,
                     context=self.context)
             else:
-                conn = http.client.HTTPConnection(
+                conn = _ClosingHTTPConnection(
                     self.host, self.port, timeout=self.timeout)
             self._local.conn = conn
         return conn
