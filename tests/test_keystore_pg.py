@@ -43,7 +43,7 @@ def poll(check, timeout=60):
         time.sleep(0.1)
 
 
-class PostgresKeyStoreTests(unittest.TestCase):
+class _StoreTestBase(unittest.TestCase):
 
     layer = PostgresLayer
 
@@ -63,6 +63,9 @@ class PostgresKeyStoreTests(unittest.TestCase):
         store = self._getTargetClass()(url or self.url, **kw)
         self.addCleanup(store.close)
         return store
+
+
+class PostgresKeyStoreTests(_StoreTestBase):
 
     def test_interfaces(self):
         from zope.interface.verify import verifyObject
@@ -176,6 +179,173 @@ class PostgresKeyStoreTests(unittest.TestCase):
                          'postgresql://u:***@h/db x')
         self.assertEqual(redact('password=abc host=h'),
                          'password=*** host=h')
+
+
+class EntryCacheTests(_StoreTestBase):
+    """The store's cache of entries (``cache_size``), kept right by the
+    trigger's notifications: a change by any writer (another replica,
+    SQL by hand) reaches it; a row read before a change is not cached
+    after it; what was missed while the listener was away is forgotten;
+    an unconfirmed cache is not used."""
+
+    def _counting(self, store):
+        """Count the queries ``store`` sends from now on."""
+        calls = []
+        run = store._run
+
+        def counted(work, *args, **kw):
+            calls.append(work)
+            return run(work, *args, **kw)
+        store._run = counted
+        return calls
+
+    def _cached(self, store, dek_id):
+        poll(lambda: store.get(dek_id) is not None and
+             store._cache.valid() and store.get(dek_id) is not None
+             and dek_id in store._cache._entries, 10)
+
+    def _sql(self, statement, *args):
+        import psycopg2
+        conn = psycopg2.connect(PostgresLayer.server.dsn(self.dbname))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, args)
+        finally:
+            conn.close()
+
+    def test_hits_send_no_query(self):
+        store = self._makeOne()
+        entry = new_entry(self.kek)
+        store.add(entry)
+        self._cached(store, entry.dek_id)
+        calls = self._counting(store)
+        for _ in range(100):
+            self.assertEqual(store.get(entry.dek_id).wrapped, entry.wrapped)
+        self.assertEqual(calls, [])
+        # a cache its listener has not vouched for lately is not used
+        store._cache._contact -= 100
+        store.get(entry.dek_id)
+        self.assertEqual(len(calls), 1)
+
+    def test_changes_by_any_writer_reach_the_cache(self):
+        writer, reader = self._makeOne(), self._makeOne(init=False)
+        a, b = new_entry(self.kek), new_entry(self.kek)
+        writer.add(a)
+        writer.add(keystore.KeyStoreEntry(b.dek_id, b.kek_id, b.wrapped,
+                                          keystore.RETIRED))
+        for entry in (a, b):
+            self._cached(reader, entry.dek_id)
+        # another replica retires a key
+        writer.update(keystore.KeyStoreEntry(a.dek_id, a.kek_id, a.wrapped,
+                                             keystore.RETIRED))
+        poll(lambda: reader.get(a.dek_id).state == keystore.RETIRED, 10)
+        # SQL by hand deletes one; TRUNCATE empties every cache
+        self._sql('DELETE FROM zodbkmi_keys WHERE dek_id = %s', a.dek_id)
+        poll(lambda: reader.get(a.dek_id) is None, 10)
+        self._cached(reader, b.dek_id)
+        self._sql('TRUNCATE zodbkmi_keys')
+        poll(lambda: reader.get(b.dek_id) is None, 10)
+
+    def test_own_changes_seen_at_once(self):
+        store = self._makeOne()
+        old, new = new_entry(self.kek), new_entry(self.kek)
+        store.rotate(old)
+        self._cached(store, old.dek_id)
+        store.rotate(new)
+        self.assertEqual(store.get(old.dek_id).state, keystore.RETIRED)
+        store.remove(old.dek_id)
+        self.assertIsNone(store.get(old.dek_id))
+
+    def test_row_read_before_a_change_is_not_cached(self):
+        writer, reader = self._makeOne(), self._makeOne(init=False)
+        entry = new_entry(self.kek)
+        writer.add(entry)
+        other = new_entry(self.kek)
+        writer.add(keystore.KeyStoreEntry(other.dek_id, other.kek_id,
+                                          other.wrapped, keystore.RETIRED))
+        self._cached(reader, other.dek_id)   # listening
+        run = reader._run
+
+        def late(work, *args, **kw):
+            # the row is read; then, before it is cached, another
+            # replica retires the key and the notification is heard
+            row = run(work, *args, **kw)
+            seen = reader._cache.generation
+            writer.update(keystore.KeyStoreEntry(
+                entry.dek_id, entry.kek_id, entry.wrapped, keystore.RETIRED))
+            poll(lambda: reader._cache.generation != seen, 10)
+            return row
+        reader._run = late
+        self.assertEqual(reader.get(entry.dek_id).state, keystore.ACTIVE)
+        reader._run = run
+        self.assertNotIn(entry.dek_id, reader._cache._entries)
+        self.assertEqual(reader.get(entry.dek_id).state, keystore.RETIRED)
+
+    def test_changes_missed_by_a_lost_listener_are_forgotten(self):
+        store = self._makeOne()
+        entry = new_entry(self.kek)
+        store.add(entry)
+        self._cached(store, entry.dek_id)
+        # a change nobody hears of (the trigger off), then the listening
+        # connection is cut: the listener reconnects and empties the cache
+        self._sql('ALTER TABLE zodbkmi_keys DISABLE TRIGGER '
+                  'zodbkmi_keys_changed')
+        self._sql("UPDATE zodbkmi_keys SET state = 'retired' "
+                  "WHERE dek_id = %s", entry.dek_id)
+        self._sql('ALTER TABLE zodbkmi_keys ENABLE TRIGGER '
+                  'zodbkmi_keys_changed')
+        self.assertEqual(store.get(entry.dek_id).state, keystore.ACTIVE)
+        before = self._listeners()
+        self.assertEqual(len(before), 1)
+        self._sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                  "WHERE datname = %s AND query LIKE 'LISTEN%%'",
+                  self.dbname)
+        # once listening again, the cache vouches for nothing it had
+        poll(lambda: self._listeners() not in ([], before)
+             and store._cache.valid(), 10)
+        self.assertEqual(store.get(entry.dek_id).state, keystore.RETIRED)
+
+    def _listeners(self):
+        import psycopg2
+        conn = psycopg2.connect(PostgresLayer.server.dsn(self.dbname))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname "
+                            "= %s AND query LIKE 'LISTEN%%'", (self.dbname,))
+                return sorted(r[0] for r in cur.fetchall())
+        finally:
+            conn.close()
+
+    def test_bounded_and_optional(self):
+        store = self._makeOne(self.url + '?cache_size=2')
+        entries = [new_entry(as_kek(os.urandom(32))) for _ in range(3)]
+        for entry in entries:
+            store.add(entry)
+        self._cached(store, entries[0].dek_id)
+        for entry in entries:
+            store.get(entry.dek_id)
+        self.assertEqual(len(store._cache), 2)
+        self.assertNotIn(entries[0].dek_id, store._cache._entries)
+        off = self._makeOne(self.url + '?cache_size=0')
+        self.assertIsNone(off._cache)
+        calls = self._counting(off)
+        off.get(entries[0].dek_id)
+        off.get(entries[0].dek_id)
+        self.assertEqual(len(calls), 2)
+        with self.assertRaisesRegex(KeyStoreError, 'cache_check must be '):
+            self._makeOne(self.url + '?cache_check=0')
+
+    def test_closed_store_stops_listening(self):
+        store = self._makeOne()
+        entry = new_entry(self.kek)
+        store.add(entry)
+        self._cached(store, entry.dek_id)
+        thread = store._cache._thread
+        store.close()
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(len(store._cache), 0)
 
 
 class ReplicasLayer(PostgresLayer):

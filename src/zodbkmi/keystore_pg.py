@@ -29,9 +29,26 @@ replaced on next use, and connecting gives up after ``connect_timeout``
 seconds.  Every database failure becomes a
 :class:`~zodbkmi.exceptions.KeyStoreError` whose message never holds the
 password (:func:`redact`).
+
+Each store keeps the entries it read in a bounded in-memory cache
+(``cache_size`` entries, 0: none), as the directory store keeps the files
+it read.  A trigger on ``zodbkmi_keys`` sends a notification (``NOTIFY
+zodbkmi_keys``) naming the key of every row updated or deleted, by any
+writer; a thread of each store listens on a connection of its own and
+drops what changed.  The cache is used only while that connection is
+known good: it is emptied when the connection is (re)made, and bypassed
+when the database last answered it more than ``3 * cache_check`` seconds
+ago (a heartbeat every ``cache_check`` seconds), so a replica cut off
+from the database answers 503 instead of serving what may have changed.
+A change made on one replica reaches another's cache in the time the
+notification takes (``docs/server.rst``, "The key store in PostgreSQL").
 """
+import os
 import re
+import select
 import threading
+import time
+import weakref
 from urllib.parse import parse_qsl
 from urllib.parse import urlencode
 from urllib.parse import urlsplit
@@ -51,8 +68,13 @@ from zodbkmi.interfaces import IKeyStoreCheck
 #: The version of the schema this module writes; older ones are migrated
 #: by :meth:`PostgresKeyStore.init_schema`, newer ones refused.
 SCHEMA_VERSION = 1
-#: Options of a ``postgresql://`` URL read by us, not passed to libpq.
-POOL_OPTIONS = {'pool_size': 8, 'pool_timeout': 10.0}
+#: Options of a ``postgresql://`` URL read by us, not passed to libpq:
+#: connections at most, seconds a request waits for one, entries cached
+#: (0: no cache), seconds between heartbeats of the cache's listener.
+POOL_OPTIONS = {'pool_size': 8, 'pool_timeout': 10.0, 'cache_size': 10000,
+                'cache_check': 1.0}
+#: The notification channel of changed entries.
+CHANNEL = 'zodbkmi_keys'
 #: libpq options we set unless the URL does (seconds).
 LIBPQ_DEFAULTS = {'connect_timeout': '5', 'keepalives': '1',
                   'keepalives_idle': '10', 'keepalives_interval': '5',
@@ -73,6 +95,24 @@ _MIGRATIONS = {
             ON zodbkmi_keys (kek_id) WHERE state = 'active'""",
         """CREATE INDEX zodbkmi_keys_by_kek
             ON zodbkmi_keys (kek_id, created)""",
+        # every row changed or deleted, by any writer, is named on the
+        # channel; a TRUNCATE empties every cache ('*')
+        """CREATE FUNCTION zodbkmi_keys_notify() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                IF TG_LEVEL = 'STATEMENT' THEN
+                    PERFORM pg_notify('zodbkmi_keys', '*');
+                ELSE
+                    PERFORM pg_notify('zodbkmi_keys', OLD.dek_id);
+                END IF;
+                RETURN NULL;
+            END $$""",
+        """CREATE TRIGGER zodbkmi_keys_changed
+            AFTER UPDATE OR DELETE ON zodbkmi_keys
+            FOR EACH ROW EXECUTE FUNCTION zodbkmi_keys_notify()""",
+        """CREATE TRIGGER zodbkmi_keys_truncated
+            AFTER TRUNCATE ON zodbkmi_keys
+            FOR EACH STATEMENT EXECUTE FUNCTION zodbkmi_keys_notify()""",
         """CREATE TABLE zodbkmi_tokens (
             name   text PRIMARY KEY,
             role   text NOT NULL,
@@ -119,7 +159,8 @@ def parse_url(url):
             except ValueError:
                 raise KeyStoreError('invalid %s in key store URL' % name) \
                     from None
-            if options[name] <= 0:
+            if options[name] < 0 or (options[name] == 0
+                                     and name != 'cache_size'):
                 raise KeyStoreError('%s must be positive' % name)
     for name, value in LIBPQ_DEFAULTS.items():
         query.setdefault(name, value)
@@ -178,6 +219,149 @@ class _Pool:
             conn.close()
 
 
+class _EntryCache:
+    """Entries read from the database, served while a listening connection
+    vouches that no change was missed (see the module's docstring).
+
+    ``generation`` grows with every change heard of: a reader notes it
+    before its query and caches the row only if it has not moved, so a
+    row read before a change is never cached after the change was heard
+    of."""
+
+    def __init__(self, libpq, size, check):
+        self._libpq = libpq
+        self.size = size
+        self.check = check
+        self.generation = 0
+        self._entries = {}
+        self._lock = threading.Lock()
+        self._contact = None    # time.monotonic() of the last answer
+        self._thread = None
+        self._pid = None
+        self._stop = None       # the listener's threading.Event
+        self._wake = None       # (read fd, write fd) waking the listener
+
+    def valid(self):
+        contact = self._contact
+        return contact is not None and \
+            time.monotonic() - contact <= 3 * self.check
+
+    def get(self, dek_id):
+        if self._pid != os.getpid():
+            self._start()
+        if not self.valid():
+            return None
+        return self._entries.get(dek_id)
+
+    def put(self, entry, generation):
+        with self._lock:
+            if generation != self.generation or not self.valid():
+                return
+            if entry.dek_id not in self._entries and \
+                    len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]   # the oldest
+            self._entries[entry.dek_id] = entry
+
+    def drop(self, dek_id=None):
+        """Forget ``dek_id`` (None: everything)."""
+        with self._lock:
+            self.generation += 1
+            if dek_id is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(dek_id, None)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def _start(self):
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # first use, or a forked process: the parent's thread is not
+            # here, and what it heard of is not ours
+            self._pid = os.getpid()
+            self._contact = None
+            self._entries.clear()
+            self.generation += 1
+            self._stop = threading.Event()
+            self._wake = os.pipe()
+            self._thread = threading.Thread(
+                target=self._listen, args=(self._wake, self._stop),
+                daemon=True,
+                name='zodbkmi key store listener')
+            self._thread.start()
+
+    def close(self, wait=True):
+        """Stop listening (the cache is not used any more)."""
+        with self._lock:
+            thread, wake, stop = self._thread, self._wake, self._stop
+            self._thread = self._wake = self._stop = None
+            self._pid = None
+            if stop is not None:
+                stop.set()
+            self._contact = None
+            self._entries.clear()
+        if wake is not None:
+            try:
+                os.write(wake[1], b'x')
+            except OSError:   # pragma: no cover
+                pass
+        if wait and thread is not None and \
+                thread is not threading.current_thread():
+            thread.join(10)
+
+    def _listen(self, wake, stop):
+        psycopg2 = _driver()
+        delay = 0.1
+        try:
+            while not stop.is_set():
+                conn = None
+                try:
+                    conn = psycopg2.connect(self._libpq)
+                    conn.autocommit = True
+                    with conn.cursor() as cur:
+                        cur.execute('LISTEN ' + CHANNEL)
+                    self.drop()   # what changed while nobody listened
+                    self._heard(stop)
+                    delay = 0.1
+                    self._heed(conn, wake[0], stop)
+                except (psycopg2.Error, OSError, ValueError):
+                    pass
+                finally:
+                    if not stop.is_set():   # else close() did it
+                        self._contact = None
+                        self.drop()
+                    if conn is not None:
+                        conn.close()
+                stop.wait(delay)
+                delay = min(2 * delay, self.check)
+        finally:
+            for fd in wake:
+                os.close(fd)
+
+    def _heed(self, conn, wake, stop):
+        """Drop what each notification names; a heartbeat when there is
+        none for ``check`` seconds."""
+        while not stop.is_set():
+            ready = select.select([conn, wake], [], [], self.check)[0]
+            if wake in ready:
+                return
+            if ready:
+                conn.poll()
+            else:
+                with conn.cursor() as cur:
+                    cur.execute('SELECT 1')
+            while conn.notifies:
+                payload = conn.notifies.pop(0).payload
+                self.drop(None if payload == '*' else payload)
+            self._heard(stop)
+
+    def _heard(self, stop):
+        if not stop.is_set():   # a closed cache stays unused
+            self._contact = time.monotonic()
+
+
 class _Stale(Exception):
     """Rolls back a rotation whose new entry is not the newest."""
 
@@ -227,6 +411,12 @@ class PostgresKeyStore:
         self._pool = _Pool(self._connect, options['pool_size'],
                            options['pool_timeout'])
         self.pool_size = options['pool_size']
+        self._cache = None
+        if options['cache_size']:
+            self._cache = _EntryCache(self._libpq, int(options['cache_size']),
+                                      options['cache_check'])
+            # a store dropped unclosed stops its listener
+            weakref.finalize(self, self._cache.close, False)
         self._checked = False
         if init:
             self.init_schema()
@@ -235,7 +425,10 @@ class PostgresKeyStore:
         return '<PostgresKeyStore %s>' % self.path
 
     def close(self):
-        """Close the idle connections (busy ones close when returned)."""
+        """Close the idle connections (busy ones close when returned) and
+        stop the cache's listener."""
+        if self._cache is not None:
+            self._cache.close()
         self._pool.close()
 
     # -- connections -----------------------------------------------------
@@ -421,6 +614,7 @@ class PostgresKeyStore:
             raise self._integrity(entry, e) from None
         except _Stale:
             raise keystore.stale_error(entry) from None
+        self._changed(*(r[0] for r in rows))
         return [_entry(r) for r in rows]
 
     def get(self, dek_id):
@@ -429,12 +623,31 @@ class PostgresKeyStore:
         except UnknownKeyError:
             return None
 
+        cache = self._cache
+        if cache is not None:
+            entry = cache.get(dek_id)
+            if entry is not None:
+                return entry
+            generation = cache.generation
+
         def select(cur):
             cur.execute('SELECT %s FROM zodbkmi_keys WHERE dek_id = %%s'
                         % _COLUMNS, (dek_id,))
             return cur.fetchone()
         row = self._run(select)
-        return None if row is None else _entry(row)
+        if row is None:
+            return None
+        entry = _entry(row)
+        if cache is not None:
+            cache.put(entry, generation)
+        return entry
+
+    def _changed(self, *dek_ids):
+        """Forget the entries this store just changed (the notification
+        of the change comes too, a little later)."""
+        if self._cache is not None:
+            for dek_id in dek_ids:
+                self._cache.drop(dek_id)
 
     def update(self, entry):
         psycopg2 = _driver()
@@ -449,6 +662,8 @@ class PostgresKeyStore:
             count = self._run(update, retry=False)
         except psycopg2.IntegrityError as e:
             raise self._integrity(entry, e) from None
+        finally:
+            self._changed(entry.dek_id)
         if not count:
             raise UnknownKeyError('no key %s' % entry.dek_id, entry.dek_id)
 
@@ -459,7 +674,11 @@ class PostgresKeyStore:
             cur.execute('DELETE FROM zodbkmi_keys WHERE dek_id = %s',
                         (dek_id,))
             return cur.rowcount
-        if not self._run(delete, retry=False):
+        try:
+            deleted = self._run(delete, retry=False)
+        finally:
+            self._changed(dek_id)
+        if not deleted:
             raise UnknownKeyError('no key %s' % dek_id, dek_id)
 
     def ids(self):
