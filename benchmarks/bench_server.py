@@ -6,11 +6,14 @@ Usage: python benchmarks/bench_server.py [--rounds 3] [--seconds 3]
 
 ``zodbkmi serve`` is measured with its key directory and, when Debian's
 ``postgresql`` is installed, with the PostgreSQL key store (a throwaway
-cluster on a loopback port): one replica, and three replicas (the
+cluster on a loopback port): one replica, one replica without its entry
+cache (``cache_size=0``: every fetch is a query), and three replicas (the
 clients spread over them, client ``i`` on replica ``i % 3``).  The
 clients fetch ``GET /v1/keys/<id>`` and cache nothing, so every request
 reaches the key store; the ratio PostgreSQL/directory is the cost of the
-database per request.
+database per request (the directory store and the PostgreSQL store both
+keep the entries they read in memory, the latter kept right by
+notifications: ``docs/server.rst``).
 
 Both servers run on 127.0.0.1 with TLS, started by this script and stopped
 by PID: ``zodbkmi serve`` (self-signed certificate, bearer token) answering
@@ -137,13 +140,13 @@ def start_zodbkmi(tmp, workers, extra=()):
                   {'Authorization': 'Bearer ' + token})
 
 
-def start_postgres_replicas(tmp, workers, n, pg, extra=()):
-    """``n`` replicas over a new database of ``pg``; return (replicas,
-    target)."""
+def start_postgres_replicas(tmp, workers, n, pg, extra=(), query=''):
+    """``n`` replicas over a new database of ``pg`` (``query``: options
+    of the key store URL); return (replicas, target)."""
     from tests.replicas import Replicas
-    name = 'bench%d' % n
+    name = 'bench%d%s' % (n, 'q' if query else '')
     pg.createdb(name)
-    url = 'postgresql://postgres@127.0.0.1:%d/%s' % (pg.port, name)
+    url = 'postgresql://postgres@127.0.0.1:%d/%s%s' % (pg.port, name, query)
     replicas = Replicas(url, n, args=['--workers', str(workers)]
                         + list(extra)).start()
     from zodbkmi.facility import LocalKeyManagementFacility
@@ -228,12 +231,14 @@ def main(argv=None):
             pg = ThrowawayPostgres()
             pg.start()
             clusters.append(pg)
-            for n in (1, 3):
+            for n, query, label in ((1, '', ''),
+                                    (1, '?cache_size=0', ', no cache'),
+                                    (3, '', '')):
                 replicas, target = start_postgres_replicas(
-                    tmp, args.workers, n, pg, args.server_arg)
+                    tmp, args.workers, n, pg, args.server_arg, query)
                 clusters.insert(0, replicas)
-                servers.append(('zodbkmi serve, PostgreSQL x%d' % n,
-                                target))
+                servers.append(('zodbkmi serve, PostgreSQL x%d%s'
+                                % (n, label), target))
         elif not args.no_postgres:
             print('postgresql is not installed: no PostgreSQL key store',
                   file=sys.stderr)
@@ -250,7 +255,7 @@ def main(argv=None):
                 for name, target in servers:
                     results[name, c].append(measure(target, c, args.seconds))
         print('zodbkmi serve: %d worker(s) per replica' % args.workers)
-        print('%-32s %7s %10s %8s %8s' % ('server', 'clients', 'req/s',
+        print('%-40s %7s %10s %8s %8s' % ('server', 'clients', 'req/s',
                                           'p50 ms', 'p99 ms'))
         med = {}
         for c in counts:
@@ -259,7 +264,7 @@ def main(argv=None):
                 m = {k: statistics.median(x[k] for x in runs)
                      for k in ('rps', 'p50', 'p99')}
                 med[name, c] = m
-                print('%-32s %7d %10.0f %8.2f %8.2f'
+                print('%-40s %7d %10.0f %8.2f %8.2f'
                       % (name, c, m['rps'], m['p50'], m['p99']))
         names = [name for name, _ in servers]
         bao = 'OpenBao Transit datakey'
