@@ -733,6 +733,14 @@ class PostgresKeyStore:
             raise KeyStoreError('invalid token in %s: %s'
                                 % (self.path, str(e)[:100])) from None
 
+    def remove_token(self, name):
+        """Delete the token ``name``; False when there is none."""
+        def delete(cur):
+            cur.execute('DELETE FROM zodbkmi_tokens WHERE name = %s',
+                        (name,))
+            return cur.rowcount == 1
+        return self._run(delete, retry=False)
+
     def add_token(self, name, role, digest):
         """Store the token ``name`` (its SHA-256 ``digest``); False when a
         token of that name exists."""

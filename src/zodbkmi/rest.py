@@ -156,6 +156,47 @@ class TokenTable:
         return found
 
 
+class TokenFile:
+    """The token table of the file ``path``, read again when the file
+    changes (its identity, size and modification time, looked at once per
+    ``check`` seconds at most), so that a token added or removed with
+    ``zodbkmi token`` counts on a running server within that time.  A file
+    that cannot be read again (invalid, or open to group or others)
+    leaves the table read last in use, with a warning in the log."""
+
+    def __init__(self, path, check=1.0):
+        self.path = path
+        self.check = check
+        self._signature = self._stat()
+        self._table = TokenTable.load(path)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _stat(self):
+        st = os.stat(self.path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @property
+    def entries(self):
+        return self._table.entries
+
+    def lookup(self, token):
+        now = time.monotonic()
+        if now - self._checked >= self.check and self._lock.acquire(False):
+            try:
+                self._checked = now
+                signature = self._stat()
+                if signature != self._signature:
+                    self._table = TokenTable.load(self.path)
+                    self._signature = signature
+            except (OSError, ValueError) as e:   # KeyStoreError is OSError
+                logger.warning('cannot read the token file again, the '
+                               'tokens read before stay: %s', e)
+            finally:
+                self._lock.release()
+        return self._table.lookup(token)
+
+
 class StoredTokenTable:
     """The token table kept in a PostgreSQL key store (setting
     ``tokens_in_key_store``), shared by every replica.

@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import ssl
 import sys
 
@@ -265,7 +266,7 @@ def open_key_store(settings, init=False):
 def make_app(settings, init=False):
     """Return the key server's WSGI application for ``settings``."""
     from zodbkmi.facility import KeyManagementFacility
-    from zodbkmi.rest import AuditLog, KeyServerApp, TokenTable
+    from zodbkmi.rest import AuditLog, KeyServerApp, TokenFile
 
     facility = KeyManagementFacility(settings['key_dir'])
     store = open_key_store(settings, init=init)
@@ -275,7 +276,7 @@ def make_app(settings, init=False):
         from zodbkmi.rest import StoredTokenTable
         tokens = StoredTokenTable(store)
     else:
-        tokens = TokenTable.load(settings['tokens_file'])
+        tokens = TokenFile(settings['tokens_file'])
     metrics = None
     if settings.get('metrics', True):
         from zodbkmi.servermetrics import ServerMetrics
@@ -330,6 +331,135 @@ def ensure_stored_tokens(store, tokens_file):
             write_atomic(path, token.encode('ascii') + b'\n')
             created.append(path)
     return created
+
+
+#: What a token name may be (it is what the audit log records).
+TOKEN_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z')
+
+
+class _TokenTableFile:
+    """Read, change and write the token file of ``settings`` under an
+    exclusive lock (``<tokens_file>.lock``), as ``zodbkmi token`` does;
+    or the token table of the PostgreSQL key store with
+    ``tokens_in_key_store``."""
+
+    def __init__(self, settings, out):
+        self.settings = settings
+        self.out = out
+        self.store = None
+        if settings.get('tokens_in_key_store'):
+            self.store = open_key_store(settings)
+
+    def __enter__(self):
+        if self.store is not None:
+            return self
+        import fcntl
+        path = self.settings['tokens_file']
+        for created in ensure_tokens(path)[1]:
+            print('created token file %s' % created, file=self.out)
+        self._lock = os.fdopen(os.open(path + '.lock', os.O_WRONLY
+                                       | os.O_CREAT, 0o600), 'w')
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        from zodbkmi.rest import TokenTable
+        self.table = TokenTable.load(path)
+        return self
+
+    def __exit__(self, *exc):
+        if self.store is not None:
+            self.store.close()
+        else:
+            self._lock.close()
+
+    def entries(self):
+        if self.store is not None:
+            return self.store.load_tokens().entries
+        return self.table.entries
+
+    def add(self, name, role, digest):
+        if self.store is not None:
+            return self.store.add_token(name, role, digest)
+        if any(n == name for n, _, _ in self.table.entries):
+            return False
+        self.table.add(name, role, digest)
+        write_atomic(self.settings['tokens_file'], self.table.to_json())
+        return True
+
+    def remove(self, name):
+        if self.store is not None:
+            return self.store.remove_token(name)
+        before = len(self.table.entries)
+        self.table.entries = [e for e in self.table.entries if e[0] != name]
+        if len(self.table.entries) == before:
+            return False
+        write_atomic(self.settings['tokens_file'], self.table.to_json())
+        return True
+
+    @property
+    def where(self):
+        if self.store is not None:
+            return 'key store %s' % self.store.path
+        return self.settings['tokens_file']
+
+
+def add_token(settings, name, role, path=None, out=sys.stdout):
+    """``zodbkmi token add``: make a bearer token of ``role`` named
+    ``name``, write it to ``path`` (0600; default ``<name>.token`` beside
+    ``tokens_file``; never over an existing file) and its hash to the
+    token table of ``settings``.  Return the path."""
+    from zodbkmi.rest import ROLES, hash_token, new_token
+    if not TOKEN_NAME.match(name or ''):
+        raise SettingsError('invalid token name %r: letters, digits and '
+                            '"_.@-", at most 64' % (name,))
+    if role not in ROLES:
+        raise SettingsError('unknown role %r (%s)' % (role, ', '.join(ROLES)))
+    if path is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(
+            settings['tokens_file'])), name + '.token')
+    token = new_token()
+    with _TokenTableFile(settings, out) as table:
+        exists = SettingsError('a token named %s exists in %s: remove it '
+                               'first' % (name, table.where))
+        if any(n == name for n, _, _ in table.entries()):
+            raise exists
+        if os.path.lexists(path):
+            raise SettingsError('%s exists: give another --out' % path)
+        if not table.add(name, role, hash_token(token)):
+            raise exists
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700,
+                        exist_ok=True)
+            write_atomic(path, token.encode('ascii') + b'\n',
+                         overwrite=False)
+        except OSError:
+            table.remove(name)   # a token nobody has is no token
+            raise
+        print('created token %s (%s) in %s' % (name, role, path), file=out)
+    return path
+
+
+def remove_token(settings, name, out=sys.stdout):
+    """``zodbkmi token remove``: delete the token ``name`` from the token
+    table of ``settings`` (refused for the last admin token)."""
+    with _TokenTableFile(settings, out) as table:
+        entries = table.entries()
+        roles = {n: r for n, r, _ in entries}
+        if name not in roles:
+            raise SettingsError('no token named %s in %s'
+                                % (name, table.where))
+        if roles[name] == 'admin' and \
+                sum(1 for r in roles.values() if r == 'admin') == 1:
+            raise SettingsError('%s is the last admin token: add another '
+                                'admin token first' % name)
+        table.remove(name)
+        print('removed token %s from %s' % (name, table.where), file=out)
+
+
+def list_tokens(settings, out=sys.stdout):
+    """``zodbkmi token list``: the names and roles of the tokens (never a
+    hash)."""
+    with _TokenTableFile(settings, out) as table:
+        for name, role, _ in sorted(table.entries()):
+            print('%s %s' % (name, role), file=out)
 
 
 def worker_app():

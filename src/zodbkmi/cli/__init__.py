@@ -13,7 +13,8 @@ from zodbkmi.exceptions import UsageError  # noqa: F401 (its old home)
 from zodbkmi.exceptions import ZodbKmiError
 
 #: The modules that add subcommands, in the order of ``--help``.
-COMMAND_MODULES = ('server', 'keys', 'files', 'migrate', 'tenants')
+COMMAND_MODULES = ('server', 'tokens', 'keys', 'files', 'migrate',
+                   'tenants')
 
 
 def make_parser():
