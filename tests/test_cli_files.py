@@ -168,26 +168,36 @@ class EncryptFileTests(_Base):
         self.assertEqual(proc.returncode, 0)
         self.assertEqual(proc.stderr, b'')
 
-    def interrupt_decrypt(self, sealed, timeout):
+    def interrupt_decrypt(self, sealed, timeout, fifo=False):
         """Start ``decrypt-file -o plain`` on a pipe holding the first
-        chunks of ``sealed``, send it SIGINT as soon as its temporary
+        chunks of ``sealed`` (its standard input, or with ``fifo`` a FIFO
+        given by its path), send it SIGINT as soon as its temporary
         output exists, and return its exit status and standard error;
         fail if it is still running ``timeout`` seconds later."""
         import signal
         import time
+        argv = [sys.executable, '-m', 'zodbkmi.cli', 'decrypt-file', '-k',
+                'kek.key', '-d', 'keys', '-o', 'plain']
+        if fifo:
+            if os.path.exists('in.fifo'):
+                os.unlink('in.fifo')
+            os.mkfifo('in.fifo', 0o600)
+            argv.append('in.fifo')
         proc = subprocess.Popen(
-            [sys.executable, '-m', 'zodbkmi.cli', 'decrypt-file', '-k',
-             'kek.key', '-d', 'keys', '-o', 'plain'],
-            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=child_environ(),
+            argv, stdin=subprocess.DEVNULL if fifo else subprocess.PIPE,
+            stderr=subprocess.PIPE, env=child_environ(),
             # a shell ignores SIGINT in the jobs it puts in the
             # background, and the child would inherit that
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        writer = proc.stdin
+        if fifo:
+            # blocks until the process opens the FIFO for reading
+            writer = open('in.fifo', 'wb')
         try:
             # the first chunks, then nothing more: the process waits for
             # input
-            proc.stdin.write(sealed[:39 + 2 * 65552 + 100])
-            proc.stdin.flush()
+            writer.write(sealed[:39 + 2 * 65552 + 100])
+            writer.flush()
             deadline = time.monotonic() + 120
             while not [n for n in os.listdir('.') if n.endswith('.part')]:
                 # until its temporary output exists (a loaded machine may
@@ -213,7 +223,8 @@ class EncryptFileTests(_Base):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            proc.stdin.close()
+            if writer is not None:
+                writer.close()
             proc.stderr.close()
 
     def test_interrupted_decrypt_leaves_no_output(self):
@@ -234,6 +245,17 @@ class EncryptFileTests(_Base):
             # an exit takes well under a second; 20 allow for a loaded
             # machine, and a hang fails in 20 seconds, not in 300
             rc, err = self.interrupt_decrypt(sealed, 20)
+            self.assertEqual(rc, 130, 'run %d: %r' % (i, err))
+            self.assertEqual(sorted(n for n in os.listdir('.')
+                                    if 'plain' in n), [], 'run %d' % i)
+
+    def test_interrupt_while_reading_a_fifo_path_is_never_lost(self):
+        # the same race with a FIFO named as the input (``<(...)``)
+        self.main('encrypt-file', '-k', 'kek.key', '-d', 'keys', 'data',
+                  '-o', 'data.zks')
+        sealed = self.read('data.zks')
+        for i in range(10):
+            rc, err = self.interrupt_decrypt(sealed, 20, fifo=True)
             self.assertEqual(rc, 130, 'run %d: %r' % (i, err))
             self.assertEqual(sorted(n for n in os.listdir('.')
                                     if 'plain' in n), [], 'run %d' % i)

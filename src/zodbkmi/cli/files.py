@@ -193,34 +193,52 @@ class _InterruptibleInput(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def _interruptible_stdin(source):
-    """Yield standard input (binary) for :func:`files.transform`, that
-    reads it when ``source`` is ``None`` or ``'-'``: as an
-    :class:`_InterruptibleInput` when it is not a regular file, as
-    ``sys.stdin.buffer`` otherwise (a file does not block: no
-    ``select()`` per read, today's fast path), in a thread other than
-    the main one (only that one can set a wakeup fd), or where
-    ``select()`` cannot take it (Windows pipes, an fd over FD_SETSIZE).
+def _interruptible_input(source):
+    """Yield ``(source, stdin)`` for :func:`files.transform`.
+
+    Standard input (``source`` ``None`` or ``'-'``) or a path that is not
+    a regular file (a FIFO such as bash's ``<(...)``, a device) is read
+    as an :class:`_InterruptibleInput` (the path opened here, and given
+    to ``transform`` as standard input); a regular file is left to
+    ``transform`` (a file does not block: no ``select()`` per read, the
+    fast path), and so is everything in a thread other than the main one
+    (only that one can set a wakeup fd), or where ``select()`` cannot
+    take it (Windows pipes, an fd over FD_SETSIZE).
 
     This belongs to the command line, not to :func:`files.transform`: a
     wakeup fd is one per process, and a library must not take it over
     from its caller (asyncio uses it).  The command line owns its
     process."""
     stdin = sys.stdin.buffer
-    if source not in (None, '-'):
-        yield stdin
+    opened = None
+    if threading.current_thread() is not threading.main_thread():
+        yield source, stdin
         return
+    if source not in (None, '-'):
+        try:
+            # a FIFO blocks in open() until its writer opens it; Ctrl-C
+            # interrupts that
+            if not stat.S_ISREG(os.stat(source).st_mode):
+                opened = open(source, 'rb', buffering=0)
+        except OSError:
+            pass    # transform says what is wrong with it
+        if opened is None:
+            yield source, stdin
+            return
     try:
-        fd = stdin.fileno()
-        if stat.S_ISREG(os.fstat(fd).st_mode) \
-                or threading.current_thread() is not threading.main_thread():
+        fd = (opened or stdin).fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
             fd = None
         else:
             select.select([fd], [], [], 0)
     except (AttributeError, OSError, ValueError):
         fd = None
     if fd is None:
-        yield stdin
+        if opened is not None:
+            with opened:
+                yield '-', opened
+        else:
+            yield source, stdin
         return
     rfd, wfd = os.pipe()
     try:
@@ -228,18 +246,21 @@ def _interruptible_stdin(source):
         os.set_blocking(wfd, False)     # the C handler must not block
         previous = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         try:
-            yield _InterruptibleInput(fd, rfd)
+            yield ('-' if opened is not None else source,
+                   _InterruptibleInput(fd, rfd))
         finally:
             signal.set_wakeup_fd(previous)
     finally:
         os.close(rfd)
         os.close(wfd)
+        if opened is not None:
+            opened.close()
 
 
 def _run(func, args):
     try:
-        with _interruptible_stdin(args.input) as stdin:
-            files.transform(func, args.input, args.output, args.force,
+        with _interruptible_input(args.input) as (source, stdin):
+            files.transform(func, source, args.output, args.force,
                             args.progress, stdin=stdin)
     except BrokenPipeError:
         # the reader of our output went away (``| head``): not our error
