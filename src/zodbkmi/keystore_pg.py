@@ -395,13 +395,15 @@ def _row(entry):
 class PostgresKeyStore:
     """Wrapped DEKs in PostgreSQL at ``url`` (``postgresql://user@host:port
     /dbname?sslmode=verify-full&sslrootcert=ca.pem``; any libpq option,
-    plus ``pool_size`` and ``pool_timeout``).
+    plus ``pool_size``, ``pool_timeout``, ``cache_size`` and
+    ``cache_check``: :data:`POOL_OPTIONS`).
 
     ``init`` says what to do with the schema: ``True`` creates or
     migrates it (see :meth:`init_schema`), ``False`` only checks its
-    version when first connected.  Thread-safe; nothing is cached, so
-    every replica sees every write at once.  ``path`` is the URL without
-    password, for messages.
+    version when first connected.  Thread-safe.  Entries read are cached
+    (see the module's docstring): a write through this store is seen by
+    it at once, a write through another one as soon as its notification
+    arrives.  ``path`` is the URL without password, for messages.
     """
 
     def __init__(self, url, init=True):
