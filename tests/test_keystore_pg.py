@@ -415,6 +415,27 @@ class ReplicaTests(unittest.TestCase):
             data = self._client(0).encrypt(kek, b'secret')
             self.assertEqual(other.decrypt(kek, data), b'secret')
 
+    def test_changes_reach_the_other_replicas_caches(self):
+        # every replica has the entry in its cache (two fetches each);
+        # a retirement, then a deletion, through replica 0 reach the
+        # others through the notifications
+        kek = as_kek(os.urandom(32))
+        dek_id = self._client(0).create_key(kek)
+        path = '/v1/keys/' + dek_id
+
+        def state(i):
+            status, body, _ = self._get(i, path, self.replicas.client)
+            return json.loads(body)['state'] if status == 200 else status
+        for i in (0, 1, 2, 0, 1, 2):
+            self.assertEqual(state(i), 'active')
+        admin = self._client(0)
+        admin.retire(dek_id)
+        for i in (1, 2):
+            poll(lambda: state(i) == 'retired', 10)
+        admin.delete(dek_id)
+        for i in (1, 2):
+            poll(lambda: state(i) == 404, 10)
+
     def test_simultaneous_rotation_on_two_replicas(self):
         kek = as_kek(os.urandom(32))
         clients = [self._client(1), self._client(2)]
