@@ -117,6 +117,15 @@ class TokenCommandTests(unittest.TestCase):
         code, out, err = cli('token', 'remove', 'admin', *self.flags)
         self.assertEqual(code, 0, err)
 
+    def test_list_and_remove_need_the_token_file(self):
+        for argv in (('list',), ('remove', 'app1')):
+            code, out, err = cli('token', *(argv + self.flags))
+            self.assertEqual((code, err.strip()), (
+                2, 'zodbkmi token: error: token file %s does not exist (the '
+                   'first start of the server, or zodbkmi token add, makes '
+                   'it)' % self.tokens))
+        self.assertFalse(os.path.exists(os.path.dirname(self.tokens)))
+
     def test_key_store_needs_postgresql(self):
         code, out, err = cli('token', 'list', '--tokens-in-key-store',
                              'true', *self.flags)

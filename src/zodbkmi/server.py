@@ -343,9 +343,10 @@ class _TokenTableFile:
     or the token table of the PostgreSQL key store with
     ``tokens_in_key_store``."""
 
-    def __init__(self, settings, out):
+    def __init__(self, settings, out, create=False):
         self.settings = settings
         self.out = out
+        self.create = create
         self.store = None
         if settings.get('tokens_in_key_store'):
             self.store = open_key_store(settings)
@@ -355,6 +356,10 @@ class _TokenTableFile:
             return self
         import fcntl
         path = self.settings['tokens_file']
+        if not self.create and not os.path.exists(path):
+            raise SettingsError('token file %s does not exist (the first '
+                                'start of the server, or zodbkmi token add, '
+                                'makes it)' % path)
         for created in ensure_tokens(path)[1]:
             print('created token file %s' % created, file=self.out)
         self._lock = os.fdopen(os.open(path + '.lock', os.O_WRONLY
@@ -416,7 +421,7 @@ def add_token(settings, name, role, path=None, out=sys.stdout):
         path = os.path.join(os.path.dirname(os.path.abspath(
             settings['tokens_file'])), name + '.token')
     token = new_token()
-    with _TokenTableFile(settings, out) as table:
+    with _TokenTableFile(settings, out, create=True) as table:
         exists = SettingsError('a token named %s exists in %s: remove it '
                                'first' % (name, table.where))
         if any(n == name for n, _, _ in table.entries()):
