@@ -5,13 +5,11 @@ and in the PostgreSQL key store."""
 import contextlib
 import io
 import json
-import logging
 import os
 import shutil
 import ssl
 import stat
 import tempfile
-import time
 import unittest
 import urllib.error
 import urllib.request
@@ -19,6 +17,7 @@ import uuid
 
 from tests.postgres import PostgresLayer
 from tests.postgres import needs_postgres
+from tests.test_keystore_pg import poll
 
 
 def cli(*argv):
@@ -27,14 +26,6 @@ def cli(*argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(argv))
     return code, out.getvalue(), err.getvalue()
-
-
-def poll(check, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError('condition not reached in %ds' % timeout)
-        time.sleep(0.05)
 
 
 class TokenCommandTests(unittest.TestCase):
@@ -165,21 +156,18 @@ class TokenFileTests(unittest.TestCase):
 
     def test_unreadable_file_keeps_the_tokens_read_before(self):
         tokens = self._makeOne()
-        logged = io.StringIO()
-        handler = logging.StreamHandler(logged)
-        logger = logging.getLogger('zodbkmi.server')
-        logger.addHandler(handler)
-        self.addCleanup(logger.removeHandler, handler)
         with open(self.path, 'w') as f:
             f.write('{"tokens": [')
-        self.assertEqual(tokens.lookup(self.admin), ('admin', 'admin'))
-        self.assertIn('cannot read the token file again', logged.getvalue())
+        with self.assertLogs('zodbkmi.server', 'WARNING') as logged:
+            self.assertEqual(tokens.lookup(self.admin), ('admin', 'admin'))
+        self.assertIn('cannot read the token file again', logged.output[0])
         # a file others could write is refused the same way
         with open(self.path, 'w') as f:
             f.write('{"tokens": []}')
         os.chmod(self.path, 0o666)
-        self.assertEqual(tokens.lookup(self.admin), ('admin', 'admin'))
-        self.assertIn('accessible by group or others', logged.getvalue())
+        with self.assertLogs('zodbkmi.server', 'WARNING') as logged:
+            self.assertEqual(tokens.lookup(self.admin), ('admin', 'admin'))
+        self.assertIn('accessible by group or others', logged.output[0])
 
 
 class RunningServerTests(unittest.TestCase):

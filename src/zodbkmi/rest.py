@@ -176,10 +176,6 @@ class TokenFile:
         st = os.stat(self.path)
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    @property
-    def entries(self):
-        return self._table.entries
-
     def lookup(self, token):
         now = time.monotonic()
         if now - self._checked >= self.check and self._lock.acquire(False):
